@@ -1,0 +1,34 @@
+"""nox sessions: the test matrix, the patched build, upstream's suite, benchmarks.
+
+Python interpreters come from pyenv: run with
+``PYENV_VERSION=3.11.7:3.12.1:3.13.0:3.10.13`` so ``python3.10`` ..
+``python3.13`` are all on PATH.  A missing interpreter is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.error_on_missing_interpreters = True
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = False
+
+#: The stock IPython releases we test: the oldest and newest supported of
+#: each major series, with every Python each of them supports.
+IPYTHON_MATRIX = {
+    "8.12.3": ["3.10", "3.11"],
+    "8.39.0": ["3.10", "3.11", "3.12", "3.13"],
+    "9.0.2": ["3.11", "3.12", "3.13"],
+    "9.18.1": ["3.11", "3.12", "3.13"],
+}
+MATRIX = [nox.param(py, ip, id=f"py{py}-ipython{ip}")
+          for ip, pys in IPYTHON_MATRIX.items() for py in pys]
+
+
+@nox.session
+@nox.parametrize("python,ipython", MATRIX)
+def tests(session: nox.Session, ipython: str) -> None:
+    """The project's tests on stock IPython."""
+    session.install(f"ipython=={ipython}", "-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                *session.posargs)

@@ -1,0 +1,114 @@
+"""pyrepl3_ext: IPython as a controllable execution engine.
+
+Load it in any IPython 8.12+/9.x shell with ``%load_ext pyrepl3_ext`` (or
+``c.InteractiveShellApp.extensions = ["pyrepl3_ext"]``).  Hosts use the
+functions below; ``docs/architecture.md`` says where each capability lives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ._version import __version__
+from .errors import (CellCancelled, CellTimeout, ConcurrencyUnsupported,
+                     PyREPL3Error, SecurityError, SessionBusy)
+from .extension import get_state, require_state
+
+__all__ = [
+    "__version__", "load_ipython_extension", "unload_ipython_extension",
+    "get_state", "subscribe", "run_cell", "run_cell_async",
+    "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
+    "SecurityError", "SessionBusy",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Called by ``%load_ext pyrepl3_ext``; loading twice is harmless."""
+    from . import extension
+
+    extension.load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Called by ``%unload_ext pyrepl3_ext``: removes everything the extension added."""
+    from . import extension
+
+    extension.unload(ipython)
+
+
+def subscribe(shell: Any, callback: Callable[[dict], None]) -> Callable[[], None]:
+    """Call ``callback(event)`` for every execution event of ``shell``.
+
+    Returns a function that unsubscribes.  Callbacks run in the thread that
+    produced the event and must be quick; an exception in one is reported
+    once and does not affect the cell.
+    """
+    return require_state(shell).bus.subscribe(callback)
+
+
+def _options(execution_id: str | None, timeout: float | None,
+             transaction: bool | None, mode: str | None) -> dict:
+    options: dict = {}
+    if execution_id is not None:
+        if not isinstance(execution_id, str) or not execution_id:
+            raise ValueError(f"execution_id must be a non-empty string, got {execution_id!r}")
+        options["execution_id"] = execution_id
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        options["timeout"] = float(timeout)
+    if transaction is not None:
+        options["transaction"] = bool(transaction)
+    if mode is not None:
+        options["mode"] = mode
+    return options
+
+
+def run_cell(shell: Any, code: str, *, execution_id: str | None = None,
+             timeout: float | None = None, transaction: bool | None = None,
+             store_history: bool = True, silent: bool = False,
+             cell_meta: dict | None = None, mode: str | None = None) -> Any:
+    """Run ``code`` in ``shell`` like ``shell.run_cell``, with pyrepl3 options.
+
+    ``execution_id`` names the execution in its events (generated when
+    omitted); ``timeout`` is a deadline in seconds; ``transaction`` rolls the
+    namespace back if the cell fails.  Returns IPython's ``ExecutionResult``,
+    with ``pyrepl3_execution_id`` set.
+    """
+    from . import _compat
+    from .extension import _pending_options
+
+    require_state(shell)
+    token = _pending_options.set([_options(execution_id, timeout, transaction, mode)])
+    try:
+        return shell.run_cell(code, store_history=store_history, silent=silent,
+                              **_compat.run_cell_kwargs(cell_meta))
+    finally:
+        _pending_options.reset(token)
+
+
+async def run_cell_async(shell: Any, code: str, *, execution_id: str | None = None,
+                         timeout: float | None = None, transaction: bool | None = None,
+                         store_history: bool = True, silent: bool = False,
+                         cell_meta: dict | None = None, mode: str | None = None) -> Any:
+    """The coroutine form of :func:`run_cell`, for hosts running an event loop.
+
+    Top-level ``await`` in ``code`` runs on the caller's loop.  Note that
+    IPython fires ``post_run_cell`` only from the synchronous ``run_cell``;
+    this function fires it itself so the execution's events complete.
+    """
+    from . import _compat
+    from .extension import _pending_options
+
+    require_state(shell)
+    token = _pending_options.set([_options(execution_id, timeout, transaction, mode)])
+    result = None
+    try:
+        result = await _compat.run_cell_async(shell, code, store_history=store_history,
+                                              silent=silent, cell_meta=cell_meta)
+    finally:
+        _pending_options.reset(token)
+        shell.events.trigger("post_execute")
+        if not silent:
+            shell.events.trigger("post_run_cell", result)
+    return result

@@ -1,0 +1,88 @@
+"""Every difference between the IPython releases we support, in one place.
+
+Supported: stock IPython 8.12 .. 9.x (and the patched 9.x build).  Other
+modules never test ``IPython.version_info`` themselves; they call a helper
+here, so adding a release means reading one file.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import IPython
+
+IPYTHON_VERSION: tuple[int, ...] = tuple(IPython.version_info[:3])
+IPYTHON_9 = IPYTHON_VERSION >= (9, 0)
+
+#: 9.8+ increments ``shell.execution_count`` *before* ``pre_run_cell`` fires.
+_COUNT_INCREMENTED_BEFORE_PRE_RUN = IPYTHON_VERSION >= (9, 8)
+#: 9.16+ accepts ``cell_meta`` in ``run_cell`` and requires ``transformed_cell``
+#: in ``run_cell_async``.
+HAS_CELL_META = IPYTHON_VERSION >= (9, 16)
+
+
+def is_patched_build() -> bool:
+    """True when running on the pyrepl3-patched IPython (multi-instance shells).
+
+    The patch series marks the build with a local version label and a module
+    attribute; we look for either so a rebuilt wheel is recognised.
+    """
+    if "+pyrepl3" in getattr(IPython, "__version__", ""):
+        return True
+    from IPython.core import getipython
+
+    return bool(getattr(getipython, "PYREPL3_MULTI_SHELL", False))
+
+
+def execution_count_in_pre_run_cell(shell: Any, info: Any) -> int:
+    """The execution count the cell announced in ``pre_run_cell`` will get."""
+    count = shell.execution_count
+    if _COUNT_INCREMENTED_BEFORE_PRE_RUN and getattr(info, "store_history", False):
+        count -= 1
+    return count
+
+
+def transformed_cell(info: Any) -> str | None:
+    """``ExecutionInfo.transformed_cell`` (9.2+), else None."""
+    return getattr(info, "transformed_cell", None)
+
+
+def cell_is_async(shell: Any, info: Any) -> bool:
+    """Whether IPython will run this cell as a coroutine (top-level await)."""
+    raw = info.raw_cell or ""
+    if "await" not in raw and "async" not in raw:
+        return False  # fast path: the overwhelmingly common case
+    if not getattr(shell, "autoawait", False):
+        return False
+    try:
+        transformed = transformed_cell(info)
+        if transformed is None:
+            transformed = shell.transform_cell(raw)
+        return bool(shell.should_run_async(raw, transformed_cell=transformed,
+                                           preprocessing_exc_tuple=None))
+    except Exception:
+        return False
+
+
+def run_cell_kwargs(cell_meta: dict | None) -> dict:
+    """Keyword arguments for ``shell.run_cell`` that this IPython accepts."""
+    if cell_meta is not None and HAS_CELL_META:
+        return {"cell_meta": cell_meta}
+    return {}
+
+
+async def run_cell_async(shell: Any, raw_cell: str, *, store_history: bool,
+                         silent: bool, cell_meta: dict | None = None):
+    """``shell.run_cell_async`` with the transform done first (required on 9.16+)."""
+    preprocessing_exc_tuple = None
+    try:
+        transformed = shell.transform_cell(raw_cell)
+    except Exception:
+        transformed = raw_cell
+        preprocessing_exc_tuple = sys.exc_info()
+    kwargs: dict = {"transformed_cell": transformed,
+                    "preprocessing_exc_tuple": preprocessing_exc_tuple}
+    kwargs.update(run_cell_kwargs(cell_meta))
+    return await shell.run_cell_async(raw_cell, store_history=store_history,
+                                      silent=silent, **kwargs)

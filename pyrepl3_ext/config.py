@@ -1,0 +1,62 @@
+"""The ``PyREPL3`` traitlets configurable: every setting of the extension.
+
+Set them in ``ipython_config.py`` (``c.PyREPL3.cell_timeout = 30``) or at
+run time (``%config PyREPL3.cell_timeout = 30``).  One configurable per shell
+is created on load and listed in ``shell.configurables`` so ``%config`` finds
+it.  Settings are grouped by the capability that reads them; a capability
+module adds its group here rather than inventing its own section.
+"""
+
+from __future__ import annotations
+
+from traitlets import Bool, Float, Unicode, validate
+from traitlets.config import Configurable
+
+
+class PyREPL3(Configurable):
+    """Settings of the pyrepl3 extension (execution events, cancellation, I/O, security)."""
+
+    # -- session and events ------------------------------------------------
+    session_id = Unicode(
+        "",
+        help="Name of this shell's session in every execution event. Empty: "
+             "a random id is generated when the extension loads.",
+    ).tag(config=True)
+
+    event_log = Unicode(
+        "",
+        help="Write every execution event as one JSON object per line to this "
+             "target: a file path (appended to), 'fd:N' for an open file "
+             "descriptor, or 'stderr'. Empty disables the log.",
+    ).tag(config=True)
+
+    # -- cancellation ------------------------------------------------------
+    cell_timeout = Float(
+        0.0,
+        help="Default deadline in seconds for every cell; 0 means no deadline. "
+             "A cell past its deadline is cancelled with an error of kind "
+             "'timeout'. Overridden per cell by %%timeout or a per-execute "
+             "timeout.",
+    ).tag(config=True)
+
+    cancel_grace = Float(
+        0.5,
+        help="Seconds a cancelled cell may keep running after swallowing the "
+             "cancellation before it is cancelled again (cancellation is "
+             "level-triggered).",
+    ).tag(config=True)
+
+    @validate("cell_timeout", "cancel_grace")
+    def _non_negative(self, proposal):
+        value = proposal["value"]
+        if value < 0:
+            raise ValueError(f"{proposal['trait'].name} must be >= 0, got {value!r}")
+        return value
+
+    # -- namespace ---------------------------------------------------------
+    transactions = Bool(
+        False,
+        help="Run every cell as a namespace transaction: when the cell raises "
+             "or is cancelled, its changes to the namespace are rolled back. "
+             "Per cell: %%transaction, or the execute option.",
+    ).tag(config=True)

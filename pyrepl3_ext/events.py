@@ -1,0 +1,203 @@
+"""The one vocabulary of execution events, and where events go.
+
+Every event is a plain ``dict`` that ``json.dumps`` accepts, with ``type``,
+``execution_id``, ``session``, ``seq`` and ``ts`` plus its own fields.  Per
+execution, in order::
+
+    started -> (output | display | input_requested)* -> (result | error)? -> finished
+
+Invariants (the tests check each):
+
+* ``seq`` is gapless per execution, from 0, and events reach every sink in
+  ``seq`` order (assignment and dispatch happen under the execution's lock).
+* At most one ``result`` or ``error``; ``finished`` is the last event: once it
+  has been emitted, :meth:`Execution.emit` refuses and counts what it refused.
+* When nothing listens (no subscriber, no log) nothing is built: the cost of
+  an execution is then one object and two method calls.
+
+The same events feed in-process subscribers, the JSON-lines log and (later)
+the protocol server's notifications.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+EVENT_TYPES = ("started", "output", "display", "input_requested",
+               "result", "error", "finished")
+#: ``error.kind`` values.
+ERROR_KINDS = ("exception", "cancelled", "timeout", "security", "syntax")
+#: ``finished.status`` values.
+STATUSES = ("ok", "error", "cancelled")
+
+Subscriber = Callable[[dict], None]
+
+
+class EventBus:
+    """Fan-out of one session's events to subscribers, with failure isolation.
+
+    A subscriber that raises is reported once (through ``report``) and stays
+    subscribed; it never breaks the cell or the other subscribers.
+    """
+
+    def __init__(self, report: Callable[[str, BaseException], None]):
+        self._subscribers: tuple[Subscriber, ...] = ()
+        self._lock = threading.Lock()
+        self._report = report
+
+    @property
+    def active(self) -> bool:
+        return bool(self._subscribers)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event; returns an unsubscribe function."""
+        if not callable(callback):
+            raise TypeError(f"subscriber must be callable, got {callback!r}")
+        with self._lock:
+            self._subscribers = self._subscribers + (callback,)
+
+        def unsubscribe() -> None:
+            self.unsubscribe(callback)
+
+        return unsubscribe
+
+    def unsubscribe(self, callback: Subscriber) -> bool:
+        with self._lock:
+            subs = list(self._subscribers)
+            try:
+                subs.remove(callback)
+            except ValueError:
+                return False
+            self._subscribers = tuple(subs)
+            return True
+
+    def publish(self, event: dict) -> None:
+        for callback in self._subscribers:  # a snapshot: tuples are immutable
+            try:
+                callback(event)
+            except Exception as exc:  # noqa: BLE001 - a sink must not break a cell
+                self._report(f"event subscriber {callback!r}", exc)
+
+
+class Execution:
+    """One run of one cell: its id, its metadata and its ordered events.
+
+    Other capabilities hang per-execution state off ``extras`` (keyed by
+    their own name) rather than adding attributes here.
+    """
+
+    __slots__ = ("id", "session", "code", "mode", "execution_count", "options",
+                 "t0", "status", "extras", "_bus", "_seq", "_lock", "_closed",
+                 "dropped_after_finish", "outcome_sent", "__weakref__")
+
+    def __init__(self, execution_id: str, session: str, code: str, mode: str,
+                 execution_count: int | None, options: dict, bus: EventBus):
+        self.id = execution_id
+        self.session = session
+        self.code = code
+        self.mode = mode
+        self.execution_count = execution_count
+        self.options = options
+        self.t0 = time.monotonic()
+        self.status: str | None = None
+        self.extras: dict[str, Any] = {}
+        self._bus = bus
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.outcome_sent = False
+        self.dropped_after_finish = 0
+
+    @property
+    def finished(self) -> bool:
+        return self._closed
+
+    def emit(self, type_: str, **fields: Any) -> dict | None:
+        """Emit one event of this execution; returns it, or None if nobody listens.
+
+        After ``finished`` nothing more is emitted (the count of refused
+        events is kept in ``dropped_after_finish``).  Emitting a second
+        ``result``/``error`` is a programming error and raises.
+        """
+        if not self._bus.active:
+            if type_ == "finished":
+                self._closed = True
+            return None
+        with self._lock:
+            if self._closed:
+                self.dropped_after_finish += 1
+                return None
+            if type_ in ("result", "error"):
+                if self.outcome_sent:
+                    raise RuntimeError(
+                        f"execution {self.id!r} already has a result or error")
+                self.outcome_sent = True
+            event = {"type": type_, "execution_id": self.id,
+                     "session": self.session, "seq": next(self._seq),
+                     "ts": time.time()}
+            event.update(fields)
+            if type_ == "finished":
+                self._closed = True
+            self._bus.publish(event)
+            return event
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def dumps(event: dict) -> str:
+    """Serialise an event to one line of JSON (non-JSON values are made safe)."""
+    return json.dumps(event, default=_json_default, ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+class JSONLinesSink:
+    """Appends each event as one JSON line to a file, a descriptor or stderr.
+
+    ``target`` is a path, ``fd:N`` or ``stderr``.  Lines are written whole
+    under a lock and flushed, so concurrent sessions never interleave.
+    """
+
+    def __init__(self, target: str):
+        self.target = target
+        self._lock = threading.Lock()
+        if target == "stderr":
+            self._stream = sys.__stderr__
+            self._owns = False
+        elif target.startswith("fd:"):
+            try:
+                fd = int(target[3:])
+            except ValueError:
+                raise ValueError(f"event_log {target!r}: expected fd:<integer>") from None
+            self._stream = os.fdopen(fd, "a", encoding="utf-8", closefd=False)
+            self._owns = True
+        else:
+            path = os.path.expanduser(target)
+            self._stream = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            self._owns = True
+
+    def __call__(self, event: dict) -> None:
+        line = dumps(event) + "\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owns and not self._stream.closed:
+                self._stream.close()
+
+    def __repr__(self) -> str:
+        return f"<JSONLinesSink {self.target!r}>"

@@ -1,0 +1,449 @@
+"""Per-shell state of the extension: load/unload, the cell hooks, components.
+
+The extension module is shared by every shell in the process, so nothing
+here is module-global except the ``shell -> ShellState`` map.  A
+``ShellState`` owns everything the extension adds to one shell (event
+callbacks, the input transformer, magics, the ``PyREPL3`` configurable and
+the capability components) and removes exactly that on unload.
+
+Capabilities plug in as *components* (see :class:`Component`): objects with
+``attach``/``before_cell``/``after_cell``/``detach``.  Each capability module
+exposes one; ``COMPONENTS`` lists them in order.  ``before_cell`` runs in
+list order after ``started`` is emitted, ``after_cell`` in reverse order
+before the ``result``/``error`` event, so a component can still emit the
+execution's last output events there.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import itertools
+import os
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import Any, Iterator
+
+from . import _compat
+from .config import PyREPL3
+from .errors import CellCancelled, SecurityError
+from .events import EventBus, Execution, JSONLinesSink
+
+#: ``(attribute name on ShellState, "module:Class")`` of each capability
+#: component, created on load in this order.  A module that cannot be
+#: imported on this Python/IPython is reported, not fatal.
+COMPONENTS: list[tuple[str, str]] = [
+]
+
+_states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()
+_states_lock = threading.Lock()
+
+#: Options for the next cell run through :func:`run_cell` in this context.
+#: A one-element list so ``pre_run_cell`` can consume it (a nested
+#: ``run_cell`` from inside the cell must not reuse the host's id).
+_pending_options: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "pyrepl3_pending_options", default=None)
+
+_MAGIC_DIRECTIVES = ("%%timeout", "%%transaction")
+
+
+class Component:
+    """Base of capability components; every hook is optional."""
+
+    name = "component"
+
+    def __init__(self, state: "ShellState"):
+        self.state = state
+
+    def attach(self) -> None:
+        """Install what the capability adds to the shell."""
+
+    def before_cell(self, execution: Execution) -> None:
+        """Called after ``started`` was emitted, before the cell's code runs."""
+
+    def after_cell(self, execution: Execution, result: Any) -> None:
+        """Called after the cell ran, before its ``result``/``error`` event."""
+
+    def detach(self) -> None:
+        """Remove everything ``attach`` installed."""
+
+
+def get_state(shell: Any) -> "ShellState | None":
+    """The extension's state for ``shell``, or None when it is not loaded there."""
+    return _states.get(shell)
+
+
+def require_state(shell: Any) -> "ShellState":
+    state = _states.get(shell)
+    if state is None:
+        raise RuntimeError(
+            "pyrepl3_ext is not loaded in this shell: run %load_ext pyrepl3_ext "
+            "or pyrepl3_ext.load_ipython_extension(shell) first")
+    return state
+
+
+def load(shell: Any) -> "ShellState":
+    with _states_lock:
+        state = _states.get(shell)
+        if state is None:
+            state = ShellState(shell)
+            _states[shell] = state
+        else:
+            return state
+    try:
+        state.attach()
+    except BaseException:
+        state.detach()
+        with _states_lock:
+            _states.pop(shell, None)
+        raise
+    return state
+
+
+def unload(shell: Any) -> bool:
+    with _states_lock:
+        state = _states.pop(shell, None)
+    if state is None:
+        return False
+    state.detach()
+    return True
+
+
+def parse_directives(raw_cell: str) -> tuple[dict, int]:
+    """Read leading ``%%timeout SECONDS`` / ``%%transaction`` lines of a cell.
+
+    Returns ``(options, number_of_directive_lines)``.  A malformed directive
+    raises ``ValueError`` with a message for the user.
+    """
+    options: dict = {}
+    consumed = 0
+    for line in raw_cell.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith(_MAGIC_DIRECTIVES):
+            break
+        name, _, arg = stripped[2:].partition(" ")
+        arg = arg.strip()
+        if name == "timeout":
+            try:
+                seconds = float(arg)
+            except ValueError:
+                raise ValueError(
+                    f"%%timeout expects a number of seconds, got {arg!r}") from None
+            if not seconds > 0:
+                raise ValueError(f"%%timeout must be > 0 seconds, got {arg!r}")
+            options["timeout"] = seconds
+        elif name == "transaction":
+            if arg:
+                raise ValueError(f"%%transaction takes no argument, got {arg!r}")
+            options["transaction"] = True
+        else:
+            break  # e.g. %%timeit: a real cell magic, not ours
+        consumed += 1
+    return options, consumed
+
+
+class ShellState:
+    """Everything pyrepl3 keeps for one shell."""
+
+    def __init__(self, shell: Any):
+        self._shell_ref = weakref.ref(shell)
+        self.config: PyREPL3 | None = None
+        self.session_id = ""
+        self.bus = EventBus(self.report_internal_error)
+        self.components: list[Component] = []
+        self.internal_errors: list[tuple[str, BaseException]] = []
+        self.last_execution: Execution | None = None
+        self._reported: set[str] = set()
+        self._local = threading.local()
+        self._ids = itertools.count(1)
+        self._id_prefix = ""
+        self._sink: JSONLinesSink | None = None
+        self._sink_unsubscribe = None
+        self._magics = None
+        self._saved_magics: dict[tuple[str, str], Any] = {}
+        self._attached_events: list[tuple[str, Any]] = []
+        self._transformer_installed = False
+
+    @property
+    def shell(self) -> Any:
+        shell = self._shell_ref()
+        if shell is None:
+            raise RuntimeError("the shell of this pyrepl3 state was garbage-collected")
+        return shell
+
+    # -- reporting ---------------------------------------------------------
+    def report_internal_error(self, where: str, exc: BaseException) -> None:
+        """Report a failure of the extension's own code once per place.
+
+        The user's cell is never affected; the report goes to the real
+        stderr so it is not captured into a cell's output.
+        """
+        self.internal_errors.append((where, exc))
+        if where in self._reported:
+            return
+        self._reported.add(where)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        print(f"[pyrepl3_ext] internal error in {where}: {detail}\n"
+              f"[pyrepl3_ext] the cell was not affected; further errors from "
+              f"{where} are not shown", file=sys.__stderr__)
+
+    # -- load / unload -----------------------------------------------------
+    def attach(self) -> None:
+        shell = self.shell
+        self.config = PyREPL3(parent=shell)
+        shell.configurables.append(self.config)
+        self.session_id = self.config.session_id or os.urandom(6).hex()
+        self._id_prefix = f"{self.session_id}-{os.urandom(3).hex()}-"
+        self.config.observe(self._on_event_log_change, names="event_log")
+        self._open_event_log(self.config.event_log)
+
+        shell.input_transformers_cleanup.insert(0, self._strip_directives)
+        self._transformer_installed = True
+        for event, callback in (("pre_run_cell", self._pre_run_cell),
+                                ("post_run_cell", self._post_run_cell)):
+            shell.events.register(event, callback)
+            self._attached_events.append((event, callback))
+
+        from .magics import PyREPL3Magics
+
+        self._magics = PyREPL3Magics(shell=shell, state=self)
+        for kind, names in self._magics.magics.items():
+            for name in names:
+                existing = shell.magics_manager.magics[kind].get(name)
+                if existing is not None:
+                    self._saved_magics[(kind, name)] = existing
+        shell.register_magics(self._magics)
+
+        for attr, spec in COMPONENTS:
+            module_name, _, class_name = spec.partition(":")
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except ImportError as exc:
+                self.report_internal_error(f"loading component {attr}", exc)
+                continue
+            component = cls(self)
+            component.attach()
+            self.components.append(component)
+            setattr(self, attr, component)
+
+    def detach(self) -> None:
+        shell = self._shell_ref()
+        for component in reversed(self.components):
+            try:
+                component.detach()
+            except Exception as exc:  # noqa: BLE001 - unload must finish
+                self.report_internal_error(f"{component.name}.detach", exc)
+        self.components.clear()
+        if shell is None:
+            return
+        for event, callback in self._attached_events:
+            try:
+                shell.events.unregister(event, callback)
+            except ValueError:
+                pass
+        self._attached_events.clear()
+        if self._transformer_installed:
+            try:
+                shell.input_transformers_cleanup.remove(self._strip_directives)
+            except ValueError:
+                pass
+            self._transformer_installed = False
+        if self._magics is not None:
+            manager = shell.magics_manager
+            for kind, names in self._magics.magics.items():
+                for name in names:
+                    saved = self._saved_magics.get((kind, name))
+                    if saved is not None:
+                        manager.magics[kind][name] = saved
+                    else:
+                        manager.magics[kind].pop(name, None)
+            if manager.registry.get(type(self._magics).__name__) is self._magics:
+                del manager.registry[type(self._magics).__name__]
+            self._magics = None
+        if self.config is not None:
+            self.config.unobserve(self._on_event_log_change, names="event_log")
+            try:
+                shell.configurables.remove(self.config)
+            except ValueError:
+                pass
+        self._close_event_log()
+
+    # -- event log ---------------------------------------------------------
+    def _open_event_log(self, target: str) -> None:
+        self._close_event_log()
+        if not target:
+            return
+        self._sink = JSONLinesSink(target)
+        self._sink_unsubscribe = self.bus.subscribe(self._sink)
+
+    def _close_event_log(self) -> None:
+        if self._sink_unsubscribe is not None:
+            self._sink_unsubscribe()
+            self._sink_unsubscribe = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def _on_event_log_change(self, change: dict) -> None:
+        self._open_event_log(change["new"])
+
+    # -- executions --------------------------------------------------------
+    def _stack(self) -> list[Execution]:
+        try:
+            return self._local.stack
+        except AttributeError:
+            stack = self._local.stack = []
+            return stack
+
+    def current_execution(self) -> Execution | None:
+        """The innermost execution running in this thread, if any."""
+        stack = self._stack()
+        return stack[-1] if stack else None
+
+    def new_execution_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    def _strip_directives(self, lines: list[str]) -> list[str]:
+        if not lines or not lines[0].lstrip().startswith(_MAGIC_DIRECTIVES):
+            return lines
+        try:
+            _, consumed = parse_directives("".join(lines))
+        except ValueError:
+            return lines  # left in place: the magic itself reports the error
+        return lines[consumed:]
+
+    def _pre_run_cell(self, info: Any) -> None:
+        try:
+            holder = _pending_options.get()
+            options: dict = {}
+            if holder:
+                options = dict(holder.pop())
+            meta = getattr(info, "cell_meta", None)
+            if isinstance(meta, dict) and isinstance(meta.get("pyrepl3"), dict):
+                options = {**meta["pyrepl3"], **options}
+            raw = info.raw_cell or ""
+            if raw.lstrip().startswith(_MAGIC_DIRECTIVES):
+                try:
+                    options = {**parse_directives(raw)[0], **options}
+                except ValueError:
+                    pass  # the magic reports it when the cell runs
+            shell = self.shell
+            execution_id = options.get("execution_id") or self.new_execution_id()
+            mode = options.get("mode") or (
+                "async" if _compat.cell_is_async(shell, info) else "sync")
+            count = _compat.execution_count_in_pre_run_cell(shell, info)
+            execution = Execution(str(execution_id), self.session_id, raw, mode,
+                                  count, options, self.bus)
+            self._stack().append(execution)
+            execution.emit("started", code=raw, mode=mode, execution_count=count)
+        except Exception as exc:  # noqa: BLE001
+            self.report_internal_error("pre_run_cell", exc)
+            return
+        for component in self.components:
+            try:
+                component.before_cell(execution)
+            except Exception as exc:  # noqa: BLE001
+                self.report_internal_error(f"{component.name}.before_cell", exc)
+
+    def _post_run_cell(self, result: Any) -> None:
+        stack = self._stack()
+        if not stack:
+            return  # empty cell (IPython skips pre_run_cell) or loaded mid-cell
+        execution = stack.pop()
+        for component in reversed(self.components):
+            try:
+                component.after_cell(execution, result)
+            except Exception as exc:  # noqa: BLE001
+                self.report_internal_error(f"{component.name}.after_cell", exc)
+        try:
+            self._finish(execution, result)
+        except Exception as exc:  # noqa: BLE001
+            self.report_internal_error("post_run_cell", exc)
+            execution.emit("finished", status=execution.status or "error",
+                           duration=0.0)
+
+    def _finish(self, execution: Execution, result: Any) -> None:
+        self.last_execution = execution
+        if result is not None:
+            try:
+                result.pyrepl3_execution_id = execution.id
+            except AttributeError:
+                pass
+        if result is None:
+            status = "error"
+            execution.emit("error", ename="RuntimeError",
+                           evalue="IPython failed while running the cell",
+                           traceback=[], kind="exception",
+                           execution_count=execution.execution_count)
+        else:
+            error = result.error_before_exec or result.error_in_exec
+            if error is None:
+                status = "ok"
+                value = result.result
+                if value is not None and self.bus.active:
+                    data, metadata = self._format(value)
+                    execution.emit("result", execution_count=result.execution_count,
+                                   data=data, metadata=metadata)
+            else:
+                kind = classify_error(error, before_exec=result.error_before_exec is not None)
+                status = "cancelled" if kind in ("cancelled", "timeout") else "error"
+                if self.bus.active:
+                    execution.emit("error", ename=type(error).__name__,
+                                   evalue=str(error), traceback=format_traceback(error),
+                                   kind=kind, execution_count=result.execution_count)
+        execution.status = status
+        execution.emit("finished", status=status,
+                       duration=round(time.monotonic() - execution.t0, 6))
+
+    def _format(self, value: Any) -> tuple[dict, dict]:
+        try:
+            data, metadata = self.shell.display_formatter.format(value)
+        except Exception:  # noqa: BLE001 - a broken repr must not lose the result
+            try:
+                text = repr(value)
+            except Exception as exc:  # noqa: BLE001
+                text = f"<unrepresentable {type(value).__name__}: {exc!r}>"
+            data, metadata = {"text/plain": text}, {}
+        return dict(data), dict(metadata)
+
+
+def classify_error(error: BaseException, *, before_exec: bool) -> str:
+    """The ``kind`` of an ``error`` event for this exception."""
+    if isinstance(error, CellCancelled):
+        return error.kind
+    if isinstance(error, SecurityError):
+        return "security"
+    if before_exec:
+        from IPython.core.error import InputRejected
+
+        if isinstance(error, InputRejected):
+            return "security"
+        if isinstance(error, SyntaxError):
+            return "syntax"
+        return "exception"
+    if isinstance(error, KeyboardInterrupt):
+        return "cancelled"
+    return "exception"
+
+
+_IPYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(
+    importlib.import_module("IPython").__file__)))
+
+
+def format_traceback(error: BaseException) -> list[str]:
+    """Plain-text traceback lines of a cell error, without IPython's own frames."""
+    if isinstance(error, SyntaxError) or error.__traceback__ is None:
+        return traceback.format_exception_only(type(error), error)
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_IPYTHON_DIR) \
+            and tb.tb_next is not None:
+        tb = tb.tb_next
+    return traceback.format_exception(type(error), error, tb)
+
+
+def iter_states() -> Iterator[ShellState]:
+    """Every live shell state (for diagnostics and tests)."""
+    return iter(list(_states.values()))
