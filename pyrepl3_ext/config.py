@@ -9,7 +9,7 @@ module adds its group here rather than inventing its own section.
 
 from __future__ import annotations
 
-from traitlets import Bool, Float, Unicode, validate
+from traitlets import Bool, Float, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 
@@ -50,7 +50,7 @@ class PyREPL3(Configurable):
     def _non_negative(self, proposal):
         value = proposal["value"]
         if value < 0:
-            raise ValueError(f"{proposal['trait'].name} must be >= 0, got {value!r}")
+            raise TraitError(f"{proposal['trait'].name} must be >= 0, got {value!r}")
         return value
 
     # -- namespace ---------------------------------------------------------

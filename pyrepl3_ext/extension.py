@@ -262,6 +262,9 @@ class ShellState:
                         manager.magics[kind].pop(name, None)
             if manager.registry.get(type(self._magics).__name__) is self._magics:
                 del manager.registry[type(self._magics).__name__]
+            # Magics.__init__ lists every Magics instance in shell.configurables
+            shell.configurables[:] = [c for c in shell.configurables
+                                      if c is not self._magics]
             self._magics = None
         if self.config is not None:
             self.config.unobserve(self._on_event_log_change, names="event_log")

@@ -35,3 +35,47 @@ def events(ip):
 
 def by_execution(events: list[dict], execution_id: str) -> list[dict]:
     return [e for e in events if e["execution_id"] == execution_id]
+
+
+def hook_snapshot(shell) -> dict:
+    """Everything an extension could leave behind in a shell or the process.
+
+    ``test_unload_restores_everything`` compares this before load and after
+    unload; capability tests can reuse it.
+    """
+    import builtins
+    import signal
+    import sys
+
+    mm = shell.magics_manager
+    snap = {
+        "events": {name: list(cbs) for name, cbs in shell.events.callbacks.items()},
+        "input_transformers_cleanup": list(shell.input_transformers_cleanup),
+        "input_transformers_post": list(shell.input_transformers_post),
+        "ast_transformers": list(shell.ast_transformers),
+        "line_magics": dict(mm.magics["line"]),
+        "cell_magics": dict(mm.magics["cell"]),
+        "magics_registry": dict(mm.registry),
+        "configurables": list(shell.configurables),
+        "user_ns_keys": set(shell.user_ns),
+        "builtins": set(vars(builtins)),
+        "trace": sys.gettrace(),
+        "profile": sys.getprofile(),
+        "displayhook": sys.displayhook,
+        "excepthook": sys.excepthook,
+        "stdout": sys.stdout,
+        "stderr": sys.stderr,
+        "stdin": sys.stdin,
+        "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1,
+                                                      signal.SIGUSR2, signal.SIGALRM)},
+    }
+    if sys.version_info >= (3, 12):
+        snap["monitoring_tools"] = [sys.monitoring.get_tool(i) for i in range(6)]
+        snap["monitoring_events"] = [sys.monitoring.get_events(i) for i in range(6)]
+    try:
+        import threading
+
+        snap["threading_trace"] = threading.gettrace()
+    except AttributeError:  # Python 3.10 has no threading.gettrace
+        pass
+    return snap
