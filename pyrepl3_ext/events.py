@@ -9,7 +9,8 @@ execution, in order::
 Invariants (the tests check each):
 
 * ``seq`` is gapless per execution, from 0, and events reach every sink in
-  ``seq`` order (assignment and dispatch happen under the execution's lock).
+  ``seq`` order (assignment and dispatch happen under the session's
+  ``emit_lock``).
 * At most one ``result`` or ``error``; ``finished`` is the last event: once it
   has been emitted, :meth:`Execution.emit` refuses and counts what it refused.
 * When nothing listens (no subscriber, no log) nothing is built: the cost of
@@ -22,7 +23,6 @@ the protocol server's notifications.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import os
 import sys
@@ -50,6 +50,9 @@ class EventBus:
     def __init__(self, report: Callable[[str, BaseException], None]):
         self._subscribers: tuple[Subscriber, ...] = ()
         self._lock = threading.Lock()
+        #: Serialises seq assignment and dispatch of every execution of this
+        #: session (re-entrant: a subscriber may cause another event).
+        self.emit_lock = threading.RLock()
         self._report = report
 
     @property
@@ -94,7 +97,7 @@ class Execution:
     """
 
     __slots__ = ("id", "session", "code", "mode", "execution_count", "options",
-                 "t0", "status", "extras", "_bus", "_seq", "_lock", "_closed",
+                 "t0", "status", "extras", "_bus", "_seq", "_closed",
                  "dropped_after_finish", "outcome_sent", "__weakref__")
 
     def __init__(self, execution_id: str, session: str, code: str, mode: str,
@@ -109,8 +112,7 @@ class Execution:
         self.status: str | None = None
         self.extras: dict[str, Any] = {}
         self._bus = bus
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
+        self._seq = 0
         self._closed = False
         self.outcome_sent = False
         self.dropped_after_finish = 0
@@ -126,11 +128,12 @@ class Execution:
         events is kept in ``dropped_after_finish``).  Emitting a second
         ``result``/``error`` is a programming error and raises.
         """
-        if not self._bus.active:
+        bus = self._bus
+        if not bus._subscribers:
             if type_ == "finished":
                 self._closed = True
             return None
-        with self._lock:
+        with bus.emit_lock:
             if self._closed:
                 self.dropped_after_finish += 1
                 return None
@@ -140,8 +143,9 @@ class Execution:
                         f"execution {self.id!r} already has a result or error")
                 self.outcome_sent = True
             event = {"type": type_, "execution_id": self.id,
-                     "session": self.session, "seq": next(self._seq),
+                     "session": self.session, "seq": self._seq,
                      "ts": time.time()}
+            self._seq += 1
             event.update(fields)
             if type_ == "finished":
                 self._closed = True

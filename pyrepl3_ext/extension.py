@@ -20,6 +20,7 @@ import contextvars
 import importlib
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ _pending_options: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "pyrepl3_pending_options", default=None)
 
 _MAGIC_DIRECTIVES = ("%%timeout", "%%transaction")
+_DIRECTIVE_RE = re.compile(r"\s*%%(?:timeout|transaction)\b")
 
 
 class Component:
@@ -310,7 +312,7 @@ class ShellState:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def _strip_directives(self, lines: list[str]) -> list[str]:
-        if not lines or not lines[0].lstrip().startswith(_MAGIC_DIRECTIVES):
+        if not lines or not _DIRECTIVE_RE.match(lines[0]):
             return lines
         try:
             _, consumed = parse_directives("".join(lines))
@@ -319,29 +321,37 @@ class ShellState:
         return lines[consumed:]
 
     def _pre_run_cell(self, info: Any) -> None:
+        # Hot path: runs before every cell.  Kept to plain attribute and dict
+        # work; anything optional (cell_meta, directives, async detection)
+        # is guarded by a cheap test first.
         try:
             holder = _pending_options.get()
-            options: dict = {}
-            if holder:
-                options = dict(holder.pop())
+            options = dict(holder.pop()) if holder else {}
             meta = getattr(info, "cell_meta", None)
-            if isinstance(meta, dict) and isinstance(meta.get("pyrepl3"), dict):
+            if meta and isinstance(meta, dict) and isinstance(meta.get("pyrepl3"), dict):
                 options = {**meta["pyrepl3"], **options}
             raw = info.raw_cell or ""
-            if raw.lstrip().startswith(_MAGIC_DIRECTIVES):
+            if "%%" in raw and _DIRECTIVE_RE.match(raw):
                 try:
                     options = {**parse_directives(raw)[0], **options}
                 except ValueError:
                     pass  # the magic reports it when the cell runs
-            shell = self.shell
-            execution_id = options.get("execution_id") or self.new_execution_id()
-            mode = options.get("mode") or (
-                "async" if _compat.cell_is_async(shell, info) else "sync")
+            shell = self._shell_ref()
+            execution_id = options.get("execution_id") or \
+                f"{self._id_prefix}{next(self._ids)}"
+            mode = options.get("mode")
+            if mode is None:
+                mode = "async" if ("await" in raw or "async" in raw) and \
+                    _compat.cell_is_async(shell, info) else "sync"
             count = _compat.execution_count_in_pre_run_cell(shell, info)
-            execution = Execution(str(execution_id), self.session_id, raw, mode,
+            execution = Execution(execution_id, self.session_id, raw, mode,
                                   count, options, self.bus)
-            self._stack().append(execution)
-            execution.emit("started", code=raw, mode=mode, execution_count=count)
+            try:
+                self._local.stack.append(execution)
+            except AttributeError:
+                self._local.stack = [execution]
+            if self.bus._subscribers:
+                execution.emit("started", code=raw, mode=mode, execution_count=count)
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
@@ -352,15 +362,17 @@ class ShellState:
                 self.report_internal_error(f"{component.name}.before_cell", exc)
 
     def _post_run_cell(self, result: Any) -> None:
-        stack = self._stack()
+        stack = getattr(self._local, "stack", None)
         if not stack:
             return  # empty cell (IPython skips pre_run_cell) or loaded mid-cell
         execution = stack.pop()
-        for component in reversed(self.components):
-            try:
-                component.after_cell(execution, result)
-            except Exception as exc:  # noqa: BLE001
-                self.report_internal_error(f"{component.name}.after_cell", exc)
+        components = self.components
+        if components:
+            for component in reversed(components):
+                try:
+                    component.after_cell(execution, result)
+                except Exception as exc:  # noqa: BLE001
+                    self.report_internal_error(f"{component.name}.after_cell", exc)
         try:
             self._finish(execution, result)
         except Exception as exc:  # noqa: BLE001
@@ -370,11 +382,7 @@ class ShellState:
 
     def _finish(self, execution: Execution, result: Any) -> None:
         self.last_execution = execution
-        if result is not None:
-            try:
-                result.pyrepl3_execution_id = execution.id
-            except AttributeError:
-                pass
+        active = bool(self.bus._subscribers)
         if result is None:
             status = "error"
             execution.emit("error", ename="RuntimeError",
@@ -382,24 +390,27 @@ class ShellState:
                            traceback=[], kind="exception",
                            execution_count=execution.execution_count)
         else:
+            result.pyrepl3_execution_id = execution.id
             error = result.error_before_exec or result.error_in_exec
             if error is None:
                 status = "ok"
-                value = result.result
-                if value is not None and self.bus.active:
-                    data, metadata = self._format(value)
+                if active and result.result is not None:
+                    data, metadata = self._format(result.result)
                     execution.emit("result", execution_count=result.execution_count,
                                    data=data, metadata=metadata)
             else:
                 kind = classify_error(error, before_exec=result.error_before_exec is not None)
                 status = "cancelled" if kind in ("cancelled", "timeout") else "error"
-                if self.bus.active:
+                if active:
                     execution.emit("error", ename=type(error).__name__,
                                    evalue=str(error), traceback=format_traceback(error),
                                    kind=kind, execution_count=result.execution_count)
         execution.status = status
-        execution.emit("finished", status=status,
-                       duration=round(time.monotonic() - execution.t0, 6))
+        if active:
+            execution.emit("finished", status=status,
+                           duration=round(time.monotonic() - execution.t0, 6))
+        else:
+            execution._closed = True
 
     def _format(self, value: Any) -> tuple[dict, dict]:
         try:

@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: interleaved timing and result files.
+
+Machines here are shared and noisy, so every benchmark measures all the
+variants it compares side by side in one process, interleaved in random
+order, and reports the best of several rounds (the least disturbed one)
+together with the median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Callable
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, number: int,
+                setup: Callable[[str], None] | None = None,
+                seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Time ``number`` calls of each variant per round, variants shuffled each round.
+
+    ``setup(name)`` runs (untimed) before a variant's batch, e.g. to load or
+    unload an extension.  Returns seconds per call: best and median over rounds.
+    """
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            if setup is not None:
+                setup(name)
+            fn = variants[name]
+            fn()  # warm
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / number)
+    return {name: {"best": min(s), "median": statistics.median(s)}
+            for name, s in samples.items()}
+
+
+def environment() -> dict:
+    import IPython
+
+    return {"python": platform.python_version(), "ipython": IPython.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "argv": sys.argv}
+
+
+def write_results(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    env = environment()
+    path = os.path.join(RESULTS_DIR, f"{name}-py{env['python']}-ipython{env['ipython']}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"environment": env, **payload}, f, indent=2)
+    return path

@@ -1,0 +1,99 @@
+"""Per-cell cost of the extension: plain exec vs stock run_cell vs run_cell with pyrepl3_ext.
+
+Run: ``python bench/bench_overhead.py [--rounds N] [--quick]``.  Prints a
+table of microseconds per cell and ratios, measured side by side in one
+process, and writes JSON to ``bench/results/``.
+
+Variants:
+  exec       compile + exec of the same source in a dict (no IPython)
+  stock      ``shell.run_cell`` with the extension not loaded
+  ext        ``shell.run_cell`` with pyrepl3_ext loaded, nobody subscribed
+  ext+sub    as ext, with one in-process subscriber (events are built)
+All run with ``store_history=False`` and an in-memory history, so the
+numbers are about execution machinery, not SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from traitlets.config import Config  # noqa: E402
+
+import pyrepl3_ext  # noqa: E402
+from bench._common import interleaved, write_results  # noqa: E402
+
+CELLS = {
+    "trivial": "x = 1",
+    "ten statements": "\n".join(f"v{i} = {i} * 2" for i in range(10)),
+    "compute-heavy": "total = 0\nfor i in range(200_000):\n    total += i * i",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
+    args = parser.parse_args()
+    rounds = 5 if args.quick else args.rounds
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.display_formatter.active_types = ["text/plain"]
+    state = {"loaded": False, "unsubscribe": None}
+
+    def ensure(name: str) -> None:
+        want_loaded = name.startswith("ext")
+        if want_loaded and not state["loaded"]:
+            pyrepl3_ext.load_ipython_extension(shell)
+            state["loaded"] = True
+        if not want_loaded and state["loaded"]:
+            if state["unsubscribe"]:
+                state["unsubscribe"]()
+                state["unsubscribe"] = None
+            pyrepl3_ext.unload_ipython_extension(shell)
+            state["loaded"] = False
+        if name == "ext+sub" and state["unsubscribe"] is None:
+            state["unsubscribe"] = pyrepl3_ext.subscribe(shell, lambda event: None)
+        if name == "ext" and state["unsubscribe"] is not None:
+            state["unsubscribe"]()
+            state["unsubscribe"] = None
+
+    results: dict[str, dict] = {}
+    print(f"{'cell':<16}{'variant':<10}{'best us':>10}{'median us':>11}"
+          f"{'vs exec':>9}{'vs stock':>10}{'ext-stock us':>14}")
+    for cell_name, source in CELLS.items():
+        number = (20 if args.quick else 200) if cell_name != "compute-heavy" else (2 if args.quick else 5)
+        namespace: dict = {}
+
+        def plain_exec(source=source, namespace=namespace):
+            exec(compile(source, "<cell>", "exec"), namespace)
+
+        def run(source=source):
+            shell.run_cell(source, store_history=False)
+
+        variants = {"exec": plain_exec, "stock": run, "ext": run, "ext+sub": run}
+        timing = interleaved(variants, rounds=rounds, number=number, setup=ensure)
+        ensure("stock")
+        stock = timing["stock"]["best"]
+        for variant, t in timing.items():
+            delta = (t["best"] - stock) * 1e6
+            print(f"{cell_name:<16}{variant:<10}{t['best']*1e6:>10.1f}{t['median']*1e6:>11.1f}"
+                  f"{t['best']/timing['exec']['best']:>9.2f}{t['best']/stock:>10.3f}"
+                  f"{delta:>14.1f}")
+        results[cell_name] = {v: {"best_us": t["best"] * 1e6, "median_us": t["median"] * 1e6}
+                              for v, t in timing.items()}
+    added = results["trivial"]["ext"]["best_us"] - results["trivial"]["stock"]["best_us"]
+    print(f"\nextension cost per trivial cell: {added:+.1f} us "
+          f"(target <= 10 us; stock run_cell {results['trivial']['stock']['best_us']:.0f} us)")
+    path = write_results("overhead", {"cells": results, "added_us_trivial": added})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

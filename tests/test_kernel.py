@@ -1,0 +1,88 @@
+"""The extension inside a real Jupyter kernel (ipykernel driven by jupyter_client)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+pytest.importorskip("ipykernel")
+
+pytestmark = pytest.mark.kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _execute(client, code: str) -> dict:
+    """Run ``code`` and return the reply content plus the iopub messages it caused."""
+    msg_id = client.execute(code)
+    reply = client.get_shell_msg(timeout=60)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = client.get_shell_msg(timeout=60)
+    outputs = []
+    while True:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+        outputs.append(msg)
+    return {"reply": reply["content"], "iopub": outputs}
+
+
+def test_events_from_a_real_kernel(tmp_path):
+    from jupyter_client.manager import KernelManager
+
+    log = tmp_path / "kernel-events.jsonl"
+    km = KernelManager(kernel_name="python3")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    km.start_kernel(env=env, extra_arguments=["--HistoryManager.enabled=False"])
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        setup = _execute(client, "import sys; sys.executable")
+        assert setup["reply"]["status"] == "ok"
+        # the kernel runs the same interpreter as the tests
+        result = [m for m in setup["iopub"] if m["msg_type"] == "execute_result"]
+        assert json.loads(result[0]["content"]["data"]["text/plain"].replace("'", '"')) \
+            == sys.executable
+        load = _execute(client, f"%load_ext pyrepl3_ext\n%config PyREPL3.event_log = {str(log)!r}")
+        assert load["reply"]["status"] == "ok", load
+        ok = _execute(client, "21 * 2")
+        err = _execute(client, "raise ValueError('in kernel')")
+        syn = _execute(client, "def broken(:")
+        awaited = _execute(client, "import asyncio\nawait asyncio.sleep(0)\n'awaited'")
+        assert ok["reply"]["status"] == "ok"
+        assert err["reply"]["status"] == "error"
+        assert syn["reply"]["status"] == "error"
+        assert awaited["reply"]["status"] == "ok"
+        _execute(client, "%config PyREPL3.event_log = ''")
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    by_id: dict[str, list[dict]] = {}
+    for e in events:
+        by_id.setdefault(e["execution_id"], []).append(e)
+    runs = list(by_id.values())
+    # the four cells after the log was opened, then the cell that closes it
+    assert [r[0]["code"] for r in runs[:4]] == [
+        "21 * 2", "raise ValueError('in kernel')", "def broken(:",
+        "import asyncio\nawait asyncio.sleep(0)\n'awaited'"]
+    assert len(runs) == 5  # the last one closed the log while running
+    for r in runs[:4]:
+        assert [e["seq"] for e in r] == list(range(len(r)))
+        assert r[0]["type"] == "started" and r[-1]["type"] == "finished"
+    assert [e["type"] for e in runs[0]] == ["started", "result", "finished"]
+    assert runs[0][1]["data"]["text/plain"] == "42"
+    assert runs[0][0]["execution_count"] == ok["reply"]["execution_count"]
+    assert runs[1][1]["kind"] == "exception" and runs[1][1]["evalue"] == "in kernel"
+    assert runs[2][1]["kind"] == "syntax"
+    assert runs[3][0]["mode"] == "async"
+    assert runs[3][1]["data"]["text/plain"] == "'awaited'"
