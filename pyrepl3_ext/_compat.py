@@ -38,8 +38,8 @@ def is_patched_build() -> bool:
 def execution_count_in_pre_run_cell(shell: Any, info: Any) -> int | None:
     """The ``ExecutionResult.execution_count`` of the cell announced in ``pre_run_cell``.
 
-    9.8+ has already incremented the shell's count for a stored cell; before
-    leaves ``execution_count`` as None for cells that are not stored.
+    9.8+ has already incremented the shell's count for a stored cell; before 9.8,
+    IPython leaves ``execution_count`` as None for cells that are not stored.
     """
     store = getattr(info, "store_history", False)
     if not _COUNT_INCREMENTED_BEFORE_PRE_RUN and not store:
