@@ -32,3 +32,22 @@ def tests(session: nox.Session, ipython: str) -> None:
     session.install(f"ipython=={ipython}", "-e", ".[test]")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 *session.posargs)
+
+
+@nox.session(python=["3.11", "3.12", "3.13"], default=False)
+def bench(session: nox.Session) -> None:
+    """Every ``bench/bench_*.py`` on stock IPython 9.18.1; ``-- NAME`` picks scripts.
+
+    Results go to ``bench/results/`` as JSON; the tables are printed.
+    """
+    import glob
+    import os
+
+    session.install("ipython==9.18.1", "-e", ".[test]")
+    wanted = [a for a in session.posargs if not a.startswith("-")]
+    flags = [a for a in session.posargs if a.startswith("-")]
+    for script in sorted(glob.glob("bench/bench_*.py")):
+        name = os.path.basename(script)[len("bench_"):-len(".py")]
+        if wanted and name not in wanted:
+            continue
+        session.run("python", script, *flags)
