@@ -16,7 +16,7 @@ from .extension import get_state, require_state
 
 __all__ = [
     "__version__", "load_ipython_extension", "unload_ipython_extension",
-    "get_state", "subscribe", "run_cell", "run_cell_async",
+    "get_state", "subscribe", "run_cell", "run_cell_async", "cancel",
     "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
     "SecurityError", "SessionBusy",
 ]
@@ -34,6 +34,16 @@ def unload_ipython_extension(ipython: Any) -> None:
     from . import extension
 
     extension.unload(ipython)
+
+
+def cancel(shell: Any, execution_id: str, reason: str = "cancelled") -> bool:
+    """Cancel a running execution of ``shell`` from any thread; True if it hit.
+
+    See :mod:`pyrepl3_ext.cancellation` for the semantics.
+    """
+    from .cancellation import cancel as _cancel
+
+    return _cancel(shell, execution_id, reason)
 
 
 def subscribe(shell: Any, callback: Callable[[dict], None]) -> Callable[[], None]:

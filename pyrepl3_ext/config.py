@@ -46,7 +46,22 @@ class PyREPL3(Configurable):
              "level-triggered).",
     ).tag(config=True)
 
-    @validate("cell_timeout", "cancel_grace")
+    cancel_signal = Unicode(
+        "SIGUSR1",
+        help="Signal used to interrupt cells running in the main thread (its "
+             "handler is installed at load and chains to a previous handler "
+             "for signals pyrepl3 did not send). Change it if the host uses "
+             "SIGUSR1 itself.",
+    ).tag(config=True)
+
+    cancel_escalate_after = Float(
+        0.02,
+        help="Seconds to wait for a cancelled main-thread cell to reach a line "
+             "boundary before raising directly from the signal handler, which "
+             "also interrupts blocking calls (sleep, queue.get, input()...).",
+    ).tag(config=True)
+
+    @validate("cell_timeout", "cancel_grace", "cancel_escalate_after")
     def _non_negative(self, proposal):
         value = proposal["value"]
         if value < 0:

@@ -37,6 +37,7 @@ from .events import EventBus, Execution, JSONLinesSink
 #: component, created on load in this order.  A module that cannot be
 #: imported on this Python/IPython is reported, not fatal.
 COMPONENTS: list[tuple[str, str]] = [
+    ("cancellation", "pyrepl3_ext.cancellation:CancellationManager"),
 ]
 
 _states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()
@@ -447,15 +448,21 @@ _IPYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(
     importlib.import_module("IPython").__file__)))
 
 
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def format_traceback(error: BaseException) -> list[str]:
-    """Plain-text traceback lines of a cell error, without IPython's own frames."""
+    """Plain-text traceback lines of a cell error, without IPython's or pyrepl3's frames."""
     if isinstance(error, SyntaxError) or error.__traceback__ is None:
         return traceback.format_exception_only(type(error), error)
     tb = error.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_IPYTHON_DIR) \
             and tb.tb_next is not None:
         tb = tb.tb_next
-    return traceback.format_exception(type(error), error, tb)
+    exc = traceback.TracebackException(type(error), error, tb)
+    exc.stack = traceback.StackSummary.from_list(
+        [f for f in exc.stack if not f.filename.startswith(_PKG_DIR)])
+    return list(exc.format())
 
 
 def iter_states() -> Iterator[ShellState]:

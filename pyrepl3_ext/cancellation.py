@@ -1,0 +1,857 @@
+"""Cooperative cancellation of running cells: by id, from any thread, or by deadline.
+
+The model is trio's cancel scope, reduced to what a cell needs:
+
+* Every execution runs inside one :class:`CancelScope` carrying its
+  ``execution_id``, a generation number and an optional deadline.  Scopes
+  nest per thread (a cell that runs a cell); cancelling a scope cancels the
+  scopes nested in it.
+* ``cancel(shell, execution_id, reason)`` marks the scope and arms a
+  mechanism that makes the cell's thread raise :class:`CellCancelled` (or
+  :class:`CellTimeout`) at its next *safe point*.  It returns whether it
+  hit a running execution.
+* Cancellation is level-triggered: a cell that catches the exception and
+  carries on is cancelled again after ``c.PyREPL3.cancel_grace`` seconds.
+* :func:`shield` marks a block (the engine's bookkeeping, a host's critical
+  section) where cancellation is deferred until the block ends.
+
+Invariants (each has a test):
+
+1. Nothing is installed while nobody cancels: no tracer, no monitoring
+   events, no thread.  A signal handler (main thread) and, on 3.12+, a
+   ``sys.monitoring`` tool with zero events are registered at load; both
+   cost nothing measurable (``bench/bench_cancel.py``).
+2. A cancel aimed at execution N never lands in N+1: every mechanism looks
+   the target up again in the target thread (scope still running, same
+   generation) before raising, and the scope is closed under the manager
+   lock before anything is disarmed.
+3. The exception is raised only in frames that run the cell's code (above
+   IPython's ``run_code``), never in IPython's or pyrepl3's own frames, and
+   not while a frame is in a ``finally:`` body, on a ``try:`` line, in an
+   ``__enter__``/``__exit__`` (or their async forms), or in the import
+   system, unless the hard deadline (``HARD_DEADLINE`` after the cancel)
+   passed.
+4. After a cell ends (or the extension unloads) no tracer or monitoring
+   event of ours stays installed, and the previous ``sys.settrace`` function
+   (a debugger, coverage) is back.
+
+Mechanisms, chosen per thread and Python version (numbers in
+``docs/cancellation.md``):
+
+* main thread, every version: ``signal.pthread_kill`` of ``SIGUSR1``; the
+  handler sets ``f_trace`` on the cell's frames and ``sys.settrace`` so the
+  next line event raises.  Without a line event after ``escalate_after``
+  seconds (``while True: pass`` on 3.11, ``sleep``, ``queue.get``,
+  ``input()``...), the signal is sent again and the handler raises itself,
+  which also interrupts blocking calls.
+* worker threads, Python 3.12+: ``sys.monitoring`` LINE/JUMP events on the
+  code objects on the target thread's stack plus PY_START/PY_RESUME; the
+  callback raises only in the target thread.
+* worker threads, Python 3.10/3.11: ``PyThreadState_SetAsyncExc`` while the
+  cell is inside ``run_code``; it cannot honour safe points (documented).
+* async cells waiting in the event loop: the cell's task is cancelled from
+  the loop (``call_soon_threadsafe``) and the ``CancelledError`` is reported
+  as the cell's ``CellCancelled``.
+* waits the engine owns use :func:`interruptible_wait` and wake at once.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import ctypes
+import heapq
+import itertools
+import linecache
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from .errors import CellCancelled, CellTimeout
+from .extension import Component, get_state
+
+#: Seconds after the first cancel request when safe points stop deferring.
+HARD_DEADLINE = 2.0
+#: ``sys.monitoring`` tool ids we try, in order (0-2 are used by debuggers,
+#: coverage and profilers by convention).
+_MONITORING_TOOL_IDS = (4, 3, 5)
+_HAS_MONITORING = sys.version_info >= (3, 12)
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_UNSAFE_MODULE_PARTS = ("importlib/_bootstrap",)
+_UNSAFE_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__")
+
+# The one lock of the mechanism.  It is a C-level lock (never a Python-level
+# wrapper such as Condition) because the target thread takes it while an
+# asynchronous exception may be pending for it.
+_lock = threading.Lock()
+_generations = itertools.count(1)
+#: thread id -> stack of running scopes (innermost last)
+_thread_scopes: dict[int, list["CancelScope"]] = {}
+#: thread id -> the scope being cancelled there (what mechanisms look up)
+_cancelled_threads: dict[int, "CancelScope"] = {}
+_shield_depth = threading.local()
+
+
+class CancelScope:
+    """The cancellation state of one execution (see the module docstring)."""
+
+    __slots__ = ("execution_id", "generation", "thread_id", "deadline", "parent",
+                 "cancel_called", "reason", "kind", "requested_at", "raised",
+                 "finished", "loop", "task", "task_cancelled", "manager", "mechanism",
+                 "armed_codes", "armed_global", "in_code", "async_exc_pending",
+                 "__weakref__")
+
+    def __init__(self, execution_id: str, thread_id: int, manager: "CancellationManager",
+                 deadline: float | None, parent: "CancelScope | None"):
+        self.execution_id = execution_id
+        self.generation = next(_generations)
+        self.thread_id = thread_id
+        self.deadline = deadline
+        self.parent = parent
+        self.manager = manager
+        self.cancel_called = False
+        self.reason = ""
+        self.kind = "cancelled"
+        self.requested_at = 0.0
+        self.raised = 0
+        self.finished = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task | None = None
+        self.task_cancelled = False
+        #: "" -> "pending" -> "armed" | "escalate" -> "raised"
+        self.mechanism = ""
+        self.armed_codes: list = []
+        self.armed_global = False
+        self.in_code = 0
+        self.async_exc_pending = False
+
+    def exception(self) -> CellCancelled:
+        if self.kind == "timeout":
+            return CellTimeout(self.reason, execution_id=self.execution_id)
+        return CellCancelled(self.reason, kind=self.kind, execution_id=self.execution_id)
+
+    def __repr__(self) -> str:
+        state = "finished" if self.finished else ("cancelled" if self.cancel_called else "running")
+        return f"<CancelScope {self.execution_id!r} gen={self.generation} {state}>"
+
+
+# -- public API ---------------------------------------------------------------
+
+def cancel(shell: Any, execution_id: str, reason: str = "cancelled") -> bool:
+    """Cancel the running execution ``execution_id`` of ``shell``, from any thread.
+
+    Returns True when it hit a running execution (the cell will raise
+    ``CellCancelled`` at its next safe point), False when no such execution
+    is running (finished already, or never existed).
+    """
+    state = get_state(shell)
+    manager = getattr(state, "cancellation", None) if state is not None else None
+    if manager is None:
+        raise RuntimeError("pyrepl3_ext is not loaded in this shell")
+    return manager.cancel(execution_id, reason)
+
+
+@contextlib.contextmanager
+def shield() -> Iterator[None]:
+    """Defer cancellation of the calling thread's cell until the block ends.
+
+    For critical sections that must not be cut in half (the engine's own
+    bookkeeping, a host-marked block).  The hard deadline does not apply.
+    """
+    _shield_depth.n = getattr(_shield_depth, "n", 0) + 1
+    try:
+        yield
+    finally:
+        _shield_depth.n -= 1
+
+
+def current_scope() -> CancelScope | None:
+    """The innermost running scope of the calling thread, if any."""
+    stack = _thread_scopes.get(threading.get_ident())
+    return stack[-1] if stack else None
+
+
+def _cancelled_scope_here() -> CancelScope | None:
+    return _cancelled_threads.get(threading.get_ident())
+
+
+def check_cancelled() -> None:
+    """Raise ``CellCancelled`` now if the calling thread's cell was cancelled."""
+    __tracebackhide__ = True  # IPython hides this frame in tracebacks
+    scope = _cancelled_threads.get(threading.get_ident())
+    if scope is not None and not scope.finished:
+        scope.raised += 1
+        raise scope.exception()
+
+
+def interruptible_wait(event: threading.Event, timeout: float | None = None,
+                       poll: float = 0.005) -> bool:
+    """``event.wait(timeout)`` that raises ``CellCancelled`` as soon as the
+    calling thread's cell is cancelled (or times out).
+
+    Waits the engine owns (``input()`` over the API, its sleeps) use this so
+    they wake within ``poll`` seconds of a cancel in any thread.
+    """
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        check_cancelled()
+        if end is None:
+            step = poll
+        else:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return event.is_set()
+            step = min(poll, remaining)
+        if event.wait(step):
+            return True
+
+
+def interruptible_sleep(seconds: float) -> None:
+    """``time.sleep`` that a cancel interrupts, in any thread."""
+    interruptible_wait(threading.Event(), seconds)
+
+
+# -- safe points --------------------------------------------------------------
+
+_unsafe_lines_cache: dict[str, frozenset[int]] = {}
+
+
+def _unsafe_lines(filename: str) -> frozenset[int]:
+    """Lines of ``filename`` where a raise could cut cleanup short.
+
+    ``try:`` lines (their NOP is outside the protected range) and every line
+    of a ``finally:`` body.  Parsed once per file, from linecache (IPython
+    registers cell sources there).
+    """
+    cached = _unsafe_lines_cache.get(filename)
+    if cached is not None:
+        return cached
+    lines: set[int] = set()
+    try:
+        tree = ast.parse("".join(linecache.getlines(filename)))
+    except (SyntaxError, ValueError, RecursionError):
+        tree = None
+    if tree is not None:
+        try_types = (ast.Try,) + ((ast.TryStar,) if hasattr(ast, "TryStar") else ())
+        for node in ast.walk(tree):
+            if isinstance(node, try_types):
+                lines.add(node.lineno)
+                if node.finalbody:
+                    start = node.finalbody[0].lineno
+                    end = node.finalbody[-1].end_lineno or start
+                    lines.update(range(start - 1, end + 1))  # incl. the `finally:` line
+    result = frozenset(lines)
+    _unsafe_lines_cache[filename] = result
+    return result
+
+
+_RUN_CODE_CODES: set = set()
+
+
+def _is_root(code) -> bool:
+    return code in _RUN_CODE_CODES
+
+
+def _safe_to_raise(frame, scope: CancelScope) -> bool:
+    """Whether raising in ``frame`` (the innermost frame of the target thread) is safe."""
+    if getattr(_shield_depth, "n", 0):
+        return False
+    hard = time.monotonic() - scope.requested_at > HARD_DEADLINE
+    first = True
+    f = frame
+    while f is not None:
+        code = f.f_code
+        if _is_root(code):
+            return True
+        filename = code.co_filename
+        if filename.startswith(_PKG_DIR):
+            return False  # never in pyrepl3's own frames
+        if not hard:
+            if first and any(part in filename for part in _UNSAFE_MODULE_PARTS):
+                return False
+            if code.co_name in _UNSAFE_FUNCTIONS:
+                return False
+            if f.f_lineno in _unsafe_lines(filename):
+                return False
+        first = False
+        f = f.f_back
+    return False  # not inside a cell's code: IPython machinery, or the cell ended
+
+
+def _frames_above_root(frame) -> list:
+    frames = []
+    f = frame
+    while f is not None and not _is_root(f.f_code):
+        if not f.f_code.co_filename.startswith(_PKG_DIR):
+            frames.append(f)
+        f = f.f_back
+    return frames if f is not None else []
+
+
+# -- main thread: signal + lazy settrace --------------------------------------
+
+def _local_tracer(frame, event, arg):
+    __tracebackhide__ = True
+    if event == "line":
+        scope = _cancelled_threads.get(threading.get_ident())
+        if scope is not None and not scope.finished and scope.mechanism == "armed" \
+                and _safe_to_raise(frame, scope):
+            scope.mechanism = "raised"
+            scope.raised += 1
+            raise scope.exception()
+    return _local_tracer
+
+
+def _global_tracer(frame, event, arg):
+    if frame.f_code.co_filename.startswith(_PKG_DIR):
+        return None
+    return _local_tracer
+
+
+class _MainThreadSignal:
+    """The process-wide signal handler; one per process, shared by all shells."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: Any = None
+        self.users = 0
+        self.saved_trace: dict[int, Any] = {}
+        self.sent = 0  # signals we sent and the handler has not seen yet
+
+    def send(self) -> None:
+        self.sent += 1
+        signal.pthread_kill(threading.main_thread().ident, self.signum)
+
+    def acquire(self, signum: int) -> bool:
+        """Install the handler (main thread only); False if impossible here."""
+        if self.users:
+            self.users += 1
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self.previous = signal.signal(signum, self._handle)
+        self.signum = signum
+        self.users = 1
+        return True
+
+    def release(self) -> None:
+        if not self.users:
+            return
+        self.users -= 1
+        if self.users == 0 and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(self.signum) == self._handle:
+                signal.signal(self.signum, self.previous if self.previous is not None
+                              else signal.SIG_DFL)
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        __tracebackhide__ = True
+        if self.sent <= 0:
+            previous = self.previous
+            if callable(previous):  # not ours: chain to the handler we replaced
+                previous(signum, frame)
+            return
+        self.sent -= 1
+        scope = _cancelled_threads.get(threading.main_thread().ident)
+        if scope is None or scope.finished or scope.mechanism == "raised":
+            return  # stale: that cell ended or already got its exception
+        if scope.mechanism == "escalate":
+            if _safe_to_raise(frame, scope):
+                scope.mechanism = "raised"
+                scope.raised += 1
+                raise scope.exception()
+            return
+        # first delivery: arm line tracing on the cell's frames, lazily
+        if sys.gettrace() is not None and sys.gettrace() is not _global_tracer:
+            # a debugger or coverage owns settrace: leave it alone and rely
+            # on escalation (raise from this handler at a safe point)
+            scope.mechanism = "escalate"
+            if _safe_to_raise(frame, scope):
+                scope.mechanism = "raised"
+                scope.raised += 1
+                raise scope.exception()
+            return
+        for f in _frames_above_root(frame):
+            f.f_trace = _local_tracer
+        scope.mechanism = "armed"
+        self.saved_trace.setdefault(threading.get_ident(), sys.gettrace())
+        sys.settrace(_global_tracer)  # last: nothing after this may be traced
+
+    def disarm_current_thread(self) -> None:
+        tid = threading.get_ident()
+        if tid in self.saved_trace:
+            previous = self.saved_trace.pop(tid)
+            if sys.gettrace() is _global_tracer:
+                sys.settrace(previous)
+
+
+_SIGNAL = _MainThreadSignal()
+
+
+# -- worker threads on 3.12+: sys.monitoring ----------------------------------
+
+class _Monitoring:
+    """A ``sys.monitoring`` tool with callbacks registered and no events."""
+
+    def __init__(self) -> None:
+        self.tool: int | None = None
+        self.users = 0
+        self.armed: dict[Any, int] = {}  # code -> number of scopes arming it
+        self.global_users = 0
+
+    def acquire(self) -> bool:
+        if not _HAS_MONITORING:
+            return False
+        if self.users:
+            self.users += 1
+            return True
+        mon = sys.monitoring
+        for tool in _MONITORING_TOOL_IDS:
+            if mon.get_tool(tool) is None:
+                mon.use_tool_id(tool, "pyrepl3-cancel")
+                break
+        else:
+            return False
+        ev = mon.events
+        mon.register_callback(tool, ev.LINE, _mon_line)
+        mon.register_callback(tool, ev.JUMP, _mon_jump)
+        mon.register_callback(tool, ev.PY_START, _mon_start)
+        mon.register_callback(tool, ev.PY_RESUME, _mon_start)
+        self.tool = tool
+        self.users = 1
+        return True
+
+    def release(self) -> None:
+        if not self.users:
+            return
+        self.users -= 1
+        if self.users == 0 and self.tool is not None:
+            mon = sys.monitoring
+            mon.set_events(self.tool, 0)
+            for code in self.armed:
+                mon.set_local_events(self.tool, code, 0)
+            self.armed.clear()
+            self.global_users = 0
+            ev = mon.events
+            for event in (ev.LINE, ev.JUMP, ev.PY_START, ev.PY_RESUME):
+                mon.register_callback(self.tool, event, None)
+            mon.free_tool_id(self.tool)
+            self.tool = None
+
+    def arm(self, scope: CancelScope, frame) -> None:
+        """Enable events on the target's stack (caller holds ``_lock``)."""
+        mon = sys.monitoring
+        ev = mon.events
+        codes = []
+        for f in _frames_above_root(frame):
+            code = f.f_code
+            if code not in codes:
+                codes.append(code)
+        for code in codes:
+            if code not in self.armed:
+                mon.set_local_events(self.tool, code, ev.LINE | ev.JUMP)
+            self.armed[code] = self.armed.get(code, 0) + 1
+        scope.armed_codes = codes
+        if not scope.armed_global:
+            if self.global_users == 0:
+                mon.set_events(self.tool, ev.PY_START | ev.PY_RESUME)
+            self.global_users += 1
+            scope.armed_global = True
+
+    def disarm(self, scope: CancelScope) -> None:
+        """Undo :meth:`arm` for ``scope`` (caller holds ``_lock``)."""
+        if self.tool is None:
+            return
+        mon = sys.monitoring
+        for code in scope.armed_codes:
+            n = self.armed.get(code, 0) - 1
+            if n <= 0:
+                self.armed.pop(code, None)
+                mon.set_local_events(self.tool, code, 0)
+            else:
+                self.armed[code] = n
+        if scope.armed_global:
+            scope.armed_global = False
+            self.global_users -= 1
+            if self.global_users == 0:
+                mon.set_events(self.tool, 0)
+        scope.armed_codes = []
+
+
+def _mon_check(depth: int = 2) -> None:
+    __tracebackhide__ = True
+    scope = _cancelled_threads.get(threading.get_ident())
+    if scope is None or scope.finished or scope.mechanism != "armed":
+        return
+    frame = sys._getframe(depth)
+    if _safe_to_raise(frame, scope):
+        scope.mechanism = "raised"
+        scope.raised += 1
+        raise scope.exception()
+
+
+def _mon_line(code, line):
+    _mon_check(2)
+
+
+def _mon_jump(code, src, dst):
+    _mon_check(2)
+
+
+def _mon_start(code, offset):
+    _mon_check(2)
+
+
+_MONITORING = _Monitoring()
+
+
+# -- worker threads on 3.10/3.11: asynchronous exception ----------------------
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.restype = ctypes.c_int
+
+
+class _AsyncCellCancelled(CellCancelled):
+    """Delivered by ``PyThreadState_SetAsyncExc`` (created without arguments;
+    the manager fills in reason and kind when the cell ends)."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args) if args else super().__init__("cancelled")
+
+
+def _post_async_exc(thread_id: int, exc: Any) -> None:
+    """Post ``exc`` (a class) to the thread, or clear a pending one (None -> NULL)."""
+    _set_async_exc(ctypes.c_ulong(thread_id), None if exc is None else ctypes.py_object(exc))
+
+
+# -- timers -------------------------------------------------------------------
+
+class _Timer:
+    """One daemon thread running callbacks at given times; started on first use."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._ids = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._ids), callback))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="pyrepl3-cancel-timer",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, callback = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - a timer must keep running
+                print(f"[pyrepl3_ext] cancellation timer error: {exc!r}", file=sys.__stderr__)
+
+
+_TIMER = _Timer()
+
+
+# -- the component ------------------------------------------------------------
+
+class CancellationManager(Component):
+    """Per-shell cancellation: scopes for its executions, deadlines, mechanisms."""
+
+    name = "cancellation"
+
+    def __init__(self, state: Any):
+        super().__init__(state)
+        self._scopes: dict[str, CancelScope] = {}
+        self._signal = False
+        self._monitoring = False
+        self._run_code_patched = False
+
+    # load / unload
+    def attach(self) -> None:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        _RUN_CODE_CODES.add(InteractiveShell.run_code.__code__)
+        config = self.state.config
+        signum = getattr(signal, config.cancel_signal, None)
+        if not isinstance(signum, int):
+            raise ValueError(f"PyREPL3.cancel_signal: unknown signal {config.cancel_signal!r}")
+        self._signal = _SIGNAL.acquire(signum)
+        self._monitoring = _MONITORING.acquire()
+        if not _HAS_MONITORING:
+            # 3.10/3.11 workers use SetAsyncExc, which must know when the
+            # thread is inside the cell's code: wrap run_code to count it.
+            shell = self.state.shell
+            original = shell.run_code
+
+            async def run_code(code_obj, result=None, *, async_=False):
+                scope = current_scope()
+                if scope is not None:
+                    with _lock:
+                        scope.in_code += 1
+                    if scope.cancel_called and not scope.finished:
+                        # cancelled between two top-level statements: do not
+                        # start the next one
+                        with _lock:
+                            scope.in_code -= 1
+                        scope.mechanism = "raised"
+                        scope.raised += 1
+                        exc = scope.exception()
+                        if result is not None:
+                            result.error_in_exec = exc
+                        shell.showtraceback((type(exc), exc, None))
+                        return True
+                try:
+                    return await original(code_obj, result, async_=async_)
+                finally:
+                    if scope is not None:
+                        with _lock:
+                            scope.in_code -= 1
+                            if scope.async_exc_pending:
+                                _post_async_exc(scope.thread_id, None)
+                                scope.async_exc_pending = False
+
+            run_code.pyrepl3_original = original  # type: ignore[attr-defined]
+            shell.run_code = run_code
+            self._run_code_patched = True
+
+    def detach(self) -> None:
+        # Running cells (e.g. the one running %unload_ext) are not cancelled;
+        # their scopes are closed so no mechanism fires for them any more.
+        with _lock:
+            for scope in list(self._scopes.values()):
+                self._close_scope(scope)
+        _SIGNAL.disarm_current_thread()
+        if self._run_code_patched:
+            shell = self.state._shell_ref()
+            if shell is not None and getattr(shell.run_code, "pyrepl3_original", None):
+                del shell.run_code
+            self._run_code_patched = False
+        if self._signal:
+            _SIGNAL.release()
+            self._signal = False
+        if self._monitoring:
+            _MONITORING.release()
+            self._monitoring = False
+
+    # per cell
+    def before_cell(self, execution: Any) -> None:
+        tid = threading.get_ident()
+        timeout = execution.options.get("timeout") or self.state.config.cell_timeout
+        deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
+        with _lock:
+            stack = _thread_scopes.setdefault(tid, [])
+            parent = stack[-1] if stack else None
+            scope = CancelScope(execution.id, tid, self, deadline, parent)
+            stack.append(scope)
+            self._scopes[execution.id] = scope
+        execution.extras["cancellation"] = scope
+        if execution.mode == "async":
+            # only the cell's own coroutine task may be cancelled: a sync cell
+            # run from a host's coroutine (ipykernel) must not touch the host's task
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                scope.loop = loop
+                scope.task = asyncio.current_task(loop)
+        if deadline is not None:
+            generation = scope.generation
+            _TIMER.call_at(deadline, lambda: self._deadline(scope, generation, timeout))
+
+    def after_cell(self, execution: Any, result: Any) -> None:
+        scope = execution.extras.get("cancellation")
+        if scope is None:
+            return
+        with _lock:
+            parent = self._close_scope(scope)
+        _SIGNAL.disarm_current_thread()
+        if scope.task_cancelled and hasattr(scope.task, "uncancel"):
+            scope.task.uncancel()  # the cell absorbed it; the host's task goes on
+        if result is not None and scope.cancel_called:
+            self._report_as_cancelled(scope, result)
+        # a cancelled outer cell stays cancelled after its inner cell ended
+        if parent is not None and parent.cancel_called and not parent.finished:
+            parent.manager._arm(parent, rearm=True)
+
+    def _close_scope(self, scope: CancelScope) -> CancelScope | None:
+        """Mark ``scope`` finished and disarm it (caller holds ``_lock``).
+
+        Returns the scope it was nested in, if that is still running.
+        """
+        tid = scope.thread_id
+        scope.finished = True
+        self._scopes.pop(scope.execution_id, None)
+        stack = _thread_scopes.get(tid)
+        if stack and scope in stack:
+            stack.remove(scope)
+        if not stack:
+            _thread_scopes.pop(tid, None)
+        if _cancelled_threads.get(tid) is scope:
+            del _cancelled_threads[tid]
+        if scope.async_exc_pending:
+            _post_async_exc(tid, None)
+            scope.async_exc_pending = False
+        if _HAS_MONITORING and _MONITORING.tool is not None:
+            _MONITORING.disarm(scope)
+        return stack[-1] if stack else None
+
+    def _report_as_cancelled(self, scope: CancelScope, result: Any) -> None:
+        error = result.error_in_exec
+        if isinstance(error, _AsyncCellCancelled):
+            replacement = scope.exception()  # report the public type, not ours
+            replacement.__traceback__ = error.__traceback__
+            result.error_in_exec = replacement
+        elif isinstance(error, CellCancelled):
+            if scope.reason:
+                error.args = (scope.reason,)
+                error.reason = scope.reason
+            error.kind = scope.kind
+            error.execution_id = scope.execution_id
+        elif isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
+            replacement = scope.exception()
+            replacement.__cause__ = error
+            replacement.__traceback__ = error.__traceback__
+            result.error_in_exec = replacement
+
+    # cancel requests
+    def cancel(self, execution_id: str, reason: str = "cancelled", *,
+               kind: str = "cancelled") -> bool:
+        with _lock:
+            scope = self._scopes.get(execution_id)
+            if scope is None or scope.finished:
+                return False
+            if scope.cancel_called:
+                return True  # already on its way; re-arming is the timer's job
+            targets = [scope]
+            # nested scopes started by this cell are cancelled with it
+            for inner in _thread_scopes.get(scope.thread_id, []):
+                if inner is not scope and self._is_inside(inner, scope):
+                    targets.append(inner)
+            for target in targets:
+                if not target.cancel_called:
+                    target.cancel_called = True
+                    target.reason = reason
+                    target.kind = kind
+                    target.requested_at = time.monotonic()
+            innermost = targets[-1]
+        innermost.manager._arm(innermost)
+        return True
+
+    @staticmethod
+    def _is_inside(inner: CancelScope, outer: CancelScope) -> bool:
+        p = inner.parent
+        while p is not None:
+            if p is outer:
+                return True
+            p = p.parent
+        return False
+
+    def _deadline(self, scope: CancelScope, generation: int, timeout: float) -> None:
+        if scope.finished or scope.generation != generation:
+            return
+        self.cancel(scope.execution_id, f"cell exceeded its timeout of {timeout:g} s",
+                    kind="timeout")
+
+    def _arm(self, scope: CancelScope, rearm: bool = False) -> None:
+        """Make the scope's thread raise at its next safe point."""
+        tid = scope.thread_id
+        generation = scope.generation
+        with _lock:
+            if scope.finished:
+                return
+            _cancelled_threads[tid] = scope
+            scope.mechanism = "pending"
+        # an async cell suspended in its loop: cancel its task from the loop
+        if scope.loop is not None and scope.task is not None:
+            try:
+                scope.loop.call_soon_threadsafe(self._cancel_task, scope, generation)
+            except RuntimeError:
+                pass  # loop closed: the cell is over
+        config = self.state.config
+        if tid == threading.main_thread().ident and self._signal:
+            self._signal_main(scope, generation, config.cancel_escalate_after)
+        elif _HAS_MONITORING and self._monitoring:
+            with _lock:
+                if scope.finished:
+                    return
+                frame = sys._current_frames().get(tid)
+                if frame is not None:
+                    scope.mechanism = "armed"
+                    _MONITORING.arm(scope, frame)
+        else:
+            with _lock:
+                if scope.finished:
+                    return
+                scope.mechanism = "armed"
+                if scope.in_code > 0 and not scope.async_exc_pending:
+                    scope.async_exc_pending = True
+                    _post_async_exc(tid, _AsyncCellCancelled)
+        _TIMER.call_at(time.monotonic() + max(config.cancel_grace, 0.05),
+                       lambda: self._rearm_if_running(scope, generation))
+
+    def _signal_main(self, scope: CancelScope, generation: int, escalate_after: float) -> None:
+        _SIGNAL.send()
+
+        def escalate() -> None:
+            if scope.finished or scope.generation != generation or scope.mechanism == "raised":
+                return
+            scope.mechanism = "escalate"
+            _SIGNAL.send()
+            _TIMER.call_at(time.monotonic() + escalate_after, escalate)
+
+        _TIMER.call_at(time.monotonic() + escalate_after, escalate)
+
+    def _rearm_if_running(self, scope: CancelScope, generation: int) -> None:
+        """Level-triggered cancellation: still running a grace period after
+        the exception was raised means the cell swallowed it; cancel again.
+
+        The asynchronous-exception mechanism cannot tell whether its
+        exception was delivered, so it is simply posted again.
+        """
+        if scope.finished or scope.generation != generation:
+            return
+        uses_async_exc = not _HAS_MONITORING and scope.thread_id != threading.main_thread().ident
+        if scope.mechanism == "raised" or uses_async_exc:
+            with _lock:
+                if scope.finished:
+                    return
+                if _HAS_MONITORING and _MONITORING.tool is not None:
+                    _MONITORING.disarm(scope)
+                scope.async_exc_pending = False
+            self._arm(scope, rearm=True)
+        else:  # not raised yet: no safe point reached, or blocked in C code
+            _TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
+                           lambda: self._rearm_if_running(scope, generation))
+
+    @staticmethod
+    def _cancel_task(scope: CancelScope, generation: int) -> None:
+        """Runs in the loop's thread while the cell's task is suspended."""
+        if scope.finished or scope.generation != generation or scope.task is None:
+            return
+        if not scope.task.done():
+            scope.mechanism = "raised"
+            scope.raised += 1
+            scope.task_cancelled = True
+            scope.task.cancel(scope.reason)
+
+    def running(self) -> list[str]:
+        """Ids of the executions of this shell that are running now."""
+        with _lock:
+            return [s.execution_id for s in self._scopes.values() if not s.finished]

@@ -1,0 +1,496 @@
+"""Cancellation manager: any cell, any thread, by id or deadline; nothing stale, nothing left."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import pyrepl3_ext
+from pyrepl3_ext import CellCancelled, CellTimeout, cancellation
+
+from .conftest import by_execution
+
+WAIT = 30  # generous upper bounds on waits: a failure, never a timing assertion
+
+
+@pytest.fixture
+def quiet(ip):
+    """Skip IPython's (slow, coloured) traceback printing while cells are cancelled."""
+    ip.showtraceback = lambda *args, **kwargs: None
+    try:
+        yield ip
+    finally:
+        del ip.showtraceback
+
+
+@pytest.fixture
+def started(ip):
+    """An Event the cell sets once it runs; ``cancel_when_started`` cancels then."""
+    event = threading.Event()
+    ip.user_ns["_started"] = event
+    yield event
+    ip.user_ns.pop("_started", None)
+
+
+def cancel_when_started(ip, started, execution_id, reason="test cancel"):
+    result = {}
+
+    def canceller():
+        assert started.wait(WAIT), "cell never started"
+        result["hit"] = pyrepl3_ext.cancel(ip, execution_id, reason)
+
+    thread = threading.Thread(target=canceller, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def run_in_thread(ip, code, execution_id, **kw):
+    out = {}
+
+    def target():
+        out["result"] = pyrepl3_ext.run_cell(ip, code, execution_id=execution_id, **kw)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+SCENARIOS = {
+    "tight loop": "_started.set()\ni = 0\nwhile True:\n    i += 1",
+    "one-line loop": "_started.set()\nwhile True: pass",
+    "recursion 900 deep": textwrap.dedent("""\
+        import sys
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 2000))
+        def down(n):
+            if n == 0:
+                _started.set()
+                while True:
+                    pass
+            return down(n - 1)
+        down(900)"""),
+    "generator": "def gen():\n    while True:\n        yield 1\n_started.set()\nfor _ in gen():\n    pass",
+    "comprehension": "_started.set()\nwhile True:\n    [x * x for x in range(1000)]",
+    "sorted key= (Python inside C)": "_started.set()\nwhile True:\n    sorted(range(2000), key=lambda v: -v)",
+    "calls": "def f(a):\n    return a + 1\n_started.set()\nwhile True:\n    f(1)",
+}
+
+
+def assert_cancelled(result, execution_id, reason="test cancel", kind="cancelled"):
+    err = result.error_in_exec
+    assert isinstance(err, CellCancelled), repr(err)
+    assert err.kind == kind and err.execution_id == execution_id
+    assert reason in str(err)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_cancel_main_thread_cell(quiet, started, events, scenario):
+    ip = quiet
+    thread, hit = cancel_when_started(ip, started, "m1")
+    result = pyrepl3_ext.run_cell(ip, SCENARIOS[scenario], execution_id="m1")
+    thread.join(WAIT)
+    assert hit["hit"] is True
+    assert_cancelled(result, "m1")
+    evs = by_execution(events, "m1")
+    assert [e["type"] for e in evs] == ["started", "error", "finished"]
+    assert evs[1]["kind"] == "cancelled" and "test cancel" in evs[1]["evalue"]
+    assert evs[2]["status"] == "cancelled"
+    assert sys.gettrace() is None
+    assert pyrepl3_ext.run_cell(ip, "6 * 7").result == 42  # the shell goes on
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_cancel_worker_thread_cell(quiet, started, scenario):
+    ip = quiet
+    thread, out = run_in_thread(ip, SCENARIOS[scenario], "w1")
+    assert started.wait(WAIT)
+    assert pyrepl3_ext.cancel(ip, "w1", "test cancel") is True
+    thread.join(WAIT)
+    assert not thread.is_alive(), "worker cell was not cancelled"
+    assert_cancelled(out["result"], "w1")
+    if sys.version_info >= (3, 12):
+        tool = cancellation._MONITORING.tool
+        assert tool is not None and sys.monitoring.get_events(tool) == 0
+
+
+BLOCKING = {
+    "sleep": "import time\n_started.set()\ntime.sleep(60)",
+    "queue.get": "import queue\nq = queue.Queue()\n_started.set()\nq.get()",
+    "Event.wait": "import threading\nev = threading.Event()\n_started.set()\nev.wait()",
+    "held Lock.acquire": "import threading\nlk = threading.Lock()\nlk.acquire()\n_started.set()\nlk.acquire()",
+}
+
+
+@pytest.mark.parametrize("scenario", list(BLOCKING))
+def test_cancel_blocking_call_in_main_thread(quiet, started, scenario):
+    thread, hit = cancel_when_started(quiet, started, "b1")
+    result = pyrepl3_ext.run_cell(quiet, BLOCKING[scenario], execution_id="b1")
+    thread.join(WAIT)
+    assert_cancelled(result, "b1")
+
+
+def test_cancel_main_thread_input(quiet, started, monkeypatch):
+    read_fd, write_fd = os.pipe()
+    try:
+        monkeypatch.setattr(sys, "stdin", os.fdopen(read_fd, "r", closefd=False))
+        thread, _ = cancel_when_started(quiet, started, "in1")
+        result = pyrepl3_ext.run_cell(quiet, "_started.set()\ninput()", execution_id="in1")
+        thread.join(WAIT)
+        assert_cancelled(result, "in1")
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+@pytest.mark.parametrize("wait", ["interruptible_wait", "interruptible_sleep"])
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_engine_owned_waits_wake_on_cancel(quiet, started, wait, where):
+    code = ("from pyrepl3_ext import cancellation\nimport threading\n_started.set()\n"
+            + ("cancellation.interruptible_wait(threading.Event())" if wait == "interruptible_wait"
+               else "cancellation.interruptible_sleep(60)"))
+    if where == "main":
+        thread, _ = cancel_when_started(quiet, started, "e1")
+        result = pyrepl3_ext.run_cell(quiet, code, execution_id="e1")
+        thread.join(WAIT)
+    else:
+        thread, out = run_in_thread(quiet, code, "e1")
+        assert started.wait(WAIT)
+        pyrepl3_ext.cancel(quiet, "e1", "test cancel")
+        thread.join(WAIT)
+        result = out["result"]
+    assert_cancelled(result, "e1")
+
+
+def test_interruptible_wait_outside_cells_behaves_like_event_wait():
+    ev = threading.Event()
+    assert cancellation.interruptible_wait(ev, timeout=0.01) is False
+    ev.set()
+    assert cancellation.interruptible_wait(ev, timeout=0.01) is True
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_finally_and_with_run_and_locks_are_released(quiet, started, where):
+    code = textwrap.dedent("""\
+        import threading
+        lock = threading.Lock()
+        cleanup = []
+        class Resource:
+            def __enter__(self):
+                return self
+            def __exit__(self, *exc):
+                n = 0
+                for i in range(20000):  # a cleanup long enough to be hit
+                    n += 1
+                cleanup.append(("exit", n))
+        with Resource():
+            with lock:
+                try:
+                    _started.set()
+                    i = 0
+                    while True:
+                        i += 1
+                finally:
+                    total = 0
+                    for k in range(20000):
+                        total += 1
+                    cleanup.append(("finally", total))
+        """)
+    if where == "main":
+        thread, _ = cancel_when_started(quiet, started, "f1")
+        result = pyrepl3_ext.run_cell(quiet, code, execution_id="f1")
+        thread.join(WAIT)
+    else:
+        thread, out = run_in_thread(quiet, code, "f1")
+        assert started.wait(WAIT)
+        pyrepl3_ext.cancel(quiet, "f1", "test cancel")
+        thread.join(WAIT)
+        result = out["result"]
+    assert_cancelled(result, "f1")
+    if where == "worker" and sys.version_info < (3, 12):
+        # documented: the asynchronous exception used for worker threads on
+        # 3.10/3.11 cannot defer to safe points; the lock is still released
+        assert quiet.user_ns["lock"].locked() is False
+        return
+    assert quiet.user_ns["cleanup"] == [("finally", 20000), ("exit", 20000)]
+    assert quiet.user_ns["lock"].locked() is False
+
+
+def test_cancel_in_finally_is_deferred_until_it_ends(quiet, started):
+    code = textwrap.dedent("""\
+        done = []
+        try:
+            pass
+        finally:
+            _started.set()
+            n = 0
+            while n < 200_000:   # well under HARD_DEADLINE even while traced
+                n += 1
+            done.append(n)
+        while True:
+            pass
+        """)
+    thread, _ = cancel_when_started(quiet, started, "fin")
+    result = pyrepl3_ext.run_cell(quiet, code, execution_id="fin")
+    thread.join(WAIT)
+    assert_cancelled(result, "fin")
+    assert quiet.user_ns["done"] == [200_000]
+
+
+def test_cancel_during_import_leaves_no_half_module(quiet, started, tmp_path):
+    pkg = tmp_path / "slowimp_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "slow.py").write_text(textwrap.dedent("""\
+        import builtins
+        VALUE = 1
+        if getattr(builtins, "_pyrepl3_slow_import", False):
+            builtins._pyrepl3_started.set()
+            while True:
+                VALUE += 1
+        """))
+    import builtins
+
+    builtins._pyrepl3_slow_import = True
+    builtins._pyrepl3_started = started
+    sys.path.insert(0, str(tmp_path))
+    try:
+        thread, _ = cancel_when_started(quiet, started, "imp")
+        result = pyrepl3_ext.run_cell(quiet, "import slowimp_pkg.slow", execution_id="imp")
+        thread.join(WAIT)
+        assert_cancelled(result, "imp")
+        assert "slowimp_pkg.slow" not in sys.modules
+        builtins._pyrepl3_slow_import = False
+        again = pyrepl3_ext.run_cell(quiet, "import slowimp_pkg.slow\nslowimp_pkg.slow.VALUE")
+        assert again.result == 1
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("slowimp_pkg.slow", "slowimp_pkg"):
+            sys.modules.pop(name, None)
+        del builtins._pyrepl3_slow_import, builtins._pyrepl3_started
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_swallowed_cancel_is_cancelled_again(quiet, started, where):
+    state = pyrepl3_ext.get_state(quiet)
+    quiet.run_line_magic("config", "PyREPL3.cancel_grace = 0.05")
+    code = textwrap.dedent("""\
+        from pyrepl3_ext import CellCancelled
+        swallowed = 0
+        try:
+            _started.set()
+            while True:
+                pass
+        except CellCancelled:
+            swallowed += 1
+        while True:   # keeps going as if nothing happened
+            swallowed += 0
+        """)
+    try:
+        if where == "main":
+            thread, _ = cancel_when_started(quiet, started, "sw")
+            result = pyrepl3_ext.run_cell(quiet, code, execution_id="sw")
+            thread.join(WAIT)
+        else:
+            thread, out = run_in_thread(quiet, code, "sw")
+            assert started.wait(WAIT)
+            pyrepl3_ext.cancel(quiet, "sw", "test cancel")
+            thread.join(WAIT)
+            assert not thread.is_alive()
+            result = out["result"]
+    finally:
+        state.config.cancel_grace = 0.5
+    assert_cancelled(result, "sw")
+    assert quiet.user_ns["swallowed"] == 1
+
+
+def test_async_cell_is_cancelled_and_spawned_tasks_live(quiet, started, events):
+    code = textwrap.dedent("""\
+        import asyncio
+        cleanup = []
+        async def background():
+            await asyncio.sleep(0)
+            return "alive"
+        spawned = asyncio.ensure_future(background())
+        try:
+            _started.set()
+            await asyncio.sleep(60)
+        finally:
+            cleanup.append("ran")
+        """)
+    thread, _ = cancel_when_started(quiet, started, "as1")
+    result = pyrepl3_ext.run_cell(quiet, code, execution_id="as1")
+    thread.join(WAIT)
+    assert_cancelled(result, "as1")
+    assert quiet.user_ns["cleanup"] == ["ran"]
+    evs = by_execution(events, "as1")
+    assert evs[0]["mode"] == "async" and evs[1]["kind"] == "cancelled"
+    follow = pyrepl3_ext.run_cell(quiet, "await spawned")
+    assert follow.result == "alive"
+
+
+def test_busy_async_cell_is_cancelled(quiet, started):
+    code = "import asyncio\nawait asyncio.sleep(0)\n_started.set()\nwhile True:\n    pass"
+    thread, _ = cancel_when_started(quiet, started, "as2")
+    result = pyrepl3_ext.run_cell(quiet, code, execution_id="as2")
+    thread.join(WAIT)
+    assert_cancelled(result, "as2")
+
+
+def test_timeouts_from_argument_magic_and_config(quiet, events):
+    loop = "while True:\n    pass"
+    r1 = pyrepl3_ext.run_cell(quiet, loop, execution_id="t-arg", timeout=0.2)
+    r2 = pyrepl3_ext.run_cell(quiet, "%%timeout 0.2\n" + loop, execution_id="t-magic")
+    quiet.run_line_magic("config", "PyREPL3.cell_timeout = 0.2")
+    try:
+        r3 = pyrepl3_ext.run_cell(quiet, loop, execution_id="t-config")
+    finally:
+        quiet.run_line_magic("config", "PyREPL3.cell_timeout = 0")
+    for result, eid in ((r1, "t-arg"), (r2, "t-magic"), (r3, "t-config")):
+        err = result.error_in_exec
+        assert isinstance(err, CellTimeout) and err.kind == "timeout", repr(err)
+        assert "timeout of 0.2 s" in str(err)
+        evs = by_execution(events, eid)
+        assert evs[1]["kind"] == "timeout" and evs[2]["status"] == "cancelled"
+    # a deadline that does not expire leaves the cell alone
+    assert pyrepl3_ext.run_cell(quiet, "1 + 1", timeout=30).result == 2
+
+
+def test_cancel_unknown_or_finished_execution_misses(quiet):
+    assert pyrepl3_ext.cancel(quiet, "no-such-id") is False
+    pyrepl3_ext.run_cell(quiet, "1", execution_id="done-already")
+    assert pyrepl3_ext.cancel(quiet, "done-already") is False
+
+
+def test_user_tracer_is_kept_and_cancel_still_works(quiet, started):
+    calls = []
+
+    def user_tracer(frame, event, arg):
+        calls.append(event)
+        return None
+
+    sys.settrace(user_tracer)
+    try:
+        thread, _ = cancel_when_started(quiet, started, "dbg")
+        result = pyrepl3_ext.run_cell(quiet, "_started.set()\nwhile True:\n    pass",
+                                      execution_id="dbg")
+        thread.join(WAIT)
+        assert sys.gettrace() is user_tracer
+    finally:
+        sys.settrace(None)
+    assert_cancelled(result, "dbg")
+    assert calls  # the user's tracer kept receiving events
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_stale_cancel_never_hits_the_next_cell(quiet, where):
+    """10,000 tiny cells; a thread keeps cancelling the current and previous ids."""
+    n = 10_000
+    target = {"id": None, "prev": None, "stop": False, "issued": 0}
+
+    def canceller():
+        while not target["stop"]:
+            for eid in (target["prev"], target["id"]):
+                if eid is not None:
+                    pyrepl3_ext.cancel(quiet, eid, "stale?")
+                    target["issued"] += 1
+
+    def run_all(results):
+        for i in range(n):
+            target["prev"], target["id"] = target["id"], f"s{i}"
+            results.append((f"s{i}", pyrepl3_ext.run_cell(quiet, "x = 1", execution_id=f"s{i}",
+                                                          store_history=False)))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    thread = threading.Thread(target=canceller, daemon=True)
+    thread.start()
+    results: list = []
+    try:
+        if where == "main":
+            run_all(results)
+        else:
+            worker = threading.Thread(target=run_all, args=(results,))
+            worker.start()
+            worker.join(300)
+    finally:
+        target["stop"] = True
+        thread.join(WAIT)
+        sys.setswitchinterval(old)
+    assert len(results) == n
+    wrong = [(eid, r.error_in_exec) for eid, r in results
+             if r.error_in_exec is not None and not (
+                 isinstance(r.error_in_exec, CellCancelled)
+                 and r.error_in_exec.execution_id == eid)]
+    assert wrong == []
+    assert target["issued"] > n  # the race was really exercised
+    assert pyrepl3_ext.run_cell(quiet, "2 + 2").result == 4
+    assert sys.gettrace() is None
+
+
+def test_cancel_storm(quiet, started):
+    """8 threads x 1,000 cancels at one running cell and at ids that do not exist."""
+    thread, out = run_in_thread(quiet, "_started.set()\nwhile True:\n    pass", "storm")
+    assert started.wait(WAIT)
+    hits = []
+
+    def storm(k):
+        for j in range(1000):
+            hits.append(pyrepl3_ext.cancel(quiet, "storm" if j % 2 else f"ghost-{k}-{j}",
+                                           "storm"))
+
+    stormers = [threading.Thread(target=storm, args=(k,)) for k in range(8)]
+    for t in stormers:
+        t.start()
+    for t in stormers:
+        t.join(WAIT)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    err = out["result"].error_in_exec
+    assert isinstance(err, CellCancelled) and err.execution_id == "storm"
+    assert hits.count(True) >= 1 and len(hits) == 8000
+    assert pyrepl3_ext.run_cell(quiet, "'still fine'").result == "still fine"
+
+
+def test_nested_cell_cancel_reaches_the_outer_cell(quiet, started):
+    code = ("get_ipython().run_cell('_started.set()\\nwhile True:\\n    pass')\n"
+            "after_inner = True\nwhile True:\n    pass")
+    thread, _ = cancel_when_started(quiet, started, "outer")
+    result = pyrepl3_ext.run_cell(quiet, code, execution_id="outer")
+    thread.join(WAIT)
+    assert_cancelled(result, "outer")
+
+
+def test_shield_defers_cancellation(quiet, started):
+    code = textwrap.dedent("""\
+        from pyrepl3_ext.cancellation import shield
+        shielded = []
+        with shield():
+            _started.set()
+            n = 0
+            while n < 200_000:
+                n += 1
+            shielded.append(n)
+        while True:
+            pass
+        """)
+    thread, _ = cancel_when_started(quiet, started, "sh")
+    result = pyrepl3_ext.run_cell(quiet, code, execution_id="sh")
+    thread.join(WAIT)
+    assert_cancelled(result, "sh")
+    assert quiet.user_ns["shielded"] == [200_000]
+
+
+def test_nothing_installed_while_idle(ip):
+    import signal
+
+    assert sys.gettrace() is None
+    handler = signal.getsignal(signal.SIGUSR1)
+    assert getattr(handler, "__self__", None) is cancellation._SIGNAL
+    if sys.version_info >= (3, 12):
+        tool = cancellation._MONITORING.tool
+        assert sys.monitoring.get_tool(tool) == "pyrepl3-cancel"
+        assert sys.monitoring.get_events(tool) == 0
+    assert cancellation._thread_scopes == {} and cancellation._cancelled_threads == {}
