@@ -6,6 +6,7 @@ import os
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -396,6 +397,7 @@ def test_stale_cancel_never_hits_the_next_cell(quiet, where):
                 if eid is not None:
                     pyrepl3_ext.cancel(quiet, eid, "stale?")
                     target["issued"] += 1
+            time.sleep(0)  # let the cell thread run; the switch interval does the racing
 
     def run_all(results):
         for i in range(n):
@@ -404,7 +406,7 @@ def test_stale_cancel_never_hits_the_next_cell(quiet, where):
                                                           store_history=False)))
 
     old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
+    sys.setswitchinterval(1e-4)
     thread = threading.Thread(target=canceller, daemon=True)
     thread.start()
     results: list = []
@@ -425,7 +427,7 @@ def test_stale_cancel_never_hits_the_next_cell(quiet, where):
                  isinstance(r.error_in_exec, CellCancelled)
                  and r.error_in_exec.execution_id == eid)]
     assert wrong == []
-    assert target["issued"] > n  # the race was really exercised
+    assert target["issued"] > n // 2  # the race was really exercised
     assert pyrepl3_ext.run_cell(quiet, "2 + 2").result == 4
     assert sys.gettrace() is None
 
