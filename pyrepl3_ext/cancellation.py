@@ -94,6 +94,9 @@ _thread_scopes: dict[int, list["CancelScope"]] = {}
 #: thread id -> the scope being cancelled there (what mechanisms look up)
 _cancelled_threads: dict[int, "CancelScope"] = {}
 _shield_depth = threading.local()
+#: thread id -> events the thread is blocked on in :func:`interruptible_wait`;
+#: a cancel aimed at that thread sets them so the wait returns at once
+_thread_wakers: dict[int, set[threading.Event]] = {}
 
 
 class CancelScope:
@@ -126,7 +129,7 @@ class CancelScope:
         self.mechanism = ""
         self.armed_codes: list = []
         self.armed_global = False
-        self.in_code = 0
+        self.in_code = False  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
         self.async_exc_pending = False
 
     def exception(self) -> CellCancelled:
@@ -188,26 +191,29 @@ def check_cancelled() -> None:
         raise scope.exception()
 
 
-def interruptible_wait(event: threading.Event, timeout: float | None = None,
-                       poll: float = 0.005) -> bool:
+def interruptible_wait(event: threading.Event, timeout: float | None = None) -> bool:
     """``event.wait(timeout)`` that raises ``CellCancelled`` as soon as the
-    calling thread's cell is cancelled (or times out).
+    calling thread's cell is cancelled (or times out), in any thread.
 
-    Waits the engine owns (``input()`` over the API, its sleeps) use this so
-    they wake within ``poll`` seconds of a cancel in any thread.
+    Waits the engine owns (``input()`` over the API, its sleeps) use this.
+    A cancel wakes the wait by *setting* ``event``, so pass an event that
+    only this wait uses.  Returns whether the event was set (by its owner).
     """
-    end = None if timeout is None else time.monotonic() + timeout
-    while True:
+    tid = threading.get_ident()
+    with _lock:  # registered before the check: a cancel from now on wakes us
+        _thread_wakers.setdefault(tid, set()).add(event)
+    try:
         check_cancelled()
-        if end is None:
-            step = poll
-        else:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return event.is_set()
-            step = min(poll, remaining)
-        if event.wait(step):
-            return True
+        got = event.wait(timeout)
+        check_cancelled()
+        return got
+    finally:
+        with _lock:
+            wakers = _thread_wakers.get(tid)
+            if wakers is not None:
+                wakers.discard(event)
+                if not wakers:
+                    del _thread_wakers[tid]
 
 
 def interruptible_sleep(seconds: float) -> None:
@@ -333,7 +339,9 @@ class _MainThreadSignal:
             return True
         if threading.current_thread() is not threading.main_thread():
             return False
-        self.previous = signal.signal(signum, self._handle)
+        previous = signal.signal(signum, self._handle)
+        # ours already (left by a release that ran off the main thread): never chain to itself
+        self.previous = None if previous == self._handle else previous
         self.signum = signum
         self.users = 1
         return True
@@ -523,9 +531,15 @@ class _AsyncCellCancelled(CellCancelled):
         super().__init__(*args) if args else super().__init__("cancelled")
 
 
-def _post_async_exc(thread_id: int, exc: Any) -> None:
-    """Post ``exc`` (a class) to the thread, or clear a pending one (None -> NULL)."""
-    _set_async_exc(ctypes.c_ulong(thread_id), None if exc is None else ctypes.py_object(exc))
+def _post_async_exc(thread_id: int, exc: type[BaseException]) -> None:
+    """Post ``exc`` (a class) to the thread.
+
+    Never called with NULL to retract: on 3.10/3.11 that leaves the
+    interpreter-wide "async exception pending" flag set with nothing to
+    deliver, so the eval breaker fires on every backward jump forever.
+    A pending exception is instead drained by the ``run_code`` wrapper.
+    """
+    _set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
 
 
 # -- timers -------------------------------------------------------------------
@@ -601,30 +615,54 @@ class CancellationManager(Component):
 
             async def run_code(code_obj, result=None, *, async_=False):
                 scope = current_scope()
-                if scope is not None:
-                    with _lock:
-                        scope.in_code += 1
-                    if scope.cancel_called and not scope.finished:
-                        # cancelled between two top-level statements: do not
-                        # start the next one
-                        with _lock:
-                            scope.in_code -= 1
-                        scope.mechanism = "raised"
-                        scope.raised += 1
-                        exc = scope.exception()
-                        if result is not None:
-                            result.error_in_exec = exc
-                        shell.showtraceback((type(exc), exc, None))
-                        return True
-                try:
+                if scope is None:
                     return await original(code_obj, result, async_=async_)
-                finally:
-                    if scope is not None:
+                excepthook = sys.excepthook
+                # Created before the thread counts as in the cell's code, so an
+                # exception posted from then on finds it bound and closable.
+                # ``in_code`` is a flag, not a counter: one store is one
+                # bytecode, and an asynchronous exception lands only between
+                # bytecodes, so it is never left half-updated.
+                coro = original(code_obj, result, async_=async_)
+                try:
+                    try:
                         with _lock:
-                            scope.in_code -= 1
-                            if scope.async_exc_pending:
-                                _post_async_exc(scope.thread_id, None)
-                                scope.async_exc_pending = False
+                            scope.in_code = True
+                        if scope.cancel_called and not scope.finished:
+                            # cancelled between two top-level statements:
+                            # do not start the next one
+                            scope.mechanism = "raised"
+                            scope.raised += 1
+                            raise scope.exception()
+                        return await coro
+                    finally:
+                        with _lock:
+                            scope.in_code = False
+                            pending = scope.async_exc_pending
+                            scope.async_exc_pending = False
+                        coro.close()  # no-op once awaited to the end
+                        if pending:
+                            # An exception posted but not yet delivered (or
+                            # delivered and already handled: then this is a
+                            # no-op).  Let it land here rather than retract
+                            # it: SetAsyncExc(NULL) leaves the interpreter's
+                            # eval breaker set for good on 3.10/3.11, which
+                            # slows every later line and wedges signal handlers.
+                            for _ in range(1000):
+                                pass
+                except CellCancelled as exc:
+                    # Posted to this thread while outside the user's code (in
+                    # this wrapper or run_code's preamble): report it as this
+                    # statement's error, as run_code itself would.
+                    with _lock:
+                        scope.in_code = False
+                        scope.async_exc_pending = False
+                    coro.close()
+                    sys.excepthook = excepthook
+                    if result is not None:
+                        result.error_in_exec = exc
+                    shell.showtraceback((type(exc), exc, exc.__traceback__))
+                    return True
 
             run_code.pyrepl3_original = original  # type: ignore[attr-defined]
             shell.run_code = run_code
@@ -705,9 +743,6 @@ class CancellationManager(Component):
             _thread_scopes.pop(tid, None)
         if _cancelled_threads.get(tid) is scope:
             del _cancelled_threads[tid]
-        if scope.async_exc_pending:
-            _post_async_exc(tid, None)
-            scope.async_exc_pending = False
         if _HAS_MONITORING and _MONITORING.tool is not None:
             _MONITORING.disarm(scope)
         return stack[-1] if stack else None
@@ -778,6 +813,8 @@ class CancellationManager(Component):
                 return
             _cancelled_threads[tid] = scope
             scope.mechanism = "pending"
+            for waker in _thread_wakers.get(tid, ()):
+                waker.set()  # engine-owned waits return now and raise
         # an async cell suspended in its loop: cancel its task from the loop
         if scope.loop is not None and scope.task is not None:
             try:
@@ -800,7 +837,7 @@ class CancellationManager(Component):
                 if scope.finished:
                     return
                 scope.mechanism = "armed"
-                if scope.in_code > 0 and not scope.async_exc_pending:
+                if scope.in_code and not scope.async_exc_pending:
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
         _TIMER.call_at(time.monotonic() + max(config.cancel_grace, 0.05),

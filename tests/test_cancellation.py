@@ -117,6 +117,27 @@ def test_cancel_worker_thread_cell(quiet, started, scenario):
         assert tool is not None and sys.monitoring.get_events(tool) == 0
 
 
+def test_worker_cancel_leaves_the_interpreter_clean(quiet, started):
+    """A cancelled worker cell must leave nothing pending that a later
+    main-thread cancel trips over (3.10/3.11: a retracted SetAsyncExc
+    left the eval breaker set and the next signal handler never ran)."""
+    ip = quiet
+    for _ in range(3):
+        started.clear()
+        thread, out = run_in_thread(ip, SCENARIOS["tight loop"], "w2")
+        assert started.wait(WAIT)
+        assert pyrepl3_ext.cancel(ip, "w2", "test cancel") is True
+        thread.join(WAIT)
+        assert_cancelled(out["result"], "w2")
+    started.clear()
+    canceller, _ = cancel_when_started(ip, started, "m2")
+    result = pyrepl3_ext.run_cell(ip, "import time\n_started.set()\ntime.sleep(60)",
+                                  execution_id="m2")
+    canceller.join(WAIT)
+    assert_cancelled(result, "m2")
+    assert pyrepl3_ext.run_cell(ip, "sum(range(10))").result == 45
+
+
 BLOCKING = {
     "sleep": "import time\n_started.set()\ntime.sleep(60)",
     "queue.get": "import queue\nq = queue.Queue()\n_started.set()\nq.get()",
