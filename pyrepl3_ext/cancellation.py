@@ -57,11 +57,11 @@ Mechanisms, chosen per thread and Python version (numbers in
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import ctypes
 import heapq
+import io
 import itertools
 import linecache
 import os
@@ -69,6 +69,7 @@ import signal
 import sys
 import threading
 import time
+import tokenize
 from typing import Any, Callable, Iterator
 
 from .errors import CellCancelled, CellTimeout
@@ -230,26 +231,63 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
     """Lines of ``filename`` where a raise could cut cleanup short.
 
     ``try:`` lines (their NOP is outside the protected range) and every line
-    of a ``finally:`` body.  Parsed once per file, from linecache (IPython
+    of a ``finally:`` clause.  Computed once per file from linecache (IPython
     registers cell sources there).
+
+    Found with :mod:`tokenize`, not :mod:`ast`: this runs inside signal
+    handlers, trace and monitoring callbacks, which can fire in the middle of
+    an ``ast.parse`` (a finalizer run by the GC during AST conversion), and
+    the AST converter is not reentrant (3.11 raises "AST constructor
+    recursion depth mismatch" in the interrupted parse).
     """
     cached = _unsafe_lines_cache.get(filename)
     if cached is not None:
         return cached
     lines: set[int] = set()
+    depth = 0             # indentation level
+    line_start = True     # the next token starts a logical line
+    clause = None         # an open ``finally`` clause: [first line, header state, body level]
+    last_line = 0
+    source = "".join(linecache.getlines(filename))
     try:
-        tree = ast.parse("".join(linecache.getlines(filename)))
-    except (SyntaxError, ValueError, RecursionError):
-        tree = None
-    if tree is not None:
-        try_types = (ast.Try,) + ((ast.TryStar,) if hasattr(ast, "TryStar") else ())
-        for node in ast.walk(tree):
-            if isinstance(node, try_types):
-                lines.add(node.lineno)
-                if node.finalbody:
-                    start = node.finalbody[0].lineno
-                    end = node.finalbody[-1].end_lineno or start
-                    lines.update(range(start - 1, end + 1))  # incl. the `finally:` line
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            kind = tok.type
+            if kind in (tokenize.NL, tokenize.COMMENT):
+                continue
+            if kind == tokenize.INDENT:
+                depth += 1
+                if clause is not None and clause[1] == "newline":
+                    clause[1], clause[2] = "body", depth
+                continue
+            if kind == tokenize.DEDENT:
+                depth -= 1
+                if clause is not None and clause[1] == "body" and depth < clause[2]:
+                    lines.update(range(clause[0], last_line + 1))
+                    clause = None
+                continue
+            if kind == tokenize.NEWLINE:
+                line_start = True
+                if clause is not None and clause[1] in ("header", "colon"):
+                    clause[1] = "newline"  # an indented body follows
+                elif clause is not None and clause[1] == "inline":
+                    lines.add(clause[0])   # ``finally: stmt`` on one line
+                    clause = None
+                continue
+            if line_start and kind == tokenize.NAME:
+                if tok.string == "try":
+                    lines.add(tok.start[0])
+                elif tok.string == "finally" and clause is None:
+                    clause = [tok.start[0], "header", None]
+            elif clause is not None and clause[1] == "header" and tok.string == ":":
+                clause[1] = "colon"
+            elif clause is not None and clause[1] == "colon":
+                clause[1] = "inline"
+            line_start = False
+            last_line = tok.end[0]
+    except (tokenize.TokenError, SyntaxError):
+        pass  # incomplete source: what was found so far
+    if clause is not None:  # the source ended inside a finally clause
+        lines.update(range(clause[0], last_line + 1))
     result = frozenset(lines)
     _unsafe_lines_cache[filename] = result
     return result
@@ -308,6 +346,11 @@ def _local_tracer(frame, event, arg):
                 and _safe_to_raise(frame, scope):
             scope.mechanism = "raised"
             scope.raised += 1
+            # Untrace before raising: the unwinding and the cell's cleanup run
+            # at full speed (a re-cancel after the grace period re-arms).
+            for f in _frames_above_root(frame):
+                f.f_trace = None
+            _SIGNAL.disarm_current_thread()
             raise scope.exception()
     return _local_tracer
 

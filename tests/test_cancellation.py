@@ -517,3 +517,37 @@ def test_nothing_installed_while_idle(ip):
         assert sys.monitoring.get_tool(tool) == "pyrepl3-cancel"
         assert sys.monitoring.get_events(tool) == 0
     assert cancellation._thread_scopes == {} and cancellation._cancelled_threads == {}
+
+
+def test_unsafe_lines_cover_try_lines_and_finally_clauses():
+    import linecache
+
+    source = textwrap.dedent("""\
+        x = 1
+        try:
+            y = 2
+        finally:
+            # cleanup
+            z = 3
+            w = 4
+        v = 5
+        try: a = 1
+        finally: b = 2
+        u = 6
+        def f():
+            try:
+                pass
+            except Exception:
+                pass
+            finally:
+                if x:
+                    t = 1
+            return 1
+        """)
+    name = "<pyrepl3-test-unsafe-lines>"
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    try:
+        assert cancellation._unsafe_lines(name) == {2, 4, 5, 6, 7, 9, 10, 13, 17, 18, 19}
+    finally:
+        linecache.cache.pop(name, None)
+        cancellation._unsafe_lines_cache.pop(name, None)

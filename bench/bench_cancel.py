@@ -1,0 +1,311 @@
+"""Cancellation: idle cost of the loaded manager, and cancel latency per scenario.
+
+Run: ``python bench/bench_cancel.py [--quick] [--rounds N] [--samples N]``.
+
+Idle cost
+    Each workload runs as a cell through ``shell.run_cell``, with the
+    extension loaded (the cancellation manager attached and idle) and not
+    loaded, interleaved in random order in one process; the main thread and a
+    worker thread each run both.  Before the loaded batches the manager has
+    already cancelled one cell in each thread, so anything a cancel leaves
+    behind (a tracer, a monitoring event, a flag) would show here.  Printed:
+    the best (least disturbed) time of each variant and the ratio
+    loaded / unloaded; the target is <= 1.02.
+
+Cancel latency
+    For each scenario and thread: start the cell, wait a random 0-2 ms after
+    it signals it runs, call ``pyrepl3_ext.cancel`` and time until
+    ``run_cell`` returns in the cell's thread (so the figure includes
+    IPython's end-of-cell work, about 0.1 ms).  Printed: p50, p99 and max in
+    milliseconds.  Targets: p99 <= 5 ms for Python code, <= 50 ms for waits
+    the engine owns.  Scenarios a mechanism cannot interrupt (a blocking C
+    call in a worker thread) are listed as such, not timed.
+
+Results are written as JSON to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import random
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from traitlets.config import Config  # noqa: E402
+
+import pyrepl3_ext  # noqa: E402
+from bench._common import interleaved, write_results  # noqa: E402
+from pyrepl3_ext import CellCancelled  # noqa: E402
+
+# -- workloads for the idle cost ---------------------------------------------
+
+SETUP = """\
+import hashlib, json
+_blob = bytes(range(256)) * (128 * 1024 * 1024 // 256)
+_doc = json.dumps([{"id": i, "tags": ["a", "b"], "meta": {"x": i * 0.5, "ok": True}}
+                   for i in range(20_000)])
+"""
+
+WORKLOADS = {
+    "loop 2M": "total = 0\nfor i in range(2_000_000):\n    total += i",
+    "fib(25)": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nfib(25)",
+    "sort key=": "r = sorted(range(400_000), key=lambda v: (v * 7919) % 1_000_003)",
+    "json hook": "r = json.loads(_doc, object_hook=lambda d: d)",
+    "OOP": (
+        "class Vec:\n"
+        "    __slots__ = ('x', 'y')\n"
+        "    def __init__(self, x, y):\n"
+        "        self.x, self.y = x, y\n"
+        "    def __add__(self, other):\n"
+        "        return Vec(self.x + other.x, self.y + other.y)\n"
+        "    @property\n"
+        "    def norm2(self):\n"
+        "        return self.x * self.x + self.y * self.y\n"
+        "acc = Vec(0, 0)\n"
+        "for i in range(200_000):\n"
+        "    acc = acc + Vec(i, -i)\n"
+        "r = acc.norm2"
+    ),
+    "sum(range(1e7))": "r = sum(range(10**7))",
+    "sha256 128 MB": "r = hashlib.sha256(_blob).hexdigest()",
+}
+
+# -- scenarios for the latency -----------------------------------------------
+
+PYTHON_CODE = {
+    "tight loop": "_started.set()\ni = 0\nwhile True:\n    i += 1",
+    "one-line loop": "_started.set()\nwhile True: pass",
+    "recursion 900 deep": (
+        "def down(n):\n"
+        "    if n == 0:\n"
+        "        _started.set()\n"
+        "        while True:\n"
+        "            pass\n"
+        "    return down(n - 1)\n"
+        "down(900)"
+    ),
+    "generator": "def gen():\n    while True:\n        yield 1\n_started.set()\nfor _ in gen():\n    pass",
+    "comprehension": "_started.set()\nwhile True:\n    [x * x for x in range(1000)]",
+    "sorted key=": "_started.set()\nwhile True:\n    sorted(range(2000), key=lambda v: -v)",
+    "calls": "def f(a):\n    return a + 1\n_started.set()\nwhile True:\n    f(1)",
+    "await (async cell)": "import asyncio\n_started.set()\nawait asyncio.sleep(3600)",
+}
+BLOCKING = {  # C calls: interruptible in the main thread only
+    "time.sleep": "import time\n_started.set()\ntime.sleep(3600)",
+    "queue.get": "import queue\n_q = queue.Queue()\n_started.set()\n_q.get()",
+    "Event.wait": "import threading\n_e = threading.Event()\n_started.set()\n_e.wait()",
+}
+ENGINE_WAITS = {
+    "interruptible_wait": ("from pyrepl3_ext import cancellation\nimport threading\n"
+                           "_started.set()\ncancellation.interruptible_wait(threading.Event())"),
+    "interruptible_sleep": ("from pyrepl3_ext import cancellation\n"
+                            "_started.set()\ncancellation.interruptible_sleep(3600)"),
+}
+
+
+class Worker:
+    """One long-lived thread that runs callables, so thread start-up is never timed."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="bench-worker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, done, box = self._jobs.get()
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                box["error"] = exc
+            done.set()
+
+    def submit(self, fn: Callable[[], Any]) -> tuple[threading.Event, dict]:
+        done, box = threading.Event(), {}
+        self._jobs.put((fn, done, box))
+        return done, box
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        done, box = self.submit(fn)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+
+def make_shell() -> InteractiveShell:
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.display_formatter.active_types = ["text/plain"]
+    shell.showtraceback = lambda *args, **kwargs: None  # cancelled cells: skip formatting
+    return shell
+
+
+def cancel_one(shell: InteractiveShell, worker: Worker | None) -> None:
+    """Cancel one running cell, in the main thread or ``worker``."""
+    started = threading.Event()
+    shell.user_ns["_started"] = started
+    code = PYTHON_CODE["tight loop"]
+    if worker is None:
+        def canceller() -> None:
+            started.wait()
+            pyrepl3_ext.cancel(shell, "warm")
+        threading.Thread(target=canceller, daemon=True).start()
+        result = pyrepl3_ext.run_cell(shell, code, execution_id="warm", store_history=False)
+    else:
+        done, box = worker.submit(lambda: pyrepl3_ext.run_cell(
+            shell, code, execution_id="warm", store_history=False))
+        started.wait()
+        pyrepl3_ext.cancel(shell, "warm")
+        done.wait()
+        result = box["value"]
+    assert isinstance(result.error_in_exec, CellCancelled), result.error_in_exec
+
+
+def idle_cost(shell: InteractiveShell, worker: Worker, rounds: int) -> dict:
+    shell.run_cell(SETUP, store_history=False)
+    state = {"loaded": False}
+
+    def ensure(name: str) -> None:
+        want = name.startswith("loaded")
+        if want and not state["loaded"]:
+            pyrepl3_ext.load_ipython_extension(shell)
+            cancel_one(shell, None)
+            cancel_one(shell, worker)
+        elif not want and state["loaded"]:
+            pyrepl3_ext.unload_ipython_extension(shell)
+        state["loaded"] = want
+
+    print(f"\nidle cost (best of {rounds}; loaded = cancellation manager attached, "
+          f"after one cancel per thread)")
+    print(f"{'workload':<18}{'thread':<8}{'none ms':>10}{'loaded ms':>11}{'ratio':>8}")
+    out: dict = {}
+    for name, code in WORKLOADS.items():
+        def main_cell(code=code) -> None:
+            shell.run_cell(code, store_history=False)
+
+        def worker_cell(code=code) -> None:
+            worker.call(lambda: shell.run_cell(code, store_history=False))
+
+        variants = {"none main": main_cell, "loaded main": main_cell,
+                    "none worker": worker_cell, "loaded worker": worker_cell}
+        timing = interleaved(variants, rounds=rounds, number=1, setup=ensure)
+        for thread in ("main", "worker"):
+            none = timing[f"none {thread}"]["best"]
+            loaded = timing[f"loaded {thread}"]["best"]
+            ratio = loaded / none
+            print(f"{name:<18}{thread:<8}{none * 1e3:>10.1f}{loaded * 1e3:>11.1f}{ratio:>8.3f}")
+            out.setdefault(name, {})[thread] = {
+                "none_ms": none * 1e3, "loaded_ms": loaded * 1e3, "ratio": ratio,
+                "none_median_ms": timing[f"none {thread}"]["median"] * 1e3,
+                "loaded_median_ms": timing[f"loaded {thread}"]["median"] * 1e3}
+    ensure("none")
+    worst = max(v["ratio"] for per in out.values() for v in per.values())
+    print(f"worst ratio {worst:.3f} (target <= 1.02)")
+    return {"workloads": out, "worst_ratio": worst}
+
+
+def latency_samples(shell: InteractiveShell, worker: Worker, code: str, thread: str,
+                    samples: int, rng: random.Random) -> list[float]:
+    started = threading.Event()
+    shell.user_ns["_started"] = started
+    times: list[float] = []
+    for n in range(samples):
+        started.clear()
+        eid = f"lat-{n}"
+        box: dict = {}
+
+        def run() -> None:
+            result = pyrepl3_ext.run_cell(shell, code, execution_id=eid, store_history=False)
+            box["end"] = time.perf_counter()
+            box["result"] = result
+
+        if thread == "main":
+            def canceller() -> None:
+                if not started.wait(30):
+                    return
+                time.sleep(rng.uniform(0, 0.002))
+                box["start"] = time.perf_counter()
+                box["hit"] = pyrepl3_ext.cancel(shell, eid, "bench")
+
+            helper = threading.Thread(target=canceller, daemon=True)
+            helper.start()
+            run()
+            helper.join()
+        else:
+            done, _ = worker.submit(run)
+            if not started.wait(30):
+                raise RuntimeError("cell never started")
+            time.sleep(rng.uniform(0, 0.002))
+            box["start"] = time.perf_counter()
+            box["hit"] = pyrepl3_ext.cancel(shell, eid, "bench")
+            if not done.wait(30):
+                raise RuntimeError(f"worker cell {code!r} was not cancelled within 30 s")
+        error = box["result"].error_in_exec
+        if not box.get("hit") or not isinstance(error, CellCancelled):
+            raise RuntimeError(f"cancel missed: hit={box.get('hit')} error={error!r}")
+        times.append(box["end"] - box["start"])
+    return times
+
+
+def cancel_latency(shell: InteractiveShell, worker: Worker, samples: int) -> dict:
+    pyrepl3_ext.load_ipython_extension(shell)
+    rng = random.Random(7)
+    groups = [("python code", PYTHON_CODE, 5.0), ("blocking call", BLOCKING, 50.0),
+              ("engine wait", ENGINE_WAITS, 50.0)]
+    print(f"\ncancel latency, cancel() -> run_cell returns ({samples} samples each)")
+    print(f"{'scenario':<22}{'thread':<8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'target':>9}")
+    out: dict = {}
+    for group, scenarios, target in groups:
+        for name, code in scenarios.items():
+            for thread in ("main", "worker"):
+                if group == "blocking call" and thread == "worker":
+                    print(f"{name:<22}{thread:<8}{'not interruptible (C call in a worker)':>36}")
+                    out.setdefault(name, {})[thread] = {"interruptible": False}
+                    continue
+                times = sorted(latency_samples(shell, worker, code, thread, samples, rng))
+                p50 = statistics.median(times) * 1e3
+                p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))] * 1e3
+                worst = times[-1] * 1e3
+                flag = "" if p99 <= target else "  ABOVE"
+                print(f"{name:<22}{thread:<8}{p50:>9.2f}{p99:>9.2f}{worst:>9.2f}"
+                      f"{target:>9.0f}{flag}")
+                out.setdefault(name, {})[thread] = {
+                    "group": group, "p50_ms": p50, "p99_ms": p99, "max_ms": worst,
+                    "target_ms": target, "samples": len(times)}
+    pyrepl3_ext.unload_ipython_extension(shell)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9, help="idle-cost rounds per variant")
+    parser.add_argument("--samples", type=int, default=200, help="latency samples per scenario")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 30 samples")
+    parser.add_argument("--only", choices=["idle", "latency"], help="run one half")
+    args = parser.parse_args()
+    rounds, samples = (3, 30) if args.quick else (args.rounds, args.samples)
+
+    shell = make_shell()
+    worker = Worker()
+    print(f"Python {sys.version.split()[0]}, IPython {__import__('IPython').__version__}")
+    payload: dict = {}
+    if args.only in (None, "idle"):
+        payload["idle_cost"] = idle_cost(shell, worker, rounds)
+    if args.only in (None, "latency"):
+        payload["latency"] = cancel_latency(shell, worker, samples)
+    path = write_results("cancel", payload)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
