@@ -301,7 +301,12 @@ def _is_root(code) -> bool:
 
 
 def _safe_to_raise(frame, scope: CancelScope) -> bool:
-    """Whether raising in ``frame`` (the innermost frame of the target thread) is safe."""
+    """Whether raising in ``frame`` (the innermost frame of the target thread) is safe.
+
+    Walks every frame up to the cell's root: an outer frame inside a
+    ``finally:`` would have its cleanup cut short too.  Costs O(depth)
+    (about 0.1 ms per 100 frames) once per attempt.
+    """
     if getattr(_shield_depth, "n", 0):
         return False
     hard = time.monotonic() - scope.requested_at > HARD_DEADLINE
@@ -319,7 +324,8 @@ def _safe_to_raise(frame, scope: CancelScope) -> bool:
                 return False
             if code.co_name in _UNSAFE_FUNCTIONS:
                 return False
-            if f.f_lineno in _unsafe_lines(filename):
+            unsafe = _unsafe_lines(filename)
+            if unsafe and f.f_lineno in unsafe:
                 return False
         first = False
         f = f.f_back
@@ -426,7 +432,13 @@ class _MainThreadSignal:
                 scope.raised += 1
                 raise scope.exception()
             return
-        for f in _frames_above_root(frame):
+        frames = _frames_above_root(frame)
+        if not frames:
+            # Not in the cell's code now (an async cell suspended in its loop,
+            # IPython's own machinery): tracing everything from here would
+            # slow the loop down. The task cancel and escalation handle it.
+            return
+        for f in frames:
             f.f_trace = _local_tracer
         scope.mechanism = "armed"
         self.saved_trace.setdefault(threading.get_ident(), sys.gettrace())

@@ -55,10 +55,12 @@ class PyREPL3(Configurable):
     ).tag(config=True)
 
     cancel_escalate_after = Float(
-        0.02,
+        0.002,
         help="Seconds to wait for a cancelled main-thread cell to reach a line "
-             "boundary before raising directly from the signal handler, which "
-             "also interrupts blocking calls (sleep, queue.get, input()...).",
+             "boundary before raising directly from the signal handler (at a "
+             "safe point too), which also interrupts blocking calls (sleep, "
+             "queue.get, input()...). A Python line rarely takes this long, "
+             "so waiting longer mostly delays interrupting blocking calls.",
     ).tag(config=True)
 
     @validate("cell_timeout", "cancel_grace", "cancel_escalate_after")
