@@ -60,6 +60,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dis
+import functools
 import heapq
 import io
 import itertools
@@ -344,6 +346,24 @@ def _frames_above_root(frame) -> list:
 
 # -- main thread: signal + lazy settrace --------------------------------------
 
+#: 3.11 compiles a one-line loop to a jump to itself that emits no line
+#: event, so a tracer never fires there; the handler raises at once instead
+_SELF_LOOP_HAS_NO_LINE_EVENTS = sys.version_info[:2] == (3, 11)
+
+
+@functools.lru_cache(maxsize=256)
+def _same_line_back_jumps(code) -> frozenset[int]:
+    """Offsets of backward jumps in ``code`` whose target is on the same line."""
+    line_of = {}
+    jumps = []
+    for ins in dis.get_instructions(code):
+        line_of[ins.offset] = ins.positions.lineno
+        if ins.opname.startswith("JUMP_BACKWARD"):
+            jumps.append(ins)
+    return frozenset(ins.offset for ins in jumps
+                     if line_of.get(ins.argval) == ins.positions.lineno)
+
+
 def _local_tracer(frame, event, arg):
     __tracebackhide__ = True
     if event == "line":
@@ -437,6 +457,14 @@ class _MainThreadSignal:
             # Not in the cell's code now (an async cell suspended in its loop,
             # IPython's own machinery): tracing everything from here would
             # slow the loop down. The task cancel and escalation handle it.
+            return
+        if _SELF_LOOP_HAS_NO_LINE_EVENTS and frame.f_lasti in _same_line_back_jumps(frame.f_code):
+            # 3.11 ``while True: pass``: no line event will ever come
+            scope.mechanism = "escalate"
+            if _safe_to_raise(frame, scope):
+                scope.mechanism = "raised"
+                scope.raised += 1
+                raise scope.exception()
             return
         for f in frames:
             f.f_trace = _local_tracer
