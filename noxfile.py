@@ -51,3 +51,28 @@ def bench(session: nox.Session) -> None:
         if wanted and name not in wanted:
             continue
         session.run("python", script, *flags)
+
+
+@nox.session(python=False, default=False)
+def upstream(session: nox.Session) -> None:
+    """The upstream tool: ``nox -s upstream -- check 9.17.0`` (fetch/apply/refresh/build/check)."""
+    if not session.posargs:
+        session.error("say what to do, e.g. `nox -s upstream -- check 9.17.0` "
+                      "(see `python upstream/upstream.py --help`)")
+    session.run("python3", "upstream/upstream.py", *session.posargs)
+
+
+@nox.session(python="3.12", default=False)
+def patched(session: nox.Session) -> None:
+    """Build the patched IPython wheel (pin + patches/series) and run tests/test_patched.py on it."""
+    import glob
+
+    session.install("pip")  # the build runs `python -m pip wheel`; uv venvs have no pip
+    for step in ("fetch", "apply", "build"):
+        session.run("python", "upstream/upstream.py", step)
+    wheels = sorted(glob.glob("upstream/_work/dist/ipython-*+pyrepl3.*-py3-none-any.whl"))
+    if not wheels:
+        session.error("no patched wheel in upstream/_work/dist/")
+    session.install(wheels[-1], "-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                "tests/test_patched.py", *session.posargs)

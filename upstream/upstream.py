@@ -406,6 +406,9 @@ def cmd_build(args: argparse.Namespace) -> None:
     applied = marker.read_text(encoding="utf-8").split() if marker.exists() else None
     if applied != [p.name for p in patches]:
         raise UpstreamError(f"{tree} does not have the whole series applied; run `apply` first")
+    import importlib.util
+    if importlib.util.find_spec("pip") is None:
+        raise UpstreamError(f"building needs pip, which {sys.executable} does not have")
     version = local_version(pin, patches)
     dist = WORK / "dist"
     dist.mkdir(parents=True, exist_ok=True)
@@ -425,6 +428,22 @@ def cmd_build(args: argparse.Namespace) -> None:
     print(f"built {wheels[-1].relative_to(ROOT)}")
 
 
+def _failed_hunks(patch_output: str) -> str:
+    """``file: hunk N, ...`` from the output of a failed ``patch --dry-run``."""
+    current, failed = "?", {}
+    for line in patch_output.splitlines():
+        if line.startswith(("checking file ", "patching file ")):
+            current = line.split(" file ", 1)[1].strip()
+        elif "FAILED" in line and line.startswith("Hunk #"):
+            failed.setdefault(current, []).append(line.split()[1].lstrip("#"))
+        elif "can't find file" in line:
+            failed.setdefault("(missing file)", [])
+    if not failed:
+        return patch_output.splitlines()[0]
+    return "; ".join(f"{path}: hunk {', '.join(hunks)} failed" if hunks else path
+                     for path, hunks in failed.items())
+
+
 def check_version(version: str, patches: list[Path]) -> list[tuple[str, bool, str]]:
     """Try the series on ``version``: ``(patch, applies, detail)`` for each patch.
 
@@ -440,8 +459,7 @@ def check_version(version: str, patches: list[Path]) -> list[tuple[str, bool, st
             try:
                 apply_patch(tree, patch_file)
             except UpstreamError as exc:
-                failed = [l for l in str(exc).splitlines() if "FAILED" in l or "can't find" in l]
-                rows.append((patch_file.name, False, "; ".join(failed[:3]) or str(exc).splitlines()[0]))
+                rows.append((patch_file.name, False, _failed_hunks(str(exc))))
             else:
                 rows.append((patch_file.name, True, ""))
     return rows
@@ -467,6 +485,9 @@ def cmd_check(args: argparse.Namespace) -> None:
         summary.append((version, ok == len(rows)))
     print("summary: " + ", ".join(
         f"{v}={'all apply' if s else ('error' if s is None else 'some fail')}" for v, s in summary))
+    errors = [v for v, s in summary if s is None]
+    if errors:
+        raise UpstreamError(f"could not check {', '.join(errors)}")
 
 
 def main(argv: list[str] | None = None) -> int:
