@@ -105,11 +105,24 @@ _thread_wakers: dict[int, set[threading.Event]] = {}
 class CancelScope:
     """The cancellation state of one execution (see the module docstring)."""
 
-    __slots__ = ("execution_id", "generation", "thread_id", "deadline", "parent",
-                 "cancel_called", "reason", "kind", "requested_at", "raised",
-                 "finished", "loop", "task", "task_cancelled", "manager", "mechanism",
-                 "armed_codes", "armed_global", "in_code", "async_exc_pending",
-                 "__weakref__")
+    # Every cell creates one scope, so only the six fields every scope needs
+    # are set per instance; the rest are class-level defaults until a
+    # cancel (rare) assigns them.
+    cancel_called = False
+    reason = ""
+    kind = "cancelled"
+    requested_at = 0.0
+    raised = 0
+    finished = False
+    loop: "asyncio.AbstractEventLoop | None" = None
+    task: "asyncio.Task | None" = None
+    task_cancelled = False
+    #: "" -> "pending" -> "armed" | "escalate" -> "raised"
+    mechanism = ""
+    armed_codes: tuple | list = ()   # 3.12+ workers: code objects with local events
+    armed_global = False             # 3.12+ workers: PY_START/PY_RESUME enabled for us
+    in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
+    async_exc_pending = False
 
     def __init__(self, execution_id: str, thread_id: int, manager: "CancellationManager",
                  deadline: float | None, parent: "CancelScope | None"):
@@ -119,21 +132,6 @@ class CancelScope:
         self.deadline = deadline
         self.parent = parent
         self.manager = manager
-        self.cancel_called = False
-        self.reason = ""
-        self.kind = "cancelled"
-        self.requested_at = 0.0
-        self.raised = 0
-        self.finished = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.task: asyncio.Task | None = None
-        self.task_cancelled = False
-        #: "" -> "pending" -> "armed" | "escalate" -> "raised"
-        self.mechanism = ""
-        self.armed_codes: list = []
-        self.armed_global = False
-        self.in_code = False  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
-        self.async_exc_pending = False
 
     def exception(self) -> CellCancelled:
         if self.kind == "timeout":
@@ -570,7 +568,7 @@ class _Monitoring:
             self.global_users -= 1
             if self.global_users == 0:
                 mon.set_events(self.tool, 0)
-        scope.armed_codes = []
+        scope.armed_codes = ()
 
 
 def _mon_check(depth: int = 2) -> None:
@@ -678,6 +676,7 @@ class CancellationManager(Component):
         self._signal = False
         self._monitoring = False
         self._run_code_patched = False
+        self._cell_timeout = 0.0
 
     # load / unload
     def attach(self) -> None:
@@ -685,6 +684,9 @@ class CancellationManager(Component):
 
         _RUN_CODE_CODES.add(InteractiveShell.run_code.__code__)
         config = self.state.config
+        # read on every cell: a plain attribute kept in sync beats a trait lookup
+        self._cell_timeout = config.cell_timeout
+        config.observe(self._on_cell_timeout, names="cell_timeout")
         signum = getattr(signal, config.cancel_signal, None)
         if not isinstance(signum, int):
             raise ValueError(f"PyREPL3.cancel_signal: unknown signal {config.cancel_signal!r}")
@@ -751,7 +753,11 @@ class CancellationManager(Component):
             shell.run_code = run_code
             self._run_code_patched = True
 
+    def _on_cell_timeout(self, change: dict) -> None:
+        self._cell_timeout = change["new"]
+
     def detach(self) -> None:
+        self.state.config.unobserve(self._on_cell_timeout, names="cell_timeout")
         # Running cells (e.g. the one running %unload_ext) are not cancelled;
         # their scopes are closed so no mechanism fires for them any more.
         with _lock:
@@ -773,12 +779,14 @@ class CancellationManager(Component):
     # per cell
     def before_cell(self, execution: Any) -> None:
         tid = threading.get_ident()
-        timeout = execution.options.get("timeout") or self.state.config.cell_timeout
+        timeout = execution.options.get("timeout") or self._cell_timeout
         deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
         with _lock:
-            stack = _thread_scopes.setdefault(tid, [])
-            parent = stack[-1] if stack else None
-            scope = CancelScope(execution.id, tid, self, deadline, parent)
+            stack = _thread_scopes.get(tid)
+            if stack is None:
+                stack = _thread_scopes[tid] = []
+            scope = CancelScope(execution.id, tid, self, deadline,
+                                stack[-1] if stack else None)
             stack.append(scope)
             self._scopes[execution.id] = scope
         execution.extras["cancellation"] = scope
@@ -802,7 +810,8 @@ class CancellationManager(Component):
             return
         with _lock:
             parent = self._close_scope(scope)
-        _SIGNAL.disarm_current_thread()
+        if _SIGNAL.saved_trace:
+            _SIGNAL.disarm_current_thread()
         if scope.task_cancelled and hasattr(scope.task, "uncancel"):
             scope.task.uncancel()  # the cell absorbed it; the host's task goes on
         if result is not None and scope.cancel_called:
@@ -826,7 +835,7 @@ class CancellationManager(Component):
             _thread_scopes.pop(tid, None)
         if _cancelled_threads.get(tid) is scope:
             del _cancelled_threads[tid]
-        if _HAS_MONITORING and _MONITORING.tool is not None:
+        if scope.armed_codes or scope.armed_global:
             _MONITORING.disarm(scope)
         return stack[-1] if stack else None
 

@@ -96,9 +96,13 @@ class Execution:
     their own name) rather than adding attributes here.
     """
 
-    __slots__ = ("id", "session", "code", "mode", "execution_count", "options",
-                 "t0", "status", "extras", "_bus", "_seq", "_closed",
-                 "dropped_after_finish", "outcome_sent", "__weakref__")
+    # One is created per cell: the per-instance work is only what differs
+    # between executions; the rest are class-level defaults until assigned.
+    status: str | None = None
+    _seq = 0
+    _closed = False
+    outcome_sent = False
+    dropped_after_finish = 0
 
     def __init__(self, execution_id: str, session: str, code: str, mode: str,
                  execution_count: int | None, options: dict, bus: EventBus):
@@ -109,13 +113,8 @@ class Execution:
         self.execution_count = execution_count
         self.options = options
         self.t0 = time.monotonic()
-        self.status: str | None = None
         self.extras: dict[str, Any] = {}
         self._bus = bus
-        self._seq = 0
-        self._closed = False
-        self.outcome_sent = False
-        self.dropped_after_finish = 0
 
     @property
     def finished(self) -> bool:

@@ -107,7 +107,10 @@ def test_pyrepl3_magic_shows_versions_and_settings(ip, capsys):
     ip.run_line_magic("pyrepl3", "")
     out = capsys.readouterr().out
     assert f"pyrepl3_ext {pyrepl3_ext.__version__}" in out
-    assert f"IPython {IPython.__version__} (stock)" in out
+    from pyrepl3_ext import _compat
+
+    build = "patched (multi-shell)" if _compat.is_patched_build() else "stock"
+    assert f"IPython {IPython.__version__} ({build})" in out
     assert "PyREPL3.cell_timeout = 0.0" in out
     assert "PyREPL3.event_log = ''" in out
 
