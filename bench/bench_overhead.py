@@ -8,6 +8,8 @@ Variants:
   exec       compile + exec of the same source in a dict (no IPython)
   stock      ``shell.run_cell`` with the extension not loaded
   ext        ``shell.run_cell`` with pyrepl3_ext loaded, nobody subscribed
+  ext-core   as ext, with no capability component attached (the
+             foundation alone: hooks, execution ids, events machinery)
   ext+sub    as ext, with one in-process subscriber (events are built)
 All run with ``store_history=False`` and an in-memory history, so the
 numbers are about execution machinery, not SQLite.
@@ -25,6 +27,7 @@ from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
+from pyrepl3_ext import extension  # noqa: E402
 from bench._common import interleaved, write_results  # noqa: E402
 
 CELLS = {
@@ -47,8 +50,14 @@ def main() -> None:
     shell.display_formatter.active_types = ["text/plain"]
     state = {"loaded": False, "unsubscribe": None}
 
+    all_components = list(extension.COMPONENTS)
+
     def ensure(name: str) -> None:
         want_loaded = name.startswith("ext")
+        want_components = all_components if name != "ext-core" else []
+        if want_loaded and state["loaded"] and extension.COMPONENTS != want_components:
+            ensure("stock")  # reload with the other component list
+        extension.COMPONENTS[:] = want_components
         if want_loaded and not state["loaded"]:
             pyrepl3_ext.load_ipython_extension(shell)
             state["loaded"] = True
@@ -77,9 +86,11 @@ def main() -> None:
         def run(source=source):
             shell.run_cell(source, store_history=False)
 
-        variants = {"exec": plain_exec, "stock": run, "ext": run, "ext+sub": run}
+        variants = {"exec": plain_exec, "stock": run, "ext-core": run, "ext": run,
+                    "ext+sub": run}
         timing = interleaved(variants, rounds=rounds, number=number, setup=ensure)
         ensure("stock")
+        extension.COMPONENTS[:] = all_components
         stock = timing["stock"]["best"]
         for variant, t in timing.items():
             delta = (t["best"] - stock) * 1e6
@@ -88,10 +99,15 @@ def main() -> None:
                   f"{delta:>14.1f}")
         results[cell_name] = {v: {"best_us": t["best"] * 1e6, "median_us": t["median"] * 1e6}
                               for v, t in timing.items()}
-    added = results["trivial"]["ext"]["best_us"] - results["trivial"]["stock"]["best_us"]
-    print(f"\nextension cost per trivial cell: {added:+.1f} us "
-          f"(target <= 10 us; stock run_cell {results['trivial']['stock']['best_us']:.0f} us)")
-    path = write_results("overhead", {"cells": results, "added_us_trivial": added})
+    trivial = results["trivial"]
+    added = trivial["ext"]["best_us"] - trivial["stock"]["best_us"]
+    core = trivial["ext-core"]["best_us"] - trivial["stock"]["best_us"]
+    print(f"\nextension cost per trivial cell: {added:+.1f} us, of which the foundation "
+          f"{core:+.1f} us and the components ({', '.join(n for n, _ in all_components)}) "
+          f"{added - core:+.1f} us (target <= 10 us; stock run_cell "
+          f"{trivial['stock']['best_us']:.0f} us)")
+    path = write_results("overhead", {"cells": results, "added_us_trivial": added,
+                                      "added_us_trivial_core": core})
     print(f"wrote {path}")
 
 
