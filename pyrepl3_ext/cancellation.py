@@ -41,9 +41,10 @@ Mechanisms, chosen per thread and Python version (numbers in
 * main thread, every version: ``signal.pthread_kill`` of ``SIGUSR1``; the
   handler sets ``f_trace`` on the cell's frames and ``sys.settrace`` so the
   next line event raises.  Without a line event after ``escalate_after``
-  seconds (``while True: pass`` on 3.11, ``sleep``, ``queue.get``,
-  ``input()``...), the signal is sent again and the handler raises itself,
-  which also interrupts blocking calls.
+  seconds (``sleep``, ``queue.get``, ``input()``...), the signal is sent
+  again and the handler raises itself, which also interrupts blocking
+  calls.  3.11's one-line loop (a jump to itself, no line event ever) is
+  recognised by the first handler, which raises at once.
 * worker threads, Python 3.12+: ``sys.monitoring`` LINE/JUMP events on the
   code objects on the target thread's stack plus PY_START/PY_RESUME; the
   callback raises only in the target thread.
@@ -52,7 +53,8 @@ Mechanisms, chosen per thread and Python version (numbers in
 * async cells waiting in the event loop: the cell's task is cancelled from
   the loop (``call_soon_threadsafe``) and the ``CancelledError`` is reported
   as the cell's ``CellCancelled``.
-* waits the engine owns use :func:`interruptible_wait` and wake at once.
+* waits the engine owns use :func:`interruptible_wait`; a cancel sets the
+  event they block on, so they wake at once in any thread.
 """
 
 from __future__ import annotations
