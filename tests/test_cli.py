@@ -1,0 +1,45 @@
+"""The ``pyrepl3`` command: versions, help, and IPython with the extension loaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import IPython
+
+import pyrepl3_ext
+
+
+def run_cli(*args: str, ipythondir=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if ipythondir is not None:
+        env["IPYTHONDIR"] = str(ipythondir)  # never the developer's own profile
+    return subprocess.run([sys.executable, "-m", "pyrepl3_ext.cli", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_version_names_pyrepl3_ipython_and_python():
+    out = run_cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert f"pyrepl3 {pyrepl3_ext.__version__}" in out.stdout
+    assert f"IPython {IPython.__version__}" in out.stdout
+    assert f"Python {sys.version.split()[0]}" in out.stdout
+
+
+def test_help_explains_the_pass_through():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    assert out.stdout.startswith("usage: pyrepl3")
+    assert "ipython --help" in out.stdout
+
+
+def test_ipython_runs_with_the_extension_loaded(tmp_path):
+    out = run_cli("--no-banner", "-c",
+                  "import pyrepl3_ext.extension as e; "
+                  "print('state:', e.get_state(get_ipython()) is not None); "
+                  "get_ipython().run_line_magic('pyrepl3', '')",
+                  ipythondir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "state: True" in out.stdout
+    assert f"pyrepl3_ext {pyrepl3_ext.__version__}" in out.stdout
