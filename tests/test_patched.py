@@ -20,7 +20,6 @@ pytestmark = pytest.mark.skipif(
            "process-wide current shell",
 )
 
-from IPython.core.builtin_trap import BuiltinTrap  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from traitlets.config import Config  # noqa: E402
 
@@ -40,25 +39,6 @@ _t.start(); _t.join()
 """
 
 
-class _SerializedBuiltinTrap(BuiltinTrap):
-    """BuiltinTrap whose enter/exit cannot interleave across shells.
-
-    Concurrent stock traps can both ``del builtins.exit`` and raise KeyError;
-    that race belongs to a later patch (builtins dispatcher), not to the
-    current-shell context tested here, so it is kept out of this test.
-    """
-
-    lock = threading.Lock()
-
-    def __enter__(self):
-        with self.lock:
-            return super().__enter__()
-
-    def __exit__(self, *exc):
-        with self.lock:
-            return super().__exit__(*exc)
-
-
 @pytest.fixture
 def two_shells():
     """Two non-singleton shells with in-memory history; process state restored after."""
@@ -67,8 +47,6 @@ def two_shells():
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
     shells = [InteractiveShell(config=config) for _ in range(2)]
-    for shell in shells:
-        shell.builtin_trap = _SerializedBuiltinTrap(shell=shell)
     try:
         yield shells
     finally:
@@ -188,3 +166,101 @@ def test_a_thread_started_without_the_context_falls_back(two_shells):
     fallback = InteractiveShell.instance() if InteractiveShell.initialized() else None
     assert seen == [fallback]
 
+
+
+_MISSING = object()
+_SHARED_BUILTINS = ("get_ipython", "exit", "quit", "_")
+
+#: A cell that checks ``builtins.get_ipython()`` (what code outside the cell's
+#: namespace sees), calls ``sys.excepthook`` the way GUI toolkits do every
+#: 10th cell, and ends in an expression value tagged with its shell and index.
+DISPATCH_CELL = """\
+import builtins as _b, sys as _s
+_bad_builtin += _b.get_ipython() is not _me
+if {i} % 10 == 0:
+    try:
+        raise ValueError("{tag}-hook-{i}")
+    except ValueError:
+        _s.excepthook(*_s.exc_info())
+if {i} % 10 == 5:
+    raise KeyError("{tag}-raise-{i}")
+("{tag}", {i})
+"""
+
+
+def _shared_process_state():
+    return (sys.displayhook, sys.excepthook,
+            {name: builtins.__dict__.get(name, _MISSING) for name in _SHARED_BUILTINS})
+
+
+def test_concurrent_shells_keep_their_own_hooks(two_shells):
+    """Values, tracebacks and builtins.get_ipython() of two racing shells stay with their shell."""
+    before = _shared_process_state()
+    shown = {id(shell): [] for shell in two_shells}
+    for shell in two_shells:
+        # Record instead of printing: who showed which exception.
+        shell.showtraceback = (lambda exc_tuple=None, *a, _seen=shown[id(shell)], **k:
+                               _seen.append(str((exc_tuple or sys.exc_info())[1])))
+    barrier = threading.Barrier(len(two_shells))
+    mismatches: dict[str, list] = {"result": [], "_": [], "Out": [], "error": [], "crash": []}
+
+    def drive(shell, tag):
+        shell.user_ns.update(_me=shell, _bad_builtin=0)
+        barrier.wait()
+        try:
+            for i in range(CELLS_PER_SHELL):
+                result = shell.run_cell(DISPATCH_CELL.format(tag=tag, i=i), store_history=True)
+                if i % 10 == 5:
+                    if f"{tag}-raise-{i}" not in str(result.error_in_exec):
+                        mismatches["error"].append((tag, i, result.error_in_exec))
+                    continue
+                expected = (tag, i)
+                if result.result != expected:
+                    mismatches["result"].append((tag, i, result.result))
+                if shell.user_ns.get("_") != expected:
+                    mismatches["_"].append((tag, i, shell.user_ns.get("_")))
+                if shell.user_ns["Out"].get(result.execution_count) != expected:
+                    mismatches["Out"].append((tag, i, result.execution_count))
+        except BaseException as exc:  # e.g. KeyError from a racing builtins trap
+            mismatches["crash"].append((tag, repr(exc)))
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=drive, args=(s, tag))
+                   for s, tag in zip(two_shells, "AB")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+
+    counts = {kind: len(found) for kind, found in mismatches.items()}
+    for shell, tag in zip(two_shells, "AB"):
+        counts[f"builtins.get_ipython {tag}"] = shell.user_ns["_bad_builtin"]
+        expected_shown = sorted(
+            [f"'{tag}-raise-{i}'" for i in range(5, CELLS_PER_SHELL, 10)]
+            + [f"{tag}-hook-{i}" for i in range(0, CELLS_PER_SHELL, 10)])
+        counts[f"tracebacks {tag}"] = len(set(shown[id(shell)]) ^ set(expected_shown))
+    wrong = {kind: n for kind, n in counts.items() if n}
+    assert wrong == {}, {kind: found[:3] for kind, found in mismatches.items() if found}
+    assert _shared_process_state() == before  # nothing left installed, nothing lost
+
+
+def test_hooks_are_dispatchers_only_while_held(two_shells):
+    """Nested traps of two shells share one installation; the last release restores."""
+    before = _shared_process_state()
+    a, b = two_shells
+    with a.builtin_trap, a.display_trap:
+        installed = sys.displayhook
+        assert installed is not before[0]
+        assert "exit" not in builtins.__dict__ and "quit" not in builtins.__dict__
+        with b.builtin_trap, b.display_trap, a.builtin_trap, a.display_trap:
+            assert sys.displayhook is installed  # one dispatcher, not stacked hooks
+            assert a.display_trap.is_active and b.display_trap.is_active
+        assert a.display_trap.is_active and not b.display_trap.is_active
+        # Outside any cell the latest holder answers, as the single shell did before.
+        assert builtins.get_ipython() is a
+    assert not a.display_trap.is_active
+    assert _shared_process_state() == before
