@@ -783,15 +783,20 @@ class CancellationManager(Component):
         tid = threading.get_ident()
         timeout = execution.options.get("timeout") or self._cell_timeout
         deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
-        with _lock:
-            stack = _thread_scopes.get(tid)
-            if stack is None:
-                stack = _thread_scopes[tid] = []
-            scope = CancelScope(execution.id, tid, self, deadline,
-                                stack[-1] if stack else None)
-            stack.append(scope)
-            self._scopes[execution.id] = scope
+        # No lock on this per-cell path: only this thread pushes and pops its
+        # own stack, list and dict operations are atomic, and cancel() reads
+        # both under the lock and re-checks ``finished`` before arming.
+        stack = _thread_scopes.get(tid)
+        if stack is None:
+            stack = _thread_scopes[tid] = []
+        parent = stack[-1] if stack else None
+        scope = CancelScope(execution.id, tid, self, deadline, parent)
+        stack.append(scope)
+        self._scopes[execution.id] = scope
         execution.extras["cancellation"] = scope
+        if parent is not None and parent.cancel_called and not parent.finished:
+            # the enclosing cell's cancel may have walked the stack before the push
+            self.cancel(execution.id, parent.reason, kind=parent.kind)
         if execution.mode == "async":
             # only the cell's own coroutine task may be cancelled: a sync cell
             # run from a host's coroutine (ipykernel) must not touch the host's task
@@ -809,6 +814,25 @@ class CancellationManager(Component):
     def after_cell(self, execution: Any, result: Any) -> None:
         scope = execution.extras.get("cancellation")
         if scope is None:
+            return
+        scope.finished = True  # from now on cancel() misses it (checked under the lock)
+        if not scope.cancel_called:
+            # Never cancelled, the common case: undo before_cell without the
+            # lock.  A cancel racing this sees ``finished`` and arms nothing
+            # here (``_arm`` passes it on to a cancelled enclosing scope).
+            self._scopes.pop(scope.execution_id, None)
+            tid = scope.thread_id
+            stack = _thread_scopes.get(tid)
+            if stack:
+                if stack[-1] is scope:
+                    stack.pop()
+                elif scope in stack:
+                    stack.remove(scope)
+                if not stack:
+                    _thread_scopes.pop(tid, None)
+            parent = scope.parent
+            if parent is not None and parent.cancel_called and not parent.finished:
+                parent.manager._arm(parent, rearm=True)
             return
         with _lock:
             parent = self._close_scope(scope)
@@ -900,15 +924,24 @@ class CancellationManager(Component):
 
     def _arm(self, scope: CancelScope, rearm: bool = False) -> None:
         """Make the scope's thread raise at its next safe point."""
-        tid = scope.thread_id
-        generation = scope.generation
         with _lock:
-            if scope.finished:
-                return
-            _cancelled_threads[tid] = scope
-            scope.mechanism = "pending"
-            for waker in _thread_wakers.get(tid, ()):
-                waker.set()  # engine-owned waits return now and raise
+            while scope.finished:
+                # It ended as the cancel arrived: the cancelled scope it was
+                # nested in (same request, or still cancelled) stops instead.
+                scope = scope.parent
+                if scope is None or not scope.cancel_called:
+                    return
+            handover = scope.manager is not self  # nested in another shell's cell
+            if not handover:
+                tid = scope.thread_id
+                generation = scope.generation
+                _cancelled_threads[tid] = scope
+                scope.mechanism = "pending"
+                for waker in _thread_wakers.get(tid, ()):
+                    waker.set()  # engine-owned waits return now and raise
+        if handover:
+            scope.manager._arm(scope, rearm)
+            return
         # an async cell suspended in its loop: cancel its task from the loop
         if scope.loop is not None and scope.task is not None:
             try:

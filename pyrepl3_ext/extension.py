@@ -313,7 +313,8 @@ class ShellState:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def _strip_directives(self, lines: list[str]) -> list[str]:
-        if not lines or not _DIRECTIVE_RE.match(lines[0]):
+        # runs on every cell: a substring test first, the regex only on a hit
+        if not lines or "%%" not in lines[0] or not _DIRECTIVE_RE.match(lines[0]):
             return lines
         try:
             _, consumed = parse_directives("".join(lines))
