@@ -709,34 +709,38 @@ class CancellationManager(Component):
                 # exception posted from then on finds it bound and closable.
                 # ``in_code`` is a flag, not a counter: one store is one
                 # bytecode, and an asynchronous exception lands only between
-                # bytecodes, so it is never left half-updated.
+                # bytecodes, so it is never left half-updated.  No lock while
+                # nobody cancels: the poster sets ``cancel_called`` before it
+                # reads ``in_code`` (under the lock), and this side stores
+                # ``in_code`` before it reads ``cancel_called``, so one of the
+                # two always sees the other.
                 coro = original(code_obj, result, async_=async_)
                 try:
                     try:
-                        with _lock:
-                            scope.in_code = True
+                        scope.in_code = True
                         if scope.cancel_called and not scope.finished:
-                            # cancelled between two top-level statements:
-                            # do not start the next one
+                            # cancelled before (or between) top-level
+                            # statements: do not start the next one
                             scope.mechanism = "raised"
                             scope.raised += 1
                             raise scope.exception()
                         return await coro
                     finally:
-                        with _lock:
-                            scope.in_code = False
-                            pending = scope.async_exc_pending
-                            scope.async_exc_pending = False
+                        scope.in_code = False
                         coro.close()  # no-op once awaited to the end
-                        if pending:
-                            # An exception posted but not yet delivered (or
-                            # delivered and already handled: then this is a
-                            # no-op).  Let it land here rather than retract
-                            # it: SetAsyncExc(NULL) leaves the interpreter's
-                            # eval breaker set for good on 3.10/3.11, which
-                            # slows every later line and wedges signal handlers.
-                            for _ in range(1000):
-                                pass
+                        if scope.cancel_called:
+                            with _lock:
+                                pending = scope.async_exc_pending
+                                scope.async_exc_pending = False
+                            if pending:
+                                # Posted but maybe not delivered yet (if it
+                                # was, this is a no-op).  Let it land here
+                                # rather than retract it: SetAsyncExc(NULL)
+                                # leaves the eval breaker set for good on
+                                # 3.10/3.11, slowing every later line and
+                                # wedging signal handlers.
+                                for _ in range(1000):
+                                    pass
                 except CellCancelled as exc:
                     # Posted to this thread while outside the user's code (in
                     # this wrapper or run_code's preamble): report it as this
