@@ -96,6 +96,19 @@ _lock = threading.Lock()
 _generations = itertools.count(1)
 #: thread id -> stack of running scopes (innermost last)
 _thread_scopes: dict[int, list["CancelScope"]] = {}
+
+
+def _new_thread_stack(tid: int) -> list:
+    """Register the scope stack of a thread running its first cell.
+
+    Stacks stay registered while empty (a thread's next cell reuses it), so
+    this is where the empty stacks of threads that ended are dropped.
+    """
+    live = sys._current_frames()
+    for other in [t for t, st in _thread_scopes.items() if not st and t not in live]:
+        _thread_scopes.pop(other, None)
+    stack = _thread_scopes[tid] = []
+    return stack
 #: thread id -> the scope being cancelled there (what mechanisms look up)
 _cancelled_threads: dict[int, "CancelScope"] = {}
 _shield_depth = threading.local()
@@ -791,8 +804,8 @@ class CancellationManager(Component):
         # own stack, list and dict operations are atomic, and cancel() reads
         # both under the lock and re-checks ``finished`` before arming.
         stack = _thread_scopes.get(tid)
-        if stack is None:
-            stack = _thread_scopes[tid] = []
+        if stack is None:  # this thread's first cell
+            stack = _new_thread_stack(tid)
         parent = stack[-1] if stack else None
         scope = CancelScope(execution.id, tid, self, deadline, parent)
         stack.append(scope)
@@ -832,8 +845,7 @@ class CancellationManager(Component):
                     stack.pop()
                 elif scope in stack:
                     stack.remove(scope)
-                if not stack:
-                    _thread_scopes.pop(tid, None)
+                # the empty stack stays for the thread's next cell
             parent = scope.parent
             if parent is not None and parent.cancel_called and not parent.finished:
                 parent.manager._arm(parent, rearm=True)

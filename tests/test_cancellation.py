@@ -516,7 +516,26 @@ def test_nothing_installed_while_idle(ip):
         tool = cancellation._MONITORING.tool
         assert sys.monitoring.get_tool(tool) == "pyrepl3-cancel"
         assert sys.monitoring.get_events(tool) == 0
-    assert cancellation._thread_scopes == {} and cancellation._cancelled_threads == {}
+    # no scope left open (a thread's empty stack is kept for its next cell)
+    assert all(not stack for stack in cancellation._thread_scopes.values())
+    assert cancellation._cancelled_threads == {}
+
+
+def test_stacks_of_ended_threads_are_dropped(quiet):
+    def one_cell():
+        pyrepl3_ext.run_cell(quiet, "1", store_history=False)
+
+    tids = []
+    for _ in range(5):
+        thread = threading.Thread(target=one_cell)
+        thread.start()
+        thread.join()
+        tids.append(thread.ident)
+    one_cell_thread = threading.Thread(target=one_cell)  # its first cell sweeps
+    one_cell_thread.start()
+    one_cell_thread.join()
+    left = set(cancellation._thread_scopes) & (set(tids) - {one_cell_thread.ident})
+    assert left == set()
 
 
 def test_unsafe_lines_cover_try_lines_and_finally_clauses():
