@@ -244,23 +244,28 @@ def test_concurrent_shells_keep_their_own_hooks(two_shells):
             + [f"{tag}-hook-{i}" for i in range(0, CELLS_PER_SHELL, 10)])
         counts[f"tracebacks {tag}"] = len(set(shown[id(shell)]) ^ set(expected_shown))
     wrong = {kind: n for kind, n in counts.items() if n}
-    assert wrong == {}, {kind: found[:3] for kind, found in mismatches.items() if found}
+    examples = {kind: found[:3] for kind, found in mismatches.items() if found}
+    assert wrong == {}, f"mismatch counts {wrong}; examples {examples}"
     assert _shared_process_state() == before  # nothing left installed, nothing lost
 
 
-def test_hooks_are_dispatchers_only_while_held(two_shells):
-    """Nested traps of two shells share one installation; the last release restores."""
+def test_hooks_are_dispatchers_only_while_shared(two_shells):
+    """One active shell installs its own hooks (as before); two share one dispatcher."""
     before = _shared_process_state()
     a, b = two_shells
     with a.builtin_trap, a.display_trap:
-        installed = sys.displayhook
-        assert installed is not before[0]
+        assert sys.displayhook is a.displayhook
+        assert builtins.get_ipython() is a
         assert "exit" not in builtins.__dict__ and "quit" not in builtins.__dict__
-        with b.builtin_trap, b.display_trap, a.builtin_trap, a.display_trap:
-            assert sys.displayhook is installed  # one dispatcher, not stacked hooks
+        with b.builtin_trap, b.display_trap:
+            dispatcher = sys.displayhook
+            assert dispatcher is not a.displayhook and dispatcher is not b.displayhook
+            assert builtins.get_ipython() is b  # outside any cell: the latest holder
+            with a.builtin_trap, a.display_trap:  # nesting counts, installs nothing new
+                assert sys.displayhook is dispatcher
             assert a.display_trap.is_active and b.display_trap.is_active
-        assert a.display_trap.is_active and not b.display_trap.is_active
-        # Outside any cell the latest holder answers, as the single shell did before.
+        assert not b.display_trap.is_active
+        assert sys.displayhook is a.displayhook
         assert builtins.get_ipython() is a
     assert not a.display_trap.is_active
     assert _shared_process_state() == before
