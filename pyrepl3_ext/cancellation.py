@@ -699,12 +699,12 @@ class CancellationManager(Component):
 
         _RUN_CODE_CODES.add(InteractiveShell.run_code.__code__)
         config = self.state.config
-        # read on every cell: a plain attribute kept in sync beats a trait lookup
-        self._cell_timeout = config.cell_timeout
-        config.observe(self._on_cell_timeout, names="cell_timeout")
         signum = getattr(signal, config.cancel_signal, None)
         if not isinstance(signum, int):
             raise ValueError(f"PyREPL3.cancel_signal: unknown signal {config.cancel_signal!r}")
+        # read on every cell: a plain attribute kept in sync beats a trait lookup
+        self._cell_timeout = config.cell_timeout
+        config.observe(self._on_cell_timeout, names="cell_timeout")
         self._signal = _SIGNAL.acquire(signum)
         self._monitoring = _MONITORING.acquire()
         if not _HAS_MONITORING:
