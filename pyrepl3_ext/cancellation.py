@@ -400,6 +400,17 @@ def _global_tracer(frame, event, arg):
     return _local_tracer
 
 
+def _escalate(frame, scope: CancelScope) -> None:
+    """Raise from the signal handler now if ``frame`` is at a safe point;
+    otherwise the next escalation signal tries again."""
+    __tracebackhide__ = True
+    scope.mechanism = "escalate"
+    if _safe_to_raise(frame, scope):
+        scope.mechanism = "raised"
+        scope.raised += 1
+        raise scope.exception()
+
+
 class _MainThreadSignal:
     """The process-wide signal handler; one per process, shared by all shells."""
 
@@ -450,21 +461,12 @@ class _MainThreadSignal:
         if scope is None or scope.finished or scope.mechanism == "raised":
             return  # stale: that cell ended or already got its exception
         if scope.mechanism == "escalate":
-            if _safe_to_raise(frame, scope):
-                scope.mechanism = "raised"
-                scope.raised += 1
-                raise scope.exception()
-            return
+            return _escalate(frame, scope)
         # first delivery: arm line tracing on the cell's frames, lazily
         if sys.gettrace() is not None and sys.gettrace() is not _global_tracer:
             # a debugger or coverage owns settrace: leave it alone and rely
             # on escalation (raise from this handler at a safe point)
-            scope.mechanism = "escalate"
-            if _safe_to_raise(frame, scope):
-                scope.mechanism = "raised"
-                scope.raised += 1
-                raise scope.exception()
-            return
+            return _escalate(frame, scope)
         frames = _frames_above_root(frame)
         if not frames:
             # Not in the cell's code now (an async cell suspended in its loop,
@@ -473,12 +475,7 @@ class _MainThreadSignal:
             return
         if _SELF_LOOP_HAS_NO_LINE_EVENTS and frame.f_lasti in _same_line_back_jumps(frame.f_code):
             # 3.11 ``while True: pass``: no line event will ever come
-            scope.mechanism = "escalate"
-            if _safe_to_raise(frame, scope):
-                scope.mechanism = "raised"
-                scope.raised += 1
-                raise scope.exception()
-            return
+            return _escalate(frame, scope)
         for f in frames:
             f.f_trace = _local_tracer
         scope.mechanism = "armed"
