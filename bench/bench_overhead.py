@@ -48,30 +48,26 @@ def main() -> None:
     config.HistoryManager.hist_file = ":memory:"
     shell = InteractiveShell.instance(config=config)
     shell.display_formatter.active_types = ["text/plain"]
-    state = {"loaded": False, "unsubscribe": None}
-
     all_components = list(extension.COMPONENTS)
+    #: the component list the extension is loaded with (None: not loaded)
+    state: dict = {"components": None, "unsubscribe": None}
 
     def ensure(name: str) -> None:
-        want_loaded = name.startswith("ext")
-        want_components = all_components if name != "ext-core" else []
-        if want_loaded and state["loaded"] and extension.COMPONENTS != want_components:
-            ensure("stock")  # reload with the other component list
-        extension.COMPONENTS[:] = want_components
-        if want_loaded and not state["loaded"]:
-            pyrepl3_ext.load_ipython_extension(shell)
-            state["loaded"] = True
-        if not want_loaded and state["loaded"]:
-            if state["unsubscribe"]:
-                state["unsubscribe"]()
-                state["unsubscribe"] = None
-            pyrepl3_ext.unload_ipython_extension(shell)
-            state["loaded"] = False
-        if name == "ext+sub" and state["unsubscribe"] is None:
-            state["unsubscribe"] = pyrepl3_ext.subscribe(shell, lambda event: None)
-        if name == "ext" and state["unsubscribe"] is not None:
+        want = None if not name.startswith("ext") else \
+            ([] if name == "ext-core" else all_components)
+        if state["unsubscribe"] is not None and (want is None or name != "ext+sub"):
             state["unsubscribe"]()
             state["unsubscribe"] = None
+        if state["components"] is not None and state["components"] != want:
+            pyrepl3_ext.unload_ipython_extension(shell)
+            state["components"] = None
+        if want is not None and state["components"] is None:
+            extension.COMPONENTS[:] = want
+            pyrepl3_ext.load_ipython_extension(shell)
+            extension.COMPONENTS[:] = all_components
+            state["components"] = want
+        if name == "ext+sub" and state["unsubscribe"] is None:
+            state["unsubscribe"] = pyrepl3_ext.subscribe(shell, lambda event: None)
 
     results: dict[str, dict] = {}
     print(f"{'cell':<16}{'variant':<10}{'best us':>10}{'median us':>11}"
@@ -90,7 +86,6 @@ def main() -> None:
                     "ext+sub": run}
         timing = interleaved(variants, rounds=rounds, number=number, setup=ensure)
         ensure("stock")
-        extension.COMPONENTS[:] = all_components
         stock = timing["stock"]["best"]
         for variant, t in timing.items():
             delta = (t["best"] - stock) * 1e6

@@ -96,25 +96,27 @@ _lock = threading.Lock()
 _generations = itertools.count(1)
 #: thread id -> stack of running scopes (innermost last)
 _thread_scopes: dict[int, list["CancelScope"]] = {}
-
-
-def _new_thread_stack(tid: int) -> list:
-    """Register the scope stack of a thread running its first cell.
-
-    Stacks stay registered while empty (a thread's next cell reuses it), so
-    this is where the empty stacks of threads that ended are dropped.
-    """
-    live = sys._current_frames()
-    for other in [t for t, st in _thread_scopes.items() if not st and t not in live]:
-        _thread_scopes.pop(other, None)
-    stack = _thread_scopes[tid] = []
-    return stack
 #: thread id -> the scope being cancelled there (what mechanisms look up)
 _cancelled_threads: dict[int, "CancelScope"] = {}
 _shield_depth = threading.local()
 #: thread id -> events the thread is blocked on in :func:`interruptible_wait`;
 #: a cancel aimed at that thread sets them so the wait returns at once
 _thread_wakers: dict[int, set[threading.Event]] = {}
+
+
+def _new_thread_stack(tid: int) -> list:
+    """Register the scope stack of a thread running its first cell.
+
+    Stacks stay registered while empty (a thread's next cell reuses it), so
+    this is where the empty stacks of threads that ended are dropped.  Rare
+    (once per thread), so it may take the lock other threads' sweeps need.
+    """
+    live = sys._current_frames()
+    with _lock:
+        for other in [t for t, st in _thread_scopes.items() if not st and t not in live]:
+            del _thread_scopes[other]
+        stack = _thread_scopes[tid] = []
+    return stack
 
 
 class CancelScope:
@@ -147,6 +149,12 @@ class CancelScope:
         self.deadline = deadline
         self.parent = parent
         self.manager = manager
+
+    def raising(self) -> CellCancelled:
+        """The exception to raise now, with the delivery recorded (``raise scope.raising()``)."""
+        self.mechanism = "raised"
+        self.raised += 1
+        return self.exception()
 
     def exception(self) -> CellCancelled:
         if self.kind == "timeout":
@@ -383,14 +391,12 @@ def _local_tracer(frame, event, arg):
         scope = _cancelled_threads.get(threading.get_ident())
         if scope is not None and not scope.finished and scope.mechanism == "armed" \
                 and _safe_to_raise(frame, scope):
-            scope.mechanism = "raised"
-            scope.raised += 1
             # Untrace before raising: the unwinding and the cell's cleanup run
             # at full speed (a re-cancel after the grace period re-arms).
             for f in _frames_above_root(frame):
                 f.f_trace = None
             _SIGNAL.disarm_current_thread()
-            raise scope.exception()
+            raise scope.raising()
     return _local_tracer
 
 
@@ -406,9 +412,7 @@ def _escalate(frame, scope: CancelScope) -> None:
     __tracebackhide__ = True
     scope.mechanism = "escalate"
     if _safe_to_raise(frame, scope):
-        scope.mechanism = "raised"
-        scope.raised += 1
-        raise scope.exception()
+        raise scope.raising()
 
 
 class _MainThreadSignal:
@@ -590,9 +594,7 @@ def _mon_check(depth: int = 2) -> None:
         return
     frame = sys._getframe(depth)
     if _safe_to_raise(frame, scope):
-        scope.mechanism = "raised"
-        scope.raised += 1
-        raise scope.exception()
+        raise scope.raising()
 
 
 def _mon_line(code, line):
@@ -731,9 +733,7 @@ class CancellationManager(Component):
                         if scope.cancel_called and not scope.finished:
                             # cancelled before (or between) top-level
                             # statements: do not start the next one
-                            scope.mechanism = "raised"
-                            scope.raised += 1
-                            raise scope.exception()
+                            raise scope.raising()
                         return await coro
                     finally:
                         scope.in_code = False
@@ -831,52 +831,45 @@ class CancellationManager(Component):
             return
         scope.finished = True  # from now on cancel() misses it (checked under the lock)
         if not scope.cancel_called:
-            # Never cancelled, the common case: undo before_cell without the
-            # lock.  A cancel racing this sees ``finished`` and arms nothing
-            # here (``_arm`` passes it on to a cancelled enclosing scope).
-            self._scopes.pop(scope.execution_id, None)
-            tid = scope.thread_id
-            stack = _thread_scopes.get(tid)
-            if stack:
-                if stack[-1] is scope:
-                    stack.pop()
-                elif scope in stack:
-                    stack.remove(scope)
-                # the empty stack stays for the thread's next cell
-            parent = scope.parent
-            if parent is not None and parent.cancel_called and not parent.finished:
-                parent.manager._arm(parent, rearm=True)
-            return
-        with _lock:
-            parent = self._close_scope(scope)
-        if _SIGNAL.saved_trace:
+            # Never cancelled, the common case: no lock.  A cancel racing this
+            # sees ``finished`` and arms nothing here (``_arm`` passes it on to
+            # a cancelled enclosing scope).
+            self._forget(scope)
+        else:
+            with _lock:
+                self._close_scope(scope)
             _SIGNAL.disarm_current_thread()
-        if scope.task_cancelled and hasattr(scope.task, "uncancel"):
-            scope.task.uncancel()  # the cell absorbed it; the host's task goes on
-        if result is not None and scope.cancel_called:
-            self._report_as_cancelled(scope, result)
+            if scope.task_cancelled and hasattr(scope.task, "uncancel"):
+                scope.task.uncancel()  # the cell absorbed it; the host's task goes on
+            if result is not None:
+                self._report_as_cancelled(scope, result)
         # a cancelled outer cell stays cancelled after its inner cell ended
+        parent = scope.parent
         if parent is not None and parent.cancel_called and not parent.finished:
             parent.manager._arm(parent, rearm=True)
 
-    def _close_scope(self, scope: CancelScope) -> CancelScope | None:
-        """Mark ``scope`` finished and disarm it (caller holds ``_lock``).
+    def _forget(self, scope: CancelScope) -> None:
+        """Drop a finished scope from the id map and its thread's stack.
 
-        Returns the scope it was nested in, if that is still running.
+        Only the scope's own thread (or the manager lock holder) calls this;
+        the empty stack stays registered for the thread's next cell.
         """
-        tid = scope.thread_id
-        scope.finished = True
         self._scopes.pop(scope.execution_id, None)
-        stack = _thread_scopes.get(tid)
-        if stack and scope in stack:
-            stack.remove(scope)
-        if not stack:
-            _thread_scopes.pop(tid, None)
-        if _cancelled_threads.get(tid) is scope:
-            del _cancelled_threads[tid]
+        stack = _thread_scopes.get(scope.thread_id)
+        if stack:
+            if stack[-1] is scope:
+                stack.pop()
+            elif scope in stack:
+                stack.remove(scope)
+
+    def _close_scope(self, scope: CancelScope) -> None:
+        """Mark ``scope`` finished and disarm it (caller holds ``_lock``)."""
+        scope.finished = True
+        self._forget(scope)
+        if _cancelled_threads.get(scope.thread_id) is scope:
+            del _cancelled_threads[scope.thread_id]
         if scope.armed_codes or scope.armed_global:
             _MONITORING.disarm(scope)
-        return stack[-1] if stack else None
 
     def _report_as_cancelled(self, scope: CancelScope, result: Any) -> None:
         error = result.error_in_exec

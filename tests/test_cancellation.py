@@ -531,6 +531,11 @@ def test_stacks_of_ended_threads_are_dropped(quiet):
         thread.start()
         thread.join()
         tids.append(thread.ident)
+    # join() returns a moment before the interpreter forgets the thread; the
+    # sweep only drops threads it no longer lists
+    deadline = time.monotonic() + WAIT
+    while set(tids) & set(sys._current_frames()) and time.monotonic() < deadline:
+        time.sleep(0.001)
     one_cell_thread = threading.Thread(target=one_cell)  # its first cell sweeps
     one_cell_thread.start()
     one_cell_thread.join()

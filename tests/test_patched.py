@@ -59,6 +59,21 @@ def two_shells():
             builtins.get_ipython = gi
 
 
+def race(*jobs):
+    """Run each ``(target, args)`` in its own thread, all at once, with a tiny
+    switch interval so the threads interleave inside every cell; wait for all."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=target, args=args) for target, args in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
 def test_is_patched_build():
     import IPython
     from IPython.core import getipython
@@ -92,16 +107,7 @@ def test_concurrent_shells_each_see_their_own(two_shells):
                 failures.append(f"cell {i}: {result.error_before_exec or result.error_in_exec!r}")
         shell.user_ns["_probe_done"] = probe
 
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # many thread switches inside each cell
-    try:
-        threads = [threading.Thread(target=drive, args=(s,)) for s in two_shells]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    race(*[(drive, (s,)) for s in two_shells])
 
     assert failures == []
     for shell in two_shells:
@@ -224,17 +230,7 @@ def test_concurrent_shells_keep_their_own_hooks(two_shells):
         except BaseException as exc:  # e.g. KeyError from a racing builtins trap
             mismatches["crash"].append((tag, repr(exc)))
 
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=drive, args=(s, tag))
-                   for s, tag in zip(two_shells, "AB")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    race(*[(drive, (s, tag)) for s, tag in zip(two_shells, "AB")])
 
     counts = {kind: len(found) for kind, found in mismatches.items()}
     for shell, tag in zip(two_shells, "AB"):
