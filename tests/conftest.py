@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import pyrepl3_ext
+
+
+_watchdog_fd: int | None = None
+
+
+def pytest_configure(config):
+    """Keep a copy of the real stderr for the watchdog (capture redirects fd 2)."""
+    global _watchdog_fd
+    _watchdog_fd = os.dup(sys.__stderr__.fileno())
+
+
+@pytest.fixture(autouse=True)
+def hang_watchdog(request):
+    """Kill the run with every thread's C-level stack if a test wedges.
+
+    pytest-timeout's thread needs the GIL; a cancellation bug that leaves
+    the GIL held (or hits that thread) would hang CI silently.  faulthandler's
+    watchdog is a C thread, so it fires regardless, 30 s after pytest-timeout
+    should have.
+    """
+    limit = request.config.getini("timeout")
+    faulthandler.dump_traceback_later(float(limit or 120) + 30, exit=True,
+                                      file=_watchdog_fd)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
