@@ -522,31 +522,35 @@ def test_nothing_installed_while_idle(ip):
 
 
 def test_stacks_of_ended_threads_are_dropped(quiet):
-    def one_cell():
+    """A thread's empty scope stack is kept for its next cell; stacks of
+    threads that ended are dropped when a new thread registers its stack."""
+    def one_cell(barrier):
+        barrier.wait(WAIT)  # alive together: distinct thread ids
         pyrepl3_ext.run_cell(quiet, "1", store_history=False)
 
     tids = []
-    for _ in range(5):
-        thread = threading.Thread(target=one_cell)
-        thread.start()
-        thread.join()
-        tids.append(thread.ident)
-    # join() returns a moment before the interpreter forgets the thread; the
-    # sweep only drops threads it no longer lists
+    for _ in range(3):
+        barrier = threading.Barrier(4)
+        threads = [threading.Thread(target=one_cell, args=(barrier,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        tids += [thread.ident for thread in threads]
+    # join() returns a moment before the interpreter forgets the thread
     deadline = time.monotonic() + WAIT
     while set(tids) & set(sys._current_frames()) and time.monotonic() < deadline:
         time.sleep(0.001)
-    # A new thread's first cell sweeps.  Thread ids are reused, so a swept
-    # id may come back for a thread that is alive during a sweep (and is
-    # rightly kept); a few sweeps must still leave none of the dead ones.
-    for _ in range(5):
-        sweeper = threading.Thread(target=one_cell)
-        sweeper.start()
-        sweeper.join()
-        left = set(cancellation._thread_scopes) & (set(tids) - {sweeper.ident})
-        if not left:
-            break
-    assert left == set()
+    # A new thread's first cell sweeps.  (A thread that reuses an ended
+    # thread's id reuses its empty stack instead, which is as good: the
+    # registry is bounded by the ids alive at once.)  An id no thread has:
+    fresh = max(cancellation._thread_scopes) + 1
+    try:
+        cancellation._new_thread_stack(fresh)
+        assert not set(tids) & set(cancellation._thread_scopes)
+    finally:
+        with cancellation._lock:
+            cancellation._thread_scopes.pop(fresh, None)
 
 
 def test_unsafe_lines_cover_try_lines_and_finally_clauses():
