@@ -843,7 +843,9 @@ class CancellationManager(Component):
         # open one (it failed, or the extension loaded mid-cell).
         stack = _thread_scopes.get(threading.get_ident())
         scope = stack[-1] if stack else None
-        if scope is None or scope.execution_id != execution.id or scope.manager is not self:
+        on_top = scope is not None and scope.execution_id == execution.id \
+            and scope.manager is self
+        if not on_top:
             scope = self._find(execution.id, prefer=stack)
             if scope is None:
                 return
@@ -852,7 +854,10 @@ class CancellationManager(Component):
             # Never cancelled, the common case: no lock.  A cancel racing this
             # sees ``finished`` and arms nothing here (``_arm`` passes it on to
             # a cancelled enclosing scope).
-            self._forget(scope)
+            if on_top:
+                stack.pop()
+            else:
+                self._forget(scope)
         else:
             with _lock:
                 self._close_scope(scope)
