@@ -586,3 +586,32 @@ def test_unsafe_lines_cover_try_lines_and_finally_clauses():
     finally:
         linecache.cache.pop(name, None)
         cancellation._unsafe_lines_cache.pop(name, None)
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_cancel_before_the_cells_code_starts(quiet, where):
+    """A cancel that lands while IPython is still preparing the cell (here: a
+    pre_run_cell hook after the extension's) stops the cell when its code
+    starts, even if that code is a loop with no call and no new line."""
+    ip = quiet
+
+    def cancel_now(info):
+        execution = pyrepl3_ext.get_state(ip).current_execution()
+        if execution is not None and execution.id.startswith("pre"):
+            assert pyrepl3_ext.cancel(ip, execution.id, "test cancel") is True
+
+    ip.events.register("pre_run_cell", cancel_now)
+    try:
+        for n in range(3):
+            code = "import json\njson.dumps([1])\nwhile True: pass"  # imports: calls in between
+            if where == "main":
+                result = pyrepl3_ext.run_cell(ip, code, execution_id=f"pre{n}")
+            else:
+                thread, out = run_in_thread(ip, code, f"pre{n}")
+                thread.join(WAIT)
+                assert not thread.is_alive(), "worker cell was not cancelled"
+                result = out["result"]
+            assert_cancelled(result, f"pre{n}")
+    finally:
+        ip.events.unregister("pre_run_cell", cancel_now)
+    assert pyrepl3_ext.run_cell(ip, "1 + 1").result == 2
