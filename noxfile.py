@@ -23,6 +23,8 @@ IPYTHON_MATRIX = {
 }
 MATRIX = [nox.param(py, ip, id=f"py{py}-ipython{ip}")
           for ip, pys in IPYTHON_MATRIX.items() for py in pys]
+#: the session that runs the long variants of the heavy tests (server fuzz)
+NEWEST = ("3.13", "9.18.1")
 
 
 @nox.session
@@ -30,8 +32,11 @@ MATRIX = [nox.param(py, ip, id=f"py{py}-ipython{ip}")
 def tests(session: nox.Session, ipython: str) -> None:
     """The project's tests on stock IPython."""
     session.install(f"ipython=={ipython}", "-e", ".[test]")
+    env = {}
+    if (session.python, ipython) == NEWEST:
+        env["PYREPL3_FUZZ_MESSAGES"] = "100000"  # the full fuzz run, once per matrix
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                *session.posargs)
+                *session.posargs, env=env)
 
 
 @nox.session(python=["3.11", "3.12", "3.13"], default=False)
@@ -51,6 +56,12 @@ def bench(session: nox.Session) -> None:
         if wanted and name not in wanted:
             continue
         session.run("python", script, *flags)
+
+
+@nox.session(python=False, default=False, name="patches")
+def patches(session: nox.Session) -> None:
+    """The upstream tool under the name the docs use: ``nox -s patches -- check 9.10.0 9.18.1``."""
+    upstream(session)
 
 
 @nox.session(python=False, default=False)
