@@ -91,6 +91,26 @@ def _display_name(name: Any) -> str:
     return name if isinstance(name, str) else repr(name)
 
 
+def _diff(base: dict, current: dict) -> tuple[list, list]:
+    """``(keys added, keys of base rebound or deleted)`` from ``base`` to ``current``.
+
+    Values are compared by identity, never ``==`` (no user ``__eq__`` runs,
+    and an equal object is still a change).  When the cell deleted nothing,
+    ``current`` starts with ``base``'s keys in the same order (dicts keep
+    insertion order, rebinding keeps the position): the added keys are the
+    tail and the values are compared pairwise in C, with no lookup per key.
+    """
+    keys = list(base)
+    n = len(keys)
+    if len(current) >= n and list(itertools.islice(current, n)) == keys:
+        changed = list(itertools.compress(keys, map(
+            operator.is_not, itertools.islice(current.values(), n), base.values())))
+        return list(itertools.islice(current, n, None)), changed
+    get = current.get
+    return ([k for k in current if k not in base],
+            [k for k, v in base.items() if get(k, _MISSING) is not v])
+
+
 class Transaction:
     """One open transaction: the namespace's key -> value map when the cell began."""
 
@@ -218,11 +238,8 @@ class NamespaceManager(Component):
         ns = self.state.shell.user_ns
         base = txn.base
         current = ns.copy()
-        removed = [k for k in current.keys() - base.keys() if not _is_history(k)]
-        # identity comparison of every old binding, at C speed
-        keys = list(base)
-        now = map(current.get, keys, itertools.repeat(_MISSING))
-        changed = itertools.compress(keys, map(operator.is_not, now, base.values()))
+        added, changed = _diff(base, current)
+        removed = [k for k in added if not _is_history(k)]
         rebound: list = []
         undeleted: list = []
         for key in changed:
