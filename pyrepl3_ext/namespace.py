@@ -198,10 +198,6 @@ class NamespaceManager(Component):
             self._open.clear()
             self._snapshots.clear()
 
-    @property
-    def user_ns(self) -> dict:
-        return self.state.shell.user_ns
-
     # -- transactions ------------------------------------------------------
     def before_cell(self, execution: Any) -> None:
         wanted = execution.options.get("transaction")
@@ -226,9 +222,14 @@ class NamespaceManager(Component):
                 self._open.remove(txn)
             except ValueError:
                 return  # unloaded meanwhile
+            # the execution outlives the cell (state.last_execution): let the
+            # baseline go now rather than with it
+            del execution.extras["namespace"]
             if not failed:
-                return  # committed: the baseline is simply dropped
+                txn.base = {}
+                return  # committed
             report = self._rollback(txn)
+            txn.base = {}
         execution.extras.setdefault("error_fields", {})["rollback"] = report
         if result is not None:
             result.pyrepl3_rollback = report

@@ -54,8 +54,11 @@ def sync_unders(ip):
     files share this shell and may have), so tests about them start here.
     """
     for name in ("_", "__", "___"):
-        # IPython 9 compares with user_ns_hidden when the name is there
-        ip.user_ns[name] = ip.user_ns_hidden.get(name, getattr(ip.displayhook, name))
+        # IPython 8 compares with the displayhook's copy, 9 with user_ns_hidden
+        value = getattr(ip.displayhook, name)
+        ip.user_ns[name] = value
+        if name in ip.user_ns_hidden:
+            ip.user_ns_hidden[name] = value
 
 
 def run(ip, code, **kw):
@@ -300,6 +303,17 @@ def test_rollback_on_keyboard_interrupt(quiet, clean_ns, events):
     assert "tx_k" not in ip.user_ns
     error, _ = outcome(events, result.pyrepl3_execution_id)
     assert error["kind"] == "cancelled" and error["rollback"]["removed"] == ["tx_k"]
+
+
+def test_rollback_of_an_async_cell(quiet, clean_ns, events):
+    ip = clean_ns
+    result = ip.run_cell("%%transaction\nimport asyncio as tx_asyncio\ntx_as = 1\n"
+                         "await tx_asyncio.sleep(0)\nraise ValueError('after await')")
+    assert isinstance(result.error_in_exec, ValueError)
+    assert "tx_as" not in ip.user_ns and "tx_asyncio" not in ip.user_ns
+    error, mine = outcome(events, result.pyrepl3_execution_id)
+    assert mine[0]["mode"] == "async"
+    assert error["rollback"]["removed"] == ["tx_as", "tx_asyncio"]
 
 
 def test_ipython_names_intact_after_rollback(quiet, clean_ns):
