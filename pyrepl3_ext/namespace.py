@@ -22,7 +22,9 @@ dict, so it is only ever merged into):
   the transaction is open are kept (they are folded into the baseline).
   IPython's input-history names (``_i``, ``_ii``, ``_iii``, ``_iN``) and
   output-history names (``_N``) record what ran and are left as they are,
-  like ``In``/``Out`` themselves.
+  like ``In``/``Out`` themselves; so are names IPython itself bound during
+  the cell (``push(..., interactive=False)``, e.g. ``_`` when a value was
+  displayed before the failure).
 
 * **Snapshots**: named deep copies of the user's variables, restorable any
   number of times; saving one to disk is an explicit call and the file is
@@ -236,15 +238,25 @@ class NamespaceManager(Component):
 
     def _rollback(self, txn: Transaction) -> dict:
         """Put ``user_ns`` back to ``txn.base`` (caller holds the lock)."""
-        ns = self.state.shell.user_ns
+        shell = self.state.shell
+        ns = shell.user_ns
+        hidden = shell.user_ns_hidden
         base = txn.base
         current = ns.copy()
         added, changed = _diff(base, current)
-        removed = [k for k in added if not _is_history(k)]
+
+        def ipython_bound(key: Any) -> bool:
+            # IPython binds its records with push(interactive=False), which
+            # also lists them in user_ns_hidden: the displayhook's _/__/___
+            # (matching Out), the lists %reset creates anew...  Kept.
+            value = current.get(key, _MISSING)
+            return value is not _MISSING and hidden.get(key, _MISSING) is value
+
+        removed = [k for k in added if not _is_history(k) and not ipython_bound(k)]
         rebound: list = []
         undeleted: list = []
         for key in changed:
-            if _is_history(key):
+            if _is_history(key) or ipython_bound(key):
                 continue
             (rebound if key in current else undeleted).append(key)
         for key in removed:

@@ -342,6 +342,29 @@ def test_ipython_names_intact_after_rollback(quiet, clean_ns):
     assert ns["Out"][ip.execution_count - 1] == 40
 
 
+def test_values_ipython_displayed_before_the_failure_stay(quiet, clean_ns):
+    """With interactivity 'all' a failing cell can display values first:
+    ``_``/``_N``/``Out[N]`` are IPython's record of that and stay consistent."""
+    ip = clean_ns
+    ns = ip.user_ns
+    sync_unders(ip)
+    run(ip, "'before'", store_history=True)
+    saved = ip.ast_node_interactivity
+    ip.ast_node_interactivity = "all"
+    try:
+        result = run(ip, "tx_disp = 5\ntx_disp * 2\nraise ValueError", store_history=True,
+                     transaction=True)
+    finally:
+        ip.ast_node_interactivity = saved
+    count = result.execution_count
+    assert ns["Out"][count] == 10 and ns[f"_{count}"] == 10
+    assert ns["_"] == 10 and ns["__"] == "before"
+    assert result.pyrepl3_rollback["removed"] == ["tx_disp"]
+    assert "tx_disp" not in ns
+    run(ip, "'after'", store_history=True)
+    assert (ns["_"], ns["__"], ns["___"]) == ("after", 10, "before")
+
+
 def test_config_default_and_per_execute_override(quiet, clean_ns):
     ip = clean_ns
     config = extension.get_state(ip).config
