@@ -497,21 +497,25 @@ def test_snapshot_magic(clean_ns, capsys):
 
 def test_snapshot_file_round_trip(clean_ns, key_file, tmp_path):
     ip = clean_ns
-    run(ip, "file_n = 100\nfile_l = [1, {'a': (2, 3)}]\nfile_f = lambda: 1")
+    run(ip, "file_n = 100\nfile_l = [1, {'a': (2, 3)}]\nfile_f = lambda: 1\n"
+            "class FilePoint:\n    def __init__(self, x): self.x = x\nfile_p = FilePoint(7)")
     pyrepl3_ext.take_snapshot(ip, "disk")
     path = tmp_path / "snap.bin"
     saved = pyrepl3_ext.save_snapshot(ip, "disk", path)
     assert "file_f" in saved["skipped"]  # a lambda cannot be pickled
-    assert {"file_n", "file_l"} <= set(saved["names"])
-    assert not {"file_n", "file_l"} & set(saved["skipped"])
+    assert {"file_n", "file_l", "FilePoint", "file_p"} <= set(saved["names"])
+    assert not {"file_n", "file_l", "FilePoint", "file_p"} & set(saved["skipped"])
     if os.name == "posix":
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    run(ip, "file_n = 0\nfile_l = None")
+    run(ip, "file_n = 0\nfile_l = None\nfile_p = None")
     loaded = pyrepl3_ext.load_snapshot(ip, path, name="from-disk")
     assert loaded["name"] == "from-disk" and loaded["skipped"] == saved["skipped"]
     pyrepl3_ext.restore_snapshot(ip, "from-disk", clear=False)
     assert ip.user_ns["file_n"] == 100 and ip.user_ns["file_l"] == [1, {"a": (2, 3)}]
+    # instances of classes defined in cells come back (classes go by reference)
+    assert ip.user_ns["file_p"].x == 7
+    assert type(ip.user_ns["file_p"]) is ip.user_ns["FilePoint"]
     # a key given by the host instead of the key file
     pyrepl3_ext.save_snapshot(ip, "disk", path, key=b"k" * 32)
     assert pyrepl3_ext.load_snapshot(ip, path, key=b"k" * 32)["name"] == "disk"
