@@ -297,12 +297,15 @@ def test_rollback_on_timeout_with_typed_directives(quiet, clean_ns, events):
     assert error["rollback"]["rebound"] == ["tx_t"]
 
 
-def test_rollback_on_keyboard_interrupt(quiet, clean_ns, events):
+@pytest.mark.filterwarnings("ignore:To exit")  # IPython's hint after SystemExit
+@pytest.mark.parametrize("raised, kind", [("KeyboardInterrupt", "cancelled"),
+                                          ("SystemExit(3)", "exception")])
+def test_rollback_on_base_exceptions(quiet, clean_ns, events, raised, kind):
     ip = clean_ns
-    result = ip.run_cell("%%transaction\ntx_k = 1\nraise KeyboardInterrupt")
+    result = ip.run_cell(f"%%transaction\ntx_k = 1\nraise {raised}")
     assert "tx_k" not in ip.user_ns
     error, _ = outcome(events, result.pyrepl3_execution_id)
-    assert error["kind"] == "cancelled" and error["rollback"]["removed"] == ["tx_k"]
+    assert error["kind"] == kind and error["rollback"]["removed"] == ["tx_k"]
 
 
 def test_rollback_of_an_async_cell(quiet, clean_ns, events):
