@@ -36,6 +36,7 @@ dict, so it is only ever merged into):
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import hmac
@@ -114,14 +115,31 @@ def _diff(base: dict, current: dict) -> tuple[list, list]:
 
 
 class Transaction:
-    """One open transaction: the namespace's key -> value map when the cell began."""
+    """One open transaction: the namespace's key -> value map when the cell
+    began, and where the cell runs (its thread, and its asyncio task when
+    it runs on a loop, where the host's own coroutines run too)."""
 
-    __slots__ = ("execution_id", "thread_id", "base")
+    __slots__ = ("execution_id", "thread_id", "task", "base")
 
-    def __init__(self, execution_id: str, thread_id: int, base: dict):
+    def __init__(self, execution_id: str, thread_id: int, base: dict,
+                 task: Any = None):
         self.execution_id = execution_id
         self.thread_id = thread_id
+        self.task = task
         self.base = base
+
+    def is_own_call(self, thread_id: int) -> bool:
+        """Whether a namespace call from here is the cell's own doing."""
+        if thread_id != self.thread_id:
+            return False
+        return self.task is None or _current_task() is self.task
+
+
+def _current_task() -> Any:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        return None
 
 
 class Snapshot:
@@ -208,8 +226,9 @@ class NamespaceManager(Component):
         if not wanted:
             return
         ns = self.state.shell.user_ns
+        task = _current_task() if execution.mode == "async" else None
         with self._lock:
-            txn = Transaction(execution.id, threading.get_ident(), ns.copy())
+            txn = Transaction(execution.id, threading.get_ident(), ns.copy(), task)
             self._open.append(txn)
         execution.extras["namespace"] = txn
 
@@ -278,14 +297,15 @@ class NamespaceManager(Component):
     def _host_changed(self, name: str, value: Any = _MISSING) -> None:
         """Fold a host's write into every open transaction (caller holds the lock).
 
-        A write from the thread running a transaction's cell is that cell's
-        own doing and is rolled back with it; any other thread's is kept.
+        A write from the cell itself (its thread; its task for a cell
+        running on an event loop) is rolled back with it; any other
+        thread's or coroutine's is kept.
         """
         if not self._open:
             return
         tid = threading.get_ident()
         for txn in self._open:
-            if txn.thread_id == tid:
+            if txn.is_own_call(tid):
                 continue
             if value is _MISSING:
                 txn.base.pop(name, None)

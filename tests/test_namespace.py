@@ -408,6 +408,35 @@ def test_host_writes_during_a_transaction_are_kept(quiet, clean_ns):
     assert "tx_h_cell" not in ns and "tx_h_ready" not in ns
 
 
+def test_host_coroutine_on_the_cells_loop_is_a_host(quiet, clean_ns):
+    """An async cell shares its thread with the host's other coroutines: a
+    write from one of those is the host's (kept), not the cell's."""
+    import asyncio
+
+    ip = clean_ns
+
+    async def main():
+        async def host():
+            while pyrepl3_ext.get_variable(ip, "tx_aready", None) is None:
+                await asyncio.sleep(0.001)
+            pyrepl3_ext.set_variable(ip, "tx_ahost", "kept")
+            pyrepl3_ext.set_variable(ip, "tx_ago", True)
+
+        task = asyncio.ensure_future(host())
+        result = await pyrepl3_ext.run_cell_async(
+            ip, "import asyncio as tx_aio\ntx_aready = 1\n"
+                "while not globals().get('tx_ago'):\n    await tx_aio.sleep(0.001)\n"
+                "import pyrepl3_ext\npyrepl3_ext.set_variable(get_ipython(), 'tx_aown', 1)\n"
+                "raise ValueError", transaction=True)
+        await asyncio.wait_for(task, WAIT)
+        return result
+
+    result = asyncio.run(main())
+    assert isinstance(result.error_in_exec, ValueError)
+    assert ip.user_ns["tx_ahost"] == "kept" and ip.user_ns["tx_ago"] is True
+    assert not {"tx_aready", "tx_aown", "tx_aio"} & set(ip.user_ns)
+
+
 def test_api_calls_from_the_cell_itself_are_rolled_back(quiet, clean_ns):
     ip = clean_ns
     run(ip, "import pyrepl3_ext\ntx_s = 1")
