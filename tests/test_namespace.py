@@ -203,8 +203,15 @@ def test_rollback_when_the_cell_raises(quiet, clean_ns, events):
     ip = clean_ns
     run(ip, "tx_keep = 'old'\ntx_del = 'there'\ntx_list = [1]")
     old_keep = ip.user_ns["tx_keep"]
-    result = run(ip, "tx_keep = 'new'\ntx_added = 1\ndel tx_del\ntx_list.append(2)\n"
-                     "raise ValueError('boom')", execution_id="tx-raise", transaction=True)
+    seen_at_error = []
+    unsubscribe = pyrepl3_ext.subscribe(ip, lambda e: e["type"] == "error" and seen_at_error.append(
+        ("tx_added" in ip.user_ns, ip.user_ns.get("tx_keep"))))
+    try:
+        result = run(ip, "tx_keep = 'new'\ntx_added = 1\ndel tx_del\ntx_list.append(2)\n"
+                         "raise ValueError('boom')", execution_id="tx-raise", transaction=True)
+    finally:
+        unsubscribe()
+    assert seen_at_error == [(False, "old")]  # rolled back before the error event
     assert isinstance(result.error_in_exec, ValueError)
     assert ip.user_ns["tx_keep"] is old_keep
     assert "tx_added" not in ip.user_ns
