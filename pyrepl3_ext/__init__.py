@@ -13,12 +13,22 @@ from ._version import __version__
 from .errors import (CellCancelled, CellTimeout, ConcurrencyUnsupported,
                      PyREPL3Error, SecurityError, SessionBusy)
 from .extension import get_state, require_state
+from .errors import (NamespaceError, ProtectedName, SnapshotNotFound, SnapshotRefused,
+                     VariableNotFound)
+from .namespace import (delete_snapshot, delete_variable, get_variable, list_snapshots,
+                        list_variables, load_snapshot, restore_snapshot, save_snapshot,
+                        set_variable, take_snapshot, update_variables)
 
 __all__ = [
     "__version__", "load_ipython_extension", "unload_ipython_extension",
     "get_state", "subscribe", "run_cell", "run_cell_async", "cancel",
     "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
     "SecurityError", "SessionBusy",
+    # namespace manager (pyrepl3_ext.namespace)
+    "get_variable", "set_variable", "update_variables", "delete_variable",
+    "list_variables", "take_snapshot", "restore_snapshot", "delete_snapshot",
+    "list_snapshots", "save_snapshot", "load_snapshot", "NamespaceError",
+    "ProtectedName", "SnapshotNotFound", "SnapshotRefused", "VariableNotFound",
 ]
 
 

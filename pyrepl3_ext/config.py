@@ -77,3 +77,12 @@ class PyREPL3(Configurable):
              "or is cancelled, its changes to the namespace are rolled back. "
              "Per cell: %%transaction, or the execute option.",
     ).tag(config=True)
+
+    snapshot_key_file = Unicode(
+        "",
+        help="File holding the key that signs (HMAC-SHA256) snapshot files "
+             "written by %snapshot save / save_snapshot, and verifies them on "
+             "load. Created with 32 random bytes and mode 0600 if missing; "
+             "refused if other users can read it. Empty: "
+             "<ipython_dir>/pyrepl3/snapshot.key.",
+    ).tag(config=True)

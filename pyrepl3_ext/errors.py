@@ -56,3 +56,30 @@ class SessionBusy(PyREPL3Error):
 
 class ConcurrencyUnsupported(PyREPL3Error):
     """Concurrent execution was requested on a stock (unpatched) IPython."""
+
+
+class NamespaceError(PyREPL3Error):
+    """A namespace or snapshot request could not be carried out."""
+
+
+class VariableNotFound(NamespaceError, KeyError):
+    """The session has no variable of that name (a ``KeyError`` too)."""
+
+    def __str__(self) -> str:  # KeyError would show the repr of the message
+        return str(self.args[0]) if self.args else "variable not found"
+
+
+class SnapshotNotFound(NamespaceError, KeyError):
+    """The session has no snapshot of that name (a ``KeyError`` too)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "snapshot not found"
+
+
+class ProtectedName(NamespaceError, ValueError):
+    """A host tried to set or delete one of IPython's own names (``In``, ``_``...)."""
+
+
+class SnapshotRefused(NamespaceError):
+    """A snapshot file failed verification (wrong key, modified, not a snapshot):
+    it was not unpickled."""

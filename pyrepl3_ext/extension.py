@@ -38,6 +38,7 @@ from .events import EventBus, Execution, JSONLinesSink
 #: imported on this Python/IPython is reported, not fatal.
 COMPONENTS: list[tuple[str, str]] = [
     ("cancellation", "pyrepl3_ext.cancellation:CancellationManager"),
+    ("namespace", "pyrepl3_ext.namespace:NamespaceManager"),
 ]
 
 _states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()
@@ -413,7 +414,8 @@ class ShellState:
             execution.emit("error", ename="RuntimeError",
                            evalue="IPython failed while running the cell",
                            traceback=[], kind="exception",
-                           execution_count=execution.execution_count)
+                           execution_count=execution.execution_count,
+                           **execution.extras.get("error_fields", {}))
         else:
             result.pyrepl3_execution_id = execution.id
             error = result.error_before_exec or result.error_in_exec
@@ -427,9 +429,11 @@ class ShellState:
                 kind = classify_error(error, before_exec=result.error_before_exec is not None)
                 status = "cancelled" if kind in ("cancelled", "timeout") else "error"
                 if active:
+                    # components add fields to the error (e.g. the namespace's rollback)
                     execution.emit("error", ename=type(error).__name__,
                                    evalue=str(error), traceback=format_traceback(error),
-                                   kind=kind, execution_count=result.execution_count)
+                                   kind=kind, execution_count=result.execution_count,
+                                   **execution.extras.get("error_fields", {}))
         execution.status = status
         if active:
             execution.emit("finished", status=status,

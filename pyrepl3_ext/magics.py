@@ -1,4 +1,4 @@
-"""The extension's magics: ``%pyrepl3``, ``%%timeout`` and ``%%transaction``.
+"""The extension's magics: ``%pyrepl3``, ``%%timeout``, ``%%transaction``, ``%snapshot``.
 
 ``%%timeout`` and ``%%transaction`` are *directives*: when they open a cell,
 the extension's input transformer strips them and the cell body runs as an
@@ -74,3 +74,18 @@ class PyREPL3Magics(Magics):
         if line.strip():
             raise UsageError(f"%%transaction takes no argument, got {line.strip()!r}")
         self._run_with({"transaction": True}, cell)
+
+    @line_magic
+    def snapshot(self, line: str = "") -> None:
+        """%snapshot take|restore|delete NAME, list, save NAME PATH, load PATH [NAME].
+
+        Named deep copies of your variables (see docs/namespace.md);
+        ``restore NAME --keep`` keeps variables created after the snapshot.
+        """
+        from .errors import NamespaceError
+        from .namespace import snapshot_magic
+
+        try:
+            print(snapshot_magic(self.shell, line))
+        except (ValueError, NamespaceError) as exc:
+            raise UsageError(str(exc)) from None
