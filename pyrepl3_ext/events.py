@@ -124,6 +124,11 @@ class Execution:
             extras = self.__dict__["_extras"] = {}
             return extras
 
+    def extra(self, key: str) -> Any:
+        """``extras.get(key)`` without creating ``extras`` (per-cell hot paths)."""
+        extras = self.__dict__.get("_extras")
+        return extras.get(key) if extras else None
+
     @property
     def finished(self) -> bool:
         return self._closed

@@ -233,7 +233,7 @@ class NamespaceManager(Component):
         execution.extras["namespace"] = txn
 
     def after_cell(self, execution: Any, result: Any) -> None:
-        txn = execution.extras.get("namespace")
+        txn = execution.extra("namespace")
         if txn is None:
             return
         failed = result is None or result.error_in_exec is not None \
