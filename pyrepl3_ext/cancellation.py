@@ -253,9 +253,11 @@ _unsafe_lines_cache: dict[str, frozenset[int]] = {}
 def _unsafe_lines(filename: str) -> frozenset[int]:
     """Lines of ``filename`` where a raise could cut cleanup short.
 
-    ``try:`` lines (their NOP is outside the protected range) and every line
-    of a ``finally:`` clause.  Computed once per file from linecache (IPython
-    registers cell sources there).
+    ``try:`` lines (their NOP is outside the protected range), the statement
+    just before a ``try:`` (a resource taken there is not protected yet:
+    ``threading.Condition.wait``), and every line of a ``finally:`` clause.
+    Computed once per file from linecache (IPython registers cell sources
+    there).
 
     Found with :mod:`tokenize`, not :mod:`ast`: this runs inside signal
     handlers, trace and monitoring callbacks, which can fire in the middle of
@@ -269,6 +271,9 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
     lines: set[int] = set()
     depth = 0             # indentation level
     line_start = True     # the next token starts a logical line
+    # the logical line before the current one at this depth: (first, last, depth)
+    previous = (0, 0, -1)
+    current = (0, 0, 0)
     clause = None         # an open ``finally`` clause: [first line, header state, body level]
     last_line = 0
     source = "".join(linecache.getlines(filename))
@@ -290,15 +295,24 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
                 continue
             if kind == tokenize.NEWLINE:
                 line_start = True
+                previous = (current[0], tok.start[0], current[2])
                 if clause is not None and clause[1] in ("header", "colon"):
                     clause[1] = "newline"  # an indented body follows
                 elif clause is not None and clause[1] == "inline":
                     lines.add(clause[0])   # ``finally: stmt`` on one line
                     clause = None
                 continue
+            if line_start:
+                current = (tok.start[0], tok.start[0], depth)
             if line_start and kind == tokenize.NAME:
                 if tok.string == "try":
                     lines.add(tok.start[0])
+                    if previous[2] == depth:
+                        # the statement just before ``try:`` runs after the
+                        # resource was taken and before anything releases it
+                        # (threading.Condition.wait: ``_release_save()``,
+                        # ``gotit = False``, ``try:``)
+                        lines.update(range(previous[0], tok.start[0]))
                 elif tok.string == "finally" and clause is None:
                     clause = [tok.start[0], "header", None]
             elif clause is not None and clause[1] == "header" and tok.string == ":":
@@ -321,6 +335,13 @@ _RUN_CODE_CODES: set = set()
 
 def _is_root(code) -> bool:
     return code in _RUN_CODE_CODES
+
+
+def _is_cell_code(code) -> bool:
+    """Whether ``code`` (run by ``run_code``) is a cell's own code: compiled
+    from the cell, it is module-level code.  Anything else ``run_code``
+    calls (``showtraceback``, a custom exception handler) is not."""
+    return code.co_name == "<module>"
 
 
 def _safe_to_raise(frame, scope: CancelScope) -> bool:
@@ -347,8 +368,10 @@ def _safe_to_raise(frame, scope: CancelScope) -> bool:
         f = f.f_back
     else:
         return False  # not inside a cell's code: IPython machinery, or the cell ended
-    if not above:
-        return False  # run_code itself (its start): the cell's code has not begun
+    if not above or not _is_cell_code(above[-1].f_code):
+        # run_code itself (its start), or IPython's work inside it (printing
+        # the traceback of the exception that just left the cell's code)
+        return False
     if time.monotonic() - scope.requested_at > HARD_DEADLINE:
         return True
     for depth, f in enumerate(above):
@@ -365,11 +388,14 @@ def _safe_to_raise(frame, scope: CancelScope) -> bool:
 
 
 def _cell_code_on_stack(thread_id: int) -> bool:
-    """Whether the thread is inside a cell's code (``run_code`` is on its stack)."""
+    """Whether the thread is inside a cell's code: ``run_code`` is on its
+    stack and what it runs is the cell (not the traceback printing)."""
     f = sys._current_frames().get(thread_id)
+    above = None
     while f is not None:
         if _is_root(f.f_code):
-            return True
+            return above is not None and _is_cell_code(above.f_code)
+        above = f
         f = f.f_back
     return False
 
@@ -1046,7 +1072,8 @@ class CancellationManager(Component):
         if scope.finished or scope.generation != generation:
             return
         uses_async_exc = not _HAS_MONITORING and scope.thread_id != threading.main_thread().ident
-        if scope.mechanism == "raised" and not _cell_code_on_stack(scope.thread_id):
+        if (scope.mechanism == "raised" or uses_async_exc) \
+                and not _cell_code_on_stack(scope.thread_id):
             # The exception left the cell's code; IPython is still wrapping up
             # (formatting a deep traceback can take a while): nothing to re-arm.
             _TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),

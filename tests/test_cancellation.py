@@ -554,6 +554,18 @@ def test_stacks_of_ended_threads_are_dropped(quiet):
             cancellation._thread_scopes.pop(fresh, None)
 
 
+def test_condition_wait_is_never_cut_between_release_and_try():
+    """threading.Condition.wait releases the lock, then enters its try: a
+    raise in between left the Condition unlocked ("release unlocked lock")."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(threading.Condition.wait)
+    unsafe = cancellation._unsafe_lines(threading.__file__)
+    release = next(start + i for i, line in enumerate(lines) if "_release_save()" in line)
+    guard = next(start + i for i, line in enumerate(lines) if line.strip().startswith("try:"))
+    assert set(range(release + 1, guard + 1)) <= unsafe
+
+
 def test_unsafe_lines_cover_try_lines_and_finally_clauses():
     import linecache
 
@@ -582,7 +594,9 @@ def test_unsafe_lines_cover_try_lines_and_finally_clauses():
     name = "<pyrepl3-test-unsafe-lines>"
     linecache.cache[name] = (len(source), None, source.splitlines(True), name)
     try:
-        assert cancellation._unsafe_lines(name) == {2, 4, 5, 6, 7, 9, 10, 13, 17, 18, 19}
+        # try lines, finally clauses, and the statement before a try (x = 1,
+        # v = 5: a resource taken there is not protected yet)
+        assert cancellation._unsafe_lines(name) == {1, 2, 4, 5, 6, 7, 8, 9, 10, 13, 17, 18, 19}
     finally:
         linecache.cache.pop(name, None)
         cancellation._unsafe_lines_cache.pop(name, None)
@@ -615,3 +629,32 @@ def test_cancel_before_the_cells_code_starts(quiet, where):
     finally:
         ip.events.unregister("pre_run_cell", cancel_now)
     assert pyrepl3_ext.run_cell(ip, "1 + 1").result == 2
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_no_second_cancel_while_ipython_prints_the_traceback(ip, started, where):
+    """Printing a cancelled cell's traceback can take longer than the grace
+    period; the level-triggered re-cancel must not fire inside it."""
+    calls = []
+
+    def slow_showtraceback(*args, **kwargs):
+        calls.append(sys.exc_info()[0])
+        time.sleep(1.5)  # three times cancel_grace
+
+    ip.showtraceback = slow_showtraceback
+    try:
+        code = "_started.set()\nwhile True:\n    pass"
+        if where == "main":
+            canceller, _ = cancel_when_started(ip, started, "tb1")
+            result = pyrepl3_ext.run_cell(ip, code, execution_id="tb1")
+            canceller.join(WAIT)
+        else:
+            thread, out = run_in_thread(ip, code, "tb1")
+            assert started.wait(WAIT)
+            assert pyrepl3_ext.cancel(ip, "tb1", "test cancel") is True
+            thread.join(WAIT)
+            result = out["result"]
+    finally:
+        del ip.showtraceback
+    assert_cancelled(result, "tb1")
+    assert len(calls) == 1, calls
