@@ -11,15 +11,31 @@ from typing import Any, Callable
 
 from ._version import __version__
 from .errors import (CellCancelled, CellTimeout, ConcurrencyUnsupported,
-                     PyREPL3Error, SecurityError, SessionBusy)
+                     PyREPL3Error, SecurityError, SessionBusy, SessionClosed)
 from .extension import get_state, require_state
 
 __all__ = [
     "__version__", "load_ipython_extension", "unload_ipython_extension",
     "get_state", "subscribe", "run_cell", "run_cell_async", "cancel",
     "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
-    "SecurityError", "SessionBusy",
+    "SecurityError", "SessionBusy", "SessionClosed", "Engine", "Session",
+    "ExecutionHandle",
 ]
+
+#: Names imported on first use, so ``import pyrepl3_ext`` (which every
+#: shell loading the extension pays) does not import the engine.
+_LAZY = {"Engine": "engine", "Session": "engine", "ExecutionHandle": "engine"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyrepl3_ext' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def load_ipython_extension(ipython: Any) -> None:

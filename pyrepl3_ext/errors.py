@@ -56,3 +56,7 @@ class SessionBusy(PyREPL3Error):
 
 class ConcurrencyUnsupported(PyREPL3Error):
     """Concurrent execution was requested on a stock (unpatched) IPython."""
+
+
+class SessionClosed(PyREPL3Error):
+    """Work was sent to an engine session that is closed (or closing)."""
