@@ -2,7 +2,9 @@
 
 Load it in any IPython 8.12+/9.x shell with ``%load_ext pyrepl3_ext`` (or
 ``c.InteractiveShellApp.extensions = ["pyrepl3_ext"]``).  Hosts use the
-functions below; ``docs/architecture.md`` says where each capability lives.
+functions below on a shell of their own, or ``Engine`` for sessions the
+engine creates (``docs/engine.md``); ``docs/architecture.md`` says where
+each capability lives.
 """
 
 from __future__ import annotations
