@@ -1,6 +1,6 @@
 """Engine sessions: memory of create/close cycles, cost of many live sessions.
 
-Run: ``python bench/bench_sessions.py [--cycles 1000] [--live 100] [--rounds 5]``
+Run: ``python bench/bench_sessions.py [--cycles 1000] [--live 100] [--rounds 30]``
 (meant for the patched build, e.g. ``/work/venvs/py312-patched``; it runs on
 stock IPython too, where sessions exist side by side but run one at a time).
 
@@ -18,10 +18,10 @@ Live sessions
     each), RSS per live session, and the time to close them all.
 
 Side by side
-    ``--rounds`` interleaved rounds of creating a bare ``InteractiveShell``
-    and an engine session (closing them is not timed), so the engine's own
-    share of the creation time is a ratio measured in one run on a noisy
-    machine.
+    ``--rounds`` interleaved rounds of creating one bare ``InteractiveShell``
+    and one engine session (closing them is not timed); the best round of
+    each is the creation cost without a garbage collection or a scheduler
+    pause in it, and their ratio the engine's own share.
 
 Results are written as JSON to ``bench/results/``.
 """
@@ -140,7 +140,7 @@ def side_by_side(engine, rounds: int) -> dict:
             sessions.pop().close()
 
     timings = interleaved({"bare InteractiveShell": bare, "engine session": session},
-                          rounds=rounds, number=10, setup=close_all)
+                          rounds=rounds, number=1, setup=close_all)
     close_all("")
     ratio = timings["engine session"]["best"] / timings["bare InteractiveShell"]["best"]
     return {"per_op_ms": {k: {m: round(v * 1000, 2) for m, v in t.items()}
@@ -157,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--live", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
 
     from pyrepl3_ext import Engine

@@ -296,7 +296,12 @@ def test_the_hosts_main_module_is_left_alone(engine):
     main = sys.modules["__main__"]
     s = engine.create_session()
     assert sys.modules["__main__"] is main
-    s.execute("class Point:\n    pass\nimport pickle\nblob = pickle.dumps(Point())")
+    result = s.execute("class Point:\n    pass\nimport pickle\n"
+                       "type(pickle.loads(pickle.dumps(Point()))) is Point")
+    if not is_patched_build():
+        # stock: the session's module is lent to __main__ during its cells
+        # (on the patched build per-shell __main__ is the patch series' job)
+        assert result.result is True
     assert sys.modules["__main__"] is main
     s.close()
     assert sys.modules["__main__"] is main
@@ -480,6 +485,28 @@ def test_stock_sessions_one_after_another_stay_isolated(engine):
         b.execute(f"v = {-i}")
     assert a.execute("v").result == 4 and b.execute("v").result == -4
     assert a.execute("len(Out)").result == b.execute("len(Out)").result
+
+
+def test_the_first_session_of_a_shell_less_process_is_the_current_shell():
+    code = """if True:
+        import IPython
+        from IPython.core.interactiveshell import InteractiveShell
+        from pyrepl3_ext import Engine
+        from pyrepl3_ext._compat import is_patched_build
+        probe = "import IPython\\nIPython.get_ipython() is get_ipython()"
+        with Engine() as engine:
+            first, second = engine.create_session(), engine.create_session()
+            assert first.execute(probe).result is True
+            # stock: a secondary session's IPython.get_ipython() is the
+            # singleton (documented limit); the patched build answers right
+            assert second.execute(probe).result is is_patched_build()
+            assert first.singleton is not is_patched_build()
+        assert not InteractiveShell.initialized()
+        with Engine() as engine:  # the singleton's place is free again
+            assert engine.create_session().execute(probe).result is True
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=WAIT,
+                   stdout=subprocess.DEVNULL)
 
 
 # -- import cost --------------------------------------------------------------
