@@ -418,6 +418,19 @@ def test_cancelling_the_awaiting_task_cancels_the_cell(session):
     assert session.execute("'next'").result == "next"
 
 
+def test_timeouts_cancel_await_cells_on_either_loop(session):
+    session.execute("import asyncio")
+    on_session_loop = session.execute("await asyncio.sleep(30)", timeout=0.2)
+    assert isinstance(cancel_error(on_session_loop), CellTimeout)
+
+    async def main():
+        return await session.execute_async("await asyncio.sleep(30)", timeout=0.2)
+
+    on_host_loop = asyncio.run(main())
+    assert isinstance(cancel_error(on_host_loop), CellTimeout)
+    assert session.execute("await asyncio.sleep(0)\n'fine'").result == "fine"
+
+
 def test_async_context_managers():
     async def main():
         async with Engine(config=_config()) as eng:
