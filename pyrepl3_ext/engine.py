@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import itertools
 import sys
 import threading
 from typing import Any, Callable, Iterator
@@ -42,7 +41,6 @@ from .executor import Job, SessionExecutor
 #: shells share is process-wide.
 _gate_lock = threading.Lock()
 _gate_owner: "Session | None" = None
-_anonymous = itertools.count(1)
 
 
 class ExecutionHandle:
@@ -381,8 +379,6 @@ class Session:
         return self._finish_close(0)
 
     def _teardown(self) -> None:
-        global _gate_owner
-
         with self._lock:
             if self._torn_down:
                 return
@@ -399,25 +395,33 @@ class Session:
             if self._unsubscribe is not None:
                 self._unsubscribe()
                 self._unsubscribe = None
-        unload(shell)
         try:
-            _compat.close_shell(shell)
+            unload(shell)
         finally:
-            if sys.modules.get("__main__") is shell.user_module:
-                if self._main_before is None:
-                    sys.modules.pop("__main__", None)
-                else:
-                    sys.modules["__main__"] = self._main_before
-            if self.singleton:
-                from IPython.core.interactiveshell import InteractiveShell
+            try:
+                _compat.close_shell(shell)
+            finally:
+                self._release(shell)
 
-                if InteractiveShell._instance is shell:
-                    InteractiveShell.clear_instance()
-            with _gate_lock:
-                if _gate_owner is self:
-                    _gate_owner = None
-            self._executor.shell = None
-            self._shell = None
+    def _release(self, shell: Any) -> None:
+        """Give back what the session held of the process; drop the shell."""
+        global _gate_owner
+
+        if sys.modules.get("__main__") is shell.user_module:
+            if self._main_before is None:
+                sys.modules.pop("__main__", None)
+            else:
+                sys.modules["__main__"] = self._main_before
+        if self.singleton:
+            from IPython.core.interactiveshell import InteractiveShell
+
+            if InteractiveShell._instance is shell:
+                InteractiveShell.clear_instance()
+        with _gate_lock:
+            if _gate_owner is self:
+                _gate_owner = None
+        self._executor.shell = None
+        self._shell = None
 
     def __enter__(self) -> "Session":
         return self
