@@ -2,7 +2,9 @@
 
 Load it in any IPython 8.12+/9.x shell with ``%load_ext pyrepl3_ext`` (or
 ``c.InteractiveShellApp.extensions = ["pyrepl3_ext"]``).  Hosts use the
-functions below; ``docs/architecture.md`` says where each capability lives.
+functions below on a shell of their own, or ``Engine`` for sessions the
+engine creates (``docs/engine.md``); ``docs/architecture.md`` says where
+each capability lives.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ._version import __version__
-from .errors import (CellCancelled, CellTimeout, ConcurrencyUnsupported,
-                     PyREPL3Error, SecurityError, SessionBusy)
+from .errors import (CellCancelled, CellTimeout, ConcurrencyUnsupported, NamespaceError,
+                     ProtectedName, PyREPL3Error, SecurityError, SessionBusy, SessionClosed,
+                     SnapshotNotFound, SnapshotRefused, VariableNotFound)
 from .extension import get_state, require_state
-from .errors import (NamespaceError, ProtectedName, SnapshotNotFound, SnapshotRefused,
-                     VariableNotFound)
 from .namespace import (delete_snapshot, delete_variable, get_variable, list_snapshots,
                         list_variables, load_snapshot, restore_snapshot, save_snapshot,
                         set_variable, take_snapshot, update_variables)
@@ -23,13 +24,29 @@ __all__ = [
     "__version__", "load_ipython_extension", "unload_ipython_extension",
     "get_state", "subscribe", "run_cell", "run_cell_async", "cancel",
     "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
-    "SecurityError", "SessionBusy",
+    "SecurityError", "SessionBusy", "SessionClosed", "Engine", "Session",
+    "ExecutionHandle",
     # namespace manager (pyrepl3_ext.namespace)
     "get_variable", "set_variable", "update_variables", "delete_variable",
     "list_variables", "take_snapshot", "restore_snapshot", "delete_snapshot",
     "list_snapshots", "save_snapshot", "load_snapshot", "NamespaceError",
     "ProtectedName", "SnapshotNotFound", "SnapshotRefused", "VariableNotFound",
 ]
+
+#: Names imported on first use, so ``import pyrepl3_ext`` (which every
+#: shell loading the extension pays) does not import the engine.
+_LAZY = {"Engine": "engine", "Session": "engine", "ExecutionHandle": "engine"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyrepl3_ext' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def load_ipython_extension(ipython: Any) -> None:

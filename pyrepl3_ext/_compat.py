@@ -93,3 +93,31 @@ async def run_cell_async(shell: Any, raw_cell: str, *, store_history: bool,
     kwargs.update(run_cell_kwargs(cell_meta))
     return await shell.run_cell_async(raw_cell, store_history=store_history,
                                       silent=silent, **kwargs)
+
+
+def close_shell(shell: Any) -> None:
+    """Release a shell the engine created and is done with.
+
+    Builds with ``InteractiveShell.close()`` (the patch series) do it all
+    there.  Elsewhere: IPython's own exit operations once (reset the
+    namespace, end the history session), and the ``atexit`` registrations
+    (the shell's, its ``ScriptMagics``') that would otherwise keep the shell
+    alive until the process exits.
+    """
+    close = getattr(shell, "close", None)
+    if callable(close):
+        close()
+        return
+    import atexit
+
+    try:
+        shell.atexit_operations()
+    finally:
+        atexit.unregister(shell.atexit_operations)
+        # %%script --bg registers its own exit hook on the shell's ScriptMagics
+        script = shell.magics_manager.registry.get("ScriptMagics")
+        if script is not None:
+            try:
+                script.kill_bg_processes()
+            finally:
+                atexit.unregister(script.kill_bg_processes)

@@ -858,7 +858,7 @@ class CancellationManager(Component):
         if parent is not None and parent.cancel_called and not parent.finished:
             # the enclosing cell's cancel may have walked the stack before the push
             self.cancel(execution.id, parent.reason, kind=parent.kind)
-        if execution.mode == "async":
+        if execution.mode in ("async", "async-host"):  # executor.py's await routes
             # only the cell's own coroutine task may be cancelled: a sync cell
             # run from a host's coroutine (ipykernel) must not touch the host's task
             try:
@@ -1044,7 +1044,12 @@ class CancellationManager(Component):
                 if scope.finished:
                     return
                 scope.mechanism = "armed"
-                if scope.in_code and not scope.async_exc_pending:
+                # an async cell suspended in its loop (worker thread) is run
+                # by the loop's machinery: the task cancel above stops it, an
+                # exception posted now would land in the loop, not the cell
+                if scope.in_code and not scope.async_exc_pending and (
+                        scope.task is None or
+                        _frames_above_root(sys._current_frames().get(tid))):
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
         _TIMER.call_at(time.monotonic() + max(config.cancel_grace, 0.05),

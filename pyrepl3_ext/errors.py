@@ -83,3 +83,7 @@ class ProtectedName(NamespaceError, ValueError):
 class SnapshotRefused(NamespaceError):
     """A snapshot file failed verification (wrong key, modified, not a snapshot):
     it was not unpickled."""
+
+
+class SessionClosed(PyREPL3Error):
+    """Work was sent to an engine session that is closed (or closing)."""

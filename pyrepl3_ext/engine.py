@@ -1,0 +1,545 @@
+"""The engine API: isolated IPython sessions driven from any thread or event loop.
+
+An :class:`Engine` creates and closes :class:`Session` objects; a session is
+one ``InteractiveShell`` of its own (never the host's) with pyrepl3_ext
+loaded and a :class:`~pyrepl3_ext.executor.SessionExecutor` that runs its
+cells strictly in order on the session's worker thread (see
+``executor.py`` for the routing rule).
+
+Stock IPython vs the patched build (``_compat.is_patched_build()``):
+
+* patched: every session is a non-singleton shell; sessions run cells
+  concurrently (the patch series keeps them apart).
+* stock: shells share process-wide hooks, so cells of different sessions
+  must not overlap.  Several sessions may be alive (each keeps its own
+  namespace, ``In``/``Out``, execution count and in-memory history), but a
+  request to a session while *another* session has a cell running or
+  queued raises :class:`~pyrepl3_ext.errors.ConcurrencyUnsupported`.  The
+  first session created while the process has no IPython shell becomes the
+  singleton, so ``IPython.get_ipython()`` and ``display()`` answer for it;
+  further sessions are secondary shells, where those two answer for the
+  singleton (docs/engine.md lists the limits).  During a stock session's
+  cell ``sys.modules['__main__']`` is its module (pickling cell classes
+  works) and the host's module is back afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+from . import _compat
+from .errors import ConcurrencyUnsupported, SessionClosed
+from .executor import Job, SessionExecutor
+
+#: Stock IPython: the session that last had work; another session may
+#: submit only while this one is idle.  Process-wide because the state the
+#: shells share is process-wide.
+_gate_lock = threading.Lock()
+_gate_owner: "Session | None" = None
+
+
+class ExecutionHandle:
+    """A submitted execution (``execute(..., wait=False)``): await it, or
+    call :meth:`result`.  The result is IPython's ``ExecutionResult``."""
+
+    def __init__(self, session: "Session", job: Job):
+        self.session = session
+        self._job = job
+        self._future = job.future
+
+    @property
+    def execution_id(self) -> str:
+        return self._job.execution_id
+
+    @property
+    def mode(self) -> str:
+        """The route the cell took (``thread``, ``async``, ``async-host``); empty until it starts."""
+        return self._job.mode
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the cell (at most ``timeout`` seconds; ``TimeoutError`` after
+        that, the cell keeps running) and return its ``ExecutionResult``."""
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"execution {self.execution_id!r} is still running") from None
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        return self.session.cancel(self.execution_id, reason)
+
+    def add_done_callback(self, callback: Callable[["ExecutionHandle"], None]) -> None:
+        self._future.add_done_callback(lambda _f: callback(self))
+
+    def __await__(self):
+        return asyncio.wrap_future(self._future).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else ("running" if self._job.started else "queued")
+        return f"<ExecutionHandle {self.execution_id!r} {state}>"
+
+
+class Session:
+    """One isolated IPython shell with pyrepl3_ext loaded; create it with
+    :meth:`Engine.create_session`."""
+
+    def __init__(self, engine: "Engine", session_id: str | None, config: Any):
+        from traitlets.config import Config
+
+        from .extension import load
+
+        self.engine = engine
+        cfg = Config()
+        cfg.HistoryManager.hist_file = ":memory:"  # no shared sqlite file, no saver thread
+        for extra in (engine.config, config):
+            if extra is not None:
+                cfg.merge(extra)
+        if session_id is not None:
+            cfg.PyREPL3.session_id = session_id
+        self.singleton = False
+        self._main_before = sys.modules.get("__main__")
+        self._shell = self._create_shell(cfg)
+        self._state = load(self._shell)
+        self.id: str = self._state.session_id
+        self._lock = threading.Lock()
+        self._closed = False
+        self._torn_down = False
+        self._watchers: dict[str, Callable[[dict], None]] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        around = None if engine.concurrent else self._lend_main
+        self._executor = SessionExecutor(self._shell, self.id, around)
+        self._shell.events.register("pre_run_cell", self._on_pre_run_cell)
+
+    def _create_shell(self, cfg: Any) -> Any:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        before = sys.modules.get("__main__")
+        if self.engine.concurrent:
+            shell = InteractiveShell(config=cfg)
+        else:
+            with _gate_lock:
+                if not InteractiveShell.initialized():
+                    shell = InteractiveShell.instance(config=cfg)
+                    self.singleton = True
+                else:
+                    shell = InteractiveShell(config=cfg)
+        # IPython puts the new shell's module in sys.modules['__main__'],
+        # replacing the host's; give the host its module back (the stock
+        # build lends the session's module per cell, see _lend_main)
+        if sys.modules.get("__main__") is shell.user_module:
+            if before is None:
+                sys.modules.pop("__main__", None)
+            else:
+                sys.modules["__main__"] = before
+        return shell
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def shell(self) -> Any:
+        """The session's ``InteractiveShell``."""
+        if self._shell is None:
+            raise SessionClosed(f"session {self.id!r} is closed")
+        return self._shell
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """A cell is running or queued."""
+        return self._executor.busy
+
+    @property
+    def running(self) -> str | None:
+        """The id of the execution running now, if any."""
+        job = self._executor.running
+        return job.execution_id if job is not None else None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("busy" if self.busy else "idle")
+        return f"<Session {self.id!r} {state}>"
+
+    # -- executing --------------------------------------------------------------
+    def execute(self, code: str, *, execution_id: str | None = None,
+                timeout: float | None = None, transaction: bool | None = None,
+                on_event: Callable[[dict], None] | None = None, wait: bool = True,
+                queue: bool | None = None, store_history: bool = True,
+                silent: bool = False) -> Any:
+        """Run ``code`` in this session and return its ``ExecutionResult``.
+
+        Thread-safe.  ``on_event(event)`` receives this execution's events
+        (in the thread that produced them).  ``wait=False`` returns an
+        :class:`ExecutionHandle` at once.  ``queue`` (default: the engine's)
+        says what happens while the session is busy: wait in line, or raise
+        ``SessionBusy``.  ``timeout`` counts from the moment the cell starts.
+        A caller interrupted while waiting (``KeyboardInterrupt``) cancels it.
+        """
+        if wait and threading.current_thread() is self._executor.thread:
+            raise RuntimeError(
+                "a cell cannot wait for another cell of its own session (it would "
+                "wait for itself); use wait=False")
+        handle = self._submit(code, execution_id, timeout, transaction, on_event,
+                              queue, store_history, silent, host_loop=None)
+        if not wait:
+            return handle
+        try:
+            return handle._future.result()
+        except BaseException:
+            if not handle.done():
+                self.cancel(handle.execution_id, "the caller stopped waiting")
+            raise
+
+    def submit(self, code: str, **options: Any) -> ExecutionHandle:
+        """``execute(code, wait=False, **options)``."""
+        return self.execute(code, wait=False, **options)
+
+    async def execute_async(self, code: str, *, execution_id: str | None = None,
+                            timeout: float | None = None, transaction: bool | None = None,
+                            on_event: Callable[[dict], None] | None = None,
+                            queue: bool | None = None, store_history: bool = True,
+                            silent: bool = False, async_on_host: bool = True) -> Any:
+        """The coroutine form of :meth:`execute`, for hosts with an asyncio loop.
+
+        Sync cells run on the session's worker thread while the loop goes
+        on; a top-level-``await`` cell runs on the calling loop in a task of
+        its own (``async_on_host=False``: on the session's loop instead).
+        Cancelling the awaiting task cancels the execution.
+        """
+        loop = asyncio.get_running_loop()
+        handle = self._submit(code, execution_id, timeout, transaction, on_event,
+                              queue, store_history, silent,
+                              host_loop=loop if async_on_host else None)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(handle._future))
+        except asyncio.CancelledError:
+            self.cancel(handle.execution_id, "the caller stopped waiting")
+            raise
+
+    def _submit(self, code: str, execution_id: str | None, timeout: float | None,
+                transaction: bool | None, on_event: Callable[[dict], None] | None,
+                queue: bool | None, store_history: bool, silent: bool,
+                host_loop: asyncio.AbstractEventLoop | None) -> ExecutionHandle:
+        global _gate_owner
+
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a string, got {type(code).__name__}")
+        if self._closed:
+            raise SessionClosed(f"session {self.id!r} is closed")
+        from . import _options
+
+        _options(execution_id, timeout, transaction, None)  # validate now, in the caller
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, got {on_event!r}")
+        if execution_id is None:
+            execution_id = self._state.new_execution_id()
+        elif self._executor.find(execution_id) is not None:
+            raise ValueError(f"execution {execution_id!r} is already queued or running "
+                             f"in session {self.id!r}")
+        job = Job(code, execution_id, timeout=timeout, transaction=transaction,
+                  store_history=store_history, silent=silent, host_loop=host_loop)
+        queue = self.engine.queue if queue is None else queue
+        if on_event is not None:
+            self._watch(execution_id, on_event)
+            job.future.add_done_callback(lambda _f: self._unwatch(execution_id))
+        try:
+            if self.engine.concurrent:
+                self._executor.submit(job, queue=queue)
+            else:
+                with _gate_lock:
+                    owner = _gate_owner
+                    if owner is not None and owner is not self and owner.busy:
+                        raise ConcurrencyUnsupported(_concurrency_message(owner))
+                    self._executor.submit(job, queue=queue)
+                    _gate_owner = self
+        except BaseException:
+            if on_event is not None:
+                self._unwatch(execution_id)
+            raise
+        return ExecutionHandle(self, job)
+
+    def cancel(self, execution_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a queued or running execution of this session, from any thread.
+
+        A queued one never starts (its result has ``error_before_exec`` =
+        ``CellCancelled``, and it emits no events); a running one raises
+        ``CellCancelled`` at its next safe point (``cancellation.py``).
+        Returns whether such an execution was found.
+        """
+        job = self._executor.cancel(execution_id, reason)
+        if job is None:
+            return False
+        if job.started:
+            from .cancellation import cancel
+
+            cancel(self._shell, execution_id, reason)
+        return True
+
+    def _on_pre_run_cell(self, info: Any) -> None:
+        # A cancel that arrived after the job left the queue but before the
+        # cell's cancel scope opened found no scope to mark; the scope is
+        # open now (this hook runs after the extension's).
+        execution = self._state.current_execution()
+        if execution is None:
+            return
+        reason = self._executor.cancel_pending_for(execution.id)
+        if reason is not None:
+            from .cancellation import cancel
+
+            cancel(self._shell, execution.id, reason)
+
+    # -- per-execution events ---------------------------------------------------
+    def _watch(self, execution_id: str, callback: Callable[[dict], None]) -> None:
+        # One bus subscriber per session, only while some execution has a
+        # callback: executions without one cost nothing extra (no events
+        # are built when nobody listens).
+        with self._lock:
+            self._watchers[execution_id] = callback
+            if self._unsubscribe is None:
+                self._unsubscribe = self._state.bus.subscribe(self._dispatch)
+
+    def _unwatch(self, execution_id: str) -> None:
+        with self._lock:
+            self._watchers.pop(execution_id, None)
+            if not self._watchers and self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+
+    def _dispatch(self, event: dict) -> None:
+        callback = self._watchers.get(event["execution_id"])
+        if callback is not None:
+            try:
+                callback(event)
+            except Exception as exc:  # noqa: BLE001 - a host callback must not break the cell
+                self._state.report_internal_error(f"on_event callback of session {self.id}", exc)
+
+    # -- stock: lend __main__ ----------------------------------------------------
+    @contextlib.contextmanager
+    def _lend_main(self) -> Iterator[None]:
+        module = self._shell.user_module
+        name = getattr(module, "__name__", "__main__")
+        before = sys.modules.get(name)
+        sys.modules[name] = module
+        try:
+            yield
+        finally:
+            if sys.modules.get(name) is module:
+                if before is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = before
+
+    # -- closing ------------------------------------------------------------------
+    def _begin_close(self, reason: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        running = self._executor.running
+        self._executor.shutdown(reason)
+        if running is not None and running.started:
+            from .cancellation import cancel
+
+            cancel(self._shell, running.execution_id, reason)
+
+    def _finish_close(self, timeout: float | None) -> bool:
+        done = self._executor.join(timeout)
+        if done:
+            self._teardown()
+        else:
+            # the cell did not stop in time (blocked in C code): the worker
+            # tears the session down when it ends
+            self._executor.after_exit(self._teardown)
+        self.engine._forget(self)
+        return done
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Cancel the running cell and drop queued ones, then release the shell.
+
+        Idempotent.  Returns True when the session is fully closed; False if
+        the running cell did not end within ``timeout`` seconds (it is then
+        released as soon as the cell ends).  A closed session refuses work
+        with ``SessionClosed``.
+        """
+        self._begin_close("session closed")
+        return self._finish_close(timeout)
+
+    async def aclose(self, timeout: float | None = 10.0) -> bool:
+        """:meth:`close` without blocking the caller's event loop."""
+        self._begin_close("session closed")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._executor.join, timeout)
+        return self._finish_close(0)
+
+    def _teardown(self) -> None:
+        with self._lock:
+            if self._torn_down:
+                return
+            self._torn_down = True
+        shell = self._shell
+        from .extension import unload
+
+        try:
+            shell.events.unregister("pre_run_cell", self._on_pre_run_cell)
+        except ValueError:
+            pass
+        with self._lock:
+            self._watchers.clear()
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+        try:
+            unload(shell)
+        finally:
+            try:
+                _compat.close_shell(shell)
+            finally:
+                self._release(shell)
+
+    def _release(self, shell: Any) -> None:
+        """Give back what the session held of the process; drop the shell."""
+        global _gate_owner
+
+        if sys.modules.get("__main__") is shell.user_module:
+            if self._main_before is None:
+                sys.modules.pop("__main__", None)
+            else:
+                sys.modules["__main__"] = self._main_before
+        if self.singleton:
+            from IPython.core.interactiveshell import InteractiveShell
+
+            if InteractiveShell._instance is shell:
+                InteractiveShell.clear_instance()
+        with _gate_lock:
+            if _gate_owner is self:
+                _gate_owner = None
+        self._executor.shell = None
+        self._shell = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Session":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+def _concurrency_message(owner: Session) -> str:
+    import IPython
+
+    return (f"session {owner.id!r} has a cell running or queued, and this is stock "
+            f"IPython {IPython.__version__}: its shells share sys.displayhook, the "
+            f"history outputs and the asyncio loop, so sessions run one at a time "
+            f"here. Run sessions concurrently on the pyrepl3-patched IPython build "
+            f"(the `pyrepl3` package built by `nox -s patched`, docs/upstream.md), "
+            f"or wait until the other session is idle (Session.busy).")
+
+
+class Engine:
+    """Creates and closes isolated sessions.
+
+    ``config`` (a traitlets ``Config``) is applied to every session's shell
+    (``c.PyREPL3...``, ``c.InteractiveShell...``); history is in memory
+    unless it says otherwise.  ``queue`` is the default busy policy of
+    ``Session.execute``.
+    """
+
+    def __init__(self, *, config: Any = None, queue: bool = True):
+        self.config = config
+        self.queue = queue
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        #: Whether sessions can run cells at the same time (the patched build).
+        self.concurrent: bool = _compat.is_patched_build()
+
+    @property
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def get_session(self, session_id: str) -> Session:
+        with self._lock:
+            try:
+                return self._sessions[session_id]
+            except KeyError:
+                raise KeyError(f"no open session {session_id!r}") from None
+
+    def create_session(self, session_id: str | None = None, *, config: Any = None) -> Session:
+        """A new isolated session (``session_id`` generated when omitted)."""
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+        with self._lock:
+            if self._closed:
+                raise SessionClosed("the engine is closed")
+            if session_id is not None and session_id in self._sessions:
+                raise ValueError(f"a session {session_id!r} is already open")
+        session = Session(self, session_id, config)
+        with self._lock:
+            if self._closed or session.id in self._sessions:
+                clash = not self._closed
+                session.close()
+                if clash:
+                    raise ValueError(f"a session {session.id!r} is already open")
+                raise SessionClosed("the engine is closed")
+            self._sessions[session.id] = session
+        return session
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Close every session (running cells are cancelled all at once first).
+
+        Idempotent; True when every session closed within ``timeout``."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session._begin_close("engine closed")
+        ok = True
+        for session in sessions:
+            ok = session._finish_close(timeout) and ok
+        return ok
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Engine":
+        return self
+
+    async def aclose(self, timeout: float | None = 10.0) -> bool:
+        """:meth:`close` without blocking the caller's event loop (the shells are
+        released in the loop's thread, like :meth:`close` does in the caller's)."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session._begin_close("engine closed")
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, s._executor.join, timeout)
+                               for s in sessions))
+        ok = True
+        for session in sessions:
+            ok = session._finish_close(0) and ok
+        return ok
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
