@@ -90,3 +90,79 @@ def patched(session: nox.Session) -> None:
         session.error("no patched wheel in upstream/_work/dist/")
     session.install(wheels[-1], "-e", ".[test]")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+#: Doctest modules upstream's own pytest configuration ignores (its
+#: ``addopts``), as paths inside the installed ``IPython`` package.
+UPSTREAM_DOCTEST_IGNORES = ("sphinxext", "terminal/pt_inputhooks", "__main__.py",
+                            "external/qt_for_kernel.py", "utils/_process_posix.py")
+
+
+def _junit_outcomes(path: str) -> dict[str, str]:
+    """test id -> passed | failed | skipped, from a pytest junit XML file."""
+    import xml.etree.ElementTree as ET
+
+    outcomes = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        test_id = f"{case.get('classname')}::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        outcomes[test_id] = ("failed" if kinds & {"failure", "error"}
+                             else "skipped" if "skipped" in kinds else "passed")
+    return outcomes
+
+
+@nox.session(python="3.12", default=False)
+def upstream_tests(session: nox.Session) -> None:
+    """IPython's own test suite (from the pinned sdist) on stock IPython and on
+    the patched build; fails if a test fails only on the patched build.
+
+    Each build runs its own copy of upstream's ``tests/`` (the patched build's
+    carries the patches' changes to upstream tests) and the package doctests,
+    against the installed IPython, never the source tree.
+    """
+    import glob
+    import shutil
+    from pathlib import Path
+
+    session.install("pip")  # the build runs `python -m pip wheel`
+    for step in ("fetch", "apply", "build"):
+        session.run("python", "upstream/upstream.py", step)
+    wheel = sorted(glob.glob("upstream/_work/dist/ipython-*+pyrepl3.*-py3-none-any.whl"))[-1]
+    version = Path(wheel).name.split("-")[1].split("+")[0]
+    trees = {"stock": Path(f"upstream/_work/pristine/ipython-{version}"),
+             "patched": Path(f"upstream/_work/ipython-{version}")}
+    installs = {"stock": [f"ipython[test]=={version}"],
+                "patched": ["--force-reinstall", f"{Path(wheel).resolve()}[test]"]}
+    tmp = Path(session.create_tmp()).resolve()
+    results: dict[str, dict[str, str]] = {}
+    for build in ("stock", "patched"):
+        suite = tmp / f"suite-{build}"  # outside the source tree: the installed IPython is tested
+        shutil.rmtree(suite, ignore_errors=True)
+        suite.mkdir()
+        shutil.copytree(trees[build] / "tests", suite / "tests")
+        for name in ("conftest.py", "pyproject.toml"):
+            shutil.copy(trees[build] / name, suite / name)
+        session.install(*installs[build])
+        package = session.run("python", "-c", "import IPython, os; print(os.path.dirname(IPython.__file__))",
+                              silent=True).strip().splitlines()[-1]
+        common = ["python", "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+                  "-p", "IPython.testing.plugin.pytest_ipdoctest"]
+        with session.chdir(suite):
+            session.run(*common, f"--junitxml={tmp / build}-tests.xml", "tests", success_codes=[0, 1])
+            session.run(*common, "--ipdoctest-modules", "--pyargs", "IPython",
+                        *[f"--ignore={package}/{p}" for p in UPSTREAM_DOCTEST_IGNORES],
+                        f"--junitxml={tmp / build}-doctests.xml", success_codes=[0, 1])
+        results[build] = {**_junit_outcomes(f"{tmp / build}-tests.xml"),
+                          **_junit_outcomes(f"{tmp / build}-doctests.xml")}
+    for build, outcomes in results.items():
+        counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("passed", "failed", "skipped")}
+        session.log(f"{build}: {len(outcomes)} tests, " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    stock, patched = results["stock"], results["patched"]
+    new = sorted(t for t, v in patched.items() if v == "failed" and stock.get(t) != "failed")
+    fixed = sorted(t for t, v in stock.items() if v == "failed" and patched.get(t) == "passed")
+    missing = sorted(set(stock) - set(patched))
+    for label, ids in (("fail only on the patched build", new), ("fail only on stock", fixed),
+                       ("ran only on stock", missing)):
+        session.log(f"{len(ids)} {label}" + "".join(f"\n  {t}" for t in ids))
+    if new:
+        session.error(f"{len(new)} new failure(s) on the patched build")

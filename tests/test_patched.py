@@ -50,6 +50,10 @@ def two_shells():
     try:
         yield shells
     finally:
+        for shell in shells:
+            close = getattr(shell, "close", None)  # patch 0003
+            if close is not None:
+                close()
         main, sys.displayhook, sys.excepthook, sys.stdout, sys.stderr, gi = saved
         if main is not None:
             sys.modules["__main__"] = main
@@ -265,3 +269,245 @@ def test_hooks_are_dispatchers_only_while_shared(two_shells):
         assert builtins.get_ipython() is a
     assert not a.display_trap.is_active
     assert _shared_process_state() == before
+
+
+# --- patches 0003-0008: close, history, __main__, autoawait, streams, process-wide magics
+
+
+def test_crosstalk_counters_are_all_zero():
+    """Issue 4's counter test: 16 shells x 500 cells racing (PYREPL3_CROSSTALK=SxC
+    to resize); every cross-talk counter of every shell is 0, nothing is left on
+    ``sys``/``builtins`` once the shells are closed."""
+    from tests.crosstalk import run_crosstalk, size_from_env, table
+
+    counts, left = run_crosstalk(*size_from_env("16x500"))
+    print("\n" + table(counts, left))
+    wrong = {(tag, name): n for tag, row in counts.items() for name, n in row.items() if n}
+    assert wrong == {}
+    assert left == []
+
+
+def _config():
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    return config
+
+
+def test_closed_shell_is_garbage_collected():
+    import gc
+    import weakref
+
+    from IPython.core import getipython
+
+    before = _shared_process_state(), sys.modules.get("__main__")
+    shells = [InteractiveShell(config=_config()) for _ in range(3)]
+    for shell in shells:
+        assert shell.run_cell("class A: pass\nA()", store_history=True).success
+    refs = [weakref.ref(s) for s in shells]
+    shells[1].close()
+    shells[1].close()  # twice is harmless
+    for shell in (shells[0], shells[2]):
+        shell.close()
+    del shells, shell
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+    assert (_shared_process_state(), sys.modules.get("__main__")) == before
+    assert getipython.current_shell.get() is None
+
+
+def test_close_unregisters_atexit_and_stops_the_history_thread(tmp_path):
+    import atexit
+
+    config = Config()
+    config.HistoryManager.hist_file = str(tmp_path / "h.sqlite")
+    shell = InteractiveShell(config=config)
+    thread = shell.history_manager.save_thread
+    assert thread is not None and thread.is_alive()
+    calls = []
+    real_register = atexit.unregister
+    try:
+        atexit.unregister = lambda f: (calls.append(f), real_register(f))
+        shell.close()
+    finally:
+        atexit.unregister = real_register
+    assert shell.atexit_operations in calls
+    assert not thread.is_alive()
+    assert shell.history_manager is None
+
+
+def test_history_outputs_are_per_shell():
+    a, b = (InteractiveShell(config=_config()) for _ in range(2))
+    try:
+        a.run_cell("print('from a')", store_history=True)
+        assert a.history_manager.outputs is not b.history_manager.outputs
+        assert "from a" not in str(dict(b.history_manager.outputs))
+        b.history_manager.reset()
+        assert "from a" in str(dict(a.history_manager.outputs))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_second_shell_on_the_same_history_file_keeps_it_in_memory(tmp_path):
+    config = Config()
+    config.HistoryManager.hist_file = str(tmp_path / "h.sqlite")
+    a = InteractiveShell(config=config)
+    b = InteractiveShell(config=config)
+    try:
+        assert str(a.history_manager.hist_file) == str(tmp_path / "h.sqlite")
+        assert str(b.history_manager.hist_file) == ":memory:"
+    finally:
+        a.close()
+        b.close()
+    config.HistoryManager.secondary_in_memory = False  # the old behaviour, on request
+    c = InteractiveShell(config=config)
+    d = InteractiveShell(config=config)
+    try:
+        assert str(d.history_manager.hist_file) == str(tmp_path / "h.sqlite")
+    finally:
+        c.close()
+        d.close()
+
+
+def test_history_thread_survives_a_locked_database(tmp_path):
+    import sqlite3
+    import time
+
+    path = tmp_path / "h.sqlite"
+    config = Config()
+    config.HistoryManager.hist_file = str(path)
+    config.HistoryManager.connection_options = {"timeout": 0}  # fail at once when locked
+    shell = InteractiveShell(config=config)
+    try:
+        hm = shell.history_manager
+        lock = sqlite3.connect(str(path), isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        for i in range(5):
+            shell.run_cell(f"x{i} = {i}", store_history=True)
+        deadline = time.monotonic() + 5
+        while hm.db_input_cache == [] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hm.save_thread.is_alive()
+        lock.execute("COMMIT")
+        lock.close()
+        stored = 0
+        while stored < 5 and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+            with sqlite3.connect(str(path)) as db:
+                stored = db.execute("SELECT count(*) FROM history WHERE session = ?",
+                                    (hm.session_number,)).fetchone()[0]
+        assert stored == 5  # none of the lines written while locked was dropped
+    finally:
+        shell.close()
+
+
+MAIN_CELL = """\
+import dataclasses, inspect, pickle, sys, typing
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: "int" = 0
+def shift(p: "Point", by: "int") -> "Point":
+    return Point(p.x + by, p.y)
+_report = (
+    pickle.loads(pickle.dumps(Point(1, 2))) == Point(1, 2),
+    typing.get_type_hints(shift) == {"p": Point, "by": int, "return": Point},
+    "return Point(p.x + by" in inspect.getsource(shift),
+    sys.modules["__main__"].Point is Point,
+    sys.modules["__main__"].__dict__ is globals(),
+)
+"""
+
+
+def test_main_module_answers_for_each_shell(two_shells):
+    """Classes defined in any shell pickle, and typing/dataclasses/inspect find them."""
+    for shell in two_shells + two_shells:  # alternate, neither is the last built
+        assert shell.run_cell(MAIN_CELL, store_history=True).success
+        assert shell.user_ns["_report"] == (True,) * 5
+
+
+def test_main_module_is_the_shells_own_while_alone():
+    before = sys.modules.get("__main__")
+    shell = InteractiveShell(config=_config())
+    try:
+        others = [s for s in _open_shells() if s is not shell]
+        if not others:
+            assert sys.modules["__main__"] is shell.user_module
+    finally:
+        shell.close()
+    assert sys.modules.get("__main__") is before
+
+
+def _open_shells():
+    from IPython.core import interactiveshell
+
+    return [s for s in interactiveshell._open_shells.values() if not s._closed]
+
+
+def test_concurrent_top_level_await_cells(two_shells):
+    failures = []
+
+    def drive(shell):
+        for i in range(40):
+            result = shell.run_cell(f"import asyncio\nawait asyncio.sleep(0)\n{i}",
+                                    store_history=False)
+            if result.result != i:
+                failures.append(result.error_in_exec or result.error_before_exec)
+
+    race(*[(drive, (s,)) for s in two_shells])
+    assert failures == []
+
+
+def test_capture_output_keeps_the_stream_objects(two_shells):
+    from IPython.utils.capture import capture_output
+
+    out, err, hook = sys.stdout, sys.stderr, sys.displayhook
+    with capture_output(shell=two_shells[0]) as cap:
+        assert sys.stdout is out and sys.stderr is err
+        print("to the capture")
+        two_shells[0].run_cell("print('cell'); 7", store_history=True)
+    assert cap.stdout.splitlines()[0] == "to the capture"
+    assert "cell" in cap.stdout and "Out[" in cap.stdout
+    assert "write" not in vars(sys.stdout)
+    assert sys.displayhook is hook
+
+
+def test_capture_inside_a_cell_captures_that_cells_value(two_shells):
+    shell = two_shells[0]
+    code = ("from IPython.utils.capture import capture_output\n"
+            "with capture_output() as _cap:\n"
+            "    print('inner')\n"
+            "    import sys; sys.displayhook(41)\n"
+            "_inner = _cap\n"
+            "42\n")
+    result = shell.run_cell(code, store_history=True)
+    assert result.success and result.result == 42  # the trap's own hook is back
+    inner = shell.user_ns["_inner"]
+    assert inner.stdout == "inner\n"
+    assert [o.data["text/plain"] for o in inner.outputs] == ["41"]
+
+
+def test_process_wide_magics_are_refused_in_secondary_shells(two_shells, tmp_path):
+    import os
+
+    from IPython.core.error import UsageError
+
+    secondary = [s for s in two_shells if s.is_secondary]
+    assert secondary  # at least the later of the two
+    shell = secondary[-1]
+    cwd = os.getcwd()
+    for line, what in ((f"cd {tmp_path}", "%cd"), ("env PYREPL3_X=1", "environment variable"),
+                       ("reset -f --aggressive", "%reset --aggressive")):
+        with pytest.raises(UsageError, match=what):
+            name, _, arg = line.partition(" ")
+            shell.run_line_magic(name, arg)
+    assert os.getcwd() == cwd and "PYREPL3_X" not in os.environ
+    assert shell.run_line_magic("env", "PATH") == os.environ["PATH"]  # reading is fine
+
+
+def test_timeit_gc_switch_is_serialized(two_shells):
+    import gc
+
+    assert gc.isenabled()
+    race(*[(s.run_line_magic, ("timeit", "-n 200 -r 3 -q sum(range(50))")) for s in two_shells])
+    assert gc.isenabled()

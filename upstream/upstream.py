@@ -370,6 +370,8 @@ def cmd_refresh(args: argparse.Namespace) -> None:
         "Description: TODO describe this change\nForwarded: not-yet\n"
         f"Last-Update: {today}\n\n")
     target.write_text(header + diff, encoding="utf-8")
+    # The tree now holds NAME too: the next new patch can be written on top.
+    marker.write_text("\n".join(names[:index + 1]) + "\n", encoding="utf-8")
     changed = sum(1 for line in diff.splitlines()
                   if line[:1] in "+-" and not line.startswith(("+++", "---")))
     print(f"refreshed {target.relative_to(ROOT)} ({changed} changed lines)")

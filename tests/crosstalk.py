@@ -1,0 +1,225 @@
+"""Cross-talk counter: many shells run cells concurrently from threads.
+
+Used by ``test_patched.py`` (every counter 0 on the patched build) and by
+``test_crosstalk_stock.py`` (the same harness on stock IPython must count
+cross-talk, so the patched test can fail).  Size: ``PYREPL3_CROSSTALK``
+``=SHELLSxCELLS`` (default 16x500 on the patched build).
+"""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import inspect
+import os
+import re
+import sys
+import threading
+from collections import Counter
+
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+#: Counters, one row per shell, in the order they are printed.
+COUNTERS = (
+    "ExecutionResult.result", "Out[n]", "_", "capture: own output missing",
+    "capture: foreign output", "ns get_ipython()", "IPython.get_ipython()",
+    "builtins.get_ipython()", "display() misrouted", "__main__ wrong",
+    "pickling a cell class", "traceback label", "history outputs mixed",
+    "top-level await failed", "driver crashed",
+)
+
+#: Run once per shell before the race: a class to pickle, and the probe each
+#: cell calls (a function of the shell's namespace, run inside the cell).
+SETUP_CELL = """\
+import IPython as _IP, builtins as _b, pickle as _pk, sys as _sys
+from IPython.display import display as _display
+
+class Thing:
+    def __init__(self, v):
+        self.v = v
+
+def _probe(tag, i):
+    _c["ns get_ipython()"] += get_ipython() is not _me
+    _c["IPython.get_ipython()"] += _IP.get_ipython() is not _me
+    _c["builtins.get_ipython()"] += _b.get_ipython() is not _me
+    _c["__main__ wrong"] += _sys.modules["__main__"].__dict__ is not globals()
+    try:
+        t = _pk.loads(_pk.dumps(Thing(i)))
+        _c["pickling a cell class"] += not (type(t) is Thing and t.v == i)
+    except Exception:
+        _c["pickling a cell class"] += 1
+    print(f"out-{tag}-{i}")
+    _display({"text/plain": f"disp-{tag}-{i}"}, raw=True)
+"""
+
+#: One cell: checks what it sees of "its" shell, prints, displays and ends in
+#: a value tagged with its shell and index.  ``{extra}`` makes it a
+#: top-level-await cell or a raising one.
+CELL = """\
+_probe("{tag}", {i})
+{extra}
+("{tag}", {i})
+"""
+AWAIT = "import asyncio as _a\nawait _a.sleep(0)"
+RAISE = 'raise ValueError("boom-{tag}-{i}")'
+MARKER = re.compile(r"\b(out|disp|boom)-(S\d+)-(\d+)\b")
+
+
+def _kind(i: int) -> str:
+    if i % 25 == 7:
+        return "raise"
+    if i % 10 == 3:
+        return "await"
+    return "plain"
+
+
+def _process_state() -> dict:
+    """What a shell may change in the process and must not leave behind."""
+    return {
+        "sys.displayhook": sys.displayhook,
+        "sys.excepthook": sys.excepthook,
+        "sys.stdout": sys.stdout,
+        "sys.stderr": sys.stderr,
+        "sys.stdout.write": vars(sys.stdout).get("write") if hasattr(sys.stdout, "__dict__") else None,
+        "sys.stderr.write": vars(sys.stderr).get("write") if hasattr(sys.stderr, "__dict__") else None,
+        "__main__": sys.modules.get("__main__"),
+        **{f"builtins.{n}": builtins.__dict__.get(n) for n in ("get_ipython", "_", "exit", "quit")},
+        "gc enabled": gc.isenabled(),
+    }
+
+
+def capture_kwargs(shell) -> dict:
+    """``capture_output(shell=...)`` where supported (the patched build): the
+    driver thread enters the capture outside any cell, where no shell is
+    current.  Stock IPython captures the singleton's display instead."""
+    params = inspect.signature(capture_output.__init__).parameters
+    return {"shell": shell} if "shell" in params else {}
+
+
+def size_from_env(default: str) -> tuple[int, int]:
+    shells, _, cells = os.environ.get("PYREPL3_CROSSTALK", default).partition("x")
+    return int(shells), int(cells)
+
+
+def run_crosstalk(n_shells: int, n_cells: int) -> tuple[dict[str, Counter], list[str]]:
+    """Race ``n_shells`` shells, ``n_cells`` cells each, one thread per shell.
+
+    Returns the counters per shell and the process state left behind after
+    the shells are closed (names of what differs from before).  Process
+    state is restored afterwards either way.
+    """
+    before = _process_state()
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    config.InteractiveShell.colors = "nocolor"
+    config.InteractiveShell.xmode = "Plain"  # the label is the same, the formatting 10x cheaper
+    tags = [f"S{k}" for k in range(n_shells)]
+    shells = {tag: InteractiveShell(config=config) for tag in tags}
+    counts = {tag: Counter({name: 0 for name in COUNTERS}) for tag in tags}
+    own_markers: dict[str, set] = {tag: set() for tag in tags}
+    for tag, shell in shells.items():
+        shell.user_ns.update(_me=shell, _c=counts[tag])
+        assert shell.run_cell(SETUP_CELL, store_history=True).success
+    barrier = threading.Barrier(n_shells)
+
+    def drive(tag: str) -> None:
+        shell, c = shells[tag], counts[tag]
+        barrier.wait()
+        try:
+            for i in range(n_cells):
+                kind = _kind(i)
+                extra = {"await": AWAIT, "raise": RAISE, "plain": ""}[kind].format(tag=tag, i=i)
+                with capture_output(**capture_kwargs(shell)) as cap:
+                    result = shell.run_cell(CELL.format(tag=tag, i=i, extra=extra),
+                                            store_history=True)
+                expected = (tag, i)
+                if kind == "await" and not result.success:
+                    c["top-level await failed"] += 1
+                    continue
+                own_markers[tag].add(f"out-{tag}-{i}")
+                if kind == "raise":
+                    if f"boom-{tag}-{i}" not in str(result.error_in_exec):
+                        c["ExecutionResult.result"] += 1
+                    if f"Cell In[{result.execution_count}], line " not in cap.stdout:
+                        c["traceback label"] += 1
+                else:
+                    c["ExecutionResult.result"] += result.result != expected
+                    c["Out[n]"] += shell.user_ns["Out"].get(result.execution_count) != expected
+                    c["_"] += shell.user_ns.get("_") != expected
+                seen = list(MARKER.finditer(cap.stdout))  # a traceback quotes the cell's source
+                c["capture: own output missing"] += f"out-{tag}-{i}" not in {m.group(0) for m in seen}
+                c["capture: foreign output"] += any(m.group(2, 3) != (tag, str(i)) for m in seen)
+                shown = [o.data.get("text/plain") for o in cap.outputs]
+                c["display() misrouted"] += shown != [f"disp-{tag}-{i}"]
+        except BaseException:  # noqa: BLE001 - a racing trap can raise anywhere
+            c["driver crashed"] += 1
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=drive, args=(tag,)) for tag in tags]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+
+    for tag, shell in shells.items():
+        found = Counter()
+        for outputs in list(shell.history_manager.outputs.values()):
+            for out in outputs:
+                for m in MARKER.finditer(str(out.bundle)):
+                    found[m.group(2) == tag] += 1
+                    if m.group(1) == "out" and m.group(2) == tag:
+                        own_markers[tag].discard(m.group(0))
+        # foreign markers, plus own prints the history never recorded
+        counts[tag]["history outputs mixed"] += found[False] + len(own_markers[tag])
+
+    for shell in shells.values():
+        close = getattr(shell, "close", None)  # the patched build's InteractiveShell.close
+        if close is not None:
+            close()
+    after = _process_state()
+    left = [name for name in before if after[name] is not before[name] and after[name] != before[name]]
+    _restore(before)
+    return counts, left
+
+
+def _restore(state: dict) -> None:
+    sys.displayhook = state["sys.displayhook"]
+    sys.excepthook = state["sys.excepthook"]
+    sys.stdout, sys.stderr = state["sys.stdout"], state["sys.stderr"]
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if hasattr(stream, "__dict__"):
+            if state[f"sys.{name}.write"] is None:
+                vars(stream).pop("write", None)
+            else:
+                stream.write = state[f"sys.{name}.write"]
+    if state["__main__"] is not None:
+        sys.modules["__main__"] = state["__main__"]
+    for key, value in state.items():
+        if key.startswith("builtins."):
+            name = key[len("builtins."):]
+            if value is None:
+                builtins.__dict__.pop(name, None)
+            else:
+                builtins.__dict__[name] = value
+    if state["gc enabled"]:
+        gc.enable()
+
+
+def table(counts: dict[str, Counter], left: list[str]) -> str:
+    """The counters as a text table: one column per shell, plus the total."""
+    tags = list(counts)
+    head = ["counter"] + tags + ["total"]
+    rows = [[name] + [str(counts[t][name]) for t in tags] + [str(sum(counts[t][name] for t in tags))]
+            for name in COUNTERS]
+    rows.append(["process state left behind"] + [""] * len(tags) + [", ".join(left) or "0"])
+    widths = [max(len(r[k]) for r in [head] + rows) for k in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if k else cell.ljust(w)
+                               for k, (cell, w) in enumerate(zip(r, widths)))
+                     for r in [head] + rows)
