@@ -42,8 +42,19 @@ def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, number:
             for _ in range(number):
                 fn()
             samples[name].append((time.perf_counter() - t0) / number)
-    return {name: {"best": min(s), "median": statistics.median(s)}
+    return {name: {"best": min(s), "median": statistics.median(s), "samples": s}
             for name, s in samples.items()}
+
+
+def paired_ratio(timing: dict, variant: str, baseline: str) -> float:
+    """Median over rounds of ``variant / baseline`` timed in the same round.
+
+    Rounds are minutes apart at most, so a slow spell of a shared machine
+    tends to hit both sides of a pair; the median drops the rest.  A second
+    estimate beside the ratio of the bests.
+    """
+    pairs = zip(timing[variant]["samples"], timing[baseline]["samples"])
+    return statistics.median(v / b for v, b in pairs)
 
 
 def environment() -> dict:

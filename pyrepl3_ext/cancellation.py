@@ -326,33 +326,52 @@ def _is_root(code) -> bool:
 def _safe_to_raise(frame, scope: CancelScope) -> bool:
     """Whether raising in ``frame`` (the innermost frame of the target thread) is safe.
 
-    Walks every frame up to the cell's root: an outer frame inside a
-    ``finally:`` would have its cleanup cut short too.  Costs O(depth)
+    First finds the cell's root (``run_code``) on the stack, cheaply: outside
+    a cell's code (IPython's preamble and wrap-up, which a global
+    ``PY_START`` event visits call by call) the answer is no and costs only
+    the walk.  Then checks every frame above the root: an outer frame inside
+    a ``finally:`` would have its cleanup cut short too.  Costs O(depth)
     (about 0.1 ms per 100 frames) once per attempt.
     """
     if getattr(_shield_depth, "n", 0):
         return False
-    hard = time.monotonic() - scope.requested_at > HARD_DEADLINE
-    first = True
+    above: list = []
     f = frame
     while f is not None:
         code = f.f_code
         if _is_root(code):
-            return True
-        filename = code.co_filename
-        if filename.startswith(_PKG_DIR):
+            break
+        if code.co_filename.startswith(_PKG_DIR):
             return False  # never in pyrepl3's own frames
-        if not hard:
-            if first and any(part in filename for part in _UNSAFE_MODULE_PARTS):
-                return False
-            if code.co_name in _UNSAFE_FUNCTIONS:
-                return False
-            unsafe = _unsafe_lines(filename)
-            if unsafe and f.f_lineno in unsafe:
-                return False
-        first = False
+        above.append(f)
         f = f.f_back
-    return False  # not inside a cell's code: IPython machinery, or the cell ended
+    else:
+        return False  # not inside a cell's code: IPython machinery, or the cell ended
+    if not above:
+        return False  # run_code itself (its start): the cell's code has not begun
+    if time.monotonic() - scope.requested_at > HARD_DEADLINE:
+        return True
+    for depth, f in enumerate(above):
+        code = f.f_code
+        filename = code.co_filename
+        if depth == 0 and any(part in filename for part in _UNSAFE_MODULE_PARTS):
+            return False
+        if code.co_name in _UNSAFE_FUNCTIONS:
+            return False
+        unsafe = _unsafe_lines(filename)
+        if unsafe and f.f_lineno in unsafe:
+            return False
+    return True
+
+
+def _cell_code_on_stack(thread_id: int) -> bool:
+    """Whether the thread is inside a cell's code (``run_code`` is on its stack)."""
+    f = sys._current_frames().get(thread_id)
+    while f is not None:
+        if _is_root(f.f_code):
+            return True
+        f = f.f_back
+    return False
 
 
 def _frames_above_root(frame) -> list:
@@ -594,6 +613,11 @@ def _mon_check(depth: int = 2) -> None:
         return
     frame = sys._getframe(depth)
     if _safe_to_raise(frame, scope):
+        with _lock:
+            # Events off as the exception leaves: the unwinding (and IPython
+            # formatting a deep traceback) must not pay a callback per call.
+            # If the cell swallows it, the grace-period re-arm turns them on.
+            _MONITORING.disarm(scope)
         raise scope.raising()
 
 
@@ -686,7 +710,6 @@ class CancellationManager(Component):
 
     def __init__(self, state: Any):
         super().__init__(state)
-        self._scopes: dict[str, CancelScope] = {}
         self._signal = False
         self._monitoring = False
         self._run_code_patched = False
@@ -777,7 +800,7 @@ class CancellationManager(Component):
         # Running cells (e.g. the one running %unload_ext) are not cancelled;
         # their scopes are closed so no mechanism fires for them any more.
         with _lock:
-            for scope in list(self._scopes.values()):
+            for scope in self._own_scopes():
                 self._close_scope(scope)
         _SIGNAL.disarm_current_thread()
         if self._run_code_patched:
@@ -806,8 +829,6 @@ class CancellationManager(Component):
         parent = stack[-1] if stack else None
         scope = CancelScope(execution.id, tid, self, deadline, parent)
         stack.append(scope)
-        self._scopes[execution.id] = scope
-        execution.extras["cancellation"] = scope
         if parent is not None and parent.cancel_called and not parent.finished:
             # the enclosing cell's cancel may have walked the stack before the push
             self.cancel(execution.id, parent.reason, kind=parent.kind)
@@ -826,15 +847,26 @@ class CancellationManager(Component):
             _TIMER.call_at(deadline, lambda: self._deadline(scope, generation, timeout))
 
     def after_cell(self, execution: Any, result: Any) -> None:
-        scope = execution.extras.get("cancellation")
-        if scope is None:
-            return
+        # The cell's scope is on top of this thread's stack (inner cells
+        # close before outer ones); anything else means before_cell did not
+        # open one (it failed, or the extension loaded mid-cell).
+        stack = _thread_scopes.get(threading.get_ident())
+        scope = stack[-1] if stack else None
+        on_top = scope is not None and scope.execution_id == execution.id \
+            and scope.manager is self
+        if not on_top:
+            scope = self._find(execution.id, prefer=stack)
+            if scope is None:
+                return
         scope.finished = True  # from now on cancel() misses it (checked under the lock)
         if not scope.cancel_called:
             # Never cancelled, the common case: no lock.  A cancel racing this
             # sees ``finished`` and arms nothing here (``_arm`` passes it on to
             # a cancelled enclosing scope).
-            self._forget(scope)
+            if on_top:
+                stack.pop()
+            else:
+                self._forget(scope)
         else:
             with _lock:
                 self._close_scope(scope)
@@ -848,13 +880,29 @@ class CancellationManager(Component):
         if parent is not None and parent.cancel_called and not parent.finished:
             parent.manager._arm(parent, rearm=True)
 
-    def _forget(self, scope: CancelScope) -> None:
-        """Drop a finished scope from the id map and its thread's stack.
+    def _own_scopes(self) -> list[CancelScope]:
+        """This manager's open scopes, in every thread (caller holds ``_lock``)."""
+        return [scope for stack in _thread_scopes.values() for scope in list(stack)
+                if scope.manager is self]
+
+    def _find(self, execution_id: str, prefer: list | None = None) -> CancelScope | None:
+        """The open scope of ``execution_id``, looked up in ``prefer`` (a
+        thread's stack, innermost first) before every thread's.  The stacks
+        are the only registry: a cell costs one push and one pop."""
+        with _lock:
+            for scope in [*reversed(prefer or ()), *self._own_scopes()]:
+                if scope.manager is self and scope.execution_id == execution_id \
+                        and not scope.finished:
+                    return scope
+        return None
+
+    @staticmethod
+    def _forget(scope: CancelScope) -> None:
+        """Drop a finished scope from its thread's stack.
 
         Only the scope's own thread (or the manager lock holder) calls this;
         the empty stack stays registered for the thread's next cell.
         """
-        self._scopes.pop(scope.execution_id, None)
         stack = _thread_scopes.get(scope.thread_id)
         if stack:
             if stack[-1] is scope:
@@ -892,8 +940,8 @@ class CancellationManager(Component):
     # cancel requests
     def cancel(self, execution_id: str, reason: str = "cancelled", *,
                kind: str = "cancelled") -> bool:
+        scope = self._find(execution_id)
         with _lock:
-            scope = self._scopes.get(execution_id)
             if scope is None or scope.finished:
                 return False
             if scope.cancel_called:
@@ -1003,7 +1051,12 @@ class CancellationManager(Component):
         if scope.finished or scope.generation != generation:
             return
         uses_async_exc = not _HAS_MONITORING and scope.thread_id != threading.main_thread().ident
-        if scope.mechanism == "raised" or uses_async_exc:
+        if scope.mechanism == "raised" and not _cell_code_on_stack(scope.thread_id):
+            # The exception left the cell's code; IPython is still wrapping up
+            # (formatting a deep traceback can take a while): nothing to re-arm.
+            _TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
+                           lambda: self._rearm_if_running(scope, generation))
+        elif scope.mechanism == "raised" or uses_async_exc:
             with _lock:
                 if scope.finished:
                     return
@@ -1029,4 +1082,4 @@ class CancellationManager(Component):
     def running(self) -> list[str]:
         """Ids of the executions of this shell that are running now."""
         with _lock:
-            return [s.execution_id for s in self._scopes.values() if not s.finished]
+            return [s.execution_id for s in self._own_scopes() if not s.finished]

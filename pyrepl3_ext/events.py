@@ -113,8 +113,16 @@ class Execution:
         self.execution_count = execution_count
         self.options = options
         self.t0 = time.monotonic()
-        self.extras: dict[str, Any] = {}
         self._bus = bus
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """Per-capability state of this execution, created on first use."""
+        try:
+            return self.__dict__["_extras"]
+        except KeyError:
+            extras = self.__dict__["_extras"] = {}
+            return extras
 
     @property
     def finished(self) -> bool:

@@ -157,6 +157,9 @@ class ShellState:
         self.session_id = ""
         self.bus = EventBus(self.report_internal_error)
         self.components: list[Component] = []
+        # the per-cell hooks components actually define, bound once at load
+        self._before_hooks: list[tuple[str, Any]] = []
+        self._after_hooks: list[tuple[str, Any]] = []
         self.internal_errors: list[tuple[str, BaseException]] = []
         self.last_execution: Execution | None = None
         self._reported: set[str] = set()
@@ -227,10 +230,30 @@ class ShellState:
             except ImportError as exc:
                 self.report_internal_error(f"loading component {attr}", exc)
                 continue
-            component = cls(self)
-            component.attach()
-            self.components.append(component)
-            setattr(self, attr, component)
+            self.add_component(cls(self))
+            setattr(self, attr, self.components[-1])
+
+    def add_component(self, component: Component) -> None:
+        """Attach ``component`` and run its cell hooks from the next cell on."""
+        component.attach()
+        self.components.append(component)
+        self._bind_hooks()
+
+    def remove_component(self, component: Component) -> None:
+        """Detach ``component`` (added by :meth:`add_component`)."""
+        self.components.remove(component)
+        self._bind_hooks()
+        component.detach()
+
+    def _bind_hooks(self) -> None:
+        # Only the hooks a component overrides are called per cell (bound
+        # once here): a capability that does nothing per cell costs nothing.
+        self._before_hooks = [(f"{c.name}.before_cell", c.before_cell)
+                              for c in self.components
+                              if type(c).before_cell is not Component.before_cell]
+        self._after_hooks = [(f"{c.name}.after_cell", c.after_cell)
+                             for c in reversed(self.components)
+                             if type(c).after_cell is not Component.after_cell]
 
     def detach(self) -> None:
         shell = self._shell_ref()
@@ -240,6 +263,8 @@ class ShellState:
             except Exception as exc:  # noqa: BLE001 - unload must finish
                 self.report_internal_error(f"{component.name}.detach", exc)
         self.components.clear()
+        self._before_hooks.clear()
+        self._after_hooks.clear()
         if shell is None:
             return
         for event, callback in self._attached_events:
@@ -357,24 +382,22 @@ class ShellState:
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
-        for component in self.components:
+        for where, hook in self._before_hooks:
             try:
-                component.before_cell(execution)
+                hook(execution)
             except Exception as exc:  # noqa: BLE001
-                self.report_internal_error(f"{component.name}.before_cell", exc)
+                self.report_internal_error(where, exc)
 
     def _post_run_cell(self, result: Any) -> None:
         stack = getattr(self._local, "stack", None)
         if not stack:
             return  # empty cell (IPython skips pre_run_cell) or loaded mid-cell
         execution = stack.pop()
-        components = self.components
-        if components:
-            for component in reversed(components):
-                try:
-                    component.after_cell(execution, result)
-                except Exception as exc:  # noqa: BLE001
-                    self.report_internal_error(f"{component.name}.after_cell", exc)
+        for where, hook in self._after_hooks:  # reverse order of load
+            try:
+                hook(execution, result)
+            except Exception as exc:  # noqa: BLE001
+                self.report_internal_error(where, exc)
         try:
             self._finish(execution, result)
         except Exception as exc:  # noqa: BLE001

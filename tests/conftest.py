@@ -21,6 +21,13 @@ def pytest_configure(config):
     _watchdog_fd = os.dup(sys.__stderr__.fileno())
 
 
+def pytest_unconfigure(config):
+    """The process must also exit: a thread a test left running (or an
+    atexit handler) must not hold the interpreter open for ever."""
+    if _watchdog_fd is not None:
+        faulthandler.dump_traceback_later(60, exit=True, file=_watchdog_fd)
+
+
 @pytest.fixture(autouse=True)
 def hang_watchdog(request):
     """Kill the run with every thread's C-level stack if a test wedges.

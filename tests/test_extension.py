@@ -290,11 +290,12 @@ def test_timeout_directive_is_stripped_and_recorded(ip, events):
             captured.update(execution.options)
 
     state = extension.get_state(ip)
-    state.components.append(Spy(state))
+    spy = Spy(state)
+    state.add_component(spy)
     try:
         result = run(ip, "%%timeout 7.5\n%%transaction\n1 + 2", execution_id="dir")
     finally:
-        state.components.pop()
+        state.remove_component(spy)
     assert result.result == 3
     assert captured["timeout"] == 7.5 and captured["transaction"] is True
 
@@ -352,14 +353,15 @@ def test_failing_component_does_not_break_cells(ip, capfd):
             raise KeyError("after failure")
 
     state = extension.get_state(ip)
-    state.components.append(Broken(state))
+    broken = Broken(state)
+    state.add_component(broken)
     received = []
     unsubscribe = pyrepl3_ext.subscribe(ip, received.append)
     try:
         results = [run(ip, f"{i} * 2").result for i in range(3)]
     finally:
         unsubscribe()
-        state.components.remove(state.components[-1])
+        state.remove_component(broken)
     assert results == [0, 2, 4]
     assert types(received).count("finished") == 3
     err = capfd.readouterr().err
