@@ -164,7 +164,7 @@ class Connection:
             pending = list(self.executions.items())
         for execution_id, (session, _handle) in pending:
             try:
-                print("DBG cancel", execution_id, session.cancel(execution_id, reason), file=sys.stderr, flush=True)
+                session.cancel(execution_id, reason)
             except Exception:  # noqa: BLE001 - the session may be closing
                 pass
 
@@ -177,7 +177,6 @@ class Connection:
         try:
             while not self.closed:
                 chunk = await self.reader.read(65536)
-                print("DBG chunk", len(chunk), self.name, file=sys.stderr, flush=True)
                 if not chunk:
                     eof = True
                     break
