@@ -106,6 +106,9 @@ class Connection:
         self.executions: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
+        # messages from other threads, written by one loop callback per batch
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
 
     # -- output ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -148,10 +151,22 @@ class Connection:
             while not self.writable.wait(0.5):
                 if self.closed:
                     return
-        try:
-            self.loop.call_soon_threadsafe(self.write, data)
-        except RuntimeError:  # loop closed: the server is gone
-            pass
+        with self._lock:
+            self._outbox.append(data)
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:  # one wake-up of the loop per batch, not per event
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # loop closed: the server is gone
+                pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            self._flush_scheduled = False
+        self.write(data)
 
     def _lost(self) -> None:
         if not self.closed:
