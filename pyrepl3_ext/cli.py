@@ -1,9 +1,9 @@
-"""The ``pyrepl3`` command: IPython with the pyrepl3_ext extension preloaded.
+"""The ``pyrepl3`` command: IPython with the pyrepl3_ext extension preloaded,
+and ``pyrepl3 serve``, the protocol server (``server.py``).
 
-Every argument other than ``--version``/``--help`` goes to IPython unchanged
-(``pyrepl3 -c "1 + 1"``, ``pyrepl3 --profile=work``, ``pyrepl3 script.py``),
-so the command is a drop-in ``ipython``.  The protocol server
-(``pyrepl3 serve``) is added by the server work (issue 7).
+Every argument other than ``--version``/``--help``/``serve`` goes to IPython
+unchanged (``pyrepl3 -c "1 + 1"``, ``pyrepl3 --profile=work``,
+``pyrepl3 script.py``), so the command is a drop-in ``ipython``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 HELP = """\
 usage: pyrepl3 [--version] [--help] [IPYTHON-ARGS...]
+       pyrepl3 serve (--stdio | --tcp HOST:PORT | --unix PATH) [options]
 
 IPython turned into a controllable execution engine: starts IPython with the
 pyrepl3_ext extension loaded (execution events, cell timeouts and cancel,
@@ -20,6 +21,7 @@ pyrepl3_ext extension loaded (execution events, cell timeouts and cancel,
   --version, -V   print the pyrepl3, IPython and Python versions and exit
   --help, -h      this text; `ipython --help` lists the IPython arguments,
                   which pyrepl3 accepts unchanged
+  serve           the JSON-RPC 2.0 protocol server (`pyrepl3 serve --help`)
 
 Settings: c.PyREPL3.<name> in ipython_config.py, or %config PyREPL3.<name>.
 """
@@ -39,8 +41,80 @@ def version_text() -> str:
             f"Python {platform.python_version()}")
 
 
+def serve_parser() -> "argparse.ArgumentParser":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="pyrepl3 serve",
+        description="Serve pyrepl3 sessions over JSON-RPC 2.0, one JSON object per line "
+                    "(docs/protocol.md; `--schema` prints every method).")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--stdio", action="store_true",
+                       help="one client on stdin/stdout (cell output goes to stderr)")
+    where.add_argument("--tcp", metavar="HOST:PORT",
+                       help="listen on TCP (use 127.0.0.1; port 0 picks a free one); "
+                            "clients must authenticate with the token")
+    where.add_argument("--unix", metavar="PATH", help="listen on a unix socket (mode 0600)")
+    where.add_argument("--schema", action="store_true",
+                       help="print the protocol's JSON schema and exit")
+    parser.add_argument("--token", help="the TCP token (default: generated and printed on "
+                                        "stderr); also required on a unix socket if given. "
+                                        "Or set PYREPL3_TOKEN")
+    parser.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                        help="longest request accepted (default 16 MiB)")
+    parser.add_argument("--max-event-bytes", type=int, default=4 * 1024 * 1024,
+                        help="events larger than this are truncated (default 4 MiB)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow --tcp on a non-loopback address")
+    return parser
+
+
+def serve(args: list[str]) -> int:
+    import ipaddress
+    import json
+    import os
+
+    from . import protocol, server
+
+    options = serve_parser().parse_args(args)
+    if options.schema:
+        print(json.dumps(protocol.schema(), indent=2))
+        return 0
+    try:
+        limits = server.Limits(max_message_bytes=options.max_message_bytes,
+                               max_event_bytes=options.max_event_bytes)
+    except ValueError as exc:
+        print(f"pyrepl3 serve: {exc}", file=sys.stderr)
+        return 2
+    token = options.token or os.environ.get("PYREPL3_TOKEN") or None
+    if options.tcp:
+        host, sep, port = options.tcp.rpartition(":")
+        if not sep or not port.isdigit():
+            print(f"pyrepl3 serve: --tcp wants HOST:PORT, got {options.tcp!r}", file=sys.stderr)
+            return 2
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not options.allow_remote:
+            print(f"pyrepl3 serve: {host} is not a loopback address; pass --allow-remote "
+                  f"to listen there (the token is then all that protects the sessions)",
+                  file=sys.stderr)
+            return 2
+        if token is None:
+            token = server.new_token()
+            print(f"[pyrepl3 serve] token: {token}", file=sys.stderr, flush=True)
+        return server.run("tcp", f"{host}:{port}", token=token, limits=limits)
+    if options.unix:
+        return server.run("unix", options.unix, token=token, limits=limits)
+    return server.run("stdio", token=None, limits=limits)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]:
+        return serve(args[1:])
     if args[:1] in (["--version"], ["-V"]):
         print(version_text())
         return 0

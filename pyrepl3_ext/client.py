@@ -1,0 +1,250 @@
+"""A small asyncio client for ``pyrepl3 serve`` (the protocol in ``protocol.py``).
+
+::
+
+    async with await Client.spawn_stdio() as client:     # or connect_tcp / connect_unix
+        session = await client.create_session()
+        run = client.execute(session, "name = input('who? ')\\nprint('hi', name)")
+        async for event in run:
+            if event["type"] == "input_requested":
+                await client.reply_input(session, event["input_id"], "ada")
+            elif event["type"] == "output":
+                print(event["text"], end="")
+        print((await run.response())["status"])
+
+Execution ids are chosen by the client (a random hex id when not given), so
+events can be routed to their execution before the server's response
+arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import sys
+from typing import Any, AsyncIterator
+
+from . import protocol as P
+
+
+class ClientError(Exception):
+    """A JSON-RPC error response: ``code``, ``message``, ``data``."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class RemoteExecution:
+    """One ``execute`` request: iterate its events, then await its response."""
+
+    def __init__(self, client: "Client", session: str, execution_id: str):
+        self.client = client
+        self.session = session
+        self.execution_id = execution_id
+        self.events: list[dict] = []
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._response: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def _event(self, event: dict) -> None:
+        self.events.append(event)
+        self._queue.put_nowait(event)
+
+    def _done(self, response: "dict | ClientError") -> None:
+        if not self._response.done():
+            if isinstance(response, ClientError):
+                self._response.set_exception(response)
+            else:
+                self._response.set_result(response)
+        self._queue.put_nowait(None)  # ends the iteration
+
+    def __aiter__(self) -> AsyncIterator[dict]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[dict]:
+        while True:
+            event = await self._queue.get()
+            if event is None:
+                return
+            yield event
+
+    async def response(self) -> dict:
+        """The ``execute`` response (status, execution_count, error); raises
+        :class:`ClientError` when the request was refused."""
+        return await self._response
+
+    async def cancel(self, reason: str = "cancelled by the client") -> bool:
+        result = await self.client.call("cancel", session=self.session,
+                                        execution_id=self.execution_id, reason=reason)
+        return bool(result["cancelled"])
+
+
+class Client:
+    """One connection to a pyrepl3 server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 process: asyncio.subprocess.Process | None = None):
+        self._reader = reader
+        self._writer = writer
+        self.process = process
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, asyncio.Future] = {}
+        self._executions: dict[str, RemoteExecution] = {}
+        self._closed = False
+        self._reading = asyncio.get_running_loop().create_task(self._read())
+
+    # -- connecting --------------------------------------------------------------
+    @classmethod
+    async def spawn_stdio(cls, *args: str, python: str | None = None,
+                          env: dict | None = None) -> "Client":
+        """Start ``pyrepl3 serve --stdio`` as a child process and talk to it."""
+        process = await asyncio.create_subprocess_exec(
+            python or sys.executable, "-m", "pyrepl3_ext.cli", "serve", "--stdio", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=env, limit=2 ** 31 - 1)
+        assert process.stdout is not None and process.stdin is not None
+        return cls(process.stdout, process.stdin, process)
+
+    @classmethod
+    async def connect_tcp(cls, host: str, port: int, token: str) -> "Client":
+        reader, writer = await asyncio.open_connection(host, port, limit=2 ** 31 - 1)
+        client = cls(reader, writer)
+        await client.call("auth", token=token)
+        return client
+
+    @classmethod
+    async def connect_unix(cls, path: str, token: str | None = None) -> "Client":
+        reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 31 - 1)
+        client = cls(reader, writer)
+        if token is not None:
+            await client.call("auth", token=token)
+        return client
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # -- the wire ------------------------------------------------------------------
+    async def _read(self) -> None:
+        error = ClientError(-1, "the connection closed")
+        try:
+            while True:
+                line = await self._reader.readline()
+                if not line:
+                    break
+                message = json.loads(line)
+                if "id" in message and ("result" in message or "error" in message):
+                    future = self._pending.pop(message["id"], None)
+                    if future is not None and not future.done():
+                        if "error" in message:
+                            err = message["error"]
+                            future.set_exception(ClientError(err["code"], err["message"],
+                                                             err.get("data")))
+                        else:
+                            future.set_result(message["result"])
+                elif message.get("method") == "execution.event":
+                    params = message["params"]
+                    run = self._executions.get(params["execution_id"])
+                    if run is not None:
+                        run._event(params["event"])
+        except (ConnectionError, ValueError) as exc:
+            error = ClientError(-1, f"the connection failed: {exc}")
+        finally:
+            self._closed = True
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._pending.clear()
+            for run in list(self._executions.values()):
+                run._done(error)
+            self._executions.clear()
+
+    async def _send(self, message: dict) -> None:
+        if self._closed:
+            raise ClientError(-1, "the connection is closed")
+        self._writer.write(P.encode(message))
+        await self._writer.drain()
+
+    async def call(self, method: str, **params: Any) -> Any:
+        """Send a request and wait for its result (raises :class:`ClientError`)."""
+        id_ = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[id_] = future
+        await self._send({"jsonrpc": P.JSONRPC, "id": id_, "method": method, "params": params})
+        return await future
+
+    # -- the API -------------------------------------------------------------------
+    async def create_session(self, session_id: str | None = None, **options: Any) -> str:
+        params = dict(options)
+        if session_id is not None:
+            params["session_id"] = session_id
+        return (await self.call("session.create", **params))["session"]
+
+    async def close_session(self, session: str) -> None:
+        await self.call("session.close", session=session)
+
+    def execute(self, session: str, code: str, *, execution_id: str | None = None,
+                **options: Any) -> RemoteExecution:
+        """Send ``execute``; returns at once.  Iterate the result for events."""
+        execution_id = execution_id or os.urandom(8).hex()
+        run = RemoteExecution(self, session, execution_id)
+        self._executions[execution_id] = run
+        id_ = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[id_] = future
+
+        def finished(f: asyncio.Future) -> None:
+            self._executions.pop(execution_id, None)
+            run._done(f.exception() or f.result())  # type: ignore[arg-type]
+
+        future.add_done_callback(finished)
+        asyncio.get_running_loop().create_task(self._send({
+            "jsonrpc": P.JSONRPC, "id": id_, "method": "execute",
+            "params": {"session": session, "code": code, "execution_id": execution_id,
+                       **options}}))
+        return run
+
+    async def run(self, session: str, code: str, **options: Any) -> tuple[dict, list[dict]]:
+        """Execute and wait: ``(response, events)``."""
+        execution = self.execute(session, code, **options)
+        events = [event async for event in execution]
+        return await execution.response(), events
+
+    async def cancel(self, session: str, execution_id: str, reason: str | None = None) -> bool:
+        params = {"session": session, "execution_id": execution_id}
+        if reason is not None:
+            params["reason"] = reason
+        return bool((await self.call("cancel", **params))["cancelled"])
+
+    async def reply_input(self, session: str, input_id: str, text: str | None = None, *,
+                          eof: bool = False) -> bool:
+        params: dict = {"session": session, "input_id": input_id}
+        if eof:
+            params["eof"] = True
+        else:
+            params["text"] = text if text is not None else ""
+        return bool((await self.call("input.reply", **params))["delivered"])
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.wait(), 30)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        try:
+            await asyncio.wait_for(self._reading, 5)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._reading.cancel()

@@ -1,0 +1,353 @@
+"""The pyrepl3 wire protocol: JSON-RPC 2.0, one JSON object per line.
+
+This module is the contract, with no I/O: the method and notification
+schemas (JSON Schema, shipped as data so clients can read them with
+``pyrepl3 serve --schema``), the error codes, request validation, and the
+encoding of messages.  ``server.py`` does the transport and calls the
+engine; ``client.py`` speaks the same protocol from the other end.
+
+Validation implements the small subset of JSON Schema the schemas below use
+(``type``, ``properties``, ``required``, ``additionalProperties: false``,
+``enum``, ``minimum``, ``exclusiveMinimum``, ``minLength``, ``items``) by
+hand: it runs on every request, and a general validator would be a
+dependency and slower for no gain on schemas this small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+JSONRPC = "2.0"
+
+# -- error codes --------------------------------------------------------------
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+#: Application errors (the JSON-RPC "server error" range).
+UNKNOWN_SESSION = -32001
+UNKNOWN_EXECUTION = -32002
+SESSION_BUSY = -32003
+SESSION_CLOSED = -32004
+MESSAGE_TOO_LARGE = -32005
+UNAUTHORIZED = -32006
+CONCURRENCY_UNSUPPORTED = -32007
+UNKNOWN_NAME = -32008
+UNKNOWN_INPUT = -32009
+NOT_AVAILABLE = -32010
+
+ERROR_CODES: dict[int, str] = {
+    PARSE_ERROR: "the line is not valid JSON",
+    INVALID_REQUEST: "the JSON is not a valid JSON-RPC 2.0 request",
+    METHOD_NOT_FOUND: "no such method",
+    INVALID_PARAMS: "the params do not match the method's schema",
+    INTERNAL_ERROR: "the server failed while handling the request (a bug: please report it)",
+    UNKNOWN_SESSION: "no open session with that id",
+    UNKNOWN_EXECUTION: "no queued or running execution with that id",
+    SESSION_BUSY: "the session is running a cell and the request asked not to queue",
+    SESSION_CLOSED: "the session is closed or closing",
+    MESSAGE_TOO_LARGE: "the message is longer than the server's limit",
+    UNAUTHORIZED: "authenticate first: call `auth` with the server's token",
+    CONCURRENCY_UNSUPPORTED: ("another session is running a cell and this IPython is "
+                              "stock: sessions run one at a time (use the patched build)"),
+    UNKNOWN_NAME: "no such name in the session's namespace (or snapshot)",
+    UNKNOWN_INPUT: "no pending input request with that id",
+    NOT_AVAILABLE: "this capability is not available in this build or session",
+}
+
+
+class RPCError(Exception):
+    """An error to send back as the response's ``error`` member."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict:
+        error: dict = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+
+# -- schemas ------------------------------------------------------------------
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 200}
+_SESSION = {"session": {**_ID, "description": "the session id (from session.create)"}}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+
+
+def _params(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+#: Every method: its params (JSON Schema), what it returns, what it does.
+METHODS: dict[str, dict] = {
+    "auth": {
+        "description": "Authenticate this connection (required first on TCP).",
+        "params": _params({"token": {"type": "string", "maxLength": 1000}}, ("token",)),
+        "result": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+    },
+    "server.info": {
+        "description": "Versions, build (stock or patched) and limits of this server.",
+        "params": _params({}),
+        "result": {"type": "object"},
+    },
+    "server.schema": {
+        "description": "This schema: every method and notification.",
+        "params": _params({}),
+        "result": {"type": "object"},
+    },
+    "session.create": {
+        "description": "Create an isolated session (one IPython shell) and return its id.",
+        "params": _params({
+            "session_id": _ID,
+            "policy": {"type": "string", "description": "security preset name"},
+            "capabilities": {"type": "array", "items": {"type": "string"}},
+            "timeout": {"type": "number", "exclusiveMinimum": 0,
+                        "description": "default cell timeout in seconds"},
+        }),
+        "result": {"type": "object", "properties": {"session": _ID}},
+    },
+    "session.close": {
+        "description": "Close a session; a running cell is cancelled.",
+        "params": _params(dict(_SESSION), ("session",)),
+        "result": {"type": "object", "properties": {"closed": {"type": "boolean"}}},
+    },
+    "session.list": {
+        "description": "The open sessions.",
+        "params": _params({}),
+        "result": {"type": "object", "properties": {"sessions": {"type": "array"}}},
+    },
+    "session.info": {
+        "description": "A session's state: busy, running execution, execution count.",
+        "params": _params(dict(_SESSION), ("session",)),
+        "result": {"type": "object"},
+    },
+    "execute": {
+        "description": ("Run code in a session. Its events stream as `execution.event` "
+                        "notifications (correlated by execution_id), then this "
+                        "request's response carries the final status."),
+        "params": _params({
+            **_SESSION,
+            "code": {"type": "string"},
+            "execution_id": _ID,
+            "timeout": {"type": "number", "exclusiveMinimum": 0},
+            "transaction": {"type": "boolean"},
+            "queue": {"type": "boolean",
+                      "description": "wait while the session is busy (default) or fail"},
+            "store_history": {"type": "boolean"},
+        }, ("session", "code")),
+        "result": {"type": "object", "properties": {
+            "execution_id": _ID,
+            "status": {"enum": ["ok", "error", "cancelled"]},
+            "execution_count": {"type": ["integer", "null"]},
+            "error": {"type": ["object", "null"]},
+        }},
+    },
+    "cancel": {
+        "description": "Cancel a queued or running execution.",
+        "params": _params({**_SESSION, "execution_id": _ID,
+                           "reason": {"type": "string", "maxLength": 1000}},
+                          ("session", "execution_id")),
+        "result": {"type": "object", "properties": {"cancelled": {"type": "boolean"}}},
+    },
+    "input.reply": {
+        "description": "Answer an `input_requested` event (or signal EOF).",
+        "params": _params({**_SESSION, "input_id": _ID, "text": {"type": "string"},
+                           "eof": {"type": "boolean"}}, ("session", "input_id")),
+        "result": {"type": "object", "properties": {"delivered": {"type": "boolean"}}},
+    },
+    "namespace.get": {
+        "description": "A variable's repr (and its value when it is JSON-serialisable).",
+        "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "namespace.set": {
+        "description": "Bind a name to a JSON value in the session's namespace.",
+        "params": _params({**_SESSION, "name": _NAME, "value": {}},
+                          ("session", "name", "value")),
+        "result": {"type": "object"},
+    },
+    "namespace.delete": {
+        "description": "Delete a name from the session's namespace.",
+        "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "namespace.list": {
+        "description": "The user's names (IPython's own are hidden) with their types.",
+        "params": _params(dict(_SESSION), ("session",)),
+        "result": {"type": "object"},
+    },
+    "snapshot.take": {
+        "description": "Take a named in-memory snapshot of the namespace.",
+        "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "snapshot.restore": {
+        "description": "Restore the namespace to a named snapshot.",
+        "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "result": {"type": "object"},
+    },
+}
+
+#: Notifications the server sends (never requests; no response expected).
+NOTIFICATIONS: dict[str, dict] = {
+    "execution.event": {
+        "description": ("One execution event (docs/events.md): started, output, display, "
+                        "input_requested, result, error, finished. `seq` is gapless "
+                        "per execution; all output precedes result/error."),
+        "params": {"type": "object", "properties": {
+            "session": _ID, "execution_id": _ID,
+            "event": {"type": "object", "required": ["type", "execution_id", "seq"]},
+        }},
+    },
+}
+
+
+def schema() -> dict:
+    """The whole protocol as one JSON-serialisable document."""
+    return {"protocol": "pyrepl3", "jsonrpc": JSONRPC, "framing": "one JSON object per line",
+            "methods": METHODS, "notifications": NOTIFICATIONS,
+            "errors": {str(code): text for code, text in ERROR_CODES.items()}}
+
+
+# -- validation ---------------------------------------------------------------
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and math.isfinite(v)),
+    "null": lambda v: v is None,
+}
+
+
+def check(value: Any, spec: dict, where: str) -> None:
+    """Raise ``RPCError(INVALID_PARAMS)`` naming the first mismatch."""
+    kind = spec.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not any(_TYPES[k](value) for k in kinds):
+            raise RPCError(INVALID_PARAMS, f"{where} must be {' or '.join(kinds)}, "
+                                           f"got {type(value).__name__}")
+    if "enum" in spec and value not in spec["enum"]:
+        raise RPCError(INVALID_PARAMS, f"{where} must be one of {spec['enum']}, got {value!r}")
+    if isinstance(value, str):
+        if len(value) < spec.get("minLength", 0):
+            raise RPCError(INVALID_PARAMS, f"{where} must not be empty")
+        if "maxLength" in spec and len(value) > spec["maxLength"]:
+            raise RPCError(INVALID_PARAMS, f"{where} is longer than {spec['maxLength']} characters")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "exclusiveMinimum" in spec and not value > spec["exclusiveMinimum"]:
+            raise RPCError(INVALID_PARAMS, f"{where} must be > {spec['exclusiveMinimum']}")
+        if "minimum" in spec and value < spec["minimum"]:
+            raise RPCError(INVALID_PARAMS, f"{where} must be >= {spec['minimum']}")
+    if isinstance(value, list) and "items" in spec:
+        for i, item in enumerate(value):
+            check(item, spec["items"], f"{where}[{i}]")
+    if isinstance(value, dict) and "properties" in spec:
+        props = spec["properties"]
+        for name in spec.get("required", ()):
+            if name not in value:
+                raise RPCError(INVALID_PARAMS, f"{where} is missing {name!r}")
+        for name, item in value.items():
+            if name in props:
+                check(item, props[name], f"{where}.{name}" if where != "params" else name)
+            elif spec.get("additionalProperties", True) is False:
+                raise RPCError(INVALID_PARAMS, f"unknown parameter {name!r} "
+                                               f"(expected: {', '.join(props) or 'none'})")
+
+
+class Request:
+    """A parsed request (``id`` is None for a notification)."""
+
+    __slots__ = ("id", "method", "params")
+
+    def __init__(self, id_: Any, method: str, params: dict):
+        self.id = id_
+        self.method = method
+        self.params = params
+
+    @property
+    def is_notification(self) -> bool:
+        return self.id is None
+
+
+def parse(line: bytes | str) -> Request:
+    """Parse and validate one line; raises ``RPCError`` with the id when known.
+
+    The raised error carries ``.request_id`` so the caller can answer the
+    right request (None when the id itself could not be read).
+    """
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _with_id(RPCError(PARSE_ERROR, f"parse error: {exc}"), None) from None
+    if not isinstance(message, dict):
+        raise _with_id(RPCError(INVALID_REQUEST, "a request must be a JSON object"
+                                " (batches are not supported)"), None)
+    id_ = message.get("id")
+    if not (id_ is None or isinstance(id_, str)
+            or (isinstance(id_, (int, float)) and not isinstance(id_, bool))):
+        raise _with_id(RPCError(INVALID_REQUEST, "id must be a string, a number or absent"),
+                       None)
+    if message.get("jsonrpc") != JSONRPC:
+        raise _with_id(RPCError(INVALID_REQUEST, 'jsonrpc must be "2.0"'), id_)
+    method = message.get("method")
+    if not isinstance(method, str):
+        raise _with_id(RPCError(INVALID_REQUEST, "method must be a string"), id_)
+    extra = set(message) - {"jsonrpc", "id", "method", "params"}
+    if extra:
+        raise _with_id(RPCError(INVALID_REQUEST, f"unknown member(s) {sorted(extra)}"), id_)
+    spec = METHODS.get(method)
+    if spec is None:
+        raise _with_id(RPCError(METHOD_NOT_FOUND, f"unknown method {method[:100]!r}",
+                                {"methods": sorted(METHODS)}), id_)
+    params = message.get("params", {})
+    if isinstance(params, list):
+        raise _with_id(RPCError(INVALID_PARAMS, "params must be an object (by-name)"), id_)
+    try:
+        check(params, spec["params"], "params")
+    except RPCError as exc:
+        raise _with_id(exc, id_) from None
+    return Request(id_, method, params)
+
+
+def _with_id(error: RPCError, id_: Any) -> RPCError:
+    error.request_id = id_  # type: ignore[attr-defined]
+    return error
+
+
+# -- encoding -----------------------------------------------------------------
+
+def _default(value: Any) -> Any:
+    return repr(value)  # events are JSON already; never fail on a stray object
+
+
+def encode(message: dict) -> bytes:
+    return (json.dumps(message, ensure_ascii=False, separators=(",", ":"),
+                       default=_default) + "\n").encode("utf-8", "surrogatepass")
+
+
+def response(id_: Any, result: Any) -> dict:
+    return {"jsonrpc": JSONRPC, "id": id_, "result": result}
+
+
+def error_response(id_: Any, error: RPCError) -> dict:
+    return {"jsonrpc": JSONRPC, "id": id_, "error": error.to_json()}
+
+
+def notification(method: str, params: dict) -> dict:
+    return {"jsonrpc": JSONRPC, "method": method, "params": params}

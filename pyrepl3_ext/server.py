@@ -1,0 +1,682 @@
+"""``pyrepl3 serve``: the protocol (``protocol.py``) over stdio, TCP or a unix socket.
+
+One asyncio loop serves every connection; sessions and their cells live in
+an :class:`~pyrepl3_ext.engine.Engine` (cells run on the sessions' worker
+threads, never on the loop).  Invariants:
+
+* one response per request (notifications get none), and a malformed or
+  hostile message costs the sender an error, never the server;
+* per execution: its ``execution.event`` notifications in ``seq`` order,
+  then the ``execute`` response (both are sent from the cell's thread, in
+  order, through the loop's FIFO);
+* bounded memory per connection: a message longer than
+  ``max_message_bytes`` is refused and skipped; when a client reads slower
+  than its cells print, the cells' threads wait (backpressure) instead of
+  the server buffering without bound; an event larger than
+  ``max_event_bytes`` is truncated and says so (``"truncated": true``);
+* a client that disconnects has its queued and running executions
+  cancelled; its sessions stay open for other clients;
+* TCP needs the token (``auth`` first, compared in constant time) and
+  binds to loopback unless told otherwise; a unix socket is created
+  owner-only (0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import secrets
+import signal
+import stat
+import sys
+import threading
+from typing import Any, Callable
+
+from . import protocol as P
+from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed
+
+MiB = 1024 * 1024
+
+
+class Limits:
+    """Per-connection limits (defaults suit local tool hosts)."""
+
+    def __init__(self, *, max_message_bytes: int = 16 * MiB, max_event_bytes: int = 4 * MiB,
+                 max_buffer_bytes: int = 8 * MiB, max_auth_failures: int = 3):
+        for name, value in (("max_message_bytes", max_message_bytes),
+                            ("max_event_bytes", max_event_bytes),
+                            ("max_buffer_bytes", max_buffer_bytes)):
+            if not isinstance(value, int) or value < 1024:
+                raise ValueError(f"{name} must be an integer >= 1024, got {value!r}")
+        self.max_message_bytes = max_message_bytes
+        self.max_event_bytes = max_event_bytes
+        self.max_buffer_bytes = max_buffer_bytes
+        self.max_auth_failures = max_auth_failures
+
+
+def shrink_event(event: dict, limit: int) -> dict:
+    """``event`` with its long strings cut so it encodes to about ``limit`` bytes.
+
+    Outputs and mime bundles are the only large members; each string longer
+    than a quarter of the limit is cut there, and the event says
+    ``"truncated": true`` with the original sizes in ``"truncated_from"``.
+    """
+    keep = max(limit // 4, 256)
+    sizes: dict[str, int] = {}
+
+    def cut(value: Any, path: str) -> Any:
+        if isinstance(value, str) and len(value) > keep:
+            sizes[path] = len(value)
+            return value[:keep]
+        if isinstance(value, dict):
+            return {k: cut(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    small = cut(event, "")
+    small["truncated"] = True
+    small["truncated_from"] = sizes
+    return small
+
+
+class Connection:
+    """One client: framing in, ordered writes out, its executions."""
+
+    def __init__(self, server: "Server", reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, *, require_auth: bool, name: str,
+                 finish_on_eof: bool = False):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.name = name
+        self.loop = asyncio.get_running_loop()
+        self.authenticated = not require_auth
+        #: stdio: end of input means "no more requests", not "gone": the
+        #: executions already sent run to the end and their responses go out
+        self.finish_on_eof = finish_on_eof
+        self.auth_failures = 0
+        self.closed = False
+        #: set while the transport's buffer is below the limit (cells' threads wait on it)
+        self.writable = threading.Event()
+        self.writable.set()
+        self._draining = False
+        #: execution_id -> (session, handle) of this client's unfinished executions
+        self.executions: dict[str, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        # messages from other threads, written by one loop callback per batch
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
+
+    # -- output ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Write on the loop (FIFO with every other write of this connection)."""
+        if self.closed:
+            return
+        try:
+            self.writer.write(data)
+        except (ConnectionError, RuntimeError):
+            self._lost()
+            return
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > self.server.limits.max_buffer_bytes \
+                and not self._draining:
+            self.writable.clear()
+            self._draining = True
+            task = self.loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError):
+            self._lost()
+        finally:
+            self._draining = False
+            self.writable.set()
+
+    def send(self, message: dict) -> None:
+        """Send from the loop's thread."""
+        self.write(P.encode(message))
+
+    def send_threadsafe(self, message: dict | bytes, *, wait_writable: bool = True) -> None:
+        """Send from any thread (a cell's); waits while the client is behind."""
+        data = message if isinstance(message, bytes) else P.encode(message)
+        if wait_writable:
+            # backpressure: a cell that prints faster than its client reads waits
+            # here; a lost client sets the event so nobody waits for ever
+            while not self.writable.wait(0.5):
+                if self.closed:
+                    return
+        with self._lock:
+            self._outbox.append(data)
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:  # one wake-up of the loop per batch, not per event
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # loop closed: the server is gone
+                pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            self._flush_scheduled = False
+        self.write(data)
+
+    def _lost(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writable.set()
+            self.cancel_executions("the client disconnected")
+
+    def cancel_executions(self, reason: str) -> None:
+        with self._lock:
+            pending = list(self.executions.items())
+        for execution_id, (session, _handle) in pending:
+            try:
+                session.cancel(execution_id, reason)
+            except Exception:  # noqa: BLE001 - the session may be closing
+                pass
+
+    # -- input ----------------------------------------------------------------
+    async def serve(self) -> None:
+        limit = self.server.limits.max_message_bytes
+        buffer = bytearray()
+        discarding = False
+        eof = False
+        try:
+            while not self.closed:
+                chunk = await self.reader.read(65536)
+                if not chunk:
+                    eof = True
+                    break
+                start = 0
+                while True:
+                    newline = chunk.find(b"\n", start)
+                    if newline < 0:
+                        if not discarding:
+                            buffer += chunk[start:]
+                            if len(buffer) > limit:
+                                buffer.clear()
+                                discarding = True
+                                self._too_large()
+                        break
+                    if discarding:
+                        discarding = False
+                    else:
+                        buffer += chunk[start:newline]
+                        if len(buffer) > limit:
+                            self._too_large()
+                        elif buffer.strip():
+                            self.handle_line(bytes(buffer))
+                        buffer.clear()
+                    start = newline + 1
+                if self.auth_failures >= self.server.limits.max_auth_failures:
+                    break
+            if eof and self.finish_on_eof:
+                while self.executions and not self.closed:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0)  # the last response's write is queued on the loop
+                await self.writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._lost()
+            for task in list(self._tasks):
+                task.cancel()
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _too_large(self) -> None:
+        limit = self.server.limits.max_message_bytes
+        self.send(P.error_response(None, P.RPCError(
+            P.MESSAGE_TOO_LARGE, f"message longer than {limit} bytes: skipped",
+            {"limit": limit})))
+
+    def handle_line(self, line: bytes) -> None:
+        try:
+            request = P.parse(line)
+        except P.RPCError as exc:
+            self.send(P.error_response(getattr(exc, "request_id", None), exc))
+            return
+        if not self.authenticated and request.method != "auth":
+            self._reply(request, error=P.RPCError(P.UNAUTHORIZED, P.ERROR_CODES[P.UNAUTHORIZED]))
+            return
+        handler = self.server.handlers[request.method]
+        try:
+            result = handler(self, request)
+        except P.RPCError as exc:
+            self._reply(request, error=exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+            self.server.log(f"internal error in {request.method}: {exc!r}")
+            self._reply(request, error=P.RPCError(
+                P.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"))
+        else:
+            if result is not _DEFERRED:
+                self._reply(request, result=result)
+
+    def _reply(self, request: P.Request, *, result: Any = None,
+               error: P.RPCError | None = None) -> None:
+        if request.is_notification:
+            return
+        if error is not None:
+            self.send(P.error_response(request.id, error))
+        else:
+            self.send(P.response(request.id, result))
+
+
+#: returned by a handler whose response is sent later (``execute``)
+_DEFERRED = object()
+
+
+def _session(conn: Connection, params: dict) -> Any:
+    try:
+        return conn.server.engine.get_session(params["session"])
+    except KeyError:
+        raise P.RPCError(P.UNKNOWN_SESSION, f"no open session {params['session']!r}") from None
+
+
+def _status(result: Any) -> tuple[str, dict | None]:
+    from .extension import classify_error
+
+    if result is None:
+        return "error", {"ename": "RuntimeError", "evalue": "no result", "kind": "exception"}
+    error = result.error_before_exec or result.error_in_exec
+    if error is None:
+        return "ok", None
+    kind = classify_error(error, before_exec=result.error_before_exec is not None)
+    status = "cancelled" if kind in ("cancelled", "timeout") else "error"
+    return status, {"ename": type(error).__name__, "evalue": str(error), "kind": kind}
+
+
+class Server:
+    """Serves the protocol for one :class:`Engine` (created when not given)."""
+
+    def __init__(self, engine: Any = None, *, token: str | None = None,
+                 limits: Limits | None = None, log: Callable[[str], None] | None = None):
+        if engine is None:
+            from .engine import Engine
+
+            engine = Engine()
+        self.engine = engine
+        self.token = token
+        self.limits = limits or Limits()
+        self.log = log or (lambda text: print(f"[pyrepl3 serve] {text}", file=sys.stderr,
+                                              flush=True))
+        self.connections: set[Connection] = set()
+        self.handlers: dict[str, Callable[[Connection, P.Request], Any]] = {
+            "auth": self._auth, "server.info": self._info, "server.schema": self._schema,
+            "session.create": self._session_create, "session.close": self._session_close,
+            "session.list": self._session_list, "session.info": self._session_info,
+            "execute": self._execute, "cancel": self._cancel,
+            "input.reply": self._input_reply,
+            "namespace.get": self._namespace, "namespace.set": self._namespace,
+            "namespace.delete": self._namespace, "namespace.list": self._namespace,
+            "snapshot.take": self._snapshot, "snapshot.restore": self._snapshot,
+        }
+        missing = set(P.METHODS) - set(self.handlers)
+        assert not missing, f"methods without a handler: {missing}"
+
+    # -- connections ----------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     require_auth: bool, name: str = "client",
+                     finish_on_eof: bool = False) -> None:
+        conn = Connection(self, reader, writer, require_auth=require_auth, name=name,
+                          finish_on_eof=finish_on_eof)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    # -- handlers (run on the loop; never block) --------------------------------
+    def _auth(self, conn: Connection, request: P.Request) -> dict:
+        if self.token is None:
+            conn.authenticated = True
+            return {"ok": True}
+        given = request.params["token"].encode("utf-8", "surrogatepass")
+        if hmac.compare_digest(given, self.token.encode("utf-8")):
+            conn.authenticated = True
+            return {"ok": True}
+        conn.auth_failures += 1
+        raise P.RPCError(P.UNAUTHORIZED, "wrong token")
+
+    def _info(self, conn: Connection, request: P.Request) -> dict:
+        import IPython
+
+        from . import _compat
+        from ._version import __version__
+
+        limits = self.limits
+        return {"pyrepl3": __version__, "ipython": IPython.__version__,
+                "python": sys.version.split()[0],
+                "build": "patched" if _compat.is_patched_build() else "stock",
+                "concurrent_sessions": bool(self.engine.concurrent),
+                "limits": {"max_message_bytes": limits.max_message_bytes,
+                           "max_event_bytes": limits.max_event_bytes,
+                           "max_buffer_bytes": limits.max_buffer_bytes}}
+
+    def _schema(self, conn: Connection, request: P.Request) -> dict:
+        return P.schema()
+
+    def _session_create(self, conn: Connection, request: P.Request) -> dict:
+        from traitlets.config import Config
+
+        params = request.params
+        config = Config()
+        if "timeout" in params:
+            config.PyREPL3.cell_timeout = float(params["timeout"])
+        if "policy" in params:
+            config.PyREPL3.security_policy = params["policy"]
+        if params.get("capabilities"):
+            raise P.RPCError(P.NOT_AVAILABLE, "capabilities cannot be granted by this "
+                                              "server yet (security policy not built in)")
+        try:
+            session = self.engine.create_session(params.get("session_id"), config=config)
+        except ValueError as exc:
+            raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
+        except SessionClosed as exc:
+            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        return {"session": session.id}
+
+    def _session_close(self, conn: Connection, request: P.Request) -> Any:
+        session = _session(conn, request.params)
+
+        def close() -> None:
+            session.close()
+            if not request.is_notification:
+                conn.send_threadsafe(P.response(request.id, {"closed": True}),
+                                     wait_writable=False)
+
+        # closing waits for a running cell to stop: not on the loop
+        threading.Thread(target=close, name="pyrepl3-session-close", daemon=True).start()
+        return _DEFERRED
+
+    def _describe(self, session: Any) -> dict:
+        shell = session.shell
+        return {"session": session.id, "busy": session.busy, "running": session.running,
+                "execution_count": shell.execution_count}
+
+    def _session_list(self, conn: Connection, request: P.Request) -> dict:
+        return {"sessions": [self._describe(s) for s in self.engine.sessions if not s.closed]}
+
+    def _session_info(self, conn: Connection, request: P.Request) -> dict:
+        session = _session(conn, request.params)
+        try:
+            return self._describe(session)
+        except SessionClosed as exc:
+            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+
+    def _execute(self, conn: Connection, request: P.Request) -> Any:
+        params = request.params
+        session = _session(conn, params)
+        limit = self.limits.max_event_bytes
+        session_id = session.id
+
+        def on_event(event: dict) -> None:
+            message = P.notification("execution.event", {
+                "session": session_id, "execution_id": event["execution_id"], "event": event})
+            # the loop's own thread must never wait for itself
+            in_loop = threading.get_ident() == self._loop_thread
+            data = P.encode(message)
+            if len(data) > limit:
+                message["params"]["event"] = shrink_event(event, limit)
+                data = P.encode(message)
+            conn.send_threadsafe(data, wait_writable=not in_loop)
+
+        try:
+            handle = session.execute(
+                params["code"], execution_id=params.get("execution_id"),
+                timeout=params.get("timeout"), transaction=params.get("transaction"),
+                queue=params.get("queue", True), store_history=params.get("store_history", True),
+                on_event=on_event, wait=False)
+        except SessionBusy as exc:
+            raise P.RPCError(P.SESSION_BUSY, str(exc)) from None
+        except ConcurrencyUnsupported as exc:
+            raise P.RPCError(P.CONCURRENCY_UNSUPPORTED, str(exc)) from None
+        except SessionClosed as exc:
+            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
+        execution_id = handle.execution_id
+        with conn._lock:
+            conn.executions[execution_id] = (session, handle)
+
+        def done(handle: Any) -> None:
+            with conn._lock:
+                conn.executions.pop(execution_id, None)
+            if request.is_notification:
+                return
+            try:
+                result = handle.result(0)
+            except BaseException as exc:  # noqa: BLE001 - reported to the client
+                message = P.error_response(request.id, P.RPCError(
+                    P.INTERNAL_ERROR, f"execution failed: {type(exc).__name__}: {exc}"))
+            else:
+                status, error = _status(result)
+                message = P.response(request.id, {
+                    "execution_id": execution_id, "status": status,
+                    "execution_count": getattr(result, "execution_count", None),
+                    "error": error})
+            conn.send_threadsafe(message, wait_writable=False)
+
+        handle.add_done_callback(done)
+        return _DEFERRED
+
+    def _cancel(self, conn: Connection, request: P.Request) -> dict:
+        session = _session(conn, request.params)
+        hit = session.cancel(request.params["execution_id"],
+                             request.params.get("reason", "cancelled by the client"))
+        if not hit:
+            raise P.RPCError(P.UNKNOWN_EXECUTION, "no queued or running execution "
+                                                  f"{request.params['execution_id']!r} in "
+                                                  f"session {session.id!r}")
+        return {"cancelled": True}
+
+    def _input_reply(self, conn: Connection, request: P.Request) -> dict:
+        raise P.RPCError(P.NOT_AVAILABLE, "input over the protocol is not built in yet")
+
+    def _namespace(self, conn: Connection, request: P.Request) -> dict:
+        raise P.RPCError(P.NOT_AVAILABLE, "namespace access is not built in yet")
+
+    def _snapshot(self, conn: Connection, request: P.Request) -> dict:
+        raise P.RPCError(P.NOT_AVAILABLE, "snapshots are not built in yet")
+
+    # -- transports ---------------------------------------------------------------
+    _loop_thread = 0
+
+    def _started(self) -> None:
+        self._loop_thread = threading.get_ident()
+
+    async def serve_stdio(self) -> None:
+        """Serve one client on this process's stdin/stdout.
+
+        The protocol keeps private copies of fds 0 and 1; fd 1 then points at
+        stderr and fd 0 at /dev/null, so anything a cell (or a C library)
+        writes to stdout cannot corrupt the stream, and nothing reads the
+        protocol's input but the server.
+        """
+        self._started()
+        loop = asyncio.get_running_loop()
+        proto_in = os.dup(0)
+        proto_out = os.dup(1)
+        os.dup2(2, 1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        sys.stdout = sys.stderr
+        reader = asyncio.StreamReader(limit=2 ** 31 - 1)
+        in_file = os.fdopen(proto_in, "rb", buffering=0)
+        out_file = os.fdopen(proto_out, "wb", buffering=0)
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), in_file)
+        except ValueError:  # a regular file: asyncio cannot watch it
+            _FdReader(proto_in, reader, loop)
+        writer: Any
+        try:
+            transport, flow = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                            out_file)
+            writer = asyncio.StreamWriter(transport, flow, None, loop)
+        except ValueError:
+            writer = _FdWriter(proto_out)
+        await self.handle(reader, writer, require_auth=False, name="stdio", finish_on_eof=True)
+
+    async def serve_tcp(self, host: str, port: int, *, ready: Callable[[str, int], None]
+                        | None = None) -> None:
+        self._started()
+        if self.token is None:
+            raise ValueError("a TCP server needs a token")
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = writer.get_extra_info("peername")
+            await self.handle(reader, writer, require_auth=True, name=f"tcp:{peer}")
+
+        server = await asyncio.start_server(on_client, host, port, limit=2 ** 31 - 1)
+        bound = server.sockets[0].getsockname()
+        if ready is not None:
+            ready(bound[0], bound[1])
+        async with server:
+            await server.serve_forever()
+
+    async def serve_unix(self, path: str, *, ready: Callable[[str], None] | None = None) -> None:
+        self._started()
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket: not replacing it")
+            os.unlink(path)  # a stale socket of an earlier server
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.handle(reader, writer, require_auth=self.token is not None, name="unix")
+
+        old = os.umask(0o177)  # created owner-only: no window with wider permissions
+        try:
+            server = await asyncio.start_unix_server(on_client, path, limit=2 ** 31 - 1)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if ready is not None:
+            ready(path)
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn._lost()
+        self.engine.close()
+
+
+class _FdReader:
+    """Feeds a StreamReader from a file descriptor asyncio cannot watch."""
+
+    def __init__(self, fd: int, reader: asyncio.StreamReader,
+                 loop: asyncio.AbstractEventLoop):
+        def pump() -> None:
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    loop.call_soon_threadsafe(reader.feed_eof)
+                    return
+                loop.call_soon_threadsafe(reader.feed_data, chunk)
+
+        threading.Thread(target=pump, name="pyrepl3-stdin", daemon=True).start()
+
+
+class _FdWriter:
+    """The part of StreamWriter a Connection uses, for a file descriptor
+    asyncio cannot watch (stdout redirected to a file): a writer thread."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.transport = self
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="pyrepl3-stdout", daemon=True).start()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._chunks.append(data)
+            self._size += len(data)
+            self._cond.notify()
+
+    def get_write_buffer_size(self) -> int:
+        return self._size
+
+    async def drain(self) -> None:
+        while self._size > 64 * 1024 and not self._closed:
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closed:
+                    self._cond.wait()
+                if not self._chunks:
+                    return
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            with self._cond:
+                self._size -= len(data)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def run(transport: str, address: str | None = None, *, token: str | None = None,
+        limits: Limits | None = None, engine: Any = None) -> int:
+    """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry."""
+    server = Server(engine, token=token, limits=limits)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        if transport == "stdio":
+            serving = loop.create_task(server.serve_stdio())
+        elif transport == "tcp":
+            host, _, port = (address or "").rpartition(":")
+            serving = loop.create_task(server.serve_tcp(
+                host or "127.0.0.1", int(port),
+                ready=lambda h, p: server.log(f"listening on tcp {h}:{p}")))
+        else:
+            serving = loop.create_task(server.serve_unix(
+                address or "", ready=lambda p: server.log(f"listening on unix {p}")))
+        stopper = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (serving, stopper):
+            task.cancel()
+        if serving in done and not serving.cancelled() and serving.exception() is not None:
+            raise serving.exception()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,260 @@
+"""``pyrepl3 serve`` end to end: a real server process over stdio, TCP and a unix
+socket, driven by ``pyrepl3_ext.client``; plus the protocol layer in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pyrepl3_ext import protocol as P
+from pyrepl3_ext.client import Client, ClientError
+
+WAIT = 60
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def spawn(*args: str) -> Client:
+    return await Client.spawn_stdio(*args)
+
+
+def types(events):
+    return [e["type"] for e in events]
+
+
+# -- stdio ----------------------------------------------------------------------
+
+def test_stdio_execute_events_and_response():
+    async def main():
+        async with await spawn() as client:
+            info = await client.call("server.info")
+            assert info["build"] in ("stock", "patched")
+            session = await client.create_session("s1")
+            assert session == "s1"
+            response, events = await client.run(session, "x = 6\nx * 7", execution_id="e1")
+            assert response == {"execution_id": "e1", "status": "ok",
+                                "execution_count": 1, "error": None}
+            assert types(events) == ["started", "result", "finished"]
+            assert [e["seq"] for e in events] == [0, 1, 2]
+            assert events[1]["data"]["text/plain"] == "42"
+            assert all(e["execution_id"] == "e1" and e["session"] == "s1" for e in events)
+
+            response, events = await client.run(session, "1 / 0")
+            assert response["status"] == "error"
+            assert response["error"]["ename"] == "ZeroDivisionError"
+            assert types(events) == ["started", "error", "finished"]
+            response, _ = await client.run(session, "def (:")
+            assert response["status"] == "error" and response["error"]["kind"] == "syntax"
+            # the session goes on, with its namespace
+            response, events = await client.run(session, "x")
+            assert events[1]["data"]["text/plain"] == "6"
+            listed = await client.call("session.list")
+            assert [s["session"] for s in listed["sessions"]] == ["s1"]
+    run(main())
+
+
+def test_stdio_cancel_and_timeout():
+    async def main():
+        async with await spawn() as client:
+            session = await client.create_session()
+            execution = client.execute(session, "while True:\n    pass")
+            started = await anext(aiter(execution))
+            assert started["type"] == "started"
+            assert await execution.cancel("stop it") is True
+            response = await execution.response()
+            assert response["status"] == "cancelled"
+            assert response["error"]["kind"] == "cancelled" and "stop it" in response["error"]["evalue"]
+            response, events = await client.run(session, "while True:\n    pass", timeout=0.2)
+            assert response["status"] == "cancelled" and response["error"]["kind"] == "timeout"
+            assert types(events)[-1] == "finished"
+            with pytest.raises(ClientError) as info:
+                await client.cancel(session, "no-such-execution")
+            assert info.value.code == P.UNKNOWN_EXECUTION
+            response, _ = await client.run(session, "1 + 1")
+            assert response["status"] == "ok"
+    run(main())
+
+
+def test_errors_are_answered_and_the_server_keeps_serving():
+    async def main():
+        async with await spawn("--max-message-bytes", "4096") as client:
+            session = await client.create_session()
+            raw = client._writer
+
+            async def send_raw(line: bytes) -> dict:
+                future = asyncio.get_running_loop().create_future()
+                client._pending[None] = future  # errors for unreadable ids come with id null
+                raw.write(line + b"\n")
+                await raw.drain()
+                return await asyncio.wait_for(asyncio.shield(future), WAIT)
+
+            for line, code in [(b"{not json", P.PARSE_ERROR),
+                               (b"[1, 2]", P.INVALID_REQUEST),
+                               (b'{"jsonrpc": "2.0", "method": 5, "id": null}', P.INVALID_REQUEST),
+                               (b"\xff\xfe", P.PARSE_ERROR),
+                               (b"x" * 10_000, P.MESSAGE_TOO_LARGE)]:
+                with pytest.raises(ClientError) as info:
+                    await send_raw(line)
+                assert info.value.code == code, line[:40]
+            for method, params, code in [
+                    ("no.such", {}, P.METHOD_NOT_FOUND),
+                    ("execute", {"session": session}, P.INVALID_PARAMS),
+                    ("execute", {"session": session, "code": 5}, P.INVALID_PARAMS),
+                    ("execute", {"session": session, "code": "1", "timeout": -1}, P.INVALID_PARAMS),
+                    ("execute", {"session": session, "code": "1", "bogus": 1}, P.INVALID_PARAMS),
+                    ("execute", {"session": "nope", "code": "1"}, P.UNKNOWN_SESSION),
+                    ("session.info", {"session": "nope"}, P.UNKNOWN_SESSION)]:
+                with pytest.raises(ClientError) as info:
+                    await client.call(method, **params)
+                assert info.value.code == code, (method, params)
+            with pytest.raises(ClientError) as info:
+                await client.call("execute", session=session, code="1", bogus=1)
+            assert "unknown parameter 'bogus'" in info.value.message
+            response, _ = await client.run(session, "2 + 2")
+            assert response["status"] == "ok"
+    run(main())
+
+
+def test_huge_result_is_truncated_and_the_session_goes_on():
+    async def main():
+        async with await spawn("--max-event-bytes", "100000") as client:
+            session = await client.create_session()
+            response, events = await client.run(session, "'x' * 5_000_000")
+            assert response["status"] == "ok"
+            result = events[1]
+            assert result["type"] == "result" and result["truncated"] is True
+            assert len(result["data"]["text/plain"]) <= 100_000
+            assert result["truncated_from"]["data.text/plain"] > 5_000_000
+            response, events = await client.run(session, "3")
+            assert events[1]["data"]["text/plain"] == "3"
+    run(main())
+
+
+def test_stdio_cell_output_cannot_corrupt_the_stream():
+    async def main():
+        async with await spawn() as client:
+            session = await client.create_session()
+            code = "import os, sys\nos.write(1, b'raw fd write\\n')\nsys.__stdout__.write('x\\n')\n1"
+            response, _ = await client.run(session, code)
+            assert response["status"] == "ok"
+            response, _ = await client.run(session, "input('no host: ')")
+            assert response["status"] == "error" and response["error"]["ename"] in (
+                "EOFError", "StdinNotImplementedError")
+    run(main())
+
+
+# -- sockets ----------------------------------------------------------------------
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-m", "pyrepl3_ext.cli", "serve", *args],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "listening on" not in line:
+        line = process.stderr.readline()
+        if not line:
+            process.wait(WAIT)
+            raise AssertionError(f"server did not start (exit {process.returncode})")
+    return process, line
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(WAIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_tcp_needs_the_token_and_binds_loopback():
+    process, line = start_server("--tcp", "127.0.0.1:0", "--token", "s3cret")
+    try:
+        host, port = re.search(r"tcp (\S+):(\d+)", line).groups()
+
+        async def main():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            anonymous = Client(reader, writer)
+            with pytest.raises(ClientError) as info:
+                await anonymous.call("session.list")
+            assert info.value.code == P.UNAUTHORIZED
+            with pytest.raises(ClientError) as info:
+                await anonymous.call("auth", token="wrong")
+            assert info.value.code == P.UNAUTHORIZED
+            await anonymous.close()
+            async with await Client.connect_tcp(host, int(port), "s3cret") as client:
+                session = await client.create_session()
+                response, events = await client.run(session, "21 * 2")
+                assert events[1]["data"]["text/plain"] == "42"
+        run(main())
+    finally:
+        stop_server(process)
+    refused = subprocess.run([sys.executable, "-m", "pyrepl3_ext.cli", "serve", "--tcp",
+                              "0.0.0.0:0"], capture_output=True, text=True, timeout=WAIT)
+    assert refused.returncode == 2 and "--allow-remote" in refused.stderr
+
+
+def test_unix_socket_is_owner_only_and_disconnect_cancels():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pyrepl3.sock")
+        process, _ = start_server("--unix", path)
+        try:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+            async def main():
+                first = await Client.connect_unix(path)
+                session = await first.create_session("shared")
+                execution = first.execute(session, "while True:\n    pass", execution_id="spin")
+                assert (await anext(aiter(execution)))["type"] == "started"
+                await first.close()  # gone mid-execution
+                async with await Client.connect_unix(path) as second:
+                    for _ in range(200):
+                        info = await second.call("session.info", session="shared")
+                        if not info["busy"]:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert info["busy"] is False, "the abandoned execution was not cancelled"
+                    response, _ = await second.run("shared", "'still here'")
+                    assert response["status"] == "ok"
+            run(main())
+        finally:
+            stop_server(process)
+        assert not os.path.exists(path)
+
+
+# -- the protocol layer, in process ----------------------------------------------
+
+def test_schema_covers_every_method_and_is_json():
+    document = json.loads(json.dumps(P.schema()))
+    assert set(document["methods"]) >= {
+        "session.create", "session.close", "session.list", "session.info", "execute",
+        "cancel", "input.reply", "namespace.get", "namespace.set", "namespace.delete",
+        "namespace.list", "snapshot.take", "snapshot.restore"}
+    assert "execution.event" in document["notifications"]
+    out = subprocess.run([sys.executable, "-m", "pyrepl3_ext.cli", "serve", "--schema"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert json.loads(out.stdout) == document
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"session": "s"}, "params is missing 'code'"),
+    ({"session": "s", "code": 1}, "code must be string, got int"),
+    ({"session": "s", "code": "1", "timeout": 0}, "timeout must be > 0"),
+    ({"session": "", "code": "1"}, "session must not be empty"),
+    ({"session": "s", "code": "1", "queue": "yes"}, "queue must be boolean, got str"),
+])
+def test_invalid_params_say_what_is_wrong(params, message):
+    line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "execute", "params": params})
+    with pytest.raises(P.RPCError) as info:
+        P.parse(line)
+    assert info.value.code == P.INVALID_PARAMS and info.value.message == message
