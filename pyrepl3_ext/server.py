@@ -283,6 +283,13 @@ def _session(conn: Connection, params: dict) -> Any:
         raise P.RPCError(P.UNKNOWN_SESSION, f"no open session {params['session']!r}") from None
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot carry shown as its repr."""
+    import json
+
+    return json.loads(json.dumps(value, default=repr))
+
+
 def _status(result: Any) -> tuple[str, dict | None]:
     from .extension import classify_error
 
@@ -484,10 +491,69 @@ class Server:
         raise P.RPCError(P.NOT_AVAILABLE, "input over the protocol is not built in yet")
 
     def _namespace(self, conn: Connection, request: P.Request) -> dict:
-        raise P.RPCError(P.NOT_AVAILABLE, "namespace access is not built in yet")
+        """namespace.get/set/delete/list through the session's namespace
+        manager (thread-safe while a cell runs; IPython's names protected)."""
+        from . import namespace
+        from .errors import NamespaceError, ProtectedName, VariableNotFound
 
-    def _snapshot(self, conn: Connection, request: P.Request) -> dict:
-        raise P.RPCError(P.NOT_AVAILABLE, "snapshots are not built in yet")
+        session = _session(conn, request.params)
+        try:
+            shell = session.shell
+            manager = namespace.manager(shell)
+            name = request.params.get("name")
+            if request.method == "namespace.list":
+                return {"variables": [manager.describe(n, max_repr=100)
+                                      for n in manager.names()]}
+            if request.method == "namespace.get":
+                described = manager.describe(name, max_repr=1000)
+                value = manager.get(name)
+                try:
+                    encoded = P.encode({"v": value}) if isinstance(
+                        value, (str, int, float, bool, list, dict, type(None))) else None
+                except (TypeError, ValueError, RecursionError):
+                    encoded = None
+                if encoded is not None and len(encoded) <= self.limits.max_event_bytes:
+                    described["value"] = value
+                return described
+            if request.method == "namespace.set":
+                manager.set(name, request.params["value"])
+                return {"name": name}
+            manager.delete(name)
+            return {"name": name}
+        except VariableNotFound as exc:
+            raise P.RPCError(P.UNKNOWN_NAME, str(exc)) from None
+        except (ProtectedName, NamespaceError) as exc:
+            raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
+        except SessionClosed as exc:
+            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+
+    def _snapshot(self, conn: Connection, request: P.Request) -> Any:
+        """snapshot.take/restore: deep copies, so off the loop's thread."""
+        from . import namespace
+        from .errors import NamespaceError, SnapshotNotFound
+
+        session = _session(conn, request.params)
+        name = request.params["name"]
+
+        def work() -> None:
+            try:
+                manager = namespace.manager(session.shell)
+                if request.method == "snapshot.take":
+                    info = manager.take_snapshot(name)
+                else:
+                    info = manager.restore_snapshot(name)
+                message = P.response(request.id, {"snapshot": _jsonable(info)})
+            except SnapshotNotFound as exc:
+                message = P.error_response(request.id, P.RPCError(P.UNKNOWN_NAME, str(exc)))
+            except NamespaceError as exc:
+                message = P.error_response(request.id, P.RPCError(P.INVALID_PARAMS, str(exc)))
+            except SessionClosed as exc:
+                message = P.error_response(request.id, P.RPCError(P.SESSION_CLOSED, str(exc)))
+            if not request.is_notification:
+                conn.send_threadsafe(message, wait_writable=False)
+
+        threading.Thread(target=work, name="pyrepl3-snapshot", daemon=True).start()
+        return _DEFERRED
 
     # -- transports ---------------------------------------------------------------
     _loop_thread = 0

@@ -258,3 +258,41 @@ def test_invalid_params_say_what_is_wrong(params, message):
     with pytest.raises(P.RPCError) as info:
         P.parse(line)
     assert info.value.code == P.INVALID_PARAMS and info.value.message == message
+
+
+def test_namespace_and_snapshots_over_the_protocol():
+    async def main():
+        async with await spawn() as client:
+            session = await client.create_session()
+            await client.call("namespace.set", session=session, name="cfg",
+                              value={"depth": 3, "tags": ["a", "b"]})
+            response, events = await client.run(session, "cfg['depth'] * 2")
+            assert events[1]["data"]["text/plain"] == "6"
+            await client.run(session, "import collections\nodd = {1, 2}")
+            got = await client.call("namespace.get", session=session, name="cfg")
+            assert got["value"] == {"depth": 3, "tags": ["a", "b"]}
+            odd = await client.call("namespace.get", session=session, name="odd")
+            assert "value" not in odd and odd["type"] == "builtins.set"  # not JSON: repr only
+            assert odd["repr"] == "{1, 2}"
+            listed = await client.call("namespace.list", session=session)
+            assert {v["name"] for v in listed["variables"]} == {"cfg", "collections", "odd"}
+            with pytest.raises(ClientError) as info:
+                await client.call("namespace.get", session=session, name="nope")
+            assert info.value.code == P.UNKNOWN_NAME
+            with pytest.raises(ClientError) as info:
+                await client.call("namespace.set", session=session, name="In", value=1)
+            assert info.value.code == P.INVALID_PARAMS
+            taken = await client.call("snapshot.take", session=session, name="before")
+            assert taken["snapshot"]["name"] == "before"
+            await client.run(session, "cfg = None\nnew = 1")
+            await client.call("snapshot.restore", session=session, name="before")
+            got = await client.call("namespace.get", session=session, name="cfg")
+            assert got["value"]["depth"] == 3
+            await client.call("namespace.delete", session=session, name="cfg")
+            with pytest.raises(ClientError) as info:
+                await client.call("namespace.get", session=session, name="cfg")
+            assert info.value.code == P.UNKNOWN_NAME
+            with pytest.raises(ClientError) as info:
+                await client.call("snapshot.restore", session=session, name="missing")
+            assert info.value.code == P.UNKNOWN_NAME
+    run(main())
