@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import write_results  # noqa: E402
-from pyrepl3_ext.client import Client  # noqa: E402
+from pyrepl3_ext.client import Client, ServerProcess  # noqa: E402
 
 
 def percentiles(samples: list[float]) -> dict:
@@ -76,13 +75,7 @@ def main() -> None:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sock")
-        server = subprocess.Popen([sys.executable, "-m", "pyrepl3_ext.cli", "serve", "--unix",
-                                   path], stderr=subprocess.PIPE, text=True)
-        try:
-            while "listening" not in server.stderr.readline():
-                if server.poll() is not None:
-                    raise SystemExit("server did not start")
-
+        with ServerProcess("--unix", path):
             async def over_unix() -> tuple[list[float], float]:
                 async with await Client.connect_unix(path) as client:
                     session = await client.create_session()
@@ -90,9 +83,6 @@ def main() -> None:
                             await event_rate(client, session, lines))
 
             unix_times, unix_rate = asyncio.run(over_unix())
-        finally:
-            server.terminate()
-            server.wait(30)
 
     async def over_stdio() -> list[float]:
         async with await Client.spawn_stdio() as client:

@@ -29,6 +29,61 @@ from typing import Any, AsyncIterator
 from . import protocol as P
 
 
+class ServerProcess:
+    """``pyrepl3 serve`` on a socket as a child process (tests, benchmarks,
+    hosts that want the server out of their own process).
+
+    Waits until the server listens; its stderr is read on a thread (kept:
+    the last 200 lines in ``log``) so a chatty server never blocks on a full
+    pipe.  ``address`` is what it listens on (``host:port`` or the path).
+    """
+
+    def __init__(self, *args: str, python: str | None = None, env: dict | None = None,
+                 timeout: float = 60.0):
+        import collections
+        import subprocess
+        import threading
+
+        self.log: "collections.deque[str]" = collections.deque(maxlen=200)
+        self.process = subprocess.Popen(
+            [python or sys.executable, "-m", "pyrepl3_ext.cli", "serve", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env=env)
+        listening = threading.Event()
+        self.address = ""
+
+        def pump() -> None:
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                self.log.append(line)
+                if not listening.is_set() and "listening on" in line:
+                    self.address = line.split("listening on", 1)[1].split(None, 1)[1].strip()
+                    listening.set()
+            listening.set()  # exited
+
+        threading.Thread(target=pump, name="pyrepl3-server-stderr", daemon=True).start()
+        if not listening.wait(timeout) or not self.address:
+            self.stop()
+            raise RuntimeError("pyrepl3 serve did not start:\n" + "".join(self.log))
+
+    def stop(self, timeout: float = 60.0) -> int:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
 class ClientError(Exception):
     """A JSON-RPC error response: ``code``, ``message``, ``data``."""
 

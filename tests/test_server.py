@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import tempfile
 import pytest
 
 from pyrepl3_ext import protocol as P
-from pyrepl3_ext.client import Client, ClientError
+from pyrepl3_ext.client import Client, ClientError, ServerProcess
 
 WAIT = 60
 
@@ -155,32 +154,9 @@ def test_stdio_cell_output_cannot_corrupt_the_stream():
 
 # -- sockets ----------------------------------------------------------------------
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "pyrepl3_ext.cli", "serve", *args],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    line = ""
-    while "listening on" not in line:
-        line = process.stderr.readline()
-        if not line:
-            process.wait(WAIT)
-            raise AssertionError(f"server did not start (exit {process.returncode})")
-    return process, line
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(WAIT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 def test_tcp_needs_the_token_and_binds_loopback():
-    process, line = start_server("--tcp", "127.0.0.1:0", "--token", "s3cret")
-    try:
-        host, port = re.search(r"tcp (\S+):(\d+)", line).groups()
+    with ServerProcess("--tcp", "127.0.0.1:0", "--token", "s3cret") as server:
+        host, port = server.address.rsplit(":", 1)
 
         async def main():
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -197,8 +173,6 @@ def test_tcp_needs_the_token_and_binds_loopback():
                 response, events = await client.run(session, "21 * 2")
                 assert events[1]["data"]["text/plain"] == "42"
         run(main())
-    finally:
-        stop_server(process)
     refused = subprocess.run([sys.executable, "-m", "pyrepl3_ext.cli", "serve", "--tcp",
                               "0.0.0.0:0"], capture_output=True, text=True, timeout=WAIT)
     assert refused.returncode == 2 and "--allow-remote" in refused.stderr
@@ -207,8 +181,7 @@ def test_tcp_needs_the_token_and_binds_loopback():
 def test_unix_socket_is_owner_only_and_disconnect_cancels():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pyrepl3.sock")
-        process, _ = start_server("--unix", path)
-        try:
+        with ServerProcess("--unix", path):
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
             async def main():
@@ -227,8 +200,6 @@ def test_unix_socket_is_owner_only_and_disconnect_cancels():
                     response, _ = await second.run("shared", "'still here'")
                     assert response["status"] == "ok"
             run(main())
-        finally:
-            stop_server(process)
         assert not os.path.exists(path)
 
 

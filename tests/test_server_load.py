@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
 from pyrepl3_ext import _compat
-from pyrepl3_ext.client import Client
+from pyrepl3_ext.client import Client, ServerProcess
 
 PATCHED = _compat.is_patched_build()
 #: the patched build runs sessions concurrently: 32 sessions x 1,000 executions;
@@ -48,12 +46,7 @@ def check_execution(index: int, response: dict, events: list[dict]) -> list[str]
 def test_sessions_times_executions_lose_nothing():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "load.sock")
-        server = subprocess.Popen([sys.executable, "-m", "pyrepl3_ext.cli", "serve", "--unix",
-                                   path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
-        try:
-            while "listening" not in server.stderr.readline():
-                assert server.poll() is None, "server did not start"
+        with ServerProcess("--unix", path):
             turn = asyncio.Lock() if not PATCHED else None
 
             async def one_client(k: int) -> list[str]:
@@ -78,6 +71,3 @@ def test_sessions_times_executions_lose_nothing():
 
             problems = asyncio.run(main())
             assert problems == [], problems[:20]
-        finally:
-            server.terminate()
-            server.wait(60)
