@@ -38,6 +38,8 @@ from .events import EventBus, Execution, JSONLinesSink
 #: imported on this Python/IPython is reported, not fatal.
 COMPONENTS: list[tuple[str, str]] = [
     ("cancellation", "pyrepl3_ext.cancellation:CancellationManager"),
+    ("io_capture", "pyrepl3_ext.io_capture:OutputCapture"),
+    ("input_request", "pyrepl3_ext.input_request:InputRequests"),
 ]
 
 _states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()
