@@ -105,8 +105,10 @@ class _RoutingStream(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if cap.closed:
-            cap = cap.component.fallback()
+            component = cap.component
+            cap = component.fallback()
             if cap is None:
+                component.unattributed_chars += len(s)
                 down = self.downstream
                 return down.write(s) if down is not None else len(s)
         if cap.tee and self.downstream is not None:
@@ -122,7 +124,7 @@ class _RoutingStream(io.TextIOBase):
     def flush(self) -> None:
         cap = routed_capture() if self.routing and not _tls.emitting else None
         if cap is not None and cap.bus._subscribers:
-            cap.flush()
+            cap.flush(this_thread=True)
         down = self.downstream
         if down is not None and not getattr(down, "closed", False):
             down.flush()
@@ -271,7 +273,8 @@ class _Capture:
         self.limit = component.limit
         self.tail_mode = component.overflow == "tail"
         self.tail_size = component.tail_size
-        self.partial = {"stdout": "", "stderr": ""}
+        #: (thread id, channel) -> the partial line that thread has written
+        self.partial: dict[tuple[int, str], str] = {}
         self.delivered = 0
         self.over = False
         self.dropped = {"stdout": 0, "stderr": 0}
@@ -282,15 +285,20 @@ class _Capture:
 
     # -- chunking ------------------------------------------------------------
     def write(self, channel: str, text: str) -> None:
+        # Partial lines are kept per thread: print() is two writes (text, end),
+        # and threads printing at once must not splice their lines together.
+        tid = threading.get_ident()
         with self.lock:
             if self.closed:
                 return
-            other = "stderr" if channel == "stdout" else "stdout"
-            if self.partial[other]:
+            partial = self.partial
+            other = (tid, "stderr" if channel == "stdout" else "stdout")
+            if other in partial:
                 # keep the interleaving a terminal shows
-                self._deliver(other, self.partial[other])
-                self.partial[other] = ""
-            buf = self.partial[channel] + text if self.partial[channel] else text
+                self._deliver(other[1], partial.pop(other))
+            key = (tid, channel)
+            pending = partial.pop(key, "")
+            buf = pending + text if pending else text
             pieces = []
             start = 0
             if "\r" in buf:
@@ -312,20 +320,24 @@ class _Capture:
                 cut = len(rest) - len(rest) % size
                 pieces.append(rest[:cut])
                 rest = rest[cut:]
-            self.partial[channel] = rest
+            if rest:
+                partial[key] = rest
             for piece in pieces:
                 self._deliver(channel, piece)
 
-    def flush(self) -> None:
-        """Emit the partial lines (``flush()``, ``input()``, ``display()``, cell end)."""
+    def flush(self, this_thread: bool = False) -> None:
+        """Emit partial lines: the calling thread's (``flush()``) or all of them
+        (``input()``, ``display()``, the end of the cell)."""
         with self.lock:
-            if self.closed:
+            if self.closed or not self.partial:
                 return
-            for channel in _CHANNELS:
-                if self.partial[channel]:
-                    text = self.partial[channel]
-                    self.partial[channel] = ""
-                    self._deliver(channel, text)
+            if this_thread:
+                tid = threading.get_ident()
+                keys = [k for k in self.partial if k[0] == tid]
+            else:
+                keys = list(self.partial)
+            for key in keys:
+                self._deliver(key[1], self.partial.pop(key))
 
     def _deliver(self, channel: str, text: str) -> None:
         size = self.chunk
