@@ -57,7 +57,13 @@ def _host_component() -> "tuple[InputRequests, Any] | None":
     return component, cap
 
 
-def _input(prompt: Any = "") -> str:
+#: The dispatchers replacing ``builtins.input``/``getpass.getpass``.  Their
+#: code gets a filename outside this package on purpose: cancellation never
+#: raises inside pyrepl3's own frames (they keep its bookkeeping consistent),
+#: but these frames hold nothing, and a cell blocked in the *stock* input()
+#: they fall back to (a terminal read) must still be interruptible.
+_DISPATCHER_SOURCE = """\
+def input(prompt=""):
     found = _host_component()
     if found is None:
         return _saved["input"](prompt)
@@ -65,14 +71,18 @@ def _input(prompt: Any = "") -> str:
     return component.request(cap, prompt, password=False)
 
 
-def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:
+def getpass(prompt="Password: ", stream=None):
     found = _host_component()
     if found is None:
         return _saved["getpass"](prompt, stream)
     component, cap = found
     return component.request(cap, prompt, password=True, stream=stream)
-
-
+"""
+_dispatchers: dict[str, Any] = {"__name__": __name__, "_host_component": _host_component,
+                               "_saved": _saved}
+exec(compile(_DISPATCHER_SOURCE, "<pyrepl3 input dispatcher>", "exec"), _dispatchers)
+_input = _dispatchers["input"]
+_getpass = _dispatchers["getpass"]
 _input.__doc__ = builtins.input.__doc__
 _getpass.__doc__ = getpass.getpass.__doc__
 
