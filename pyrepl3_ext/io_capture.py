@@ -299,6 +299,8 @@ class _Capture:
             key = (tid, channel)
             pending = partial.pop(key, "")
             buf = pending + text if pending else text
+            # cut points as (begin, end) ranges of buf: slicing happens once,
+            # per chunk, so a 1 MB write is not copied whole again
             pieces = []
             start = 0
             if "\r" in buf:
@@ -307,23 +309,23 @@ class _Capture:
                 while i != -1 and i < last:
                     # a \r not ending a \r\n starts a new segment (progress bars)
                     if buf[i + 1] != "\n" and i > start:
-                        pieces.append(buf[start:i])
+                        pieces.append((start, i))
                         start = i
                     i = buf.find("\r", i + 1)
             newline = buf.rfind("\n", start)
             if newline >= 0:
-                pieces.append(buf[start:newline + 1])
+                pieces.append((start, newline + 1))
                 start = newline + 1
-            rest = buf[start:] if start else buf
             size = self.chunk
-            if len(rest) >= size > 0:
-                cut = len(rest) - len(rest) % size
-                pieces.append(rest[:cut])
-                rest = rest[cut:]
-            if rest:
-                partial[key] = rest
-            for piece in pieces:
-                self._deliver(channel, piece)
+            left = len(buf) - start
+            if left >= size > 0:
+                cut = start + left - left % size
+                pieces.append((start, cut))
+                start = cut
+            if start < len(buf):
+                partial[key] = buf[start:] if start else buf
+            for begin, end in pieces:
+                self._deliver(channel, buf, begin, end)
 
     def flush(self, this_thread: bool = False) -> None:
         """Emit partial lines: the calling thread's (``flush()``) or all of them
@@ -339,13 +341,16 @@ class _Capture:
             for key in keys:
                 self._deliver(key[1], self.partial.pop(key))
 
-    def _deliver(self, channel: str, text: str) -> None:
+    def _deliver(self, channel: str, text: str, begin: int = 0, end: int | None = None) -> None:
+        """Deliver ``text[begin:end]`` in pieces of at most ``output_chunk_size``."""
+        if end is None:
+            end = len(text)
         size = self.chunk
-        if 0 < size < len(text):
-            for k in range(0, len(text), size):
-                self._deliver_one(channel, text[k:k + size])
-        else:
+        if begin == 0 and end == len(text) and end <= size:
             self._deliver_one(channel, text)
+            return
+        for k in range(begin, end, size):
+            self._deliver_one(channel, text[k:min(k + size, end)])
 
     def _deliver_one(self, channel: str, text: str) -> None:
         limit = self.limit
