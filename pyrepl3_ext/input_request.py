@@ -251,7 +251,9 @@ class InputRequests(Component):
             if not own_thread:
                 # a cancel wakes only the cell's own thread: look at its scope
                 step = _FOREIGN_THREAD_POLL if step is None else min(step, _FOREIGN_THREAD_POLL)
-            if interruptible_wait(pending.event, step):
-                return
-            if scope is not None and scope.cancel_called and not scope.finished:
+            woken = interruptible_wait(pending.event, step)
+            if scope is not None and scope.cancel_called and pending.text is None:
+                # cancelled (also when the cell's end woke a thread of it)
                 raise scope.exception()
+            if woken:
+                return

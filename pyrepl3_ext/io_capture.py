@@ -45,6 +45,7 @@ from typing import Any
 from .extension import Component
 
 _CHANNELS = ("stdout", "stderr")
+_OTHER = {"stdout": "stderr", "stderr": "stdout"}
 
 
 class _Local(threading.local):
@@ -292,13 +293,17 @@ class _Capture:
             if self.closed:
                 return
             partial = self.partial
-            other = (tid, "stderr" if channel == "stdout" else "stdout")
-            if other in partial:
-                # keep the interleaving a terminal shows
-                self._deliver(other[1], partial.pop(other))
+            if partial:
+                other = (tid, _OTHER[channel])
+                if other in partial:
+                    # keep the interleaving a terminal shows
+                    self._deliver(other[1], partial.pop(other))
             key = (tid, channel)
             pending = partial.pop(key, "")
             buf = pending + text if pending else text
+            if "\n" not in text and "\r" not in buf and len(buf) < self.chunk:
+                partial[key] = buf  # a fragment (print's text before its end)
+                return
             # cut points as (begin, end) ranges of buf: slicing happens once,
             # per chunk, so a 1 MB write is not copied whole again
             pieces = []
@@ -354,21 +359,18 @@ class _Capture:
 
     def _deliver_one(self, channel: str, text: str) -> None:
         limit = self.limit
-        if limit and not self.over:
-            room = limit - self.delivered
-            if len(text) > room:
-                self.over = True
-                if room > 0:
-                    self._emit(channel, text[:room])
-                    self.delivered += room
-                text = text[room:]
-            else:
-                self.delivered += len(text)
+        if not self.over:
+            if not limit or self.delivered + len(text) <= limit:
+                self.delivered += len(text)  # the common case: under the limit
                 self._emit(channel, text)
                 return
-        elif not self.over:
-            self._emit(channel, text)
-            return
+            # this chunk crosses the limit: deliver what fits, the rest overflows
+            self.over = True
+            room = limit - self.delivered
+            if room > 0:
+                self._emit(channel, text[:room])
+                self.delivered += room
+                text = text[room:]
         # over the limit
         if self.tail_mode and self.tail_size > 0:
             self.tail.append((channel, text))

@@ -242,6 +242,7 @@ def test_cancel_wakes_input_at_once(quiet, where):
         error = result.error_in_exec or result.error_before_exec
         assert isinstance(error, CellCancelled), repr(error)
         if where == "thread of the cell":  # the waiting thread itself got it
+            ip.user_ns.pop("_t").join(WAIT)
             assert isinstance(ip.user_ns.pop("_err")[0], CellCancelled)
         evs = host.of("cw")
         assert evs[-2]["type"] == "error" and evs[-2]["kind"] == "cancelled"
