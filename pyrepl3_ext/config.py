@@ -84,7 +84,8 @@ class PyREPL3(Configurable):
         help="Also write a cell's stdout/stderr to the stream pyrepl3 replaced "
              "(the terminal, a kernel's stream), as without the extension. Turn "
              "it off when a host consumes the output events and the process's "
-             "own stdout must stay clean (a stdio protocol server).",
+             "own stdout must stay clean (a stdio protocol server); while nobody "
+             "subscribes, output still goes to the terminal.",
     ).tag(config=True)
 
     output_chunk_size = Int(

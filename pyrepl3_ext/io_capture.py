@@ -112,9 +112,11 @@ class _RoutingStream(io.TextIOBase):
                 component.unattributed_chars += len(s)
                 down = self.downstream
                 return down.write(s) if down is not None else len(s)
-        if cap.tee and self.downstream is not None:
+        listening = cap.bus._subscribers
+        if (cap.tee or not listening) and self.downstream is not None:
+            # output_tee=False only spares the terminal text that events carry
             self.downstream.write(s)
-        if not tls.suppress and cap.bus._subscribers:
+        if listening and not tls.suppress:
             cap.write(self.channel, s)
         return len(s)
 

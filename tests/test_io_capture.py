@@ -335,11 +335,13 @@ def test_terminal_still_sees_the_output_and_unload_restores(shell):
         pyrepl3_ext.get_state(shell).config.output_tee = False
         run(shell, "print('events only')", execution_id="tee2")
         unsubscribe()
+        run(shell, "print('nobody listens')")  # tee off spares only what events carry
         pyrepl3_ext.unload_ipython_extension(shell)
         assert sys.stdout is buf
     finally:
         sys.stdout = saved
     assert "seen by both\n" in buf.getvalue() and "events only" not in buf.getvalue()
+    assert "nobody listens\n" in buf.getvalue()
     assert text_of(by_execution(events, "tee1")) == "seen by both\n"
     assert text_of(by_execution(events, "tee2")) == "events only\n"
     after = hook_snapshot(shell)
