@@ -262,9 +262,14 @@ def _reinstall_if_restored() -> None:
 class _Capture:
     """The output state of one execution: partial lines, counts, the tail."""
 
-    __slots__ = ("component", "execution", "bus", "lock", "tee", "chunk", "limit",
-                 "tail_mode", "tail_size", "partial", "delivered", "over", "dropped",
-                 "tail", "tail_chars", "closed", "prev")
+    # One is created per cell: only what every cell needs is set per
+    # instance; the flood state exists once the limit is crossed.
+    over = False
+    closed = False
+    delivered = 0
+    tail_chars = 0
+    dropped: dict | None = None
+    tail: "collections.deque | None" = None
 
     def __init__(self, component: "OutputCapture", execution: Any):
         self.component = component
@@ -278,12 +283,6 @@ class _Capture:
         self.tail_size = component.tail_size
         #: (thread id, channel) -> the partial line that thread has written
         self.partial: dict[tuple[int, str], str] = {}
-        self.delivered = 0
-        self.over = False
-        self.dropped = {"stdout": 0, "stderr": 0}
-        self.tail: collections.deque = collections.deque()
-        self.tail_chars = 0
-        self.closed = False
         self.prev: "_Capture | None" = None
 
     # -- chunking ------------------------------------------------------------
@@ -368,6 +367,8 @@ class _Capture:
                 return
             # this chunk crosses the limit: deliver what fits, the rest overflows
             self.over = True
+            self.dropped = {"stdout": 0, "stderr": 0}
+            self.tail = collections.deque()
             room = limit - self.delivered
             if room > 0:
                 self._emit(channel, text[:room])
@@ -419,18 +420,20 @@ class _Capture:
         with self.lock:
             if self.closed:
                 return
-            self.flush()
-            for channel in _CHANNELS:
-                if self.dropped[channel]:
-                    self._emit(channel, "", dropped=self.dropped[channel])
-            for channel, text in self.tail:
-                self._emit(channel, text)
-            self.tail.clear()
+            if self.partial:
+                self.flush()
+            if self.over:
+                for channel in _CHANNELS:
+                    if self.dropped[channel]:
+                        self._emit(channel, "", dropped=self.dropped[channel])
+                for channel, text in self.tail:
+                    self._emit(channel, text)
+                self.tail.clear()
             self.closed = True
 
     @property
     def dropped_total(self) -> int:
-        return self.dropped["stdout"] + self.dropped["stderr"]
+        return sum(self.dropped.values()) if self.dropped else 0
 
 
 # -- the component ---------------------------------------------------------------
@@ -514,14 +517,16 @@ class OutputCapture(Component):
 
     # per cell
     def before_cell(self, execution: Any) -> None:
-        if _routers:
+        routers = _routers
+        if routers and (sys.stdout is not routers.get("stdout")
+                        or sys.stderr is not routers.get("stderr")):
             _reinstall_if_restored()
         cap = _Capture(self, execution)
         execution.extras["io"] = cap
-        cap.prev = _tls.cap
-        _tls.cap = cap
-        with cap.lock:
-            self._open.append(cap)
+        tls = _tls
+        cap.prev = tls.cap
+        tls.cap = cap
+        self._open.append(cap)  # atomic; fallback() only reads the last item
 
     def after_cell(self, execution: Any, result: Any) -> None:
         cap = execution.extras.get("io")
@@ -530,9 +535,12 @@ class OutputCapture(Component):
         try:
             cap.close()
         finally:
-            with cap.lock:
+            open_ = self._open
+            if open_ and open_[-1] is cap:
+                open_.pop()
+            else:
                 try:
-                    self._open.remove(cap)
+                    open_.remove(cap)
                 except ValueError:
                     pass
             if _tls.cap is cap:
