@@ -302,9 +302,16 @@ class _Capture:
             key = (tid, channel)
             pending = partial.pop(key, "")
             buf = pending + text if pending else text
-            if "\n" not in text and "\r" not in buf and len(buf) < self.chunk:
-                partial[key] = buf  # a fragment (print's text before its end)
-                return
+            if "\r" not in buf and len(buf) <= self.chunk:
+                # the two common shapes: print's text before its end, and
+                # whole lines
+                if "\n" not in text:
+                    if len(buf) < self.chunk:
+                        partial[key] = buf
+                        return
+                elif buf[-1] == "\n":
+                    self._deliver_one(channel, buf)
+                    return
             # cut points as (begin, end) ranges of buf: slicing happens once,
             # per chunk, so a 1 MB write is not copied whole again
             pieces = []
