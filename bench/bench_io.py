@@ -71,6 +71,32 @@ LATENCY_CELLS = {
 }
 
 
+def per_cell_cost(shell, rounds: int) -> dict[str, float]:
+    """What the I/O components add to every cell: their hooks called directly
+    (best of the rounds), since a whole ``run_cell`` is too noisy for 2 us."""
+    from pyrepl3_ext.events import Execution
+
+    pyrepl3_ext.load_ipython_extension(shell)
+    try:
+        state = pyrepl3_ext.get_state(shell)
+        out = {}
+        for name in ("io_capture", "input_request"):
+            component = getattr(state, name)
+            best = float("inf")
+            for _ in range(max(rounds, 5) * 3):
+                runs = [Execution(f"e{i}", "s", "x = 1", "sync", 1, {}, state.bus)
+                        for i in range(2000)]
+                t0 = time.perf_counter()
+                for execution in runs:
+                    component.before_cell(execution)
+                    component.after_cell(execution, None)
+                best = min(best, (time.perf_counter() - t0) / len(runs))
+            out[name] = best * 1e6
+        return out
+    finally:
+        pyrepl3_ext.unload_ipython_extension(shell)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -159,6 +185,10 @@ def main() -> None:
         if state["loaded"]:
             pyrepl3_ext.unload_ipython_extension(shell)
         sys.stdout = real_stdout
+    results["per_cell_us"] = per_cell_cost(shell, rounds)
+    print(f"\nper-cell cost of the I/O components (before_cell + after_cell, nobody "
+          f"subscribed): " + ", ".join(f"{k} {v:.2f} us" for k, v in
+                                       results["per_cell_us"].items()), file=report)
     path = write_results("io", results)
     print(f"wrote {path}", file=report)
 
