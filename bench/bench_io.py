@@ -71,6 +71,40 @@ LATENCY_CELLS = {
 }
 
 
+def flood(shell, seconds: float) -> dict[str, float]:
+    """``while True: print('x' * 10**6)`` under a deadline, with a subscriber
+    keeping every event (the worst case for memory): what was written, what
+    was delivered and dropped, and how much the peak RSS grew."""
+    import resource
+
+    def rss_mb() -> float:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+    pyrepl3_ext.load_ipython_extension(shell)
+    kept: list = []
+    unsubscribe = pyrepl3_ext.subscribe(shell, kept.append)
+    cfg = pyrepl3_ext.get_state(shell).config
+    cfg.output_tee = False
+    showtraceback = shell.showtraceback
+    shell.showtraceback = lambda *a, **k: None
+    before = rss_mb()
+    try:
+        pyrepl3_ext.run_cell(shell, "_n = 0\nwhile True:\n    print('x' * 10**6)\n    _n += 1",
+                             timeout=seconds, store_history=False)
+        after = rss_mb()
+        written = shell.user_ns.pop("_n") * (10**6 + 1)
+        outs = [e for e in kept if e["type"] == "output"]
+        return {"seconds": seconds, "written_mb": written / 1e6,
+                "delivered_mb": sum(len(e["text"]) for e in outs) / 1e6,
+                "dropped_mb": sum(e.get("dropped", 0) for e in outs) / 1e6,
+                "rss_growth_mb": after - before}
+    finally:
+        shell.showtraceback = showtraceback
+        unsubscribe()
+        pyrepl3_ext.unload_ipython_extension(shell)
+
+
 def per_cell_cost(shell, rounds: int) -> dict[str, float]:
     """What the I/O components add to every cell: their hooks called directly
     (best of the rounds), since a whole ``run_cell`` is too noisy for 2 us."""
@@ -185,6 +219,12 @@ def main() -> None:
         if state["loaded"]:
             pyrepl3_ext.unload_ipython_extension(shell)
         sys.stdout = real_stdout
+    results["flood"] = flood(shell, 3.0 if args.quick else 10.0)
+    f = results["flood"]
+    print(f"\nflood (while True: print('x' * 10**6), {f['seconds']:g} s deadline, tee off, "
+          f"default limits): {f['written_mb']:.0f} MB written, {f['delivered_mb']:.1f} MB "
+          f"delivered, {f['dropped_mb']:.0f} MB reported dropped, peak RSS "
+          f"+{f['rss_growth_mb']:.0f} MB", file=report)
     results["per_cell_us"] = per_cell_cost(shell, rounds)
     print(f"\nper-cell cost of the I/O components (before_cell + after_cell, nobody "
           f"subscribed): " + ", ".join(f"{k} {v:.2f} us" for k, v in

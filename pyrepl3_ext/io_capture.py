@@ -42,6 +42,7 @@ import sys
 import threading
 from typing import Any
 
+from . import _compat
 from .extension import Component
 
 _CHANNELS = ("stdout", "stderr")
@@ -268,6 +269,7 @@ class _Capture:
     closed = False
     delivered = 0
     tail_chars = 0
+    overflow_chunks = 0
     dropped: dict | None = None
     tail: "collections.deque | None" = None
 
@@ -382,6 +384,10 @@ class _Capture:
                 self.delivered += room
                 text = text[room:]
         # over the limit
+        self.overflow_chunks += 1
+        if self.overflow_chunks % 64 == 1:
+            # IPython 9's own copy of the cell's output must not grow either
+            self.component.bound_ipython_history(max(self.limit, 1))
         if self.tail_mode and self.tail_size > 0:
             self.tail.append((channel, text))
             self.tail_chars += len(text)
@@ -430,6 +436,7 @@ class _Capture:
             if self.partial:
                 self.flush()
             if self.over:
+                self.component.bound_ipython_history(max(self.limit, 1))
                 for channel in _CHANNELS:
                     if self.dropped[channel]:
                         self._emit(channel, "", dropped=self.dropped[channel])
@@ -552,6 +559,15 @@ class OutputCapture(Component):
                     pass
             if _tls.cap is cap:
                 _tls.cap = cap.prev
+
+    def bound_ipython_history(self, max_chars: int) -> None:
+        shell = self.state._shell_ref()
+        if shell is None:
+            return
+        try:
+            _compat.bound_output_history(shell, max_chars)
+        except Exception as exc:  # noqa: BLE001 - IPython internals may change
+            self.state.report_internal_error("io_capture.bound_ipython_history", exc)
 
     def fallback(self) -> "_Capture | None":
         """Where a thread of a finished execution writes: the session's running one."""

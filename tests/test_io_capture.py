@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import pyrepl3_ext
-from pyrepl3_ext import io_capture
+from pyrepl3_ext import _compat, io_capture
 from pyrepl3_ext._compat import is_patched_build
 
 from .conftest import by_execution, hook_snapshot
@@ -297,8 +297,10 @@ def test_flood_is_bounded_and_dropping_is_reported(quiet, events, config, policy
     config.output_overflow = policy
     config.output_tail = 10_000
     ip = quiet
-    run(ip, "_n = 0\nwhile True:\n    print('x' * 10**6)\n    _n += 1", execution_id="flood",
-        timeout=2)
+    run(ip, "pass")  # the router is sys.stdout when the flood cell starts (as outside pytest)
+    assert isinstance(sys.stdout, io_capture._RoutingStream)
+    result = run(ip, "_n = 0\nwhile True:\n    print('x' * 10**6)\n    _n += 1",
+                 execution_id="flood", timeout=2)
     evs = by_execution(events, "flood")
     assert evs[-2]["type"] == "error" and evs[-2]["kind"] == "timeout"
     outs = outputs(evs)
@@ -317,6 +319,12 @@ def test_flood_is_bounded_and_dropping_is_reported(quiet, events, config, policy
     else:
         assert delivered == 5_000_000 and outs[-1] is report[0]
     del ip.user_ns["_n"]
+    if _compat.HAS_TEED_OUTPUT_HISTORY:
+        # IPython 9's own copy of the cell's output is bounded too
+        entries = ip.history_manager.outputs.get(result.execution_count, [])
+        kept = sum(len(chunk) for entry in entries if entry.output_type == "out_stream"
+                   for chunk in entry.bundle["stream"])
+        assert 0 < kept <= 5_000_000
 
 
 # -- the routing stream -------------------------------------------------------------
