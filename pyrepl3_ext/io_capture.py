@@ -409,11 +409,12 @@ class _Capture:
 
     def _emit(self, channel: str, text: str, **extra: Any) -> None:
         tls = _tls
+        outer = tls.emitting  # a subscriber may display(), nesting an emit
         tls.emitting = True
         try:
             self.execution.emit("output", stream=channel, text=text, **extra)
         finally:
-            tls.emitting = False
+            tls.emitting = outer
 
     def emit_event(self, kind: str, fields: dict) -> dict | None:
         """Emit a ``display``/``input_requested`` after the partial lines so far."""
@@ -422,11 +423,12 @@ class _Capture:
                 return None
             self.flush()
             tls = _tls
+            outer = tls.emitting
             tls.emitting = True
             try:
                 return self.execution.emit(kind, **fields)
             finally:
-                tls.emitting = False
+                tls.emitting = outer
 
     def close(self) -> None:
         """Flush, report what a flood dropped, deliver the kept tail; then no more."""
@@ -445,9 +447,6 @@ class _Capture:
                 self.tail.clear()
             self.closed = True
 
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values()) if self.dropped else 0
 
 
 # -- the component ---------------------------------------------------------------
