@@ -376,6 +376,21 @@ def test_user_redirect_inside_a_cell_is_respected(ip, events):
     assert text_of(by_execution(events, "rd1")) == "to the events\n"
 
 
+def test_ipython_capture_output_still_captures(ip, events):
+    """``capture_output`` swaps the streams and the display publisher: what it
+    captures is the user's, not an event; the router is back afterwards."""
+    run(ip, "from IPython.utils.capture import capture_output\n"
+            "from IPython.display import display\n"
+            "with capture_output() as _c:\n    print('hidden')\n    display('also hidden')\n"
+            "print('visible')", execution_id="co1")
+    captured = ip.user_ns.pop("_c")
+    assert captured.stdout == "hidden\n" and len(captured.outputs) == 1
+    evs = by_execution(events, "co1")
+    assert [(e["type"], e.get("text")) for e in evs if e["type"] in ("output", "display")] \
+        == [("output", "visible\n")]
+    assert sys.stdout is io_capture._routers["stdout"]
+
+
 def test_a_printing_subscriber_does_not_feed_back(ip, events):
     seen = []
 
