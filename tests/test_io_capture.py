@@ -260,6 +260,25 @@ def test_concurrent_threads_and_sequential_cells_never_mix(ip, events):
             f"seq{n} {j}\n" for j in range(20))
 
 
+def test_async_cell_output_including_its_tasks(ip, events):
+    code = textwrap.dedent("""\
+        import asyncio
+        async def child(k):
+            await asyncio.sleep(0)
+            print(f'task {k}')
+        print('before await')
+        await asyncio.gather(*(child(k) for k in range(3)))
+        print('after await')""")
+    run(ip, code, execution_id="as1")
+    # and on a host's own event loop
+    import asyncio
+    asyncio.run(pyrepl3_ext.run_cell_async(ip, code, execution_id="as2"))
+    for execution_id in ("as1", "as2"):
+        evs = by_execution(events, execution_id)
+        assert evs[0]["mode"] == "async" and evs[-1]["type"] == "finished"
+        assert text_of(evs) == "before await\ntask 0\ntask 1\ntask 2\nafter await\n"
+
+
 # -- cancellation and floods ------------------------------------------------------
 
 def test_output_printed_after_a_cancel_is_not_lost(quiet, events):
