@@ -398,6 +398,9 @@ def test_user_redirect_inside_a_cell_is_respected(ip, events):
 def test_ipython_capture_output_still_captures(ip, events):
     """``capture_output`` swaps the streams and the display publisher: what it
     captures is the user's, not an event; the router is back afterwards."""
+    # the router is sys.stdout when the cell starts, as outside pytest (the
+    # patched build's own context router wraps whatever stream is there then)
+    run(ip, "pass")
     run(ip, "from IPython.utils.capture import capture_output\n"
             "from IPython.display import display\n"
             "with capture_output() as _c:\n    print('hidden')\n    display('also hidden')\n"
