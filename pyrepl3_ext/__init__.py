@@ -22,7 +22,7 @@ from .namespace import (delete_snapshot, delete_variable, get_variable, list_sna
 
 __all__ = [
     "__version__", "load_ipython_extension", "unload_ipython_extension",
-    "get_state", "subscribe", "run_cell", "run_cell_async", "cancel",
+    "get_state", "subscribe", "run_cell", "run_cell_async", "cancel", "reply_input",
     "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
     "SecurityError", "SessionBusy", "SessionClosed", "Engine", "Session",
     "ExecutionHandle",
@@ -73,14 +73,45 @@ def cancel(shell: Any, execution_id: str, reason: str = "cancelled") -> bool:
     return _cancel(shell, execution_id, reason)
 
 
-def subscribe(shell: Any, callback: Callable[[dict], None]) -> Callable[[], None]:
+def subscribe(shell: Any, callback: Callable[[dict], None], *,
+              handles_input: bool = False) -> Callable[[], None]:
     """Call ``callback(event)`` for every execution event of ``shell``.
 
     Returns a function that unsubscribes.  Callbacks run in the thread that
     produced the event and must be quick; an exception in one is reported
     once and does not affect the cell.
+
+    ``handles_input=True`` declares that this subscriber answers
+    ``input_requested`` events with :func:`reply_input`: while such a
+    subscriber is subscribed, ``input()``/``getpass`` in the session's cells
+    ask the host instead of the terminal (``docs/io.md``).
     """
-    return require_state(shell).bus.subscribe(callback)
+    state = require_state(shell)
+    unsubscribe = state.bus.subscribe(callback)
+    if not handles_input:
+        return unsubscribe
+    inputs = getattr(state, "input_request", None)
+    if inputs is None:
+        unsubscribe()
+        raise RuntimeError("input over the API is unavailable: the input_request "
+                           "component did not load (see the internal error reported)")
+    release = inputs.add_host()
+
+    def unsubscribe_host() -> None:
+        unsubscribe()
+        release()
+
+    return unsubscribe_host
+
+
+def reply_input(shell: Any, input_id: str, text: str | None) -> bool:
+    """Answer the ``input_requested`` event ``input_id`` of ``shell``, from any thread.
+
+    ``text`` is what ``input()`` returns (one trailing newline is removed);
+    None ends the input (``EOFError`` in the cell).  Returns False when no
+    request with that id is waiting (already answered, timed out, cancelled).
+    """
+    return require_state(shell).input_request.reply(input_id, text)
 
 
 def _options(execution_id: str | None, timeout: float | None,

@@ -121,3 +121,44 @@ def close_shell(shell: Any) -> None:
                 script.kill_bg_processes()
             finally:
                 atexit.unregister(script.kill_bg_processes)
+
+#: 9.1+ ``run_cell`` tees every stdout/stderr write into
+#: ``history_manager.outputs`` (``InteractiveShell._tee``), without a bound.
+HAS_TEED_OUTPUT_HISTORY = IPYTHON_VERSION >= (9, 1)
+
+
+def bound_output_history(shell: Any, max_chars: int) -> int:
+    """Cut IPython's own copy of the latest cells' stream output to ``max_chars``.
+
+    On 9.1+ a flood (``while True: print(...)``) would otherwise keep every
+    write in memory however much pyrepl3 drops.  Keeps the head (what the
+    events delivered).  Returns the characters removed; a no-op before 9.1.
+    """
+    if not HAS_TEED_OUTPUT_HISTORY:
+        return 0
+    outputs = getattr(getattr(shell, "history_manager", None), "outputs", None)
+    if not outputs:
+        return 0
+    removed = 0
+    latest = max(outputs)
+    for count in (latest - 1, latest):
+        for entry in outputs.get(count, ()):
+            if getattr(entry, "output_type", "") not in ("out_stream", "err_stream"):
+                continue
+            chunks = entry.bundle.get("stream")
+            if not isinstance(chunks, list):
+                continue
+            total = sum(map(len, chunks))
+            if total <= max_chars:
+                continue
+            kept: list[str] = []
+            size = 0
+            for chunk in chunks:
+                if size + len(chunk) >= max_chars:
+                    kept.append(chunk[:max_chars - size])
+                    break
+                kept.append(chunk)
+                size += len(chunk)
+            chunks[:] = kept
+            removed += total - max_chars
+    return removed

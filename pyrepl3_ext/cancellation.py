@@ -906,6 +906,11 @@ class CancellationManager(Component):
         if parent is not None and parent.cancel_called and not parent.finished:
             parent.manager._arm(parent, rearm=True)
 
+    def scope_of(self, execution_id: str) -> CancelScope | None:
+        """The open cancel scope of a running execution of this shell (for
+        waits in threads the cell started, which a cancel does not wake)."""
+        return self._find(execution_id, prefer=_thread_scopes.get(threading.get_ident()))
+
     def _own_scopes(self) -> list[CancelScope]:
         """This manager's open scopes, in every thread (caller holds ``_lock``)."""
         return [scope for stack in _thread_scopes.values() for scope in list(stack)

@@ -9,7 +9,7 @@ module adds its group here rather than inventing its own section.
 
 from __future__ import annotations
 
-from traitlets import Bool, Float, TraitError, Unicode, validate
+from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 
@@ -86,3 +86,63 @@ class PyREPL3(Configurable):
              "refused if other users can read it. Empty: "
              "<ipython_dir>/pyrepl3/snapshot.key.",
     ).tag(config=True)
+
+    # -- I/O (io_capture.py, input_request.py) --------------------------------
+    output_tee = Bool(
+        True,
+        help="Also write a cell's stdout/stderr to the stream pyrepl3 replaced "
+             "(the terminal, a kernel's stream), as without the extension. Turn "
+             "it off when a host consumes the output events and the process's "
+             "own stdout must stay clean (a stdio protocol server); while nobody "
+             "subscribes, output still goes to the terminal.",
+    ).tag(config=True)
+
+    output_chunk_size = Int(
+        65536,
+        help="Largest 'text' of one output event, in characters; a longer line "
+             "is split over several events (only the last one ends with the "
+             "newline), and a partial line reaching this size is sent at once.",
+    ).tag(config=True)
+
+    output_limit = Int(
+        32 * 1024 * 1024,
+        help="Characters of stdout+stderr delivered as output events per "
+             "execution before the overflow policy applies (0: no limit). "
+             "Output past it is counted and reported in an output event with a "
+             "'dropped' field, never silently lost.",
+    ).tag(config=True)
+
+    output_overflow = Enum(
+        ["tail", "drop"], "tail",
+        help="What happens past output_limit: 'tail' keeps the last output_tail "
+             "characters and delivers them at the end of the cell (after the "
+             "'dropped' report); 'drop' discards everything after the limit.",
+    ).tag(config=True)
+
+    output_tail = Int(
+        65536,
+        help="Characters kept from the end of a flood under output_overflow='tail'.",
+    ).tag(config=True)
+
+    input_timeout = Float(
+        0.0,
+        help="Seconds input()/getpass wait for the host's reply_input() before "
+             "raising TimeoutError in the cell; 0 waits until the reply, EOF, "
+             "cancellation or unload. Only for sessions whose host answers "
+             "input (subscribe(..., handles_input=True)).",
+    ).tag(config=True)
+
+    input_echo = Bool(
+        True,
+        help="Write the host's reply (and a newline) to the cell's stdout after "
+             "the prompt, as a terminal echoes what the user typed; a password "
+             "reply echoes only the newline.",
+    ).tag(config=True)
+
+    @validate("output_chunk_size", "output_limit", "output_tail", "input_timeout")
+    def _io_non_negative(self, proposal):
+        name, value = proposal["trait"].name, proposal["value"]
+        minimum = 1 if name == "output_chunk_size" else 0
+        if value < minimum:
+            raise TraitError(f"{name} must be >= {minimum}, got {value!r}")
+        return value

@@ -39,6 +39,8 @@ from .events import EventBus, Execution, JSONLinesSink
 COMPONENTS: list[tuple[str, str]] = [
     ("cancellation", "pyrepl3_ext.cancellation:CancellationManager"),
     ("namespace", "pyrepl3_ext.namespace:NamespaceManager"),
+    ("io_capture", "pyrepl3_ext.io_capture:OutputCapture"),
+    ("input_request", "pyrepl3_ext.input_request:InputRequests"),
 ]
 
 _states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()

@@ -108,9 +108,13 @@ def hook_snapshot(shell) -> dict:
     if sys.version_info >= (3, 12):
         snap["monitoring_tools"] = [sys.monitoring.get_tool(i) for i in range(6)]
         snap["monitoring_events"] = [sys.monitoring.get_events(i) for i in range(6)]
-    try:
-        import threading
+    import getpass
+    import threading
 
+    snap["thread_start"] = threading.Thread.start
+    snap["input"] = builtins.input
+    snap["getpass"] = getpass.getpass
+    try:
         snap["threading_trace"] = threading.gettrace()
     except AttributeError:  # Python 3.10 has no threading.gettrace
         pass

@@ -96,7 +96,8 @@ def test_loading_via_ipython_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "TIMEOUT 12.5" in proc.stdout
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    assert types(events) == ["started", "finished"]
+    assert types(events) == ["started", "output", "finished"]
+    assert events[1]["text"] == "TIMEOUT 12.5\n"
     assert events[0]["session"] == "from-config"
     assert events[0]["code"] == code
 

@@ -86,3 +86,45 @@ def test_events_from_a_real_kernel(tmp_path):
     assert runs[2][1]["kind"] == "syntax"
     assert runs[3][0]["mode"] == "async"
     assert runs[3][1]["data"]["text/plain"] == "'awaited'"
+
+
+def test_output_and_display_in_a_real_kernel(tmp_path):
+    """In ipykernel the frontend still gets its stream/display messages (the
+    routing stream tees into the kernel's OutStream) and the events carry
+    the same output, including a thread's."""
+    from jupyter_client.manager import KernelManager
+
+    log = tmp_path / "kernel-io.jsonl"
+    km = KernelManager(kernel_name="python3")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    km.start_kernel(env=env, extra_arguments=["--HistoryManager.enabled=False"])
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        load = _execute(client, f"%load_ext pyrepl3_ext\n%config PyREPL3.event_log = {str(log)!r}")
+        assert load["reply"]["status"] == "ok", load
+        cell = _execute(client, "import threading, sys\nprint('from the cell')\n"
+                                "t = threading.Thread(target=lambda: print('from a thread'))\n"
+                                "t.start(); t.join()\nprint('to stderr', file=sys.stderr)\n"
+                                "from IPython.display import display, HTML\n"
+                                "display(HTML('<i>shown</i>'))")
+        assert cell["reply"]["status"] == "ok"
+        _execute(client, "%config PyREPL3.event_log = ''")
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+    streamed = "".join(m["content"]["text"] for m in cell["iopub"] if m["msg_type"] == "stream")
+    assert "from the cell\n" in streamed and "from a thread\n" in streamed
+    assert "to stderr\n" in streamed
+    assert any(m["msg_type"] == "display_data" and "text/html" in m["content"]["data"]
+               for m in cell["iopub"])
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    run = [e for e in events if e["execution_id"] == events[0]["execution_id"]]
+    assert "".join(e["text"] for e in run if e["type"] == "output"
+                   and e["stream"] == "stdout") == "from the cell\nfrom a thread\n"
+    assert [e["text"] for e in run if e["type"] == "output" and e["stream"] == "stderr"] \
+        == ["to stderr\n"]
+    shown = [e for e in run if e["type"] == "display"]
+    assert len(shown) == 1 and shown[0]["data"]["text/html"] == "<i>shown</i>"
