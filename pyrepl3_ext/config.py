@@ -9,7 +9,7 @@ module adds its group here rather than inventing its own section.
 
 from __future__ import annotations
 
-from traitlets import Bool, Float, TraitError, Unicode, validate
+from traitlets import Bool, Enum, Float, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 
@@ -76,4 +76,22 @@ class PyREPL3(Configurable):
         help="Run every cell as a namespace transaction: when the cell raises "
              "or is cancelled, its changes to the namespace are rolled back. "
              "Per cell: %%transaction, or the execute option.",
+    ).tag(config=True)
+
+    # -- security ------------------------------------------------------------
+    security_policy = Enum(
+        ["trusted", "guarded", "restricted"], "trusted",
+        help="Security preset of this shell: 'trusted' (no restriction), "
+             "'guarded' (guardrail against accidents: no shell escapes, no "
+             "processes, network or writes outside granted roots, no dunder "
+             "access) or 'restricted' (every layer: sanitized builtins, import "
+             "allowlist, AST guard, magics allowlist, audit tripwire). Hosts "
+             "set custom policies with pyrepl3_ext.set_policy(shell, policy). "
+             "A guardrail, not an OS sandbox: see docs/security.md.",
+    ).tag(config=True)
+
+    files_root = Unicode(
+        "",
+        help="Grant the 'files' capability (read/write/list confined to this "
+             "directory) to the shell's cells. Empty: not granted.",
     ).tag(config=True)

@@ -38,6 +38,7 @@ from .events import EventBus, Execution, JSONLinesSink
 #: imported on this Python/IPython is reported, not fatal.
 COMPONENTS: list[tuple[str, str]] = [
     ("cancellation", "pyrepl3_ext.cancellation:CancellationManager"),
+    ("security", "pyrepl3_ext.security.component:SecurityComponent"),
 ]
 
 _states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()
@@ -432,11 +433,11 @@ def classify_error(error: BaseException, *, before_exec: bool) -> str:
         return error.kind
     if isinstance(error, SecurityError):
         return "security"
-    if before_exec:
-        from IPython.core.error import InputRejected
+    from IPython.core.error import InputRejected
 
-        if isinstance(error, InputRejected):
-            return "security"
+    if isinstance(error, InputRejected):  # also from %time/%timeit's AST pass
+        return "security"
+    if before_exec:
         if isinstance(error, SyntaxError):
             return "syntax"
         return "exception"
