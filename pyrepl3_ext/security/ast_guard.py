@@ -301,8 +301,16 @@ class _Checker(ast.NodeVisitor):
         if reason is not None:
             raise Refusal(node, reason)
 
+    def _is_shell_call(self, node: ast.AST) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "get_ipython" and "get_ipython" not in self.bound)
+
     def visit_Attribute(self, node: ast.Attribute) -> None:
         attr = node.attr
+        if self._is_shell_call(node.value) and self.session.gate_active() \
+                and attr not in GATE_METHODS:
+            raise Refusal(node, f"get_ipython().{attr} is refused: under this policy "
+                                f"get_ipython() only runs allowed magics")
         store = not isinstance(node.ctx, ast.Load)
         if attr in ("format", "format_map") and isinstance(node.ctx, ast.Load) \
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -316,9 +324,7 @@ class _Checker(ast.NodeVisitor):
     # -- IPython magics and shell escapes ------------------------------------
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
-        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) \
-                and isinstance(func.value.func, ast.Name) \
-                and func.value.func.id == "get_ipython" and "get_ipython" not in self.bound:
+        if isinstance(func, ast.Attribute) and self._is_shell_call(func.value):
             self._check_shell_call(node, func.attr)
         self.generic_visit(node)
 
@@ -327,13 +333,12 @@ class _Checker(ast.NodeVisitor):
         if not gate:
             return
         policy = self.policy
-        if method not in GATE_METHODS:
-            raise Refusal(node, f"get_ipython().{method} is refused: under this policy "
-                                f"get_ipython() only runs allowed magics")
         if method in ("system", "getoutput"):
             if not policy.allow_shell_escapes:
                 raise Refusal(node, shell_escape_message())
             return
+        if method not in ("run_line_magic", "run_cell_magic"):
+            return  # visit_Attribute refuses anything else
         if node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str):
             magic = node.args[0].value
