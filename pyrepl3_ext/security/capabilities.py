@@ -80,6 +80,7 @@ class Grant:
         described = audit._describe(args + tuple(kwargs.values()))
         fn = self.impl.method(method)
         self.calls += 1
+        fresh = None
         try:
             with audit.trusted():
                 result = fn(*args, **kwargs)
@@ -88,16 +89,30 @@ class Grant:
             message = str(exc) or type(exc).__name__
             self.session.record_capability_call(self.name, method, described,
                                                 "error", message)
-            # a fresh exception: the host's frames stay out of the cell's reach
-            if isinstance(exc, SecurityError):
-                raise SecurityError(message) from None
-            raise type(exc)(*_safe_args(exc)) from None
+            # a fresh exception, raised outside this handler: neither its
+            # cause nor its context leads to the host's frames
+            fresh = _fresh(exc, message)
         except BaseException as exc:
             self.session.record_capability_call(self.name, method, described,
                                                 "error", type(exc).__name__)
             raise
+        if fresh is not None:
+            raise fresh
         self.session.record_capability_call(self.name, method, described, "ok", None)
         return result
+
+
+def _fresh(exc: BaseException, message: str) -> BaseException:
+    """A new exception of ``exc``'s kind carrying only plain data."""
+    if isinstance(exc, SecurityError):
+        return SecurityError(message)
+    try:
+        return type(exc)(*_safe_args(exc))
+    except Exception:  # noqa: BLE001 - an exception type with a picky __init__
+        for base in (OSError, KeyError, LookupError, ValueError, TypeError):
+            if isinstance(exc, base):
+                return base(message)
+        return RuntimeError(message)
 
 
 def _safe_args(exc: BaseException) -> tuple:
