@@ -127,8 +127,11 @@ class SessionSecurity:
                 ns["__builtins__"] = self.builtins
             if policy.allowed_magics is not None or not policy.allow_shell_escapes:
                 self._install_gate(ns)
-            for name in ("exit", "quit"):
-                if name in policy.denied_builtins:
+            # IPython puts some builtins in user_ns itself (exit, quit, and an
+            # ``open`` wrapper on 8.x+): denied ones go from there too
+            hidden = getattr(shell, "user_ns_hidden", {})
+            for name in policy.denied_builtins:
+                if name != "get_ipython" and name in ns and name in hidden:
                     self._save(ns, name)
                     ns.pop(name, None)
             if policy.ast_guard:
