@@ -404,8 +404,16 @@ def shell_escape_message() -> str:
 
 def magic_message(policy: Any, magic: str, *, cell: bool) -> str:
     prefix = "%%" if cell else "%"
+    from .policy import SHELL_MAGICS
+
     allowed = policy.allowed_magics
-    listing = ", ".join(sorted(allowed)) if allowed is not None else "all but shell magics"
+    if magic in SHELL_MAGICS and not policy.allow_shell_escapes:
+        return (f"the magic {prefix}{magic} is refused: it runs programs outside the "
+                f"Python process, where no policy applies")
+    if magic in policy.denied_magics or allowed is None:
+        return (f"the magic {prefix}{magic} is refused: it changes the session's "
+                f"policy or configuration, runs code outside the security checks, "
+                f"or exposes live frames")
     return (f"the magic {prefix}{magic} is refused: it is not in the allowed magics "
-            f"(allowed: {listing}); magics can run files, shells or change the "
-            f"session's configuration, outside the security checks")
+            f"(allowed: {', '.join(sorted(allowed))}); magics can run files, shells or "
+            f"change the session's configuration, outside the security checks")

@@ -85,6 +85,8 @@ class SessionSecurity:
     def _emit(self, execution: Any, **fields: Any) -> None:
         if execution is None:
             execution = self.state.current_execution()
+        if execution is None and self.scope is not None:
+            execution = self.scope.execution  # a thread the cell started
         if execution is None or execution.finished:
             return
         with audit.trusted():
@@ -125,7 +127,8 @@ class SessionSecurity:
                 self.builtins = build_builtins(policy, self.importer, self.private_guard)
                 self._save(ns, "__builtins__")
                 ns["__builtins__"] = self.builtins
-            if policy.allowed_magics is not None or not policy.allow_shell_escapes:
+            if policy.allowed_magics is not None or policy.denied_magics \
+                    or not policy.allow_shell_escapes:
                 self._install_gate(ns)
             # IPython puts some builtins in user_ns itself (exit, quit, and an
             # ``open`` wrapper on 8.x+): denied ones go from there too

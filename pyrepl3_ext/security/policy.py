@@ -29,7 +29,18 @@ from .imports import DEFAULT_ALLOWED_MODULES
 #: (their code runs through the AST guard again) plus pyrepl3's directives.
 SAFE_MAGICS = frozenset({
     "time", "timeit", "capture", "who", "whos", "who_ls", "timeout",
-    "transaction", "precision", "pprint", "pyrepl3",
+    "transaction", "precision", "pprint",
+})
+
+#: Magics refused even when every other magic is allowed (``guarded``): each
+#: changes the policy itself (``%config PyREPL3.security_policy``), loads or
+#: runs code outside the AST guard, opens a debugger on live frames, or
+#: rewrites the namespace wholesale.
+POLICY_MAGICS = frozenset({
+    "config", "load_ext", "unload_ext", "reload_ext", "run", "load", "loadpy",
+    "debug", "pdb", "store", "reset", "reset_selective", "xdel", "writefile",
+    "edit", "logstart", "logon", "cd", "pushd", "popd", "bookmark", "autocall",
+    "env", "set_env", "aimport", "autoreload", "macro", "recall", "rerun",
 })
 
 PRESETS = ("trusted", "guarded", "restricted")
@@ -57,8 +68,9 @@ class SecurityPolicy:
     #: (None: the module's public, non-module names).  ``None`` here means
     #: imports are not restricted at all.
     allowed_modules: Mapping[str, Any] | None = None
-    #: Magics that may run (None: all of them).
+    #: Magics that may run (None: all of them but ``denied_magics``).
     allowed_magics: frozenset | None = None
+    denied_magics: frozenset = frozenset()
     #: ``!cmd``, ``!!cmd``, ``%sx``, ``%system``, ``x = !cmd``, ``%%bash``/``%%script``.
     allow_shell_escapes: bool = True
     #: Audit tripwire (PEP 578) active while the cell runs.
@@ -90,7 +102,7 @@ class SecurityPolicy:
         if name == "guarded":
             return cls(
                 name="guarded", ast_guard=True, block_dunder_access=True,
-                allow_shell_escapes=False,
+                allow_shell_escapes=False, denied_magics=POLICY_MAGICS,
                 allowed_magics=None, audit=True, allow_subprocess=False,
                 allow_network=False, allow_threads=True, read_scope="any",
                 allow_writes=False,
@@ -114,7 +126,8 @@ class SecurityPolicy:
         """A copy with ``changes`` applied (named ``<preset>+custom``)."""
         if "name" not in changes and not self.name.endswith("+custom"):
             changes["name"] = f"{self.name}+custom"
-        for key in ("denied_builtins", "allowed_magics", "granted_capabilities"):
+        for key in ("denied_builtins", "allowed_magics", "denied_magics",
+                    "granted_capabilities"):
             if key in changes and changes[key] is not None:
                 changes[key] = frozenset(changes[key])
         return dataclasses.replace(self, **changes)
@@ -127,10 +140,12 @@ class SecurityPolicy:
                 or not self.allow_shell_escapes)
 
     def magic_allowed(self, name: str) -> bool:
+        if name in self.denied_magics:
+            return False
         if self.allowed_magics is None:
-            return name not in _SHELL_MAGICS or self.allow_shell_escapes
+            return name not in SHELL_MAGICS or self.allow_shell_escapes
         return name in self.allowed_magics and (
-            name not in _SHELL_MAGICS or self.allow_shell_escapes)
+            name not in SHELL_MAGICS or self.allow_shell_escapes)
 
     def grants(self, capability: str) -> bool:
         return self.granted_capabilities is None or capability in self.granted_capabilities
@@ -138,7 +153,7 @@ class SecurityPolicy:
 
 #: Magics that run a shell or another interpreter: refused whenever shell
 #: escapes are, whatever the magics allowlist says.
-_SHELL_MAGICS = frozenset({
+SHELL_MAGICS = frozenset({
     "sx", "system", "bash", "sh", "script", "perl", "ruby", "python", "python2",
     "python3", "pypy", "svg", "html", "javascript", "js", "sc", "alias",
     "unalias", "rehashx", "pip", "conda", "mamba", "micromamba", "uv",

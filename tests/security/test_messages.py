@@ -47,7 +47,11 @@ REFUSALS = [
      PREFIX + "shell escapes (!cmd, !!cmd, %sx, %system, %%bash, %%script) are refused: "
               "they run programs outside the Python process, where no policy applies"),
     ("%%bash\nls", "InputRejected",
-     PREFIX + "the magic %%bash is refused: it is not in the allowed magics (allowed: "),
+     PREFIX + "the magic %%bash is refused: it runs programs outside the Python process, "
+              "where no policy applies (line 1)"),
+    ("%load_ext os", "InputRejected",
+     PREFIX + "the magic %load_ext is refused: it is not in the allowed magics (allowed: "
+              "capture, "),
     ("%run script.py", "InputRejected", PREFIX + "the magic %run is refused"),
     ("%env HOME", "InputRejected", PREFIX + "the magic %env is refused"),
     # runtime: the sanitized builtins, import views and private-attribute check
@@ -96,6 +100,22 @@ def test_audit_denial_message(ip, events, tmp_path):
     _, error = run(ip, events, "import os\nos.putenv('A', 'B')")
     assert error["evalue"] == ("changing the process environment is refused by "
                                "security policy 'guarded' (audit event 'os.putenv')")
+
+
+@pytest.mark.parametrize("code, text", [
+    ("%config PyREPL3.security_policy = 'trusted'",
+     "the magic %config is refused: it changes the session's policy or configuration, "
+     "runs code outside the security checks, or exposes live frames"),
+    ("%%bash\nls", "the magic %%bash is refused: it runs programs outside the Python "
+                   "process, where no policy applies"),
+    ("%load_ext os", "the magic %load_ext is refused"),
+])
+def test_guarded_refuses_policy_changing_and_shell_magics(ip, events, code, text):
+    pyrepl3_ext.set_policy(ip, "guarded")
+    _, error = run(ip, events, code)
+    assert error["kind"] == "security"
+    assert error["evalue"].startswith("refused by security policy 'guarded': " + text)
+    assert pyrepl3_ext.get_policy(ip).name == "guarded"
 
 
 def test_revoked_message(restricted, events):
