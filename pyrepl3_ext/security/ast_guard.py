@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from IPython.core.error import InputRejected
 
-from .builtins import PRIVATE_CHECK_NAME
+from .builtins import OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME
 from .rules import ALLOWED_DUNDER_NAMES, attribute_refusal, is_dunder, is_private
 
 #: Attributes of ``get_ipython()`` that IPython's own input transformations
@@ -86,16 +86,102 @@ def _refuse(message: str) -> None:
 
 
 class _PrivateRewriter(ast.NodeVisitor):
-    """Wraps the object of every ``_private`` attribute in the runtime check."""
+    """Routes every ``obj._private`` attribute through the runtime check.
+
+    General form: ``__pyrepl3_private__(obj, '_x')._x`` (a call per access).
+    Fast form, for ``self._x`` where ``self`` is the first parameter of a
+    method defined in a class body and a plain local of that method (never
+    rebound, not captured by an inner scope, so nothing can swap it between
+    the test and the access): ``(self if __pyrepl3_type__(self) in
+    __pyrepl3_owned__ else __pyrepl3_private__(self, '_x'))._x``, which
+    costs a type lookup and a set test on the hot path.
+    """
+
+    def __init__(self) -> None:
+        self.fast_names: list[str | None] = [None]
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for child in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+            self.visit(child)
+        for stmt in node.body:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self._visit_function(stmt, method=True)
+            else:
+                self.visit(stmt)
+
+    def visit_FunctionDef(self, node: Any) -> None:
+        self._visit_function(node, method=False)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def _visit_function(self, node: Any, *, method: bool) -> None:
+        fast = None
+        positional = node.args.posonlyargs + node.args.args
+        if method and positional and _plain_local(node, positional[0].arg):
+            fast = positional[0].arg
+        for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
+            self.visit(default)
+        for decorator in node.decorator_list:
+            self.visit(decorator)
+        self.fast_names.append(fast)
+        try:
+            for stmt in node.body:
+                self.visit(stmt)
+        finally:
+            self.fast_names.pop()
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        self.fast_names.append(None)
+        try:
+            self.generic_visit(node)
+        finally:
+            self.fast_names.pop()
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         self.generic_visit(node)
-        if is_private(node.attr):
-            value = node.value
-            func = ast.copy_location(ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load()), value)
-            name = ast.copy_location(ast.Constant(value=node.attr), value)
-            node.value = ast.copy_location(
-                ast.Call(func=func, args=[value, name], keywords=[]), value)
+        if not is_private(node.attr):
+            return
+        value = node.value
+
+        def at(new: ast.AST) -> ast.AST:
+            return ast.copy_location(new, value)
+
+        check = at(ast.Call(func=at(ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load())),
+                            args=[value, at(ast.Constant(value=node.attr))], keywords=[]))
+        fast = self.fast_names[-1]
+        if fast is not None and isinstance(value, ast.Name) and value.id == fast:
+            def name() -> ast.AST:
+                return at(ast.Name(id=fast, ctx=ast.Load()))
+
+            test = at(ast.Compare(
+                left=at(ast.Call(func=at(ast.Name(id=TYPE_NAME, ctx=ast.Load())),
+                                 args=[name()], keywords=[])),
+                ops=[ast.In()], comparators=[at(ast.Name(id=OWNED_NAME, ctx=ast.Load()))]))
+            node.value = at(ast.IfExp(test=test, body=name(), orelse=check))
+        else:
+            node.value = check
+
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _plain_local(function: Any, name: str) -> bool:
+    """``name`` is never rebound in ``function`` nor used by an inner scope."""
+    for stmt in function.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, _SCOPES):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Name) and inner.id == name:
+                        return False
+                    if isinstance(inner, ast.arg) and inner.arg == name:
+                        return False
+            elif isinstance(node, ast.Name) and node.id == name \
+                    and not isinstance(node.ctx, ast.Load):
+                return False
+            elif isinstance(node, (ast.Global, ast.Nonlocal)) and name in node.names:
+                return False
+    return True
 
 
 def _bound_names(tree: ast.AST) -> set[str]:

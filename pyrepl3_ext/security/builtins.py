@@ -13,7 +13,6 @@ whose ``_private`` attributes cell code may touch).
 from __future__ import annotations
 
 import builtins as _builtins_module
-import weakref
 from typing import Any, Callable
 
 from ..errors import SecurityError
@@ -22,6 +21,10 @@ from .rules import attribute_refusal, is_private
 #: The name under which the AST guard's rewrite finds the private-attribute
 #: check (a dunder: cell code itself can never name it).
 PRIVATE_CHECK_NAME = "__pyrepl3_private__"
+#: The set of owned classes and the real ``type``, for the inline fast path
+#: the AST guard emits for ``self._x`` in methods (dunders: unbindable).
+OWNED_NAME = "__pyrepl3_owned__"
+TYPE_NAME = "__pyrepl3_type__"
 
 _real_getattr = _builtins_module.getattr
 _real_setattr = _builtins_module.setattr
@@ -31,32 +34,31 @@ _real_build_class = _builtins_module.__build_class__
 
 
 class PrivateGuard:
-    """Which classes cell code created, and the ``_private`` attribute check."""
+    """Which classes cell code created, and the ``_private`` attribute check.
+
+    ``owned`` holds the classes defined by the session's cells whose whole
+    MRO is cell-defined or builtin (``object``, ``Exception``, ``dict``...):
+    only their instances (and themselves) expose ``_private`` attributes.
+    It holds strong references (a set is what makes the hot-path test
+    ``type(self) in owned`` cheap); classes live as long as the session.
+    """
 
     def __init__(self, policy_name: str):
         self.policy_name = policy_name
-        self.user_classes: "weakref.WeakSet[type]" = weakref.WeakSet()
-        self._verdicts: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+        self.owned: set[type] = set()
 
     def build_class(self, func: Callable, name: str, *bases: Any, **kwargs: Any) -> Any:
         cls = _real_build_class(func, name, *bases, **kwargs)
         if isinstance(cls, type):
-            self.user_classes.add(cls)
+            owned = self.owned
+            if all(k in owned or k.__module__ == "builtins" for k in cls.__mro__[1:]):
+                owned.add(cls)
         return cls
-
-    def _owned(self, cls: type) -> bool:
-        verdict = self._verdicts.get(cls)
-        if verdict is None:
-            user = self.user_classes
-            verdict = cls in user and all(
-                k in user or k.__module__ == "builtins" for k in cls.__mro__)
-            self._verdicts[cls] = verdict
-        return verdict
 
     def check(self, obj: Any, name: str) -> Any:
         """``obj`` itself when cell code may touch ``obj.<name>``; raises otherwise."""
-        cls = obj if isinstance(obj, type) and obj in self.user_classes else type(obj)
-        if self._owned(cls):
+        owned = self.owned
+        if type(obj) in owned or (isinstance(obj, type) and obj in owned):
             return obj
         raise SecurityError(
             f"access to the private attribute {name!r} of a "
@@ -122,4 +124,6 @@ def build_builtins(policy: Any, importer: Callable | None,
     if guard is not None:
         mapping["__build_class__"] = guard.build_class
         mapping[PRIVATE_CHECK_NAME] = guard.check
+        mapping[OWNED_NAME] = guard.owned
+        mapping[TYPE_NAME] = type
     return mapping

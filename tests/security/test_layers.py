@@ -11,8 +11,8 @@ from IPython.core.error import InputRejected
 
 from pyrepl3_ext.errors import SecurityError
 from pyrepl3_ext.security.ast_guard import SecurityGuard
-from pyrepl3_ext.security.builtins import (PRIVATE_CHECK_NAME, PrivateGuard,
-                                           build_builtins)
+from pyrepl3_ext.security.builtins import (OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME,
+                                           PrivateGuard, build_builtins)
 from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES, Importer, ModuleView
 from pyrepl3_ext.security.policy import SecurityPolicy
 
@@ -58,6 +58,7 @@ def test_private_guard_knows_the_cells_classes():
     ns: dict = {"__builtins__": {**vars(builtins), "__build_class__": guard.build_class}}
     exec("class Mine:\n    def __init__(self):\n        self._x = 1\n"
          "class Sub(Mine):\n    pass\nclass Err(ValueError):\n    pass", ns)
+    assert {ns["Mine"], ns["Sub"], ns["Err"]} <= guard.owned
     for obj in (ns["Mine"](), ns["Sub"](), ns["Mine"], ns["Err"]()):
         assert guard.check(obj, "_x") is obj
     import warnings
@@ -196,8 +197,38 @@ def test_private_attributes_are_rewritten_to_a_runtime_check():
     tree = guard("class A:\n    def __init__(self):\n        self._x = 1\n"
                  "a = A()\nresult = a._x\nlistener._state")
     source = ast.unparse(tree)
-    assert f"{PRIVATE_CHECK_NAME}(self, '_x')._x = 1" in source
+    fast = (f"(self if {TYPE_NAME}(self) in {OWNED_NAME} else "
+            f"{PRIVATE_CHECK_NAME}(self, '_x'))._x = 1")
+    assert fast in source
+    assert f"{PRIVATE_CHECK_NAME}(a, '_x')._x" in source
     assert f"{PRIVATE_CHECK_NAME}(listener, '_state')._state" in source
+
+
+@pytest.mark.parametrize("body", [
+    "self = other\n        return self._x",           # rebound
+    "f = lambda: self._x\n        return self._x",    # captured by an inner scope
+    "return [self._x for _ in ()]",                   # used in a comprehension
+])
+def test_fast_path_only_for_plain_local_self(body):
+    source = ast.unparse(guard(f"class A:\n    def m(self, other):\n        {body}"))
+    assert OWNED_NAME not in source and f"{PRIVATE_CHECK_NAME}(self, '_x')" in source
+
+
+def test_private_check_at_run_time():
+    session = FakeSession()
+    private_guard = PrivateGuard("restricted")
+    mapping = build_builtins(RESTRICTED, None, private_guard)
+    code = compile(SecurityGuard(session).visit(ast.parse(
+        "class A:\n    def __init__(self):\n        self._x = 1\n"
+        "    def get(self):\n        return self._x\n"
+        "class B(A):\n    pass\n"
+        "ok = (A().get(), B().get(), A()._x, A._x if hasattr(A, '_x') else None)\n"
+        "try:\n    A.get(foreign)\nexcept Exception as e:\n    refused = str(e)\n")),
+        "<cell>", "exec")
+    ns = {"__builtins__": mapping, "foreign": types.SimpleNamespace(_x="secret")}
+    exec(code, ns)
+    assert ns["ok"] == (1, 1, 1, None)
+    assert "private attribute '_x' of a 'SimpleNamespace'" in ns["refused"]
 
 
 def test_guarded_preset_does_not_restrict_imports_or_private_names():
