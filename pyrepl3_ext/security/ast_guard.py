@@ -91,14 +91,16 @@ class _PrivateRewriter(ast.NodeVisitor):
     General form: ``__pyrepl3_private__(obj, '_x')._x`` (a call per access).
     Fast form, for ``self._x`` where ``self`` is the first parameter of a
     method defined in a class body and a plain local of that method (never
-    rebound, not captured by an inner scope, so nothing can swap it between
-    the test and the access): ``(self if __pyrepl3_type__(self) in
-    __pyrepl3_owned__ else __pyrepl3_private__(self, '_x'))._x``, which
-    costs a type lookup and a set test on the hot path.
+    rebound, not captured by an inner scope, so nothing can swap it): the
+    method starts with ``__pyrepl3_self_ok__ = __pyrepl3_type__(self) in
+    __pyrepl3_owned__`` and each access is ``(self if __pyrepl3_self_ok__
+    else __pyrepl3_private__(self, '_x'))._x`` — one set test per call, a
+    local load per access.  Cell code cannot name the dunder local.
     """
 
     def __init__(self) -> None:
         self.fast_names: list[str | None] = [None]
+        self.fast_used: list[bool] = [False]
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         for child in node.decorator_list + node.bases + [k.value for k in node.keywords]:
@@ -124,18 +126,35 @@ class _PrivateRewriter(ast.NodeVisitor):
         for decorator in node.decorator_list:
             self.visit(decorator)
         self.fast_names.append(fast)
+        self.fast_used.append(False)
         try:
             for stmt in node.body:
                 self.visit(stmt)
         finally:
             self.fast_names.pop()
+            used = self.fast_used.pop()
+        if used:
+            first = node.body[0]
+            at = 1 if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                       and isinstance(first.value.value, str)) else 0
+            flag = ast.Assign(
+                targets=[ast.Name(id=SELF_OK_NAME, ctx=ast.Store())],
+                value=ast.Compare(
+                    left=ast.Call(func=ast.Name(id=TYPE_NAME, ctx=ast.Load()),
+                                  args=[ast.Name(id=fast, ctx=ast.Load())], keywords=[]),
+                    ops=[ast.In()], comparators=[ast.Name(id=OWNED_NAME, ctx=ast.Load())]))
+            for sub in ast.walk(flag):
+                ast.copy_location(sub, first)
+            node.body.insert(at, flag)
 
     def visit_Lambda(self, node: ast.Lambda) -> None:
         self.fast_names.append(None)
+        self.fast_used.append(False)
         try:
             self.generic_visit(node)
         finally:
             self.fast_names.pop()
+            self.fast_used.pop()
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         self.generic_visit(node)
@@ -150,17 +169,16 @@ class _PrivateRewriter(ast.NodeVisitor):
                             args=[value, at(ast.Constant(value=node.attr))], keywords=[]))
         fast = self.fast_names[-1]
         if fast is not None and isinstance(value, ast.Name) and value.id == fast:
-            def name() -> ast.AST:
-                return at(ast.Name(id=fast, ctx=ast.Load()))
-
-            test = at(ast.Compare(
-                left=at(ast.Call(func=at(ast.Name(id=TYPE_NAME, ctx=ast.Load())),
-                                 args=[name()], keywords=[])),
-                ops=[ast.In()], comparators=[at(ast.Name(id=OWNED_NAME, ctx=ast.Load()))]))
-            node.value = at(ast.IfExp(test=test, body=name(), orelse=check))
+            self.fast_used[-1] = True
+            node.value = at(ast.IfExp(test=at(ast.Name(id=SELF_OK_NAME, ctx=ast.Load())),
+                                      body=at(ast.Name(id=fast, ctx=ast.Load())),
+                                      orelse=check))
         else:
             node.value = check
 
+
+#: The method-local flag of the fast form (a dunder: cell code cannot bind it).
+SELF_OK_NAME = "__pyrepl3_self_ok__"
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)

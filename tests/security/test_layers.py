@@ -10,7 +10,7 @@ import pytest
 from IPython.core.error import InputRejected
 
 from pyrepl3_ext.errors import SecurityError
-from pyrepl3_ext.security.ast_guard import SecurityGuard
+from pyrepl3_ext.security.ast_guard import SELF_OK_NAME, SecurityGuard
 from pyrepl3_ext.security.builtins import (OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME,
                                            PrivateGuard, build_builtins)
 from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES, Importer, ModuleView
@@ -197,9 +197,8 @@ def test_private_attributes_are_rewritten_to_a_runtime_check():
     tree = guard("class A:\n    def __init__(self):\n        self._x = 1\n"
                  "a = A()\nresult = a._x\nlistener._state")
     source = ast.unparse(tree)
-    fast = (f"(self if {TYPE_NAME}(self) in {OWNED_NAME} else "
-            f"{PRIVATE_CHECK_NAME}(self, '_x'))._x = 1")
-    assert fast in source
+    assert f"{SELF_OK_NAME} = {TYPE_NAME}(self) in {OWNED_NAME}" in source
+    assert f"(self if {SELF_OK_NAME} else {PRIVATE_CHECK_NAME}(self, '_x'))._x = 1" in source
     assert f"{PRIVATE_CHECK_NAME}(a, '_x')._x" in source
     assert f"{PRIVATE_CHECK_NAME}(listener, '_state')._state" in source
 
@@ -211,7 +210,7 @@ def test_private_attributes_are_rewritten_to_a_runtime_check():
 ])
 def test_fast_path_only_for_plain_local_self(body):
     source = ast.unparse(guard(f"class A:\n    def m(self, other):\n        {body}"))
-    assert OWNED_NAME not in source and f"{PRIVATE_CHECK_NAME}(self, '_x')" in source
+    assert SELF_OK_NAME not in source and f"{PRIVATE_CHECK_NAME}(self, '_x')" in source
 
 
 def test_private_check_at_run_time():
@@ -220,7 +219,7 @@ def test_private_check_at_run_time():
     mapping = build_builtins(RESTRICTED, None, private_guard)
     code = compile(SecurityGuard(session).visit(ast.parse(
         "class A:\n    def __init__(self):\n        self._x = 1\n"
-        "    def get(self):\n        return self._x\n"
+        "    def get(self):\n        'doc'\n        return self._x\n"
         "class B(A):\n    pass\n"
         "ok = (A().get(), B().get(), A()._x, A._x if hasattr(A, '_x') else None)\n"
         "try:\n    A.get(foreign)\nexcept Exception as e:\n    refused = str(e)\n")),
@@ -228,6 +227,7 @@ def test_private_check_at_run_time():
     ns = {"__builtins__": mapping, "foreign": types.SimpleNamespace(_x="secret")}
     exec(code, ns)
     assert ns["ok"] == (1, 1, 1, None)
+    assert ns["A"].get.__doc__ == "doc"  # the flag goes after the docstring
     assert "private attribute '_x' of a 'SimpleNamespace'" in ns["refused"]
 
 
