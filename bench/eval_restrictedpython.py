@@ -98,7 +98,7 @@ def main() -> None:
                 pass
 
     t = interleaved({"plain": plain_compile, "ours": ours_compile, "rp": rp_compile},
-                    rounds=7, number=3)
+                    rounds=7, number=3, clock=time.thread_time)
     n = len(sources)
     print(f"\ncompile per cell (us): plain {t['plain']['best'] / n * 1e6:.0f}, "
           f"ours {t['ours']['best'] / n * 1e6:.0f}, RestrictedPython {t['rp']['best'] / n * 1e6:.0f}")
@@ -129,7 +129,7 @@ def main() -> None:
     t = interleaved({"plain": lambda: exec(plain_code, dict(plain_globals)),
                      "ours": lambda: exec(ours_code, dict(ours_globals)),
                      "rp": lambda: exec(rp_code, dict(rp_globals))},
-                    rounds=9, number=20)
+                    rounds=9, number=20, clock=time.thread_time)
     print(f"attribute/subscript-heavy cell (us): plain {t['plain']['best'] * 1e6:.0f}, "
           f"ours {t['ours']['best'] * 1e6:.0f} ({t['ours']['best'] / t['plain']['best']:.2f}x), "
           f"RestrictedPython {t['rp']['best'] * 1e6:.0f} "
