@@ -91,13 +91,15 @@ _CTYPES = frozenset({
 })
 #: Refused only when the nearest Python frame is cell code (the stdlib uses
 #: them legitimately on the cell's behalf: namedtuple, dataclasses, imports).
+#: Not ``sys.settrace``/``sys.setprofile``: CPython raises them itself, with
+#: the cell's frame on top, when a trace function raises (that is how a
+#: cancel unwinds a traced cell); a cell's tracer could not use the frames it
+#: gets anyway (frame attributes are refused by the AST guard).
 _FROM_CELL = {
     "sys._getframe": "reading frames",
     "sys._getframemodulename": "reading frames",
     "sys._current_frames": "reading other threads' frames",
     "sys._current_exceptions": "reading other threads' exceptions",
-    "sys.settrace": "installing a trace function",
-    "sys.setprofile": "installing a profile function",
     "sys.monitoring.register_callback": "installing a monitoring callback",
     "compile": "compiling code outside the security checks",
     "exec": "running code outside the security checks",

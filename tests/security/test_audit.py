@@ -152,3 +152,28 @@ def test_hook_is_inert_without_a_scope(tmp_path):
     path = tmp_path / "free.txt"
     path.write_text("x")  # no scope on this thread: nothing refused
     assert os.path.exists(path)
+
+
+def test_cancellation_still_works_inside_the_audit_scope(ip, events):
+    """The cancel machinery (signal handler, settrace, frames) is host code."""
+    pyrepl3_ext.set_policy(ip, "restricted")
+    mine, error = run(ip, events, "while True:\n    pass", timeout=0.3)
+    assert error["kind"] == "timeout"
+    assert not audits(mine, "denied")
+    assert run(ip, events, "x = 1")[1] is None
+
+
+def test_cancellation_of_a_worker_thread_cell_inside_the_audit_scope(ip, events):
+    pyrepl3_ext.set_policy(ip, "restricted")
+    outcome = {}
+
+    def worker():
+        outcome["events"], outcome["error"] = run(ip, events, "while True:\n    pass",
+                                                  timeout=0.3)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert outcome["error"]["kind"] == "timeout"
+    assert not audits(outcome["events"], "denied")
