@@ -94,4 +94,6 @@ CELLS = [
     "bump(); global_counter",
     "%time y = sum(range(100))",
     "y",
+    "display({'shown': True})",
+    "len(In) > 0, isinstance(Out, dict)",
 ]

@@ -256,3 +256,14 @@ def test_grant_validates_names(ip, tree):
             pyrepl3_ext.grant(ip, bad, FilesCapability(str(tree[0])))
     with pytest.raises(TypeError, match="not a capability implementation"):
         pyrepl3_ext.grant(ip, "x", object())
+
+
+def test_policy_grants_only_listed_capabilities(ip, events, tree):
+    pyrepl3_ext.grant(ip, "files", FilesCapability(str(tree[0])))
+    pyrepl3_ext.grant(ip, "echo", CustomCapability(lambda text: text, {"text": str}))
+    pyrepl3_ext.set_policy(ip, pyrepl3_ext.security.SecurityPolicy.preset(
+        "restricted").replace(granted_capabilities={"echo"}))
+    assert "files" not in ip.user_ns
+    assert value(ip, events, "echo('hi')") == "'hi'"
+    pyrepl3_ext.set_policy(ip, "restricted")
+    assert "files" in ip.user_ns and "echo" in ip.user_ns
