@@ -59,6 +59,16 @@ def test_no_escape_under_restricted():
     assert kinds["security"] >= len(results) * 0.8, kinds
 
 
+@pytest.mark.timeout(300)
+def test_guarded_stops_every_command_payload():
+    """``guarded`` allows reads by design; nothing may run a command."""
+    out = run_corpus("escapes", "guarded")
+    goals = {p["id"]: p["goal"] for p in load_payloads()}
+    ran = [r for r in out["results"]
+           if goals[r["id"]] == "run_command" and (r.get("escaped") or r.get("crashed"))]
+    assert not ran, ran
+
+
 _TIMING = re.compile(r"^(CPU times|Wall time):.*$", re.M)
 
 
