@@ -79,9 +79,7 @@ _ALWAYS = {
     "sqlite3.load_extension": "loading native SQLite extensions",
     "resource.setrlimit": "changing process limits",
     "resource.prlimit": "changing process limits",
-    "os.fwalk": None,
 }
-del _ALWAYS["os.fwalk"]
 _CTYPES = frozenset({
     "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata",
     "ctypes.cdata/buffer", "ctypes.string_at", "ctypes.wstring_at",

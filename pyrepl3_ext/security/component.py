@@ -27,8 +27,8 @@ from ..extension import Component
 from . import audit
 from .ast_guard import SecurityGuard, magic_message, shell_escape_message
 from .builtins import PrivateGuard, build_builtins
-from .capabilities import RESERVED, FilesCapability, Grant
-from .facade import make_facade
+from .capabilities import FilesCapability, Grant
+from .facade import _inert, make_facade
 from .imports import Importer
 from .policy import SecurityPolicy
 
@@ -157,7 +157,6 @@ class SessionSecurity:
 
         def get_ipython():
             return gate
-        from .facade import _inert
 
         self._get_ipython = _inert(get_ipython)
         self._save(ns, "get_ipython")

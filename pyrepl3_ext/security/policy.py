@@ -20,7 +20,7 @@ allow_network=True)``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .imports import DEFAULT_ALLOWED_MODULES
@@ -137,7 +137,7 @@ class SecurityPolicy:
         """Whether any layer is active."""
         return (self.ast_guard or self.sanitize_builtins or self.audit
                 or self.allowed_modules is not None or self.allowed_magics is not None
-                or not self.allow_shell_escapes)
+                or bool(self.denied_magics) or not self.allow_shell_escapes)
 
     def magic_allowed(self, name: str) -> bool:
         if name in self.denied_magics:
