@@ -34,6 +34,11 @@ INSPECT_ATTRS = frozenset({
     "func_globals", "func_code", "im_func", "im_self",
 })
 
+#: Methods that hand out host objects a cell must not drive: asyncio's
+#: ``Future.get_loop()`` is the host's event loop (it can start processes,
+#: stop or close the loop, replace signal handlers).
+HOST_OBJECT_ATTRS = frozenset({"get_loop"})
+
 #: Attributes that interpret a string as an attribute path.
 FORMAT_ATTRS = frozenset({"format", "format_map"})
 
@@ -67,6 +72,9 @@ def attribute_refusal(name: str) -> str | None:
     if name in INSPECT_ATTRS or name.startswith("co_"):
         return (f"access to the attribute {name!r} is refused: frame, code, "
                 f"generator and traceback internals lead to other frames' globals")
+    if name in HOST_OBJECT_ATTRS:
+        return (f"the attribute {name!r} is refused: it hands out the host's event "
+                f"loop")
     if name in FORMAT_ATTRS:
         return (f"the attribute {name!r} is refused: str.format resolves "
                 f"attribute paths written in the template; use an f-string")

@@ -136,6 +136,7 @@ REFUSED = {
     "'{0.__class__}'.format(1)": "str.format is refused",
     "'{0.x._y}'.format(1)": "str.format is refused",
     "fmt.format(1)": "'format' is refused",
+    "asyncio.gather().get_loop()": "hands out the host's event loop",
     "s.format_map({})": "'format_map' is refused",
     "match p:\n    case C(__globals__=k): pass": "'__globals__'",
     "match p:\n    case C(_state=k): pass": "private attribute '_state'",

