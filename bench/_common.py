@@ -22,11 +22,14 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, number: int,
                 setup: Callable[[str], None] | None = None,
-                seed: int = 1234) -> dict[str, dict[str, float]]:
+                seed: int = 1234,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float]]:
     """Time ``number`` calls of each variant per round, variants shuffled each round.
 
     ``setup(name)`` runs (untimed) before a variant's batch, e.g. to load or
     unload an extension.  Returns seconds per call: best and median over rounds.
+    ``clock`` may be ``time.thread_time`` (CPU time of this thread: far less
+    sensitive to other processes on a loaded machine, blind to waiting).
     """
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -38,10 +41,10 @@ def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, number:
                 setup(name)
             fn = variants[name]
             fn()  # warm
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(number):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / number)
+            samples[name].append((clock() - t0) / number)
     return {name: {"best": min(s), "median": statistics.median(s), "samples": s}
             for name, s in samples.items()}
 

@@ -25,7 +25,7 @@ __all__ = [
     "get_state", "subscribe", "run_cell", "run_cell_async", "cancel", "reply_input",
     "CellCancelled", "CellTimeout", "ConcurrencyUnsupported", "PyREPL3Error",
     "SecurityError", "SessionBusy", "SessionClosed", "Engine", "Session",
-    "ExecutionHandle",
+    "ExecutionHandle", "set_policy", "get_policy", "grant", "revoke",
     # namespace manager (pyrepl3_ext.namespace)
     "get_variable", "set_variable", "update_variables", "delete_variable",
     "list_variables", "take_snapshot", "restore_snapshot", "delete_snapshot",
@@ -180,3 +180,32 @@ async def run_cell_async(shell: Any, code: str, *, execution_id: str | None = No
         if not silent:
             shell.events.trigger("post_run_cell", result)
     return result
+
+
+def set_policy(shell: Any, policy: Any) -> None:
+    """Apply a ``SecurityPolicy`` (or a preset name) to ``shell``'s session.
+
+    Takes effect from the next cell; see :mod:`pyrepl3_ext.security`.
+    """
+    from .security.policy import SecurityPolicy
+
+    require_state(shell).security.session.apply(SecurityPolicy.preset(policy))
+
+
+def get_policy(shell: Any) -> Any:
+    """The ``SecurityPolicy`` in force in ``shell``'s session."""
+    return require_state(shell).security.session.policy
+
+
+def grant(shell: Any, name: str, capability: Any) -> Any:
+    """Inject ``capability`` (``FilesCapability``, ``CustomCapability``) as ``name``.
+
+    Returns the opaque object cells see.  Granting a name again revokes the
+    previous grant.
+    """
+    return require_state(shell).security.session.grant(name, capability)
+
+
+def revoke(shell: Any, name: str) -> bool:
+    """Make the capability ``name`` inert and remove it from the namespace."""
+    return require_state(shell).security.session.revoke(name)

@@ -10,6 +10,8 @@ module adds its group here rather than inventing its own section.
 from __future__ import annotations
 
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
+
+from traitlets import Bool, Enum, Float, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 
@@ -146,3 +148,21 @@ class PyREPL3(Configurable):
         if value < minimum:
             raise TraitError(f"{name} must be >= {minimum}, got {value!r}")
         return value
+
+    # -- security ------------------------------------------------------------
+    security_policy = Enum(
+        ["trusted", "guarded", "restricted"], "trusted",
+        help="Security preset of this shell: 'trusted' (no restriction), "
+             "'guarded' (guardrail against accidents: no shell escapes, no "
+             "processes, network or writes outside granted roots, no dunder "
+             "access) or 'restricted' (every layer: sanitized builtins, import "
+             "allowlist, AST guard, magics allowlist, audit tripwire). Hosts "
+             "set custom policies with pyrepl3_ext.set_policy(shell, policy). "
+             "A guardrail, not an OS sandbox: see docs/security.md.",
+    ).tag(config=True)
+
+    files_root = Unicode(
+        "",
+        help="Grant the 'files' capability (read/write/list confined to this "
+             "directory) to the shell's cells. Empty: not granted.",
+    ).tag(config=True)

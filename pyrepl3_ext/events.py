@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable
 
-EVENT_TYPES = ("started", "output", "display", "input_requested",
+EVENT_TYPES = ("started", "output", "display", "input_requested", "audit",
                "result", "error", "finished")
 #: ``error.kind`` values.
 ERROR_KINDS = ("exception", "cancelled", "timeout", "security", "syntax")

@@ -41,6 +41,7 @@ COMPONENTS: list[tuple[str, str]] = [
     ("namespace", "pyrepl3_ext.namespace:NamespaceManager"),
     ("io_capture", "pyrepl3_ext.io_capture:OutputCapture"),
     ("input_request", "pyrepl3_ext.input_request:InputRequests"),
+    ("security", "pyrepl3_ext.security.component:SecurityComponent"),
 ]
 
 _states: "weakref.WeakKeyDictionary[Any, ShellState]" = weakref.WeakKeyDictionary()
@@ -461,11 +462,11 @@ def classify_error(error: BaseException, *, before_exec: bool) -> str:
         return error.kind
     if isinstance(error, SecurityError):
         return "security"
-    if before_exec:
-        from IPython.core.error import InputRejected
+    from IPython.core.error import InputRejected
 
-        if isinstance(error, InputRejected):
-            return "security"
+    if isinstance(error, InputRejected):  # also from %time/%timeit's AST pass
+        return "security"
+    if before_exec:
         if isinstance(error, SyntaxError):
             return "syntax"
         return "exception"

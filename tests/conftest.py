@@ -94,6 +94,10 @@ def hook_snapshot(shell) -> dict:
         "magics_registry": dict(mm.registry),
         "configurables": list(shell.configurables),
         "user_ns_keys": set(shell.user_ns),
+        # the security layers replace these values (not keys) in user_ns
+        "user_ns_builtins": shell.user_ns.get("__builtins__"),
+        "user_ns_get_ipython": shell.user_ns.get("get_ipython"),
+        "user_ns_open": shell.user_ns.get("open"),
         "builtins": set(vars(builtins)),
         "trace": sys.gettrace(),
         "profile": sys.getprofile(),

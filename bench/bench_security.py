@@ -1,0 +1,157 @@
+"""Cost of the security layers on benign cells, each layer alone and all together.
+
+Run: ``python bench/bench_security.py [--rounds N] [--quick]``.  Every
+variant runs the same cells in the same shell, interleaved in random order
+per round (``bench/_common.py``); the table gives microseconds per cell and
+the ratio to ``trusted`` (the extension loaded, no layer active).
+
+Variants (each a ``SecurityPolicy``):
+  trusted     no layer
+  builtins    sanitized builtins mapping + import allowlist (module views)
+  ast         the AST guard alone (dunder/frame attributes, private-attribute
+              rewrite, names, imports, magics)
+  audit       the audit tripwire alone (scope entered around each cell)
+  restricted  the whole preset
+The audit hook cannot be removed once installed, so it is installed before
+the first round: every variant pays its (inactive) cost, which is the real
+situation of any process that ever ran a guarded cell.
+
+Timing is this thread's CPU time by default (``--wall`` for wall clock):
+on a shared 2-core machine wall-clock ratios of 30 ms cells swing by 30 %
+between rounds, CPU time by a few percent.  Cells here never wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from traitlets.config import Config  # noqa: E402
+
+import pyrepl3_ext  # noqa: E402
+from bench._common import interleaved, write_results  # noqa: E402
+from pyrepl3_ext.security import FilesCapability, SecurityPolicy, audit  # noqa: E402
+from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES  # noqa: E402
+from pyrepl3_ext.security.policy import RESTRICTED_DENIED_BUILTINS  # noqa: E402
+
+TRUSTED = SecurityPolicy.preset("trusted")
+POLICIES = {
+    "trusted": TRUSTED,
+    "builtins": TRUSTED.replace(name="builtins", sanitize_builtins=True,
+                                block_dunder_access=True,
+                                denied_builtins=RESTRICTED_DENIED_BUILTINS,
+                                allowed_modules=DEFAULT_ALLOWED_MODULES),
+    "ast": TRUSTED.replace(name="ast", ast_guard=True, block_dunder_access=True,
+                           guard_private_attributes=True, sanitize_builtins=True),
+    "audit": TRUSTED.replace(name="audit", audit=True, allow_subprocess=False,
+                             allow_network=False, allow_threads=False,
+                             read_scope="python", allow_writes=False),
+    "restricted": SecurityPolicy.preset("restricted"),
+}
+# "ast" needs the private-attribute check from the builtins mapping: it is
+# the only runtime part of the AST layer, and is counted with it.
+
+SETUP = """
+import math, json
+class Vec:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+    def norm(self):
+        return math.sqrt(self.x * self.x + self.y * self.y)
+class Acc:
+    def __init__(self):
+        self._total = 0
+    def add(self, v):
+        self._total += v
+        return self._total
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+"""
+
+CELLS = {
+    "trivial": "x = 1",
+    "loop arithmetic": "total = 0\nfor i in range(100_000):\n    total += i * i",
+    "function calls": "r = fib(20)",
+    "comprehensions": "r = sum(len(str(i)) for i in range(50_000))",
+    "module attrs": "s = 0.0\nfor i in range(50_000):\n    s += math.sqrt(i)",
+    "objects": "vs = [Vec(i, i + 1) for i in range(20_000)]\nr = sum(v.norm() for v in vs)",
+    "private attrs": "a = Acc()\nfor i in range(50_000):\n    a.add(i)",
+    "json round trip": "r = json.loads(json.dumps([{'k': i} for i in range(5_000)]))",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
+    parser.add_argument("--wall", action="store_true",
+                        help="wall-clock time instead of this thread's CPU time")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    clock = time.perf_counter if args.wall else time.thread_time
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.display_formatter.active_types = ["text/plain"]
+    pyrepl3_ext.load_ipython_extension(shell)
+    pyrepl3_ext.grant(shell, "files", FilesCapability(tempfile.mkdtemp()))
+    audit.install()
+    current = {"name": None}
+
+    def use(name: str) -> None:
+        if current["name"] != name:
+            pyrepl3_ext.set_policy(shell, POLICIES[name])
+            result = shell.run_cell(SETUP, store_history=False)
+            if not result.success:
+                raise SystemExit(f"setup failed under {name}: {result.error_in_exec!r}"
+                                 f"{result.error_before_exec!r}")
+            current["name"] = name
+
+    results: dict[str, dict] = {}
+    names = list(POLICIES)
+    print(f"{'cell':<18}" + "".join(f"{n:>12}" for n in names) + "   (us per cell; ratio to trusted)")
+    worst = {}
+    for cell_name, source in CELLS.items():
+        number = (50 if args.quick else 300) if cell_name == "trivial" else (1 if args.quick else 3)
+
+        def run(source=source):
+            result = shell.run_cell(source, store_history=False)
+            if not result.success:
+                raise SystemExit(f"{cell_name!r} failed under {current['name']}: "
+                                 f"{result.error_in_exec or result.error_before_exec!r}")
+
+        timing = interleaved({n: run for n in names}, rounds=rounds, number=number,
+                             setup=use, clock=clock)
+        base = timing["trusted"]["best"]
+        print(f"{cell_name:<18}" + "".join(f"{timing[n]['best'] * 1e6:>12.0f}" for n in names))
+        print(f"{'':<18}" + "".join(f"{timing[n]['best'] / base:>12.3f}" for n in names))
+        results[cell_name] = {n: {"best_us": t["best"] * 1e6, "median_us": t["median"] * 1e6,
+                                  "ratio": t["best"] / base} for n, t in timing.items()}
+        if cell_name != "trivial":
+            worst[cell_name] = timing["restricted"]["best"] / base
+    compute = [r for c, r in worst.items()]
+    print(f"\nrestricted vs trusted on compute cells: worst {max(compute):.3f}x "
+          f"({max(worst, key=worst.get)}), geometric mean "
+          f"{_gmean(compute):.3f}x (target <= 1.05); fixed cost per cell: "
+          f"{results['trivial']['restricted']['best_us'] - results['trivial']['trusted']['best_us']:+.0f} us")
+    path = write_results("security", {"cells": results,
+                                      "clock": "wall" if args.wall else "thread CPU"})
+    print(f"wrote {path}")
+
+
+def _gmean(values: list[float]) -> float:
+    product = 1.0
+    for v in values:
+        product *= v
+    return product ** (1 / len(values))
+
+
+if __name__ == "__main__":
+    main()

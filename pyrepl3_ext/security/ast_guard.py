@@ -1,0 +1,523 @@
+"""The AST guard: refuse forbidden constructs before any of the cell runs.
+
+An ``ast.NodeTransformer`` in ``shell.ast_transformers``.  IPython runs it on
+every cell (and on what ``%time``/``%timeit`` compile), after its own input
+transformations, so ``!cmd`` arrives as ``get_ipython().system('cmd')`` and
+``%%bash`` as ``get_ipython().run_cell_magic('bash', ...)``.  A refusal
+raises IPython's ``InputRejected``: nothing of the cell runs and the
+execution's ``error`` event has kind ``security``.
+
+The checks are static (names as written; the parser has already
+NFKC-normalised identifiers, so ``__𝘪𝘮𝘱𝘰𝘳𝘵__`` is ``__import__``).  The one
+rewrite is ``obj._x`` -> ``__pyrepl3_private__(obj, '_x')._x`` so private
+attributes are checked at run time against the classes the cell defined.
+Dynamic routes to the same attributes (``getattr``) go through the sanitized
+builtins, which apply the same :mod:`.rules`.
+
+Why not RestrictedPython's ``RestrictingNodeTransformer``: see
+``docs/security.md`` (it rejects ``async``/``await``, ``match`` and every
+``_name``, and its runtime guards cost 5x on attribute-heavy code).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+from typing import Any, Iterable
+
+from IPython.core.error import InputRejected
+
+from .builtins import OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME
+from .rules import ALLOWED_DUNDER_NAMES, attribute_refusal, is_dunder, is_private
+
+#: Attributes of ``get_ipython()`` that IPython's own input transformations
+#: produce; the gate object behind ``get_ipython`` exposes only these.
+GATE_METHODS = frozenset({"run_line_magic", "run_cell_magic", "system", "getoutput"})
+
+_FIELD_ATTR = re.compile(r"\.([^.\[\]]*)")
+
+
+class Refusal(Exception):
+    """Internal: one refused construct (becomes ``InputRejected``)."""
+
+    def __init__(self, node: ast.AST | None, message: str):
+        super().__init__(message)
+        self.lineno = getattr(node, "lineno", None)
+
+
+class SecurityGuard(ast.NodeTransformer):
+    """The AST layer of one session's policy (``session`` is a ``SessionSecurity``)."""
+
+    def __init__(self, session: Any):
+        super().__init__()
+        self.session = session
+
+    # IPython calls visit() on the Module; everything happens from here
+    def visit(self, node: ast.AST) -> ast.AST:
+        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
+        if not isinstance(node, ast.Module) and not isinstance(node, ast.Expression):
+            return super().visit(node)
+        session = self.session
+        try:
+            checker = _Checker(session)
+            checker.run(node)
+            if checker.saw_private and session.policy.guard_private_attributes:
+                _PrivateRewriter().visit(node)
+            return node
+        except Refusal as refusal:
+            where = f" (line {refusal.lineno})" if refusal.lineno else ""
+            message = (f"refused by security policy {session.policy.name!r}: "
+                       f"{refusal}{where}")
+            session.record_refusal("ast", message)
+        except InputRejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fail closed, never unregistered
+            message = (f"refused by security policy {session.policy.name!r}: the "
+                       f"security check failed on this cell ({type(exc).__name__}: "
+                       f"{exc}); nothing ran")
+            session.record_refusal("ast", message)
+        _refuse(message)
+
+
+def _refuse(message: str) -> None:
+    """The last frame of a refusal's traceback, kept this short on purpose."""
+    raise InputRejected(message)
+
+
+class _PrivateRewriter(ast.NodeVisitor):
+    """Routes every ``obj._private`` attribute through the runtime check.
+
+    General form: ``__pyrepl3_private__(obj, '_x')._x`` (a call per access).
+    Fast form, for ``self._x`` where ``self`` is the first parameter of a
+    method defined in a class body and a plain local of that method (never
+    rebound, not captured by an inner scope, so nothing can swap it): the
+    method starts with ``__pyrepl3_self_ok__ = __pyrepl3_type__(self) in
+    __pyrepl3_owned__`` and each access is ``(self if __pyrepl3_self_ok__
+    else __pyrepl3_private__(self, '_x'))._x`` — one set test per call, a
+    local load per access.  Cell code cannot name the dunder local.
+    """
+
+    def __init__(self) -> None:
+        self.fast_names: list[str | None] = [None]
+        self.fast_used: list[bool] = [False]
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for child in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+            self.visit(child)
+        for stmt in node.body:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self._visit_function(stmt, method=True)
+            else:
+                self.visit(stmt)
+
+    def visit_FunctionDef(self, node: Any) -> None:
+        self._visit_function(node, method=False)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def _visit_function(self, node: Any, *, method: bool) -> None:
+        fast = None
+        positional = node.args.posonlyargs + node.args.args
+        if method and positional and _plain_local(node, positional[0].arg):
+            fast = positional[0].arg
+        for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
+            self.visit(default)
+        for decorator in node.decorator_list:
+            self.visit(decorator)
+        self.fast_names.append(fast)
+        self.fast_used.append(False)
+        try:
+            for stmt in node.body:
+                self.visit(stmt)
+        finally:
+            self.fast_names.pop()
+            used = self.fast_used.pop()
+        if used:
+            first = node.body[0]
+            at = 1 if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                       and isinstance(first.value.value, str)) else 0
+            flag = ast.Assign(
+                targets=[ast.Name(id=SELF_OK_NAME, ctx=ast.Store())],
+                value=ast.Compare(
+                    left=ast.Call(func=ast.Name(id=TYPE_NAME, ctx=ast.Load()),
+                                  args=[ast.Name(id=fast, ctx=ast.Load())], keywords=[]),
+                    ops=[ast.In()], comparators=[ast.Name(id=OWNED_NAME, ctx=ast.Load())]))
+            for sub in ast.walk(flag):
+                ast.copy_location(sub, first)
+            node.body.insert(at, flag)
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        self.fast_names.append(None)
+        self.fast_used.append(False)
+        try:
+            self.generic_visit(node)
+        finally:
+            self.fast_names.pop()
+            self.fast_used.pop()
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        self.generic_visit(node)
+        if not is_private(node.attr):
+            return
+        value = node.value
+
+        def at(new: ast.AST) -> ast.AST:
+            return ast.copy_location(new, value)
+
+        check = at(ast.Call(func=at(ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load())),
+                            args=[value, at(ast.Constant(value=node.attr))], keywords=[]))
+        fast = self.fast_names[-1]
+        if fast is not None and isinstance(value, ast.Name) and value.id == fast:
+            self.fast_used[-1] = True
+            node.value = at(ast.IfExp(test=at(ast.Name(id=SELF_OK_NAME, ctx=ast.Load())),
+                                      body=at(ast.Name(id=fast, ctx=ast.Load())),
+                                      orelse=check))
+        else:
+            node.value = check
+
+
+#: The method-local flag of the fast form (a dunder: cell code cannot bind it).
+SELF_OK_NAME = "__pyrepl3_self_ok__"
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _plain_local(function: Any, name: str) -> bool:
+    """``name`` is never rebound in ``function`` nor used by an inner scope."""
+    for stmt in function.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, _SCOPES):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Name) and inner.id == name:
+                        return False
+                    if isinstance(inner, ast.arg) and inner.arg == name:
+                        return False
+            elif isinstance(node, ast.Name) and node.id == name \
+                    and not isinstance(node.ctx, ast.Load):
+                return False
+            elif isinstance(node, (ast.Global, ast.Nonlocal)) and name in node.names:
+                return False
+    return True
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name the cell binds anywhere (assignments, defs, imports, args)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).partition(".")[0])
+    return names
+
+
+def _template_refusal(template: str) -> str | None:
+    """Why ``template.format(...)`` is refused (attribute paths in fields), or None."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return None  # format() itself will raise
+    for _literal, field, spec, _conversion in parsed:
+        if field:
+            for match in _FIELD_ATTR.finditer(field):
+                part = match.group(1)
+                if part.startswith("_") or attribute_refusal(part):
+                    return (f"the format template field {{{field}}} reaches the "
+                            f"attribute {part!r}")
+        if spec and "{" in spec:
+            nested = _template_refusal(spec)
+            if nested:
+                return nested
+    return None
+
+
+class _Checker(ast.NodeVisitor):
+    """Walks the whole tree and raises :class:`Refusal` at the first violation."""
+
+    def __init__(self, session: Any):
+        self.session = session
+        self.policy = session.policy
+        self.protected = session.protected_names()
+        self.class_depth = 0
+        self.saw_private = False
+        self._tree: ast.AST | None = None
+        self._bound: set[str] | None = None
+
+    @property
+    def bound(self) -> set[str]:
+        """Names the cell binds; computed on first need (a second walk)."""
+        if self._bound is None:
+            self._bound = _bound_names(self._tree)
+        return self._bound
+
+    def run(self, tree: ast.AST) -> None:
+        self._tree = tree
+        self.visit(tree)
+
+    # -- names -------------------------------------------------------------
+    def visit_Name(self, node: ast.Name) -> None:
+        name = node.id
+        policy = self.policy
+        if policy.block_dunder_access and is_dunder(name) and name not in ALLOWED_DUNDER_NAMES:
+            raise Refusal(node, f"the name {name!r} is refused: dunder names reach "
+                                f"interpreter internals")
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            self._check_binding(node, name)
+        elif name in policy.denied_builtins and name not in self.bound \
+                and name not in self.session.user_ns:
+            raise Refusal(node, f"{name}() is not available: {_denied_reason(name)}")
+
+    def _check_binding(self, node: ast.AST, name: str) -> None:
+        if name in self.protected:
+            raise Refusal(node, f"rebinding or deleting {name!r} is refused: it is a "
+                                f"capability or a name the session depends on")
+        if self.policy.block_dunder_access and is_dunder(name):
+            raise Refusal(node, f"binding the name {name!r} is refused: dunder names "
+                                f"reach interpreter internals")
+
+    def visit_Global(self, node: ast.Global) -> None:
+        for name in node.names:
+            self._check_binding(node, name)
+
+    visit_Nonlocal = visit_Global
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        if node.name:
+            self._check_binding(node, node.name)
+        self.generic_visit(node)
+
+    def visit_MatchAs(self, node: Any) -> None:
+        if node.name:
+            self._check_binding(node, node.name)
+        self.generic_visit(node)
+
+    def visit_MatchStar(self, node: Any) -> None:
+        if node.name:
+            self._check_binding(node, node.name)
+
+    def visit_MatchMapping(self, node: Any) -> None:
+        if node.rest:
+            self._check_binding(node, node.rest)
+        self.generic_visit(node)
+
+    def visit_MatchClass(self, node: Any) -> None:
+        for attr in node.kwd_attrs:
+            self._check_attribute_name(node, attr, store=False)
+            if self.policy.guard_private_attributes and is_private(attr):
+                raise Refusal(node, f"matching the private attribute {attr!r} in a "
+                                    f"class pattern is refused")
+        self.generic_visit(node)
+
+    # -- definitions -------------------------------------------------------
+    def _visit_function(self, node: Any) -> None:
+        name = node.name
+        if name in self.protected:
+            self._check_binding(node, name)
+        if self.policy.block_dunder_access and is_dunder(name):
+            if not self.class_depth:
+                raise Refusal(node, f"defining {name!r} outside a class body is refused: "
+                                    f"dunder names reach interpreter internals")
+            if name == "__del__":
+                raise Refusal(node, "defining '__del__' is refused: finalizers run "
+                                    "outside the cell, where the policy cannot follow")
+        for arg in _all_args(node.args):
+            if arg.annotation is not None:
+                self._check_annotation(arg.annotation)
+        if node.returns is not None:
+            self._check_annotation(node.returns)
+        depth, self.class_depth = self.class_depth, 0
+        try:
+            self.generic_visit(node)
+        finally:
+            self.class_depth = depth
+
+    visit_FunctionDef = _visit_function
+    visit_AsyncFunctionDef = _visit_function
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        depth, self.class_depth = self.class_depth, 0
+        try:
+            self.generic_visit(node)
+        finally:
+            self.class_depth = depth
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._check_binding(node, node.name)
+        for decorator in node.decorator_list:
+            self.visit(decorator)
+        for base in node.bases:
+            self.visit(base)
+        for keyword in node.keywords:
+            self.visit(keyword)
+        self.class_depth += 1
+        try:
+            for stmt in node.body:
+                self.visit(stmt)
+        finally:
+            self.class_depth -= 1
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self._check_annotation(node.annotation)
+        self.generic_visit(node)
+
+    def _check_annotation(self, annotation: ast.AST) -> None:
+        # a string annotation is code that typing.get_type_hints & co. eval later
+        for sub in ast.walk(annotation):
+            if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                try:
+                    parsed = ast.parse(sub.value.strip(), mode="eval")
+                except SyntaxError:
+                    continue
+                for inner in ast.walk(parsed):
+                    ast.copy_location(inner, sub)
+                self.visit(parsed)
+
+    # -- imports -----------------------------------------------------------
+    def visit_Import(self, node: ast.Import) -> None:
+        importer = self.session.importer
+        for alias in node.names:
+            bound = alias.asname or alias.name.partition(".")[0]
+            self._check_binding(node, bound)
+            if importer is not None and not importer.is_allowed(alias.name):
+                raise Refusal(node, importer.refusal(alias.name))
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        importer = self.session.importer
+        module = node.module or ""
+        if importer is not None:
+            if node.level:
+                raise Refusal(node, "relative imports are refused: cells are not "
+                                    "part of a package")
+            if not importer.is_allowed(module):
+                raise Refusal(node, importer.refusal(module))
+        for alias in node.names:
+            if alias.name == "*":
+                if importer is not None or self.protected:
+                    raise Refusal(node, f"'from {module} import *' is refused: it can "
+                                        f"rebind any name; import the names you need")
+                continue
+            self._check_binding(node, alias.asname or alias.name)
+            if self.policy.block_dunder_access:
+                self._check_attribute_name(node, alias.name, store=False)
+            if self.policy.guard_private_attributes and is_private(alias.name):
+                raise Refusal(node, f"importing the private name {alias.name!r} from "
+                                    f"{module!r} is refused")
+
+    # -- attributes --------------------------------------------------------
+    def _check_attribute_name(self, node: ast.AST, attr: str, *, store: bool) -> None:
+        if not self.policy.block_dunder_access:
+            return
+        if store and is_dunder(attr):
+            raise Refusal(node, f"writing the attribute {attr!r} is refused: dunder "
+                                f"attributes reach interpreter internals")
+        reason = attribute_refusal(attr)
+        if reason is not None:
+            raise Refusal(node, reason)
+
+    def _is_shell_call(self, node: ast.AST) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "get_ipython" and "get_ipython" not in self.bound)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        attr = node.attr
+        if self._is_shell_call(node.value) and self.session.gate_active() \
+                and attr not in GATE_METHODS:
+            raise Refusal(node, f"get_ipython().{attr} is refused: under this policy "
+                                f"get_ipython() only runs allowed magics")
+        store = not isinstance(node.ctx, ast.Load)
+        if attr in ("format", "format_map") and isinstance(node.ctx, ast.Load) \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            reason = _template_refusal(node.value.value) if self.policy.block_dunder_access else None
+            if reason:
+                raise Refusal(node, f"str.format is refused here: {reason}")
+        else:
+            self._check_attribute_name(node, attr, store=store)
+        if attr[0] == "_":
+            self.saw_private = True
+        self.generic_visit(node)
+
+    # -- IPython magics and shell escapes ------------------------------------
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        if isinstance(func, ast.Attribute) and self._is_shell_call(func.value):
+            self._check_shell_call(node, func.attr)
+        self.generic_visit(node)
+
+    def _check_shell_call(self, node: ast.Call, method: str) -> None:
+        gate = self.session.gate_active()
+        if not gate:
+            return
+        policy = self.policy
+        if method in ("system", "getoutput"):
+            if not policy.allow_shell_escapes:
+                raise Refusal(node, shell_escape_message())
+            return
+        if method not in ("run_line_magic", "run_cell_magic"):
+            return  # visit_Attribute refuses anything else
+        if node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            magic = node.args[0].value
+            if not policy.magic_allowed(magic):
+                raise Refusal(node, magic_message(policy, magic,
+                                                  cell=method == "run_cell_magic"))
+
+
+def _all_args(args: ast.arguments) -> Iterable[ast.arg]:
+    yield from args.posonlyargs
+    yield from args.args
+    yield from args.kwonlyargs
+    if args.vararg:
+        yield args.vararg
+    if args.kwarg:
+        yield args.kwarg
+
+
+_DENIED_REASONS = {
+    "open": "files are reached through the 'files' capability (files.read, "
+            "files.write, files.list)",
+    "eval": "it runs strings as code, outside the security checks",
+    "exec": "it runs strings as code, outside the security checks",
+    "compile": "it builds code objects outside the security checks",
+    "breakpoint": "the debugger can run any code and inspect any frame",
+    "globals": "it hands out the namespace dict with its builtins",
+    "locals": "it hands out frame namespaces",
+    "vars": "it hands out namespace dicts",
+    "input": "input is a capability the host grants",
+    "help": "the help system imports and reads arbitrary modules",
+    "exit": "it would end the host's shell",
+    "quit": "it would end the host's shell",
+    "get_ipython": "the shell object reaches everything",
+}
+
+
+def _denied_reason(name: str) -> str:
+    return _DENIED_REASONS.get(name, "the session's security policy removed it from "
+                                     "the builtins")
+
+
+def shell_escape_message() -> str:
+    return ("shell escapes (!cmd, !!cmd, %sx, %system, %%bash, %%script) are refused: "
+            "they run programs outside the Python process, where no policy applies")
+
+
+def magic_message(policy: Any, magic: str, *, cell: bool) -> str:
+    prefix = "%%" if cell else "%"
+    from .policy import SHELL_MAGICS
+
+    allowed = policy.allowed_magics
+    if magic in SHELL_MAGICS and not policy.allow_shell_escapes:
+        return (f"the magic {prefix}{magic} is refused: it runs programs outside the "
+                f"Python process, where no policy applies")
+    if magic in policy.denied_magics or allowed is None:
+        return (f"the magic {prefix}{magic} is refused: it changes the session's "
+                f"policy or configuration, runs code outside the security checks, "
+                f"or exposes live frames")
+    return (f"the magic {prefix}{magic} is refused: it is not in the allowed magics "
+            f"(allowed: {', '.join(sorted(allowed))}); magics can run files, shells or "
+            f"change the session's configuration, outside the security checks")

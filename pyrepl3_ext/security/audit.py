@@ -1,0 +1,348 @@
+"""The audit tripwire: a PEP 578 hook that refuses OS effects of a running cell.
+
+One hook is installed per process (hooks cannot be removed) the first time a
+session with an auditing policy attaches; it is inert unless the current
+thread is inside an :class:`AuditScope`.  A scope is entered for the thread
+running a cell (``before_cell``) and left in ``after_cell``; on Python 3.12+
+a ``threading.Thread`` started by cell code inherits the scope (the
+thread-start audit event names the ``Thread``), and a raw
+``_thread.start_new_thread`` from cell code is refused.  3.10/3.11 raise no
+thread-start event: threads started there are not followed (the
+``restricted`` preset makes ``threading`` unimportable instead).
+
+What it refuses (per the policy): process creation, network, writes and
+reads outside granted roots, filesystem mutation, environment changes,
+ctypes, subinterpreters, ``gc`` walks, unpickling globals; and, when the
+nearest Python caller is cell code, frame/trace access, ``compile``/
+``exec``, code and function construction and code-object attribute reads.
+A denial raises :class:`AuditDenied` (a ``SecurityError`` *and* a
+``PermissionError``, so stdlib code that tolerates unreadable files keeps
+working) and is always reported host-side (an ``audit`` event and the
+session's ``denials`` log), even when cell code catches it.
+
+Known holes (``docs/security.md``): ``_posixsubprocess.fork_exec`` raises no
+event, ctypes is audited only at entry, subinterpreters run their own
+hooks-free code, native libraries do syscalls unseen.  The import layer keeps
+those modules unreachable; this hook is the tripwire behind it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import weakref
+from typing import Any
+
+from ..errors import SecurityError
+
+
+class AuditDenied(SecurityError, PermissionError):
+    """An OS effect refused by the audit tripwire."""
+
+
+_PROCESS = frozenset({
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+    "subprocess.Popen", "os.startfile", "pty.spawn", "os.kill", "os.killpg",
+    "signal.pthread_kill", "os.setuid", "os.setgid",
+})
+_NETWORK = frozenset({
+    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+    "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+    "socket.gethostbyname_ex", "socket.getnameinfo", "urllib.Request",
+    "http.client.connect", "ftplib.connect", "smtplib.connect", "poplib.connect",
+    "imaplib.open", "nntplib.connect", "telnetlib.Telnet.open", "webbrowser.open",
+})
+_FS_MUTATION = frozenset({
+    "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
+    "os.link", "os.symlink", "os.truncate", "os.utime", "os.chflags",
+    "os.lchflags", "os.setxattr", "os.removexattr", "os.mkfifo", "os.mknod",
+    "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.copytree",
+    "shutil.move", "shutil.rmtree", "shutil.chown", "shutil.make_archive",
+    "shutil.unpack_archive", "tempfile.mkstemp", "tempfile.mkdtemp",
+    "sqlite3.connect",
+})
+_ALWAYS = {
+    "os.putenv": "changing the process environment",
+    "os.unsetenv": "changing the process environment",
+    "os.chdir": "changing the process's working directory",
+    "cpython.PyInterpreterState_New": "creating a subinterpreter (it runs code "
+                                      "outside this hook)",
+    "gc.get_objects": "walking the garbage collector's objects",
+    "gc.get_referrers": "walking the garbage collector's referrers",
+    "gc.get_referents": "walking the garbage collector's referents",
+    "pickle.find_class": "unpickling globals (pickle can call anything)",
+    "sys.addaudithook": "adding an audit hook",
+    "mmap.__new__": "mapping memory",
+    "sqlite3.enable_load_extension": "loading native SQLite extensions",
+    "sqlite3.load_extension": "loading native SQLite extensions",
+    "resource.setrlimit": "changing process limits",
+    "resource.prlimit": "changing process limits",
+}
+_CTYPES = frozenset({
+    "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata",
+    "ctypes.cdata/buffer", "ctypes.string_at", "ctypes.wstring_at",
+    "ctypes.addressof", "ctypes.call_function", "ctypes.PyObj_FromPtr",
+    "ctypes.create_string_buffer", "ctypes.create_unicode_buffer",
+    "ctypes.get_errno", "ctypes.set_errno", "ctypes.set_exception",
+})
+#: Refused only when the nearest Python frame is cell code (the stdlib uses
+#: them legitimately on the cell's behalf: namedtuple, dataclasses, imports).
+#: Not ``sys.settrace``/``sys.setprofile``: CPython raises them itself, with
+#: the cell's frame on top, when a trace function raises (that is how a
+#: cancel unwinds a traced cell); a cell's tracer could not use the frames it
+#: gets anyway (frame attributes are refused by the AST guard).
+_FROM_CELL = {
+    "sys._getframe": "reading frames",
+    "sys._getframemodulename": "reading frames",
+    "sys._current_frames": "reading other threads' frames",
+    "sys._current_exceptions": "reading other threads' exceptions",
+    "sys.monitoring.register_callback": "installing a monitoring callback",
+    "compile": "compiling code outside the security checks",
+    "exec": "running code outside the security checks",
+    "code.__new__": "building code objects",
+    "function.__new__": "building functions from code objects",
+    "object.__getattr__": "reading code, frame or generator internals",
+    "marshal.loads": "loading marshalled code",
+    "marshal.load": "loading marshalled code",
+}
+_IMPORT_TRIPWIRE = frozenset({
+    "ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_interpreters",
+    "_xxinterpchannels", "_interpchannels", "concurrent.interpreters",
+    "multiprocessing", "_multiprocessing", "mmap", "pty", "_testcapi",
+    "_testinternalcapi",
+})
+_THREAD_START = frozenset({"_thread.start_new_thread", "_thread.start_joinable_thread"})
+_OPEN = frozenset({"open", "os.listdir", "os.scandir"})
+
+_WATCHED = (_PROCESS | _NETWORK | _FS_MUTATION | frozenset(_ALWAYS) | _CTYPES
+            | frozenset(_FROM_CELL) | _THREAD_START | _OPEN
+            | frozenset({"import", "socket.__new__"}))
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+# -- process-wide state (the hook is process-wide by nature) -----------------
+_install_lock = threading.Lock()
+_installed = False
+#: thread ident -> the innermost active scope of that thread
+_scopes: dict[int, "AuditScope"] = {}
+#: threads started by a scoped cell -> the scope they inherit (3.12+)
+_thread_scopes: "weakref.WeakKeyDictionary[threading.Thread, AuditScope]" = \
+    weakref.WeakKeyDictionary()
+_local = threading.local()
+_get_ident = threading.get_ident
+_threads_by_ident = threading._active  # noqa: SLF001 - no side effects, unlike current_thread()
+
+
+def install() -> None:
+    """Install the process's hook once (idempotent)."""
+    global _installed
+    with _install_lock:
+        if not _installed:
+            sys.addaudithook(_hook)
+            _installed = True
+
+
+def is_installed() -> bool:
+    return _installed
+
+
+class trusted:
+    """Context manager: audit events raised inside are the host's (capability calls)."""
+
+    __slots__ = ("_prev",)
+
+    def __enter__(self) -> None:
+        self._prev = getattr(_local, "busy", False)
+        _local.busy = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.busy = self._prev
+
+
+def _hook(event: str, args: tuple) -> None:
+    if event not in _WATCHED:
+        return
+    scope = _scopes.get(_get_ident())
+    if scope is None:
+        if not _thread_scopes:
+            return
+        thread = _threads_by_ident.get(_get_ident())
+        scope = _thread_scopes.get(thread) if thread is not None else None
+        if scope is None:
+            return
+    if getattr(_local, "busy", False):
+        return
+    _local.busy = True
+    try:
+        caller = sys._getframe(1) if (event in _FROM_CELL or event in _THREAD_START) else None
+        reason = scope.decide(event, args, caller)
+        if reason is not None:
+            raise scope.deny(event, args, reason)
+    finally:
+        _local.busy = False
+
+
+def enter(scope: "AuditScope") -> "AuditScope | None":
+    """Make ``scope`` active for this thread; returns the one it replaces."""
+    ident = _get_ident()
+    previous = _scopes.get(ident)
+    _scopes[ident] = scope
+    return previous
+
+
+def leave(previous: "AuditScope | None") -> None:
+    ident = _get_ident()
+    if previous is None:
+        _scopes.pop(ident, None)
+    else:
+        _scopes[ident] = previous
+
+
+def _under(path: str, roots: tuple) -> bool:
+    for root in roots:
+        if path == root or path.startswith(root + os.sep) or root == os.sep:
+            return True
+    return False
+
+
+def _python_roots() -> tuple:
+    """Directories of the interpreter and of sys.path (cold imports read them)."""
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
+                                           sys.exec_prefix, sys.base_exec_prefix)}
+    for entry in sys.path:
+        if entry and os.path.isdir(entry):
+            roots.add(os.path.realpath(entry))
+    return tuple(sorted(r for r in roots if r != os.sep))
+
+
+class AuditScope:
+    """The audit rules of one session's policy, and where denials are reported."""
+
+    def __init__(self, session: Any):
+        self.session = session
+        self.policy = session.policy
+        self.user_ns = session.user_ns
+        self.execution = None
+        self.refresh_roots()
+
+    def refresh_roots(self) -> None:
+        policy = self.policy
+        granted = tuple(os.path.realpath(r) for r in self.session.granted_roots())
+        write = granted + tuple(os.path.realpath(r) for r in policy.extra_write_roots)
+        read = write + tuple(os.path.realpath(r) for r in policy.extra_read_roots)
+        if policy.read_scope == "python":
+            read = read + _python_roots()
+        self.write_roots = write
+        self.read_roots = read
+
+    # -- decisions ---------------------------------------------------------
+    def _from_cell(self, frame: Any) -> bool:
+        return frame is not None and frame.f_globals is self.user_ns
+
+    def _cell_on_stack(self, frame: Any) -> bool:
+        user_ns = self.user_ns
+        while frame is not None:
+            if frame.f_globals is user_ns:
+                return True
+            frame = frame.f_back
+        return False
+
+    def decide(self, event: str, args: tuple, caller: Any) -> str | None:
+        """Why ``event`` is refused in this scope, or None."""
+        policy = self.policy
+        if event == "open" or event == "os.listdir" or event == "os.scandir":
+            return self._decide_path(event, args)
+        if event in _FROM_CELL:
+            if not self._from_cell(caller):
+                return None
+            if event == "object.__getattr__" and len(args) > 1:
+                return f"{_FROM_CELL[event]} ({args[1]!r})"
+            return _FROM_CELL[event]
+        if event in _ALWAYS:
+            return _ALWAYS[event]
+        if event in _CTYPES:
+            return "using ctypes (raw memory and native calls bypass every check)"
+        if event in _PROCESS:
+            return None if policy.allow_subprocess else "starting or signalling processes"
+        if event in _NETWORK:
+            return None if policy.allow_network else "network access"
+        if event == "socket.__new__":
+            family = args[1] if len(args) > 1 else None
+            if policy.allow_network or family == socket.AF_UNIX or family == -1:
+                return None
+            return "opening a network socket"
+        if event in _FS_MUTATION:
+            return None if policy.allow_writes else "changing the filesystem"
+        if event in _THREAD_START:
+            return self._decide_thread(event, args, caller)
+        if event == "import":
+            name = args[0] if args else ""
+            if name in _IMPORT_TRIPWIRE or str(name).partition(".")[0] in _IMPORT_TRIPWIRE:
+                return f"importing {name!r} (process, memory or interpreter escape hatch)"
+        return None
+
+    def _decide_path(self, event: str, args: tuple) -> str | None:
+        path = args[0] if args else None
+        if path is None or isinstance(path, int):
+            return None  # an already open descriptor: its opening was checked
+        try:
+            path = os.fsdecode(path)
+        except TypeError:
+            return None
+        write = False
+        if event == "open":
+            mode = args[1] if len(args) > 1 else None
+            flags = args[2] if len(args) > 2 else 0
+            if isinstance(mode, str):
+                write = any(c in mode for c in "wax+")
+            elif isinstance(flags, int):
+                write = bool(flags & _WRITE_FLAGS)
+        real = os.path.realpath(path)
+        policy = self.policy
+        if write:
+            if policy.allow_writes or _under(real, self.write_roots):
+                return None
+            return f"writing {path!r} (outside the granted roots)"
+        if policy.read_scope == "any" or _under(real, self.read_roots):
+            return None
+        verb = "reading" if event == "open" else "listing"
+        return f"{verb} {path!r} (outside the granted roots)"
+
+    def _decide_thread(self, event: str, args: tuple, caller: Any) -> str | None:
+        if not self._cell_on_stack(caller):
+            return None  # the host's own thread, started while a cell runs
+        if not self.policy.allow_threads:
+            return "starting threads"
+        target = args[0] if args else None
+        owner = getattr(target, "__self__", None)
+        if isinstance(owner, threading.Thread):
+            _thread_scopes[owner] = self
+            return None
+        return "starting a raw thread (only threading.Thread is followed by the policy)"
+
+    # -- reporting ---------------------------------------------------------
+    def deny(self, event: str, args: tuple, reason: str) -> AuditDenied:
+        message = (f"{reason} is refused by security policy {self.policy.name!r} "
+                   f"(audit event {event!r})")
+        self.session.record_denial(event, _describe(args), message, self.execution)
+        return AuditDenied(message)
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _describe(args: tuple) -> list[str]:
+    """The event's arguments for the report, without running any cell code
+    (a user ``__repr__`` would run inside the hook, unaudited)."""
+    out = []
+    for arg in args[:4]:
+        if type(arg) in _PLAIN:
+            text = repr(arg)
+        elif type(arg) in (tuple, list):
+            text = "[" + ", ".join(_describe(tuple(arg))) + "]"
+        else:
+            text = f"<object of {type.__repr__(type(arg))}>"
+        out.append(text if len(text) <= 200 else text[:197] + "...")
+    return out

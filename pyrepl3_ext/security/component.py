@@ -1,0 +1,313 @@
+"""The security component: applies one session's policy to its shell.
+
+``SecurityComponent`` (registered in ``extension.COMPONENTS``) owns a
+:class:`SessionSecurity`, which installs the layers the policy asks for and
+removes exactly them again: the sanitized ``__builtins__`` dict in
+``user_ns``, the AST guard (first in ``shell.ast_transformers``, so it sees
+the user's code before any other transformer adds instrumentation), the
+magics gate behind ``get_ipython``, the capability facades, and the audit
+scope entered around each cell.
+
+The capability-aware ``user_ns`` on stock IPython: injected names are
+protected by the AST guard (no binding, deleting or ``global`` of them) and
+re-checked after every cell (restored, and reported, if something replaced
+them anyway).  A dict subclass that refuses the writes themselves needs
+IPython to accept one as ``user_ns``: patch ``0010-capability-aware-user-ns``
+(``docs/security.md``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from ..errors import SecurityError
+from ..extension import Component
+from . import audit
+from .ast_guard import SecurityGuard, magic_message, shell_escape_message
+from .builtins import PrivateGuard, build_builtins
+from .capabilities import FilesCapability, Grant
+from .facade import _inert, make_facade
+from .imports import Importer
+from .policy import SecurityPolicy
+
+_MAX_LOG = 1000
+_MISSING = object()
+
+
+class SessionSecurity:
+    """Everything the policy of one shell installed, and its reports."""
+
+    def __init__(self, state: Any):
+        self.state = state
+        self.policy = SecurityPolicy.preset("trusted")
+        self.grants: dict[str, Grant] = {}
+        self.importer: Importer | None = None
+        self.private_guard: PrivateGuard | None = None
+        self.scope: audit.AuditScope | None = None
+        self.builtins: dict | None = None
+        self.guard: SecurityGuard | None = None
+        self.gate = None
+        self._get_ipython = None
+        self._saved: dict[str, Any] = {}
+        self._injected: dict[str, Any] = {}
+        #: Every refusal, denial and capability call (host-side, bounded).
+        self.log: list[dict] = []
+        self._lock = threading.RLock()
+
+    @property
+    def user_ns(self) -> dict:
+        return self.state.shell.user_ns
+
+    # -- what the layers ask -------------------------------------------------
+    def protected_names(self) -> frozenset:
+        names = set(self._injected)
+        if self.gate is not None:
+            names.add("get_ipython")
+        return frozenset(names)
+
+    def gate_active(self) -> bool:
+        return self.gate is not None
+
+    def granted_roots(self) -> list[str]:
+        return [g.impl.root for g in self.grants.values()
+                if isinstance(g.impl, FilesCapability) and not g.revoked]
+
+    # -- reports ---------------------------------------------------------------
+    def _log(self, entry: dict) -> None:
+        entry["ts"] = time.time()
+        with self._lock:
+            self.log.append(entry)
+            if len(self.log) > _MAX_LOG:
+                del self.log[: len(self.log) - _MAX_LOG]
+
+    def _emit(self, execution: Any, **fields: Any) -> None:
+        if execution is None:
+            execution = self.state.current_execution()
+        if execution is None and self.scope is not None:
+            execution = self.scope.execution  # a thread the cell started
+        if execution is None or execution.finished:
+            return
+        with audit.trusted():
+            execution.emit("audit", **fields)
+
+    def record_refusal(self, layer: str, message: str) -> None:
+        self._log({"action": "refused", "layer": layer, "message": message})
+
+    def record_denial(self, event: str, args: list, message: str, execution: Any) -> None:
+        entry = {"action": "denied", "layer": "audit", "event": event, "args": args,
+                 "message": message}
+        self._log(dict(entry))
+        self._emit(execution, **entry)
+
+    def record_capability_call(self, name: str, method: str, args: list,
+                               outcome: str, error: str | None) -> None:
+        entry = {"action": "capability_call", "layer": "capability",
+                 "capability": name, "method": method, "args": args,
+                 "outcome": outcome, "message": error}
+        self._log(dict(entry))
+        self._emit(None, **entry)
+
+    # -- policy ----------------------------------------------------------------
+    def apply(self, policy: SecurityPolicy) -> None:
+        """Remove the current layers and install ``policy``'s."""
+        if not isinstance(policy, SecurityPolicy):
+            raise TypeError(f"expected a SecurityPolicy, got {policy!r}")
+        with self._lock:
+            self.remove_layers()
+            self.policy = policy
+            shell = self.state.shell
+            ns = shell.user_ns
+            if policy.allowed_modules is not None:
+                self.importer = Importer(policy.allowed_modules, policy.name)
+            if policy.guard_private_attributes:
+                self.private_guard = PrivateGuard(policy.name)
+            if policy.sanitize_builtins:
+                self.builtins = build_builtins(policy, self.importer, self.private_guard)
+                self._save(ns, "__builtins__")
+                ns["__builtins__"] = self.builtins
+            if policy.allowed_magics is not None or policy.denied_magics \
+                    or not policy.allow_shell_escapes:
+                self._install_gate(ns)
+            # IPython puts some builtins in user_ns itself (exit, quit, and an
+            # ``open`` wrapper on 8.x+): denied ones go from there too
+            hidden = getattr(shell, "user_ns_hidden", {})
+            for name in policy.denied_builtins:
+                if name != "get_ipython" and name in ns and name in hidden:
+                    self._save(ns, name)
+                    ns.pop(name, None)
+            if policy.ast_guard:
+                self.guard = SecurityGuard(self)
+                shell.ast_transformers.insert(0, self.guard)
+            if policy.audit:
+                audit.install()
+                self.scope = audit.AuditScope(self)
+            self._inject()
+
+    def _save(self, ns: dict, name: str) -> None:
+        if name not in self._saved:
+            self._saved[name] = ns.get(name, _MISSING)
+
+    def _install_gate(self, ns: dict) -> None:
+        self.gate = make_facade("shell gate", "get_ipython()",
+                                ("run_line_magic", "run_cell_magic", "system",
+                                 "getoutput"), self._gate_dispatch)
+        gate = self.gate
+
+        def get_ipython():
+            return gate
+
+        self._get_ipython = _inert(get_ipython)
+        self._save(ns, "get_ipython")
+        ns["get_ipython"] = self._get_ipython
+
+    def _gate_dispatch(self, method: str, args: tuple, kwargs: dict) -> Any:
+        policy = self.policy
+        shell = self.state.shell
+        prefix = f"refused by security policy {policy.name!r}: "
+        if method in ("system", "getoutput"):
+            if not policy.allow_shell_escapes:
+                self.record_refusal("magics", prefix + shell_escape_message())
+                raise SecurityError(prefix + shell_escape_message())
+            return getattr(shell, method)(*args, **kwargs)
+        name = args[0] if args else kwargs.get("magic_name")
+        if type(name) is not str:
+            raise TypeError("the magic name must be a str")
+        if not policy.magic_allowed(name):
+            message = prefix + magic_message(policy, name, cell=method == "run_cell_magic")
+            self.record_refusal("magics", message)
+            raise SecurityError(message)
+        if method == "run_line_magic" and "_stack_depth" not in kwargs:
+            # the caller's frame is 2 frames further up (facade + dispatch)
+            kwargs = {**kwargs, "_stack_depth": 3}
+        return getattr(shell, method)(*args, **kwargs)
+
+    def remove_layers(self) -> None:
+        with self._lock:
+            shell = self.state._shell_ref()
+            ns = shell.user_ns if shell is not None else None
+            if shell is not None and self.guard is not None:
+                try:
+                    shell.ast_transformers.remove(self.guard)
+                except ValueError:
+                    pass
+            if ns is not None:
+                for name, grant in list(self._injected.items()):
+                    if ns.get(name) is grant:
+                        del ns[name]
+                for name, value in self._saved.items():
+                    if value is _MISSING:
+                        ns.pop(name, None)
+                    else:
+                        ns[name] = value
+            self._injected.clear()
+            self._saved.clear()
+            self.guard = self.gate = self._get_ipython = None
+            self.builtins = self.importer = self.private_guard = self.scope = None
+
+    # -- capabilities ------------------------------------------------------------
+    def grant(self, name: str, impl: Any) -> Any:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"capability names are public identifiers, got {name!r}")
+        if not hasattr(impl, "method") or not hasattr(impl, "methods"):
+            raise TypeError(f"{impl!r} is not a capability implementation "
+                            f"(FilesCapability, CustomCapability)")
+        with self._lock:
+            old = self.grants.get(name)
+            if old is not None:
+                old.revoke()
+            grant = Grant(name, impl, self)
+            self.grants[name] = grant
+            self._inject()
+            if self.scope is not None:
+                self.scope.refresh_roots()
+            return grant.facade
+
+    def revoke(self, name: str) -> bool:
+        with self._lock:
+            grant = self.grants.pop(name, None)
+            if grant is None:
+                return False
+            grant.revoke()
+            ns = self.user_ns
+            if ns.get(name) is grant.facade:
+                del ns[name]
+            self._injected.pop(name, None)
+            if self.scope is not None:
+                self.scope.refresh_roots()
+            return True
+
+    def _inject(self) -> None:
+        ns = self.user_ns
+        for name, grant in self.grants.items():
+            if self.policy.grants(name):
+                ns[name] = grant.facade
+                self._injected[name] = grant.facade
+            elif self._injected.pop(name, None) is not None and ns.get(name) is grant.facade:
+                del ns[name]
+
+    def recheck(self) -> list[str]:
+        """Put back injected names, builtins and the gate if something replaced them."""
+        ns = self.user_ns
+        restored = []
+        expected = dict(self._injected)
+        if self.builtins is not None:
+            expected["__builtins__"] = self.builtins
+        if self._get_ipython is not None:
+            expected["get_ipython"] = self._get_ipython
+        for name, value in expected.items():
+            if ns.get(name, _MISSING) is not value:
+                ns[name] = value
+                restored.append(name)
+        return restored
+
+
+class SecurityComponent(Component):
+    """Applies the session's SecurityPolicy (``c.PyREPL3.security_policy``)."""
+
+    name = "security"
+
+    def attach(self) -> None:
+        self.session = SessionSecurity(self.state)
+        config = self.state.config
+        self.session.apply(SecurityPolicy.preset(config.security_policy))
+        if config.files_root:
+            self.session.grant("files", FilesCapability(config.files_root))
+        config.observe(self._on_policy_change, names="security_policy")
+
+    def _on_policy_change(self, change: dict) -> None:
+        self.session.apply(SecurityPolicy.preset(change["new"]))
+
+    def before_cell(self, execution: Any) -> None:
+        session = self.session
+        session.recheck()
+        scope = session.scope
+        if scope is not None:
+            scope.execution = execution
+            execution.extras["security"] = (scope, audit.enter(scope))
+
+    def after_cell(self, execution: Any, result: Any) -> None:
+        entered = execution.extras.pop("security", None)
+        if entered is not None:
+            audit.leave(entered[1])
+        restored = self.session.recheck()
+        if restored:
+            message = (f"the cell replaced {', '.join(sorted(restored))}; restored "
+                       f"(security policy {self.session.policy.name!r})")
+            self.session.record_refusal("namespace", message)
+            self.session._emit(execution, action="restored", layer="namespace",
+                               names=sorted(restored), message=message)
+
+    def detach(self) -> None:
+        config = self.state.config
+        if config is not None:
+            try:
+                config.unobserve(self._on_policy_change, names="security_policy")
+            except ValueError:
+                pass
+        session = self.session
+        session.remove_layers()
+        for grant in list(session.grants.values()):
+            grant.revoke()
+        session.grants.clear()

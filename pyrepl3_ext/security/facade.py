@@ -1,0 +1,86 @@
+"""Opaque objects for cell code: capability facades and the magics gate.
+
+A facade is the only thing of a capability that cell code holds.  It is an
+instance of a class made for it, with no instance state (``__slots__ = ()``)
+and no attribute that leads back to the host:
+
+* every function on the class is rebuilt with an empty globals dict
+  (``{'__builtins__': {}}``): ``cap.read.__globals__`` holds nothing, and
+  the functions reach the host only through closure cells;
+* ``type(cap)(...)`` and subclassing raise ``TypeError``; pickling and
+  copying raise; attributes cannot be set.
+
+Closure cells (``__closure__``) and ``__globals__`` are dunders, which the
+``guarded``/``restricted`` policies refuse; under ``trusted`` nothing is
+opaque (cell code could import the host's modules anyway).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Iterable
+
+
+def _inert(fn: Callable) -> types.FunctionType:
+    """``fn`` rebuilt with globals that hold nothing (closures kept)."""
+    code = fn.__code__
+    for name in code.co_names:
+        # every free name must come from the closure; co_names may only hold
+        # attribute names, which we list explicitly to keep this honest
+        if name not in _ATTRIBUTE_NAMES:
+            raise RuntimeError(f"facade function {fn.__name__} uses the global {name!r}")
+    return types.FunctionType(code, {"__builtins__": {}}, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+
+
+_ATTRIBUTE_NAMES = frozenset()
+
+
+def _method(dispatch: Callable, method: str) -> Callable:
+    def call(self, *args, **kwargs):
+        return dispatch(method, args, kwargs)
+    call.__name__ = method
+    return _inert(call)
+
+
+def _refusing(exc_type: type, message: str, name: str) -> Callable:
+    def refuse(*args, **kwargs):
+        raise exc_type(message)
+    refuse.__name__ = name
+    return _inert(refuse)
+
+
+def _constant(value: Any, name: str) -> Callable:
+    def constant(self, *args):
+        return value
+    constant.__name__ = name
+    return _inert(constant)
+
+
+def make_facade(kind: str, label: str, methods: Iterable[str],
+                dispatch: Callable[[str, tuple, dict], Any],
+                callable_: bool = False) -> Any:
+    """A new opaque object whose ``methods`` call ``dispatch(method, args, kwargs)``."""
+    methods = tuple(methods)
+    forge = (f"{kind} objects are granted by the host; they cannot be created "
+             f"or subclassed from a cell")
+    ns: dict = {"__slots__": (), "__module__": "pyrepl3.capabilities",
+                "__doc__": f"The {label!r} {kind} (opaque; methods: "
+                           f"{', '.join(methods) or 'call it'})."}
+    for method in methods:
+        ns[method] = _method(dispatch, method)
+    if callable_:
+        ns["__call__"] = _method(dispatch, "__call__")
+    ns["__new__"] = _refusing(TypeError, forge, "__new__")
+    ns["__init_subclass__"] = classmethod(_refusing(TypeError, forge, "__init_subclass__"))
+    read_only = f"{kind} objects are read-only"
+    ns["__setattr__"] = _refusing(AttributeError, read_only, "__setattr__")
+    ns["__delattr__"] = _refusing(AttributeError, read_only, "__delattr__")
+    no_copy = f"{kind} objects cannot be pickled or copied"
+    for name in ("__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
+                 "__getstate__"):
+        ns[name] = _refusing(TypeError, no_copy, name)
+    ns["__repr__"] = _constant(f"<{kind} {label!r}>", "__repr__")
+    ns["__dir__"] = _constant(sorted(methods), "__dir__")
+    cls = type(f"{label}_{kind}".replace(" ", "_").replace(".", "_"), (), ns)
+    return object.__new__(cls)

