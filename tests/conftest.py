@@ -52,12 +52,19 @@ def shell():
 
 @pytest.fixture
 def ip(shell):
-    """``shell`` with pyrepl3_ext freshly loaded; unloaded (and checked) afterwards."""
+    """``shell`` with pyrepl3_ext freshly loaded; unloaded (and checked) afterwards.
+
+    ``%config PyREPL3.x = ...`` writes the shell's config, which the next
+    load reads: each test gets the settings back as they were.
+    """
+    settings = dict(shell.config.PyREPL3)
     pyrepl3_ext.load_ipython_extension(shell)
     try:
         yield shell
     finally:
         pyrepl3_ext.unload_ipython_extension(shell)
+        shell.config.PyREPL3.clear()
+        shell.config.PyREPL3.update(settings)
 
 
 @pytest.fixture
