@@ -530,6 +530,12 @@ class OutputCapture(Component):
 
     # per cell
     def before_cell(self, execution: Any) -> None:
+        if not self.state.bus._subscribers:
+            # Nobody listens (no subscriber, no event log): the cell's output
+            # goes to the terminal exactly as without the extension, and
+            # nothing is built per cell.  A subscriber added while a cell
+            # runs gets output events from the next cell on.
+            return
         routers = _routers
         if routers and (sys.stdout is not routers.get("stdout")
                         or sys.stderr is not routers.get("stderr")):

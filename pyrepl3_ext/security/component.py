@@ -247,6 +247,12 @@ class SessionSecurity:
             elif self._injected.pop(name, None) is not None and ns.get(name) is grant.facade:
                 del ns[name]
 
+    @property
+    def enforcing(self) -> bool:
+        """Whether anything is applied per cell (not the bare ``trusted`` preset)."""
+        return bool(self._injected) or self.builtins is not None \
+            or self._get_ipython is not None or self.scope is not None
+
     def recheck(self) -> list[str]:
         """Put back injected names, builtins and the gate if something replaced them."""
         ns = self.user_ns
@@ -281,6 +287,8 @@ class SecurityComponent(Component):
 
     def before_cell(self, execution: Any) -> None:
         session = self.session
+        if not session.enforcing:
+            return  # trusted, nothing injected: nothing to do per cell
         session.recheck()
         scope = session.scope
         if scope is not None:
@@ -288,9 +296,12 @@ class SecurityComponent(Component):
             execution.extras["security"] = (scope, audit.enter(scope))
 
     def after_cell(self, execution: Any, result: Any) -> None:
-        entered = execution.extras.pop("security", None)
+        entered = execution.extra("security")
         if entered is not None:
+            del execution.extras["security"]
             audit.leave(entered[1])
+        if not self.session.enforcing:
+            return
         restored = self.session.recheck()
         if restored:
             message = (f"the cell replaced {', '.join(sorted(restored))}; restored "
