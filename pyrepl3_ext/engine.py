@@ -98,6 +98,9 @@ class Session:
         self.engine = engine
         cfg = Config()
         cfg.HistoryManager.hist_file = ":memory:"  # no shared sqlite file, no saver thread
+        # the history database is written from the worker thread and closed
+        # from whichever thread closes the session (IPython 9 sets this too)
+        cfg.HistoryManager.connection_options = {"check_same_thread": False}
         for extra in (engine.config, config):
             if extra is not None:
                 cfg.merge(extra)

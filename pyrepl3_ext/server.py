@@ -276,6 +276,10 @@ class Connection:
 _DEFERRED = object()
 
 
+def _ignore(event: dict) -> None:
+    """The server's input-host subscription; events reach clients per execution."""
+
+
 def _session(conn: Connection, params: dict) -> Any:
     try:
         return conn.server.engine.get_session(params["session"])
@@ -378,6 +382,8 @@ class Server:
 
         params = request.params
         config = Config()
+        # the events carry the output: no copy on the server's own streams
+        config.PyREPL3.output_tee = False
         if "timeout" in params:
             config.PyREPL3.cell_timeout = float(params["timeout"])
         if "policy" in params:
@@ -391,16 +397,26 @@ class Server:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         except SessionClosed as exc:
             raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        # the server answers input(): the cell's input_requested event goes to
+        # the client that sent the execute, which replies with input.reply
+        from . import subscribe
+
+        subscribe(session.shell, _ignore, handles_input=True)
         return {"session": session.id}
 
     def _session_close(self, conn: Connection, request: P.Request) -> Any:
         session = _session(conn, request.params)
 
         def close() -> None:
-            session.close()
+            try:
+                closed = session.close()
+                message = P.response(request.id, {"closed": bool(closed)})
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                self.log(f"closing session {session.id!r} failed: {exc!r}")
+                message = P.error_response(request.id, P.RPCError(
+                    P.INTERNAL_ERROR, f"closing the session failed: {type(exc).__name__}: {exc}"))
             if not request.is_notification:
-                conn.send_threadsafe(P.response(request.id, {"closed": True}),
-                                     wait_writable=False)
+                conn.send_threadsafe(message, wait_writable=False)
 
         # closing waits for a running cell to stop: not on the loop
         threading.Thread(target=close, name="pyrepl3-session-close", daemon=True).start()
@@ -488,7 +504,22 @@ class Server:
         return {"cancelled": True}
 
     def _input_reply(self, conn: Connection, request: P.Request) -> dict:
-        raise P.RPCError(P.NOT_AVAILABLE, "input over the protocol is not built in yet")
+        from . import reply_input
+
+        session = _session(conn, request.params)
+        params = request.params
+        if params.get("eof") and "text" in params:
+            raise P.RPCError(P.INVALID_PARAMS, "give text or eof, not both")
+        text = None if params.get("eof") else params.get("text", "")
+        try:
+            delivered = reply_input(session.shell, params["input_id"], text)
+        except SessionClosed as exc:
+            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        if not delivered:
+            raise P.RPCError(P.UNKNOWN_INPUT, f"no input request {params['input_id']!r} is "
+                                              f"waiting in session {session.id!r} (answered, "
+                                              f"timed out or cancelled)")
+        return {"delivered": True}
 
     def _namespace(self, conn: Connection, request: P.Request) -> dict:
         """namespace.get/set/delete/list through the session's namespace

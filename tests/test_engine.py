@@ -545,3 +545,22 @@ def test_importing_the_package_does_not_import_the_engine():
             "pyrepl3_ext.Engine\n"
             "assert 'pyrepl3_ext.engine' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=WAIT)
+
+
+def test_a_session_closes_from_any_thread(engine):
+    """Hosts close sessions from their own threads (the protocol server does);
+    IPython 8's history database refused that (sqlite same-thread check)."""
+    s = engine.create_session()
+    assert s.execute("print('x')\n41 + 1").result == 42
+    errors = []
+
+    def close():
+        try:
+            s.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join(WAIT)
+    assert errors == [] and s.closed

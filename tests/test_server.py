@@ -146,9 +146,9 @@ def test_stdio_cell_output_cannot_corrupt_the_stream():
             code = "import os, sys\nos.write(1, b'raw fd write\\n')\nsys.__stdout__.write('x\\n')\n1"
             response, _ = await client.run(session, code)
             assert response["status"] == "ok"
-            response, _ = await client.run(session, "input('no host: ')")
-            assert response["status"] == "error" and response["error"]["ename"] in (
-                "EOFError", "StdinNotImplementedError")
+            # and nothing reads the protocol's input but the server
+            response, _ = await client.run(session, "import sys\nsys.stdin.read()")
+            assert response["status"] == "ok"
     run(main())
 
 
@@ -266,4 +266,32 @@ def test_namespace_and_snapshots_over_the_protocol():
             with pytest.raises(ClientError) as info:
                 await client.call("snapshot.restore", session=session, name="missing")
             assert info.value.code == P.UNKNOWN_NAME
+    run(main())
+
+
+def test_input_over_the_protocol_and_output_events():
+    async def main():
+        async with await spawn() as client:
+            session = await client.create_session()
+            for cell in range(2):  # input works in every cell, not just the first
+                run = client.execute(session, "name = input('who? ')\nprint('hi', name)")
+                kinds = []
+                async for event in run:
+                    kinds.append(event["type"])
+                    if event["type"] == "input_requested":
+                        assert event["prompt"] == "who? " and event["password"] is False
+                        assert await client.reply_input(session, event["input_id"], f"ada{cell}")
+                    if event["type"] == "output" and "hi" in event["text"]:
+                        assert event["text"] == f"hi ada{cell}\n"
+                assert (await run.response())["status"] == "ok"
+                assert kinds.index("input_requested") < kinds.index("finished")
+            with pytest.raises(ClientError) as info:
+                await client.reply_input(session, "no-such-input", "x")
+            assert info.value.code == P.UNKNOWN_INPUT
+            run = client.execute(session, "input()")
+            async for event in run:
+                if event["type"] == "input_requested":
+                    await client.reply_input(session, event["input_id"], eof=True)
+            response = await run.response()
+            assert response["status"] == "error" and response["error"]["ename"] == "EOFError"
     run(main())
