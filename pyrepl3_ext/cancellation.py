@@ -492,7 +492,18 @@ class _MainThreadSignal:
         if not self.users:
             return
         self.users -= 1
-        if self.users == 0 and threading.current_thread() is threading.main_thread():
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Put the previous handler back once nobody uses ours.
+
+        Only the main thread can change signal handlers: when the last user
+        unloads elsewhere (an engine session closed from a host thread), the
+        handler stays (it chains every signal it did not send) until the main
+        thread calls this or loads the extension again.
+        """
+        if self.users == 0 and self.signum and \
+                threading.current_thread() is threading.main_thread():
             if signal.getsignal(self.signum) == self._handle:
                 signal.signal(self.signum, self.previous if self.previous is not None
                               else signal.SIG_DFL)

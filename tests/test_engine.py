@@ -564,3 +564,8 @@ def test_a_session_closes_from_any_thread(engine):
     closer.start()
     closer.join(WAIT)
     assert errors == [] and s.closed
+    # the last unload happened off the main thread, which cannot touch signal
+    # handlers: the main thread puts the previous one back
+    from pyrepl3_ext import cancellation
+
+    cancellation._SIGNAL.tidy()
