@@ -135,8 +135,9 @@ class Session:
                     shell = InteractiveShell(config=cfg)
         # IPython puts the new shell's module in sys.modules['__main__'],
         # replacing the host's; give the host its module back (the stock
-        # build lends the session's module per cell, see _lend_main)
-        if sys.modules.get("__main__") is shell.user_module:
+        # build lends the session's module per cell, see _lend_main).  The
+        # patched build manages __main__ itself (0005): hands off there.
+        if not self.engine.concurrent and sys.modules.get("__main__") is shell.user_module:
             if before is None:
                 sys.modules.pop("__main__", None)
             else:
@@ -410,7 +411,7 @@ class Session:
         """Give back what the session held of the process; drop the shell."""
         global _gate_owner
 
-        if sys.modules.get("__main__") is shell.user_module:
+        if not self.engine.concurrent and sys.modules.get("__main__") is shell.user_module:
             if self._main_before is None:
                 sys.modules.pop("__main__", None)
             else:

@@ -513,10 +513,6 @@ def test_eight_shells_in_eight_threads_never_mix(ip):
     finally:
         for shell in shells:
             pyrepl3_ext.unload_ipython_extension(shell)
-        main, sys.displayhook, sys.excepthook, gi = saved
-        if main is not None:
-            sys.modules["__main__"] = main
-        if gi is None:
-            builtins.__dict__.pop("get_ipython", None)
-        else:
-            builtins.get_ipython = gi
+            shell.close()  # 0003: gives back __main__, the sys hooks, the singleton slot
+        assert (sys.modules.get("__main__"), sys.displayhook, sys.excepthook,
+                builtins.__dict__.get("get_ipython")) == saved
