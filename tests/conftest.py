@@ -68,6 +68,17 @@ def ip(shell):
 
 
 @pytest.fixture
+def quiet(ip):
+    """``ip`` without IPython's (slow, coloured) traceback printing, for tests
+    whose cells fail or are cancelled by the hundred."""
+    ip.showtraceback = lambda *args, **kwargs: None
+    try:
+        yield ip
+    finally:
+        del ip.showtraceback
+
+
+@pytest.fixture
 def events(ip):
     """Every event of ``ip`` during the test, in arrival order."""
     received: list[dict] = []

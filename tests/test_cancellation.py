@@ -19,16 +19,6 @@ WAIT = 30  # generous upper bounds on waits: a failure, never a timing assertion
 
 
 @pytest.fixture
-def quiet(ip):
-    """Skip IPython's (slow, coloured) traceback printing while cells are cancelled."""
-    ip.showtraceback = lambda *args, **kwargs: None
-    try:
-        yield ip
-    finally:
-        del ip.showtraceback
-
-
-@pytest.fixture
 def started(ip):
     """An Event the cell sets once it runs; ``cancel_when_started`` cancels then."""
     event = threading.Event()

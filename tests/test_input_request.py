@@ -61,15 +61,6 @@ def config(ip):
 
 
 @pytest.fixture
-def quiet(ip):
-    ip.showtraceback = lambda *args, **kwargs: None
-    try:
-        yield ip
-    finally:
-        del ip.showtraceback
-
-
-@pytest.fixture
 def host(ip):
     h = Host(ip, answer=lambda e: f"answer to {e['prompt'].strip()}")
     yield h

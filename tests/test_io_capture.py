@@ -46,16 +46,6 @@ def config(ip):
         setattr(cfg, n, v)
 
 
-@pytest.fixture
-def quiet(ip):
-    """Skip IPython's (slow, coloured) traceback printing."""
-    ip.showtraceback = lambda *args, **kwargs: None
-    try:
-        yield ip
-    finally:
-        del ip.showtraceback
-
-
 # -- lines, streams, chunks -----------------------------------------------------
 
 def test_prints_become_output_events_before_the_result(ip, events):

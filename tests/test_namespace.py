@@ -20,16 +20,6 @@ WAIT = 30  # upper bound on waits: reaching it is a failure, never a timing asse
 
 
 @pytest.fixture
-def quiet(ip):
-    """No (slow, coloured) traceback printing for the many failing cells here."""
-    ip.showtraceback = lambda *args, **kwargs: None
-    try:
-        yield ip
-    finally:
-        del ip.showtraceback
-
-
-@pytest.fixture
 def clean_ns(ip):
     """Remove the user names a test creates, so tests sharing the shell stay independent."""
     before = set(ip.user_ns)
