@@ -103,6 +103,21 @@ def size_from_env(default: str) -> tuple[int, int]:
     return int(shells), int(cells)
 
 
+def race(*jobs):
+    """Run each ``(target, args)`` in its own thread, all at once, with a tiny
+    switch interval so the threads interleave inside every cell; wait for all."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=target, args=args) for target, args in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
 def run_crosstalk(n_shells: int, n_cells: int) -> tuple[dict[str, Counter], list[str]]:
     """Race ``n_shells`` shells, ``n_cells`` cells each, one thread per shell.
 
@@ -156,16 +171,7 @@ def run_crosstalk(n_shells: int, n_cells: int) -> tuple[dict[str, Counter], list
         except BaseException:  # noqa: BLE001 - a racing trap can raise anywhere
             c["driver crashed"] += 1
 
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=drive, args=(tag,)) for tag in tags]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    race(*[(drive, (tag,)) for tag in tags])
 
     for tag, shell in shells.items():
         found = Counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -33,10 +34,12 @@ def _execute(client, code: str) -> dict:
     return {"reply": reply["content"], "iopub": outputs}
 
 
-def test_events_from_a_real_kernel(tmp_path):
+@contextlib.contextmanager
+def running_kernel():
+    """A real ipykernel (this interpreter, this checkout importable) and a
+    ready client; shut down afterwards."""
     from jupyter_client.manager import KernelManager
 
-    log = tmp_path / "kernel-events.jsonl"
     km = KernelManager(kernel_name="python3")
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -45,6 +48,15 @@ def test_events_from_a_real_kernel(tmp_path):
     client.start_channels()
     try:
         client.wait_for_ready(timeout=60)
+        yield client
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_events_from_a_real_kernel(tmp_path):
+    log = tmp_path / "kernel-events.jsonl"
+    with running_kernel() as client:
         setup = _execute(client, "import sys; sys.executable")
         assert setup["reply"]["status"] == "ok"
         # the kernel runs the same interpreter as the tests
@@ -62,9 +74,6 @@ def test_events_from_a_real_kernel(tmp_path):
         assert syn["reply"]["status"] == "error"
         assert awaited["reply"]["status"] == "ok"
         _execute(client, "%config PyREPL3.event_log = ''")
-    finally:
-        client.stop_channels()
-        km.shutdown_kernel(now=True)
 
     events = [json.loads(line) for line in log.read_text().splitlines()]
     by_id: dict[str, list[dict]] = {}
@@ -92,17 +101,8 @@ def test_output_and_display_in_a_real_kernel(tmp_path):
     """In ipykernel the frontend still gets its stream/display messages (the
     routing stream tees into the kernel's OutStream) and the events carry
     the same output, including a thread's."""
-    from jupyter_client.manager import KernelManager
-
     log = tmp_path / "kernel-io.jsonl"
-    km = KernelManager(kernel_name="python3")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    km.start_kernel(env=env, extra_arguments=["--HistoryManager.enabled=False"])
-    client = km.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=60)
+    with running_kernel() as client:
         load = _execute(client, f"%load_ext pyrepl3_ext\n%config PyREPL3.event_log = {str(log)!r}")
         assert load["reply"]["status"] == "ok", load
         cell = _execute(client, "import threading, sys\nprint('from the cell')\n"
@@ -112,9 +112,6 @@ def test_output_and_display_in_a_real_kernel(tmp_path):
                                 "display(HTML('<i>shown</i>'))")
         assert cell["reply"]["status"] == "ok"
         _execute(client, "%config PyREPL3.event_log = ''")
-    finally:
-        client.stop_channels()
-        km.shutdown_kernel(now=True)
     streamed = "".join(m["content"]["text"] for m in cell["iopub"] if m["msg_type"] == "stream")
     assert "from the cell\n" in streamed and "from a thread\n" in streamed
     assert "to stderr\n" in streamed

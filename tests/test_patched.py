@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from pyrepl3_ext._compat import is_patched_build
+from tests.crosstalk import race
 
 pytestmark = pytest.mark.skipif(
     not is_patched_build(),
@@ -61,21 +62,6 @@ def two_shells():
             builtins.__dict__.pop("get_ipython", None)
         else:
             builtins.get_ipython = gi
-
-
-def race(*jobs):
-    """Run each ``(target, args)`` in its own thread, all at once, with a tiny
-    switch interval so the threads interleave inside every cell; wait for all."""
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=target, args=args) for target, args in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old_interval)
 
 
 def test_is_patched_build():
