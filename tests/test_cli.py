@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import IPython
+import pytest
 
 import pyrepl3_ext
 
@@ -43,3 +44,21 @@ def test_ipython_runs_with_the_extension_loaded(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "state: True" in out.stdout
     assert f"pyrepl3_ext {pyrepl3_ext.__version__}" in out.stdout
+
+
+@pytest.mark.skipif(os.environ.get("PYREPL3_EXPECT_BUILD") != "patched",
+                    reason="only where `upstream.py install` made this venv (nox -s patched)")
+def test_the_installed_pyrepl3_command_is_the_patched_ipython(tmp_path):
+    # the README's first command: `python3 upstream/upstream.py install && pyrepl3`
+    script = os.path.join(os.path.dirname(sys.executable), "pyrepl3")
+    env = dict(os.environ, IPYTHONDIR=str(tmp_path))
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "+pyrepl3." in out.stdout and "(patched" in out.stdout, out.stdout
+    out = subprocess.run([script, "--no-banner", "-c",
+                          "import IPython, pyrepl3_ext.extension as e; "
+                          "print(IPython.__version__, e.get_state(get_ipython()) is not None)"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    version, loaded = out.stdout.split()[-2:]
+    assert "+pyrepl3." in version and loaded == "True", out.stdout

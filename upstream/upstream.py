@@ -11,6 +11,8 @@ patches.
     python upstream/upstream.py refresh NAME       # rewrite NAME from the edited tree
     python upstream/upstream.py build              # wheel into upstream/_work/dist/
     python upstream/upstream.py check 9.17.0 ...   # which patches apply to other releases
+    python upstream/upstream.py install            # apply + build, then pip install the
+                                                   # wheel and pyrepl3 (the README's command)
 
 Layout under ``_work/``: ``downloads/`` (verified sdists), ``pristine/`` (the
 pinned release, unpacked, never edited), ``ipython-<version>/`` (the working
@@ -430,6 +432,36 @@ def cmd_build(args: argparse.Namespace) -> None:
     print(f"built {wheels[-1].relative_to(ROOT)}")
 
 
+def cmd_install(args: argparse.Namespace) -> None:
+    """The patched IPython and pyrepl3 into one Python, from a clean checkout.
+
+    Always a fresh unpack + the whole series + a build, so what gets installed
+    is exactly the committed patches; pip is given the wheel and the project
+    together, so the project's ``ipython`` requirement is met by the wheel.
+    """
+    python = args.python or sys.executable
+    cmd_apply(argparse.Namespace(upto=None))
+    cmd_build(argparse.Namespace())
+    version = local_version(read_pin(), read_series())
+    wheel = sorted((WORK / "dist").glob(f"ipython-{version}-*.whl"))[-1]
+    print(f"installing {wheel.name} and pyrepl3 into {python} ...", flush=True)
+    proc = subprocess.run([python, "-m", "pip", "install", "--force-reinstall", "--no-deps",
+                           str(wheel)])
+    if proc.returncode == 0:
+        # then the project and every other dependency (IPython's own ones
+        # included), resolved against the patched IPython now installed
+        proc = subprocess.run([python, "-m", "pip", "install", str(wheel), str(ROOT)])
+    if proc.returncode != 0:
+        raise UpstreamError("pip install failed (see its output above)")
+    check = subprocess.run([python, "-c", "import IPython; print(IPython.__version__)"],
+                           capture_output=True, text=True)
+    if check.stdout.strip() != version:
+        raise UpstreamError(f"{python} imports IPython {check.stdout.strip() or '?'} "
+                            f"instead of {version}: another IPython shadows it "
+                            f"({check.stderr.strip()[-300:]})")
+    print(f"installed IPython {version} (patched) and pyrepl3: run `pyrepl3`")
+
+
 def _failed_hunks(patch_output: str) -> str:
     """``file: hunk N, ...`` from the output of a failed ``patch --dry-run``."""
     current, failed = "?", {}
@@ -503,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_refresh)
     sub.add_parser("build", help="build the patched wheel into upstream/_work/dist/").set_defaults(func=cmd_build)
+    p = sub.add_parser("install", help="apply + build, then pip install the patched IPython "
+                                       "and pyrepl3 into a Python (default: this one)")
+    p.add_argument("--python", metavar="PATH", help="the Python to install into")
+    p.set_defaults(func=cmd_install)
     p = sub.add_parser("check", help="report which patches apply to other IPython releases")
     p.add_argument("versions", nargs="+", metavar="VERSION")
     p.set_defaults(func=cmd_check)
