@@ -64,6 +64,10 @@ def serve_parser() -> "argparse.ArgumentParser":
                         help="longest request accepted (default 16 MiB)")
     parser.add_argument("--max-event-bytes", type=int, default=4 * 1024 * 1024,
                         help="events larger than this are truncated (default 4 MiB)")
+    parser.add_argument("--files-root", metavar="DIR", action="append", default=[],
+                        help="let clients grant sessions the files capability inside DIR "
+                             "(repeatable; session.create's default root is "
+                             "DIR/<session id>)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow --tcp on a non-loopback address")
     return parser
@@ -83,6 +87,9 @@ def serve(args: list[str]) -> int:
     try:
         limits = server.Limits(max_message_bytes=options.max_message_bytes,
                                max_event_bytes=options.max_event_bytes)
+        for root in options.files_root:
+            if not os.path.isdir(root):
+                raise ValueError(f"--files-root {root!r} is not a directory")
     except ValueError as exc:
         print(f"pyrepl3 serve: {exc}", file=sys.stderr)
         return 2
@@ -105,10 +112,12 @@ def serve(args: list[str]) -> int:
         if token is None:
             token = server.new_token()
             print(f"[pyrepl3 serve] token: {token}", file=sys.stderr, flush=True)
-        return server.run("tcp", f"{host}:{port}", token=token, limits=limits)
+        return server.run("tcp", f"{host}:{port}", token=token, limits=limits,
+                          files_roots=options.files_root)
     if options.unix:
-        return server.run("unix", options.unix, token=token, limits=limits)
-    return server.run("stdio", token=None, limits=limits)
+        return server.run("unix", options.unix, token=token, limits=limits,
+                          files_roots=options.files_root)
+    return server.run("stdio", token=None, limits=limits, files_roots=options.files_root)
 
 
 def main(argv: list[str] | None = None) -> int:

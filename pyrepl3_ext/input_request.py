@@ -87,6 +87,24 @@ _input.__doc__ = builtins.input.__doc__
 _getpass.__doc__ = getpass.getpass.__doc__
 
 
+def capability() -> Any:
+    """The reserved ``input`` capability (``security.capabilities.RESERVED``).
+
+    Policies that remove the ``input`` builtin (``restricted``) let a host
+    grant this instead: ``pyrepl3_ext.grant(shell, "input", capability())``
+    gives cells ``input(prompt="", password=False)``, asked of the host
+    exactly like the builtin (an ``input_requested`` event).
+    """
+    from .security.capabilities import CustomCapability
+
+    def ask(prompt: str = "", password: bool = False) -> str:
+        return getpass(prompt) if password else input(prompt)
+
+    return CustomCapability(ask, {"prompt": str, "password": bool},
+                            optional=("prompt", "password"),
+                            description="a line of input from the host")
+
+
 def _acquire_dispatchers() -> None:
     global _users
     with _install_lock:

@@ -80,6 +80,8 @@ class RPCError(Exception):
 # -- schemas ------------------------------------------------------------------
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 200}
+#: what ``session.create`` can grant
+CAPABILITIES = ("files", "input")
 _SESSION = {"session": {**_ID, "description": "the session id (from session.create)"}}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200}
 
@@ -111,7 +113,23 @@ METHODS: dict[str, dict] = {
         "params": _params({
             "session_id": _ID,
             "policy": {"type": "string", "description": "security preset name"},
-            "capabilities": {"type": "array", "items": {"type": "string"}},
+            "capabilities": {
+                "type": "array",
+                "description": "capabilities granted to the session's cells: \"input\" "
+                               "(input() answered with input.reply, also under "
+                               "restricted), {\"name\": \"files\", \"root\"?, "
+                               "\"read_only\"?} (files confined to a directory the "
+                               "server allows with --files-root; default root: "
+                               "<first allowed root>/<session id>)",
+                "items": {
+                    "type": ["string", "object"],
+                    "properties": {"name": {"type": "string", "enum": list(CAPABILITIES)},
+                                   "root": {"type": "string", "minLength": 1},
+                                   "read_only": {"type": "boolean"}},
+                    "required": ["name"],
+                    "additionalProperties": False,
+                },
+            },
             "timeout": {"type": "number", "exclusiveMinimum": 0,
                         "description": "default cell timeout in seconds"},
         }),

@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import re
 import secrets
 import signal
 import stat
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import protocol as P
 from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed
@@ -311,7 +312,8 @@ class Server:
     """Serves the protocol for one :class:`Engine` (created when not given)."""
 
     def __init__(self, engine: Any = None, *, token: str | None = None,
-                 limits: Limits | None = None, log: Callable[[str], None] | None = None):
+                 limits: Limits | None = None, log: Callable[[str], None] | None = None,
+                 files_roots: Sequence[str] = ()):
         if engine is None:
             from .engine import Engine
 
@@ -319,6 +321,11 @@ class Server:
         self.engine = engine
         self.token = token
         self.limits = limits or Limits()
+        #: directories inside which clients may grant the ``files`` capability
+        self.files_roots = [os.path.realpath(r) for r in files_roots]
+        for root in self.files_roots:
+            if not os.path.isdir(root):
+                raise ValueError(f"--files-root {root!r} is not a directory")
         self.log = log or (lambda text: print(f"[pyrepl3 serve] {text}", file=sys.stderr,
                                               flush=True))
         self.connections: set[Connection] = set()
@@ -388,21 +395,67 @@ class Server:
             config.PyREPL3.cell_timeout = float(params["timeout"])
         if "policy" in params:
             config.PyREPL3.security_policy = params["policy"]
-        if params.get("capabilities"):
-            raise P.RPCError(P.NOT_AVAILABLE, "capabilities cannot be granted by this "
-                                              "server yet (security policy not built in)")
+        wanted = [{"name": c} if isinstance(c, str) else c
+                  for c in params.get("capabilities", ())]
+        names = [c["name"] for c in wanted]
+        if len(set(names)) != len(names):
+            raise P.RPCError(P.INVALID_PARAMS, f"capabilities: each may be granted once, "
+                                               f"got {names}")
+        for cap in wanted:
+            if cap["name"] not in P.CAPABILITIES:
+                raise P.RPCError(P.INVALID_PARAMS, f"capabilities: unknown capability "
+                                                   f"{cap['name']!r} (expected: "
+                                                   f"{', '.join(P.CAPABILITIES)})")
+            if cap["name"] != "files" and set(cap) - {"name"}:
+                raise P.RPCError(P.INVALID_PARAMS, f"capabilities: {cap['name']!r} takes no "
+                                                   f"options, got {sorted(set(cap) - {'name'})}")
+            if cap["name"] == "files" and not self.files_roots:
+                raise P.RPCError(P.NOT_AVAILABLE, "the files capability is not offered by "
+                                                  "this server (start it with --files-root DIR)")
         try:
             session = self.engine.create_session(params.get("session_id"), config=config)
         except ValueError as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         except SessionClosed as exc:
             raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        try:
+            for cap in wanted:
+                self._grant(session, cap)
+        except BaseException:
+            session.close()
+            raise
         # the server answers input(): the cell's input_requested event goes to
         # the client that sent the execute, which replies with input.reply
         from . import subscribe
 
         subscribe(session.shell, _ignore, handles_input=True)
         return {"session": session.id}
+
+    def _grant(self, session: Any, cap: dict) -> None:
+        """Grant one requested capability (validated by the schema) to ``session``."""
+        import pyrepl3_ext
+
+        if cap["name"] == "input":
+            from .input_request import capability
+
+            pyrepl3_ext.grant(session.shell, "input", capability())
+            return
+        from .security import FilesCapability
+
+        root = cap.get("root")
+        if root is None:
+            root = os.path.join(self.files_roots[0], _directory_name(session.id))
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        real = os.path.realpath(root)
+        if not any(os.path.commonpath([real, base]) == base for base in self.files_roots):
+            raise P.RPCError(P.NOT_AVAILABLE, f"capabilities: files root {root!r} is outside "
+                                              f"the server's --files-root directories")
+        try:
+            impl = FilesCapability(real, read_only=bool(cap.get("read_only", False)))
+        except (OSError, ValueError) as exc:
+            raise P.RPCError(P.INVALID_PARAMS, f"capabilities: files root {root!r}: "
+                                               f"{exc}") from None
+        pyrepl3_ext.grant(session.shell, "files", impl)
 
     def _session_close(self, conn: Connection, request: P.Request) -> Any:
         session = _session(conn, request.params)
@@ -742,10 +795,20 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def _directory_name(session_id: str) -> str:
+    """A directory name for a session's default files root (ids are any string)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", session_id):
+        return session_id
+    import hashlib
+
+    return "session-" + hashlib.sha256(session_id.encode()).hexdigest()[:24]
+
+
 def run(transport: str, address: str | None = None, *, token: str | None = None,
-        limits: Limits | None = None, engine: Any = None) -> int:
+        limits: Limits | None = None, engine: Any = None,
+        files_roots: Sequence[str] = ()) -> int:
     """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry."""
-    server = Server(engine, token=token, limits=limits)
+    server = Server(engine, token=token, limits=limits, files_roots=files_roots)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -295,3 +295,61 @@ def test_input_over_the_protocol_and_output_events():
             response = await run.response()
             assert response["status"] == "error" and response["error"]["ename"] == "EOFError"
     run(main())
+
+
+def test_capabilities_granted_at_session_create(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (tmp_path / "secret.txt").write_text("not yours")
+
+    async def main():
+        async with await spawn("--files-root", str(allowed)) as client:
+            session = await client.create_session(
+                "agent-1", policy="restricted", capabilities=["input", {"name": "files"}])
+            # files: the default root is <files-root>/<session id>
+            response, events = await client.run(
+                session, "files.write('notes.txt', 'kept')\nfiles.read('notes.txt')")
+            assert response["status"] == "ok", events
+            assert events[-2]["data"]["text/plain"] == "'kept'"
+            assert (allowed / "agent-1" / "notes.txt").read_text() == "kept"
+            response, events = await client.run(session, "files.read('../../secret.txt')")
+            assert response["status"] == "error"
+            # input: the builtin is gone under restricted, the capability answers
+            run = client.execute(session, "answer = input('which? ')\nanswer.upper()")
+            async for event in run:
+                if event["type"] == "input_requested":
+                    assert event["prompt"] == "which? "
+                    await client.reply_input(session, event["input_id"], "blue")
+                if event["type"] == "result":
+                    assert event["data"]["text/plain"] == "'BLUE'"
+            assert (await run.response())["status"] == "ok"
+            # without the grant, input is refused before the cell runs
+            plain = await client.create_session(policy="restricted")
+            response, _ = await client.run(plain, "input('x')")
+            assert response["error"]["kind"] == "security"
+
+            # an explicit root must be inside a --files-root directory
+            (allowed / "shared").mkdir()
+            ro = await client.create_session(capabilities=[
+                {"name": "files", "root": str(allowed / "shared"), "read_only": True}])
+            response, _ = await client.run(ro, "files.write('x', 'y')")
+            assert response["status"] == "error"
+            for bad, code in ([{"name": "files", "root": str(tmp_path)}], P.NOT_AVAILABLE), \
+                             ([{"name": "files", "root": str(allowed / ".." / "..")}],
+                              P.NOT_AVAILABLE), \
+                             (["network"], P.INVALID_PARAMS), \
+                             (["input", "input"], P.INVALID_PARAMS), \
+                             ([{"name": "input", "root": "/"}], P.INVALID_PARAMS):
+                with pytest.raises(ClientError) as info:
+                    await client.create_session("refused", capabilities=bad)
+                assert info.value.code == code, (bad, info.value)
+            # a refused create leaves no session behind
+            listed = await client.call("session.list")
+            assert "refused" not in [s["session"] for s in listed["sessions"]]
+
+        async with await spawn() as client:  # no --files-root: files is not offered
+            with pytest.raises(ClientError) as info:
+                await client.create_session(capabilities=[{"name": "files"}])
+            assert info.value.code == P.NOT_AVAILABLE
+            assert "--files-root" in info.value.message
+    run(main())
