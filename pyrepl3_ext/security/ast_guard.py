@@ -262,6 +262,23 @@ class _Checker(ast.NodeVisitor):
         self._tree = tree
         self.visit(tree)
 
+    # The walk itself, without ast.NodeVisitor's per-node getattr dispatch,
+    # iter_fields generator and compatibility visit_Constant: this is most
+    # of the AST guard's fixed cost per cell (about half, measured).
+    def visit(self, node: ast.AST) -> None:
+        _DISPATCH.get(type(node), _Checker.generic_visit)(self, node)
+
+    def generic_visit(self, node: ast.AST) -> None:
+        visit = self.visit
+        for field in node._fields:
+            value = getattr(node, field, None)
+            if type(value) is list:
+                for item in value:
+                    if isinstance(item, ast.AST):
+                        visit(item)
+            elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+                visit(value)
+
     # -- names -------------------------------------------------------------
     def visit_Name(self, node: ast.Name) -> None:
         name = node.id
@@ -468,6 +485,22 @@ class _Checker(ast.NodeVisitor):
             if not policy.magic_allowed(magic):
                 raise Refusal(node, magic_message(policy, magic,
                                                   cell=method == "run_cell_magic"))
+
+
+def _leaf(self: _Checker, node: ast.AST) -> None:
+    """Nodes with nothing to check below them."""
+
+
+#: ``type(node)`` -> the ``_Checker`` method that visits it (built once).
+_DISPATCH: dict = {
+    cls: getattr(_Checker, "visit_" + cls.__name__)
+    for cls in (c for c in vars(ast).values()
+                if isinstance(c, type) and issubclass(c, ast.AST))
+    if callable(getattr(_Checker, "visit_" + cls.__name__, None))
+    and getattr(_Checker, "visit_" + cls.__name__) is not getattr(
+        ast.NodeVisitor, "visit_" + cls.__name__, None)
+}
+_DISPATCH[ast.Constant] = _leaf
 
 
 def _all_args(args: ast.arguments) -> Iterable[ast.arg]:
