@@ -1,4 +1,4 @@
-"""Import allowlist: ``import x`` hands out read-only views of allowed modules.
+"""Import allowlist: ``import x`` hands out views of allowed modules.
 
 Stdlib modules leak ``sys``, ``os`` and ``builtins`` through public
 attributes (``json.codecs.sys``, ``statistics.sys``, ``re.enum.bltns``...),
