@@ -87,6 +87,9 @@ def test_reset_puts_protected_names_back(granted, events):
     _, error = run(ip, events, "get_ipython().user_ns")
     assert error is not None and error["kind"] == "security"
     assert not [e for e in session(ip).log if e.get("action") == "restored"]
+    # %who hides the same names as before once the policy is gone
+    pyrepl3_ext.set_policy(ip, "trusted")
+    assert "get_ipython" not in ip.run_line_magic("who_ls", "")
 
 
 def test_sandboxed_cells_leave_the_shared_builtins_module_alone(ip, events):
