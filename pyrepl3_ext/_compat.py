@@ -35,6 +35,19 @@ def is_patched_build() -> bool:
     return bool(getattr(getipython, "PYREPL3_MULTI_SHELL", False))
 
 
+def has_protected_names(shell: Any) -> bool:
+    """Whether this IPython has patch 0009 (capability-aware ``user_ns``).
+
+    ``InteractiveShell.protected_names`` (refused by ``push``/``del_var``/
+    ``reset_selective``/``drop_by_id``, re-injected by ``reset``) and
+    ``BuiltinTrap.denied_names`` (the trap installs into a shell's own
+    builtins dict).  A feature test, not a version test: any build carrying
+    the patch qualifies.
+    """
+    return isinstance(getattr(shell, "protected_names", None), set) and isinstance(
+        getattr(getattr(shell, "builtin_trap", None), "denied_names", None), set)
+
+
 def execution_count_in_pre_run_cell(shell: Any, info: Any) -> int | None:
     """The ``ExecutionResult.execution_count`` of the cell announced in ``pre_run_cell``.
 

@@ -8,12 +8,16 @@ the user's code before any other transformer adds instrumentation), the
 magics gate behind ``get_ipython``, the capability facades, and the audit
 scope entered around each cell.
 
-The capability-aware ``user_ns`` on stock IPython: injected names are
-protected by the AST guard (no binding, deleting or ``global`` of them) and
-re-checked after every cell (restored, and reported, if something replaced
-them anyway).  A dict subclass that refuses the writes themselves needs
-IPython to accept one as ``user_ns``: patch ``0010-capability-aware-user-ns``
-(``docs/security.md``).
+The capability-aware ``user_ns``: injected names are protected by the AST
+guard (no binding, deleting or ``global`` of them) and re-checked after
+every cell (restored, and reported, if something replaced them anyway).
+On a build with patch ``0009-capability-aware-user-ns``
+(``_compat.has_protected_names``) they are also in
+``shell.protected_names``, so IPython's own namespace operations (``push``,
+``del_var``, ``%xdel``, ``reset_selective``, ``drop_by_id``) refuse them and
+``reset`` puts them back, and the builtins trap leaves the shared
+``builtins`` module alone and never installs the real ``get_ipython`` into
+a gated session's builtins dict (``docs/security.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from .. import _compat
 from ..errors import SecurityError
 from ..extension import Component
 from . import audit
@@ -52,6 +57,10 @@ class SessionSecurity:
         self._get_ipython = None
         self._saved: dict[str, Any] = {}
         self._injected: dict[str, Any] = {}
+        #: What this session added to ``shell.protected_names`` and
+        #: ``shell.builtin_trap.denied_names`` (patch 0009 only).
+        self._protected: frozenset = frozenset()
+        self._trap_denied: frozenset = frozenset()
         #: Every refusal, denial and capability call (host-side, bounded).
         self.log: list[dict] = []
         self._lock = threading.RLock()
@@ -144,6 +153,25 @@ class SessionSecurity:
                 audit.install()
                 self.scope = audit.AuditScope(self)
             self._inject()
+            self._sync_protected()
+
+    def _sync_protected(self) -> None:
+        """Patch 0009: mirror the protected names into the shell (no-op on stock)."""
+        shell = self.state._shell_ref()
+        if shell is None or not _compat.has_protected_names(shell):
+            return
+        names = set(self.protected_names())
+        if self.builtins is not None:
+            names.add("__builtins__")
+        denied = set()
+        if self.gate is not None or "get_ipython" in self.policy.denied_builtins:
+            denied.add("get_ipython")
+        protected, trap = shell.protected_names, shell.builtin_trap.denied_names
+        protected.difference_update(self._protected - names)
+        protected.update(names)
+        trap.difference_update(self._trap_denied - denied)
+        trap.update(denied)
+        self._protected, self._trap_denied = frozenset(names), frozenset(denied)
 
     def _save(self, ns: dict, name: str) -> None:
         if name not in self._saved:
@@ -187,6 +215,10 @@ class SessionSecurity:
         with self._lock:
             shell = self.state._shell_ref()
             ns = shell.user_ns if shell is not None else None
+            if shell is not None and _compat.has_protected_names(shell):
+                shell.protected_names.difference_update(self._protected)
+                shell.builtin_trap.denied_names.difference_update(self._trap_denied)
+            self._protected = self._trap_denied = frozenset()
             if shell is not None and self.guard is not None:
                 try:
                     shell.ast_transformers.remove(self.guard)
@@ -220,6 +252,7 @@ class SessionSecurity:
             grant = Grant(name, impl, self)
             self.grants[name] = grant
             self._inject()
+            self._sync_protected()
             if self.scope is not None:
                 self.scope.refresh_roots()
             return grant.facade
@@ -234,6 +267,7 @@ class SessionSecurity:
             if ns.get(name) is grant.facade:
                 del ns[name]
             self._injected.pop(name, None)
+            self._sync_protected()
             if self.scope is not None:
                 self.scope.refresh_roots()
             return True

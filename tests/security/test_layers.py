@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import ast
 import builtins
+import sys
 import types
 
 import pytest
 from IPython.core.error import InputRejected
 
+import pyrepl3_ext
 from pyrepl3_ext.errors import SecurityError
-from pyrepl3_ext.security.ast_guard import SELF_OK_NAME, SecurityGuard
+from pyrepl3_ext.security.ast_guard import SecurityGuard
 from pyrepl3_ext.security.builtins import (OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME,
                                            PrivateGuard, build_builtins)
-from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES, Importer, ModuleView
+from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES, Importer
 from pyrepl3_ext.security.policy import SecurityPolicy
+
+from .helpers import run, value
 
 RESTRICTED = SecurityPolicy.preset("restricted")
 
@@ -198,8 +202,9 @@ def test_private_attributes_are_rewritten_to_a_runtime_check():
     tree = guard("class A:\n    def __init__(self):\n        self._x = 1\n"
                  "a = A()\nresult = a._x\nlistener._state")
     source = ast.unparse(tree)
-    assert f"{SELF_OK_NAME} = {TYPE_NAME}(self) in {OWNED_NAME}" in source
-    assert f"(self if {SELF_OK_NAME} else {PRIVATE_CHECK_NAME}(self, '_x'))._x = 1" in source
+    assert (f"if {TYPE_NAME}(self) not in {OWNED_NAME}:\n"
+            f"            {PRIVATE_CHECK_NAME}(self, '_x')\n"
+            f"        self._x = 1") in source
     assert f"{PRIVATE_CHECK_NAME}(a, '_x')._x" in source
     assert f"{PRIVATE_CHECK_NAME}(listener, '_state')._state" in source
 
@@ -211,7 +216,8 @@ def test_private_attributes_are_rewritten_to_a_runtime_check():
 ])
 def test_fast_path_only_for_plain_local_self(body):
     source = ast.unparse(guard(f"class A:\n    def m(self, other):\n        {body}"))
-    assert SELF_OK_NAME not in source and f"{PRIVATE_CHECK_NAME}(self, '_x')" in source
+    assert f"{TYPE_NAME}(self) not in" not in source
+    assert f"{PRIVATE_CHECK_NAME}(self, '_x')._x" in source
 
 
 def test_private_check_at_run_time():
@@ -251,7 +257,7 @@ def test_an_internal_error_fails_closed(monkeypatch):
     def broken(self, node):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ast_guard._Checker, "visit_Name", broken)
+    monkeypatch.setitem(ast_guard._DISPATCH, ast.Name, broken)
     with pytest.raises(InputRejected, match="the security check failed on this cell"):
         guard("x")
 
@@ -261,7 +267,7 @@ def test_an_internal_error_fails_closed(monkeypatch):
 def test_views_expose_listed_names_only():
     importer = Importer(DEFAULT_ALLOWED_MODULES, "restricted")
     json_view = importer("json")
-    assert isinstance(json_view, ModuleView)
+    assert type(json_view) is types.ModuleType and importer.is_view(json_view)
     assert json_view.dumps({"a": 1}) == '{"a": 1}'
     for leak in ("codecs", "decoder", "scanner", "__builtins__", "_default_encoder"):
         assert not hasattr(json_view, leak)
@@ -275,17 +281,59 @@ def test_views_expose_listed_names_only():
     assert operator.add(1, 2) == 3 and not hasattr(operator, "attrgetter")
 
 
-def test_views_are_read_only_cached_and_separate_from_the_real_module():
+def test_views_are_exact_modules_cached_and_separate_from_the_real_module():
     import json
 
     importer = Importer(DEFAULT_ALLOWED_MODULES, "restricted")
     view = importer("json")
-    assert importer("json") is view and view is not json
-    with pytest.raises(SecurityError, match="read-only view"):
-        view.dumps = None
-    with pytest.raises(SecurityError, match="read-only view"):
-        del view.loads
-    assert json.dumps is not None
+    # exact ModuleType: LOAD_ATTR specialises attribute reads on it
+    assert type(view) is types.ModuleType
+    assert importer("json") is view and view is not json and view is not sys.modules["json"]
+    assert view not in sys.modules.values()
+
+
+def test_a_write_to_a_view_stays_in_that_sessions_copy():
+    import json
+    import math
+
+    real_sqrt, real_dumps, real_encoder = math.sqrt, json.dumps, json.JSONEncoder
+    mine, other = (Importer(DEFAULT_ALLOWED_MODULES, "restricted") for _ in range(2))
+    view = mine("math")
+    view.sqrt = lambda x: "replaced"
+    view.injected = "x"
+    del view.floor
+    json_view = mine("json")
+    json_view.JSONEncoder = None  # the real dumps' globals are the real module's
+    assert mine("math").sqrt(4) == "replaced" and not hasattr(mine("math"), "floor")
+    # not the real module, not the host, not another session
+    assert math.sqrt is real_sqrt and math.sqrt(4) == 2.0 and not hasattr(math, "injected")
+    assert math.floor(1.5) == 1 and sys.modules["math"] is math
+    assert other("math").sqrt(4) == 2.0 and not hasattr(other("math"), "injected")
+    assert json.JSONEncoder is real_encoder and json_view.dumps is real_dumps
+    assert json_view.dumps([1]) == "[1]" and other("json").JSONEncoder is real_encoder
+
+
+def test_a_cell_writing_a_view_changes_only_its_session(ip, events):
+    import math
+
+    real_sqrt = math.sqrt
+    pyrepl3_ext.set_policy(ip, RESTRICTED)
+    mine, error = run(ip, events, "import math\nmath.sqrt = len\nmath.pi = 3\n"
+                                  "r = (math.sqrt('ab'), math.pi)")
+    assert error is None, error
+    assert ip.user_ns["r"] == (2, 3)
+    assert math.sqrt is real_sqrt and math.pi != 3 and sys.modules["math"] is math
+    # the same session sees its own copy again; a new policy (a new session
+    # importer) starts from the real module
+    assert value(ip, events, "import math\nmath.sqrt('abc')") == "3"
+    pyrepl3_ext.set_policy(ip, RESTRICTED)
+    assert value(ip, events, "import math\nmath.sqrt(9)") == "3.0"
+    # the dunder attributes of a view stay out of reach
+    for code in ("import math\nmath.__dict__", "import math\nmath.__getattr__ = len",
+                 "import math\nsetattr(math, '__getattr__', len)",
+                 "import math\nmath.__class__ = type(math)"):
+        mine, error = run(ip, events, code)
+        assert error is not None and error["kind"] == "security", code
 
 
 def test_importer_refusals():
@@ -301,7 +349,7 @@ def test_importer_refusals():
 def test_allowed_submodules_are_views_too():
     importer = Importer(DEFAULT_ALLOWED_MODULES, "restricted")
     top = importer("collections.abc")
-    assert isinstance(top.abc, ModuleView) and top.abc.Mapping is not None
+    assert type(top.abc) is types.ModuleType and top.abc.Mapping is not None
     only_sub = Importer({"os.path": frozenset({"join"})}, "p")("os.path")
-    assert isinstance(only_sub, ModuleView) and only_sub.path.join("a", "b") == "a/b"
+    assert type(only_sub) is types.ModuleType and only_sub.path.join("a", "b") == "a/b"
     assert not hasattr(only_sub, "system")

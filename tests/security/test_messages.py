@@ -59,9 +59,11 @@ REFUSALS = [
      "getattr: access to the attribute '__self__' is refused: dunder attributes reach "
      "interpreter internals (globals, builtins, subclasses, code objects) (security "
      "policy 'restricted')"),
-    ("import json\njson.dumps = None", "SecurityError",
-     "module 'json' is a read-only view under the session's security policy: setting "
-     "'dumps' is refused"),
+    ("class A:\n    def m(self):\n        return self._state\n"
+     "import random\nA.m(random.Random())", "SecurityError",
+     "access to the private attribute '_state' of a 'Random' object is refused by "
+     "security policy 'restricted': only classes defined in this session expose their "
+     "_private attributes"),
     ("import random\nrandom.Random()._randbelow(3)", "SecurityError",
      "access to the private attribute '_randbelow' of a 'Random' object is refused by "
      "security policy 'restricted': only classes defined in this session expose their "
