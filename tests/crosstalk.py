@@ -103,17 +103,57 @@ def size_from_env(default: str) -> tuple[int, int]:
     return int(shells), int(cells)
 
 
+def _in_selector(thread: threading.Thread) -> bool:
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_name == "select" \
+        and "selectors" in frame.f_code.co_filename
+
+
+def _unwedge_shared_loop() -> None:
+    """Stop stock IPython's process-wide asyncio loop once (thread-safely).
+
+    On stock IPython every shell runs its await cells with
+    ``run_until_complete`` on that one loop.  When two threads race there,
+    one thread's ``_run_once`` can run the other's task to completion, and
+    the ``stop()`` meant for the other thread's ``run_forever`` is consumed
+    by its own: the other thread then waits in the selector for ever (it
+    hung CI on 3.13).  That is cross-talk too, but a thread that never
+    returns cannot be counted: the harness stops the loop so the wedged
+    ``run_until_complete`` returns (the patched build gives every thread its
+    own loop, and never gets here).
+    """
+    from IPython.core import async_helpers
+
+    loop = getattr(async_helpers, "_asyncio_event_loop", None)
+    if loop is not None and not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            pass
+
+
 def race(*jobs):
     """Run each ``(target, args)`` in its own thread, all at once, with a tiny
-    switch interval so the threads interleave inside every cell; wait for all."""
+    switch interval so the threads interleave inside every cell; wait for all.
+
+    A thread seen waiting in an asyncio selector twice in a row, 1 s apart,
+    is wedged on the shared loop (``_unwedge_shared_loop``).
+    """
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
-        threads = [threading.Thread(target=target, args=args) for target, args in jobs]
+        threads = [threading.Thread(target=target, args=args, daemon=True)
+                   for target, args in jobs]
         for t in threads:
             t.start()
+        seen_waiting: set[int] = set()
         for t in threads:
-            t.join()
+            while t.is_alive():
+                t.join(1.0)
+                waiting = {x.ident for x in threads if x.is_alive() and _in_selector(x)}
+                if waiting & seen_waiting:
+                    _unwedge_shared_loop()
+                seen_waiting = waiting
     finally:
         sys.setswitchinterval(old_interval)
 
