@@ -8,6 +8,7 @@ together with the median.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -41,6 +42,10 @@ def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, number:
                 setup(name)
             fn = variants[name]
             fn()  # warm
+            # every batch starts from an empty young generation: otherwise the
+            # garbage of a setup (loading an extension) is collected inside
+            # the next batch, always the same variant's
+            gc.collect()
             t0 = clock()
             for _ in range(number):
                 fn()

@@ -14,6 +14,14 @@ Variants:
 All run with ``store_history=False`` and an in-memory history, so the
 numbers are about execution machinery, not SQLite.
 
+``--instructions`` (needs valgrind) counts instead the machine
+instructions a trivial cell executes, stock and with the extension, each
+in its own process under callgrind (the difference of a 400- and a
+2000-cell run, so start-up cancels out; the garbage collections a
+variant's allocations cause are counted with it).  Counts do not drift with the
+machine's load the way times do: on a shared VM a few microseconds of
+timing difference are within the noise, instruction counts are exact.
+
 Timing is this thread's CPU time by default (``--wall`` for wall clock):
 the cells never wait, and CPU time is far less disturbed by other
 processes on a shared machine.  The added cost is given two ways: the
@@ -45,6 +53,48 @@ CELLS = {
 }
 
 
+def _cells_under_callgrind(variant: str, cells: int) -> int:
+    """Instructions of a child process running ``cells`` trivial cells (after a warm-up)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         sys.executable, os.path.abspath(__file__), "--run-cells", variant, str(cells)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    for line in out.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split()[-1])
+    raise SystemExit(f"callgrind gave no count for {variant}: {out.stderr[-2000:]}")
+
+
+def run_cells(variant: str, cells: int) -> None:
+    """The child side of ``--instructions``: warm up, then run ``cells`` cells."""
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.display_formatter.active_types = ["text/plain"]
+    if variant == "ext":
+        pyrepl3_ext.load_ipython_extension(shell)
+    for _ in range(1000 + cells):
+        shell.run_cell("x = 1", store_history=False)
+
+
+def instructions() -> dict:
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind on PATH")
+    per_cell = {}
+    for variant in ("stock", "ext"):
+        low, high = (_cells_under_callgrind(variant, n) for n in (400, 2000))
+        per_cell[variant] = (high - low) / 1600
+    added = per_cell["ext"] - per_cell["stock"]
+    print(f"instructions per trivial cell: stock {per_cell['stock']:,.0f}, with pyrepl3_ext "
+          f"{per_cell['ext']:,.0f}: {added:+,.0f} ({added / per_cell['stock']:+.1%})")
+    return {"stock": per_cell["stock"], "ext": per_cell["ext"], "added": added,
+            "ratio": per_cell["ext"] / per_cell["stock"]}
+
+
 def paired_difference(timing: dict, variant: str, baseline: str) -> float:
     """Median over rounds of ``variant - baseline`` (us) timed in the same round."""
     pairs = zip(timing[variant]["samples"], timing[baseline]["samples"])
@@ -57,7 +107,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
     parser.add_argument("--wall", action="store_true",
                         help="wall-clock time instead of this thread's CPU time")
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count instructions per cell under valgrind (slow: minutes)")
+    parser.add_argument("--run-cells", nargs=2, metavar=("VARIANT", "CELLS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_cells:
+        run_cells(args.run_cells[0], int(args.run_cells[1]))
+        return
     clock = time.perf_counter if args.wall else time.thread_time
     rounds = 5 if args.quick else args.rounds
 
@@ -122,7 +179,12 @@ def main() -> None:
           f"({', '.join(n for n, _ in all_components)}) {added - core:+.1f} us "
           f"(target <= 10 us; stock run_cell {trivial['stock']['best_us']:.0f} us; "
           f"{'CPU' if not args.wall else 'wall'} time, {rounds} rounds)")
+    counted = instructions() if args.instructions else None
+    if counted is not None:
+        print(f"at this machine's stock run_cell time that is "
+              f"{(counted['ratio'] - 1) * trivial['stock']['best_us']:+.1f} us of CPU work")
     path = write_results("overhead", {"cells": results, "added_us_trivial": added,
+                                      "instructions_per_trivial_cell": counted,
                                       "added_us_trivial_paired": paired,
                                       "added_us_trivial_core": core,
                                       "clock": "wall" if args.wall else "thread_cpu"})

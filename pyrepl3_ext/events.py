@@ -99,6 +99,10 @@ class Execution:
     # One is created per cell: the per-instance work is only what differs
     # between executions; the rest are class-level defaults until assigned.
     status: str | None = None
+    #: the ``before_cell`` hooks that ran for this execution, and whether
+    #: any beyond the shell's usual ones did (``ShellState._bind_hooks``)
+    hooked: tuple = ()
+    hooked_extra = False
     _seq = 0
     _closed = False
     outcome_sent = False
@@ -110,6 +114,7 @@ class Execution:
         self.session = session
         self.code = code
         self.mode = mode
+        #: as in the ``started`` event; None when nobody listened then
         self.execution_count = execution_count
         self.options = options
         self.t0 = time.monotonic()

@@ -58,12 +58,39 @@ _DIRECTIVE_RE = re.compile(r"\s*%%(?:timeout|transaction)\b")
 
 
 class Component:
-    """Base of capability components; every hook is optional."""
+    """Base of capability components; every hook is optional.
+
+    Per-cell cost: only the hooks a subclass overrides are called, and not
+    even those while the component says it has nothing to do:
+
+    * ``idle`` (a plain attribute the component keeps up to date, never a
+      property: reading it must not run code): while True, ``before_cell``
+      is skipped unless the cell's options name one of ``triggers``;
+    * ``needs_listener``: ``before_cell`` is skipped while nobody listens to
+      the session's events (no subscriber, no event log);
+    * ``after_cell`` runs for an execution when ``before_cell`` ran for it,
+      or when the component is neither ``idle`` nor ``needs_listener`` as
+      the cell ends.
+
+    So a component whose ``after_cell`` has work that ``before_cell`` did not
+    start (a request made while the cell ran) clears ``idle`` when that work
+    appears.
+    """
 
     name = "component"
+    idle = False
+    needs_listener = False
+    #: per-cell option names (``execution.options``) that wake an idle component
+    triggers: tuple[str, ...] = ()
 
     def __init__(self, state: "ShellState"):
         self.state = state
+
+    def set_idle(self, idle: bool) -> None:
+        """Change ``idle``; the shell's per-cell hook lists follow (from the next cell)."""
+        if self.idle != idle:
+            self.idle = idle
+            self.state._bind_hooks()
 
     def attach(self) -> None:
         """Install what the capability adds to the shell."""
@@ -161,9 +188,13 @@ class ShellState:
         self.session_id = ""
         self.bus = EventBus(self.report_internal_error)
         self.components: list[Component] = []
-        # the per-cell hooks components actually define, bound once at load
-        self._before_hooks: list[tuple[str, Any]] = []
-        self._after_hooks: list[tuple[str, Any]] = []
+        # the per-cell hooks, sorted by when they run (_bind_hooks)
+        self._hooks_lock = threading.RLock()
+        self._before_always: tuple = ()
+        self._before_listened: tuple = ()
+        self._before_triggered: tuple = ()
+        self._after_always: tuple = ()
+        self._after_hooks: tuple = ()
         self.internal_errors: list[tuple[str, BaseException]] = []
         self.last_execution: Execution | None = None
         self._reported: set[str] = set()
@@ -250,14 +281,28 @@ class ShellState:
         component.detach()
 
     def _bind_hooks(self) -> None:
-        # Only the hooks a component overrides are called per cell (bound
-        # once here): a capability that does nothing per cell costs nothing.
-        self._before_hooks = [(f"{c.name}.before_cell", c.before_cell)
-                              for c in self.components
-                              if type(c).before_cell is not Component.before_cell]
-        self._after_hooks = [(f"{c.name}.after_cell", c.after_cell)
-                             for c in reversed(self.components)
-                             if type(c).after_cell is not Component.after_cell]
+        """Sort the per-cell hooks by when they run (``Component``'s invariant).
+
+        Only hooks a component overrides are listed.  Runs when components
+        come and go and when one changes ``idle``; cells read each list once
+        (tuples, replaced whole), so a change made while a cell runs applies
+        from the next cell, and ``_post_run_cell`` sees that it happened.
+        """
+        with self._hooks_lock:
+            before = [(f"{c.name}.before_cell", c, c.before_cell) for c in self.components
+                      if type(c).before_cell is not Component.before_cell]
+            after = tuple((f"{c.name}.after_cell", c, c.after_cell)
+                          for c in reversed(self.components)
+                          if type(c).after_cell is not Component.after_cell)
+            self._before_listened = tuple(h for h in before
+                                          if not h[1].idle and h[1].needs_listener)
+            self._before_triggered = tuple(h for h in before if h[1].idle and h[1].triggers)
+            self._after_hooks = after
+            self._after_always = tuple(h for h in after
+                                       if not h[1].idle and not h[1].needs_listener)
+            # assigned last: a cell that sees this tuple sees the others too
+            self._before_always = tuple(h for h in before
+                                        if not h[1].idle and not h[1].needs_listener)
 
     def detach(self) -> None:
         shell = self._shell_ref()
@@ -267,8 +312,7 @@ class ShellState:
             except Exception as exc:  # noqa: BLE001 - unload must finish
                 self.report_internal_error(f"{component.name}.detach", exc)
         self.components.clear()
-        self._before_hooks.clear()
-        self._after_hooks.clear()
+        self._bind_hooks()
         if shell is None:
             return
         for event, callback in self._attached_events:
@@ -367,26 +411,44 @@ class ShellState:
                     options = {**parse_directives(raw)[0], **options}
                 except ValueError:
                     pass  # the magic reports it when the cell runs
-            shell = self._shell_ref()
-            execution_id = options.get("execution_id") or \
-                f"{self._id_prefix}{next(self._ids)}"
-            mode = options.get("mode")
+            if options:
+                execution_id = options.get("execution_id")
+                mode = options.get("mode")
+            else:
+                execution_id = mode = None
+            if not execution_id:
+                execution_id = f"{self._id_prefix}{next(self._ids)}"
             if mode is None:
                 mode = "async" if ("await" in raw or "async" in raw) and \
-                    _compat.cell_is_async(shell, info) else "sync"
-            count = _compat.execution_count_in_pre_run_cell(shell, info)
+                    _compat.cell_is_async(self._shell_ref(), info) else "sync"
+            listened = bool(self.bus._subscribers)
+            # the count is for the events: not looked up when nobody listens
+            count = _compat.execution_count_in_pre_run_cell(self._shell_ref(), info) \
+                if listened else None
             execution = Execution(execution_id, self.session_id, raw, mode,
                                   count, options, self.bus)
             try:
                 self._local.stack.append(execution)
             except AttributeError:
                 self._local.stack = [execution]
-            if self.bus._subscribers:
+            if listened:
                 execution.emit("started", code=raw, mode=mode, execution_count=count)
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
-        for where, hook in self._before_hooks:
+        hooks = execution.hooked = self._before_always
+        if listened and self._before_listened:
+            hooks += self._before_listened
+            execution.hooked_extra = True
+        if options and self._before_triggered:
+            woken = tuple(h for h in self._before_triggered
+                          if not options.keys().isdisjoint(h[1].triggers))
+            if woken:
+                hooks += woken
+                execution.hooked_extra = True
+        if execution.hooked_extra:
+            execution.hooked = hooks
+        for where, component, hook in hooks:
             try:
                 hook(execution)
             except Exception as exc:  # noqa: BLE001
@@ -397,20 +459,34 @@ class ShellState:
         if not stack:
             return  # empty cell (IPython skips pre_run_cell) or loaded mid-cell
         execution = stack.pop()
-        for where, hook in self._after_hooks:  # reverse order of load
+        after = self._after_always
+        if execution.hooked_extra or execution.hooked is not self._before_always:
+            # some hooks beyond the usual ran, or the lists changed during the
+            # cell: every component whose before_cell ran, and every one
+            # active now, in the usual order
+            wanted = {h[1] for h in execution.hooked} | {h[1] for h in after}
+            after = [h for h in self._after_hooks if h[1] in wanted]
+        for where, component, hook in after:  # reverse order of load
             try:
                 hook(execution, result)
             except Exception as exc:  # noqa: BLE001
                 self.report_internal_error(where, exc)
+        self.last_execution = execution
         try:
-            self._finish(execution, result)
+            if result is not None and not self.bus._subscribers \
+                    and result.error_before_exec is None and result.error_in_exec is None:
+                # the common case, inline: a cell that succeeded, nobody listening
+                result.pyrepl3_execution_id = execution.id
+                execution.status = "ok"
+                execution._closed = True
+            else:
+                self._finish(execution, result)
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("post_run_cell", exc)
             execution.emit("finished", status=execution.status or "error",
                            duration=0.0)
 
     def _finish(self, execution: Execution, result: Any) -> None:
-        self.last_execution = execution
         active = bool(self.bus._subscribers)
         if result is None:
             status = "error"

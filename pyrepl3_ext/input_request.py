@@ -143,6 +143,8 @@ class InputRequests(Component):
     """Per-shell: the hosts answering input and the requests waiting for them."""
 
     name = "input_request"
+    #: idle while no input request waits (after_cell ends leftover ones)
+    idle = True
 
     def __init__(self, state: Any):
         super().__init__(state)
@@ -204,6 +206,7 @@ class InputRequests(Component):
             raise TypeError(f"reply text must be a str or None, got {type(text).__name__}")
         with self._lock:
             pending = self._pending.pop(input_id, None)
+            self.set_idle(not self._pending)
         if pending is None:
             return False
         if text is not None:
@@ -235,6 +238,7 @@ class InputRequests(Component):
         pending = _Pending(execution)
         with self._lock:
             self._pending[input_id] = pending
+            self.set_idle(False)
         try:
             sent = cap.emit_event("input_requested", {"input_id": input_id, "prompt": prompt,
                                                       "password": password})
@@ -246,6 +250,7 @@ class InputRequests(Component):
         finally:
             with self._lock:
                 self._pending.pop(input_id, None)
+                self.set_idle(not self._pending)
         text = pending.text
         if text is None:
             raise EOFError(pending.why or "end of input")

@@ -455,6 +455,7 @@ class OutputCapture(Component):
     """Per-shell: captures of running executions, IPython's own writers marked."""
 
     name = "io_capture"
+    needs_listener = True  # output is captured only into events somebody reads
 
     def __init__(self, state: Any):
         super().__init__(state)

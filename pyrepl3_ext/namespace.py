@@ -194,6 +194,10 @@ class NamespaceManager(Component):
     """Per-shell namespace access, transactions and snapshots."""
 
     name = "namespace"
+    #: idle while transactions are off by default; a cell's ``transaction``
+    #: option still opens one
+    idle = True
+    triggers = ("transaction",)
 
     def __init__(self, state: Any):
         super().__init__(state)
@@ -207,10 +211,12 @@ class NamespaceManager(Component):
     def attach(self) -> None:
         config = self.state.config
         self._default = bool(config.transactions)  # read per cell: cached
+        self.set_idle(not self._default)
         config.observe(self._on_default, names="transactions")
 
     def _on_default(self, change: dict) -> None:
         self._default = bool(change["new"])
+        self.set_idle(not self._default)
 
     def detach(self) -> None:
         self.state.config.unobserve(self._on_default, names="transactions")

@@ -57,6 +57,9 @@ class SessionSecurity:
         self._get_ipython = None
         self._saved: dict[str, Any] = {}
         self._injected: dict[str, Any] = {}
+        #: called after every change of what is enforced (the component
+        #: keeps its per-cell ``idle`` flag from it)
+        self.on_change: Any = None
         #: What this session added to ``shell.protected_names`` and
         #: ``shell.builtin_trap.denied_names`` (patch 0009 only).
         self._protected: frozenset = frozenset()
@@ -153,7 +156,12 @@ class SessionSecurity:
                 audit.install()
                 self.scope = audit.AuditScope(self)
             self._inject()
-            self._sync_protected()
+            self._changed()
+
+    def _changed(self) -> None:
+        self._sync_protected()
+        if self.on_change is not None:
+            self.on_change()
 
     def _sync_protected(self) -> None:
         """Patch 0009: mirror the protected names into the shell (no-op on stock)."""
@@ -237,6 +245,8 @@ class SessionSecurity:
             self._saved.clear()
             self.guard = self.gate = self._get_ipython = None
             self.builtins = self.importer = self.private_guard = self.scope = None
+            if self.on_change is not None:
+                self.on_change()
 
     # -- capabilities ------------------------------------------------------------
     def grant(self, name: str, impl: Any) -> Any:
@@ -252,7 +262,7 @@ class SessionSecurity:
             grant = Grant(name, impl, self)
             self.grants[name] = grant
             self._inject()
-            self._sync_protected()
+            self._changed()
             if self.scope is not None:
                 self.scope.refresh_roots()
             return grant.facade
@@ -267,7 +277,7 @@ class SessionSecurity:
             if ns.get(name) is grant.facade:
                 del ns[name]
             self._injected.pop(name, None)
-            self._sync_protected()
+            self._changed()
             if self.scope is not None:
                 self.scope.refresh_roots()
             return True
@@ -308,8 +318,12 @@ class SecurityComponent(Component):
 
     name = "security"
 
+    #: nothing to do per cell under the bare ``trusted`` preset
+    idle = True
+
     def attach(self) -> None:
         self.session = SessionSecurity(self.state)
+        self.session.on_change = self._update_idle
         config = self.state.config
         self.session.apply(SecurityPolicy.preset(config.security_policy))
         if config.files_root:
@@ -318,6 +332,9 @@ class SecurityComponent(Component):
 
     def _on_policy_change(self, change: dict) -> None:
         self.session.apply(SecurityPolicy.preset(change["new"]))
+
+    def _update_idle(self) -> None:
+        self.set_idle(not self.session.enforcing)
 
     def before_cell(self, execution: Any) -> None:
         session = self.session
