@@ -79,6 +79,9 @@ def routed_capture() -> "_Capture | None":
     return cap
 
 
+_ABSENT = object()
+
+
 # -- the routing stream ---------------------------------------------------------
 
 class _RoutingStream(io.TextIOBase):
@@ -506,8 +509,11 @@ class OutputCapture(Component):
             return
         wrapper = make(original)
         wrapper.pyrepl3_original = original
+        # what the instance itself held (a host's own replacement, another
+        # extension's wrapper): put back on unload, not deleted
+        previous = obj.__dict__.get(name, _ABSENT)
         setattr(obj, name, wrapper)
-        self._wrapped.append((obj, name, wrapper))
+        self._wrapped.append((obj, name, wrapper, previous))
 
     def detach(self) -> None:
         self.state.config.unobserve(self._on_config, names=list(self._TRAITS))
@@ -521,9 +527,12 @@ class OutputCapture(Component):
         while cap is not None and cap.component is self:
             cap = cap.prev
         _tls.cap = cap
-        for obj, name, wrapper in reversed(self._wrapped):
+        for obj, name, wrapper, previous in reversed(self._wrapped):
             if obj.__dict__.get(name) is wrapper:
-                del obj.__dict__[name]
+                if previous is _ABSENT:
+                    del obj.__dict__[name]
+                else:
+                    obj.__dict__[name] = previous
         self._wrapped.clear()
         if self._hooked:
             _release_process_hooks()

@@ -506,3 +506,20 @@ def test_eight_shells_in_eight_threads_never_mix(ip):
             shell.close()  # 0003: gives back __main__, the sys hooks, the singleton slot
         assert (sys.modules.get("__main__"), sys.displayhook, sys.excepthook,
                 builtins.__dict__.get("get_ipython")) == saved
+
+
+def test_unload_puts_back_a_hosts_own_showtraceback(shell):
+    # a host that replaced shell.showtraceback on the instance (benchmarks,
+    # embedders) keeps its replacement across load/unload: it was deleted,
+    # so IPython's own formatter came back
+    def quiet(*args, **kwargs):
+        return None
+
+    shell.showtraceback = quiet
+    try:
+        pyrepl3_ext.load_ipython_extension(shell)
+        assert shell.showtraceback is not quiet  # wrapped while loaded
+        pyrepl3_ext.unload_ipython_extension(shell)
+        assert shell.__dict__.get("showtraceback") is quiet
+    finally:
+        shell.__dict__.pop("showtraceback", None)
