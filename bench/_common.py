@@ -65,6 +65,12 @@ def paired_ratio(timing: dict, variant: str, baseline: str) -> float:
     return statistics.median(v / b for v, b in pairs)
 
 
+def paired_difference(timing: dict, variant: str, baseline: str) -> float:
+    """Median over rounds of ``variant - baseline`` (seconds) timed in the same round."""
+    pairs = zip(timing[variant]["samples"], timing[baseline]["samples"])
+    return statistics.median(v - b for v, b in pairs)
+
+
 def environment() -> dict:
     import IPython
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -44,7 +43,7 @@ from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
 from pyrepl3_ext import extension  # noqa: E402
-from bench._common import interleaved, write_results  # noqa: E402
+from bench._common import interleaved, paired_difference, write_results  # noqa: E402
 
 CELLS = {
     "trivial": "x = 1",
@@ -93,12 +92,6 @@ def instructions() -> dict:
           f"{per_cell['ext']:,.0f}: {added:+,.0f} ({added / per_cell['stock']:+.1%})")
     return {"stock": per_cell["stock"], "ext": per_cell["ext"], "added": added,
             "ratio": per_cell["ext"] / per_cell["stock"]}
-
-
-def paired_difference(timing: dict, variant: str, baseline: str) -> float:
-    """Median over rounds of ``variant - baseline`` (us) timed in the same round."""
-    pairs = zip(timing[variant]["samples"], timing[baseline]["samples"])
-    return statistics.median(v - b for v, b in pairs) * 1e6
 
 
 def main() -> None:
@@ -168,7 +161,7 @@ def main() -> None:
                   f"{t['best']/timing['exec']['best']:>9.2f}{t['best']/stock:>10.3f}"
                   f"{delta:>14.1f}")
         results[cell_name] = {v: {"best_us": t["best"] * 1e6, "median_us": t["median"] * 1e6,
-                                  "paired_added_us": paired_difference(timing, v, "stock")}
+                                  "paired_added_us": paired_difference(timing, v, "stock") * 1e6}
                               for v, t in timing.items()}
     trivial = results["trivial"]
     added = trivial["ext"]["best_us"] - trivial["stock"]["best_us"]

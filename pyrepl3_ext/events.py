@@ -99,10 +99,9 @@ class Execution:
     # One is created per cell: the per-instance work is only what differs
     # between executions; the rest are class-level defaults until assigned.
     status: str | None = None
-    #: the ``before_cell`` hooks that ran for this execution, and whether
-    #: any beyond the shell's usual ones did (``ShellState._bind_hooks``)
+    #: the ``before_cell`` hooks that ran for this execution: the shell's
+    #: usual tuple itself unless others ran too (``ShellState._bind_hooks``)
     hooked: tuple = ()
-    hooked_extra = False
     _seq = 0
     _closed = False
     outcome_sent = False

@@ -436,18 +436,15 @@ class ShellState:
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
-        hooks = execution.hooked = self._before_always
+        hooks = self._before_always
         if listened and self._before_listened:
-            hooks += self._before_listened
-            execution.hooked_extra = True
+            hooks += self._before_listened  # a new tuple: post sees the difference
         if options and self._before_triggered:
             woken = tuple(h for h in self._before_triggered
                           if not options.keys().isdisjoint(h[1].triggers))
             if woken:
                 hooks += woken
-                execution.hooked_extra = True
-        if execution.hooked_extra:
-            execution.hooked = hooks
+        execution.hooked = hooks
         for where, component, hook in hooks:
             try:
                 hook(execution)
@@ -460,7 +457,7 @@ class ShellState:
             return  # empty cell (IPython skips pre_run_cell) or loaded mid-cell
         execution = stack.pop()
         after = self._after_always
-        if execution.hooked_extra or execution.hooked is not self._before_always:
+        if execution.hooked is not self._before_always:
             # some hooks beyond the usual ran, or the lists changed during the
             # cell: every component whose before_cell ran, and every one
             # active now, in the usual order

@@ -89,22 +89,20 @@ def make_attribute_functions(policy_name: str, guard: PrivateGuard | None) -> di
             guard.check(obj, name)
         return _real_hasattr(obj, name)
 
-    def setattr(obj: Any, name: str, value: Any) -> None:  # noqa: A001
-        refuse(name, "setattr")
+    def check_write(obj: Any, name: Any, verb: str, action: str) -> None:
+        refuse(name, verb)
         if name.startswith("__"):
-            raise SecurityError(f"setattr: writing the attribute {name!r} is refused "
+            raise SecurityError(f"{verb}: {action} the attribute {name!r} is refused "
                                 f"(security policy {policy_name!r})")
         if guard is not None and is_private(name):
             guard.check(obj, name)
+
+    def setattr(obj: Any, name: str, value: Any) -> None:  # noqa: A001
+        check_write(obj, name, "setattr", "writing")
         _real_setattr(obj, name, value)
 
     def delattr(obj: Any, name: str) -> None:  # noqa: A001
-        refuse(name, "delattr")
-        if name.startswith("__"):
-            raise SecurityError(f"delattr: deleting the attribute {name!r} is refused "
-                                f"(security policy {policy_name!r})")
-        if guard is not None and is_private(name):
-            guard.check(obj, name)
+        check_write(obj, name, "delattr", "deleting")
         _real_delattr(obj, name)
 
     return {"getattr": getattr, "hasattr": hasattr, "setattr": setattr,
