@@ -1038,12 +1038,6 @@ class CancellationManager(Component):
         if handover:
             scope.manager._arm(scope, rearm)
             return
-        # an async cell suspended in its loop: cancel its task from the loop
-        if scope.loop is not None and scope.task is not None:
-            try:
-                scope.loop.call_soon_threadsafe(self._cancel_task, scope, generation)
-            except RuntimeError:
-                pass  # loop closed: the cell is over
         config = self.state.config
         if tid == threading.main_thread().ident and self._signal:
             self._signal_main(scope, generation, config.cancel_escalate_after)
@@ -1061,13 +1055,23 @@ class CancellationManager(Component):
                     return
                 scope.mechanism = "armed"
                 # an async cell suspended in its loop (worker thread) is run
-                # by the loop's machinery: the task cancel above stops it, an
+                # by the loop's machinery: the task cancel below stops it, an
                 # exception posted now would land in the loop, not the cell
                 if scope.in_code and not scope.async_exc_pending and (
                         scope.task is None or
                         _frames_above_root(sys._current_frames().get(tid))):
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
+        # An async cell suspended in its loop: cancel its task from the loop.
+        # Scheduled after the arming above, so the loop's "raised" is the
+        # last word and never overwritten by "armed" (which would leave the
+        # global events on, and a stack walk per call, while IPython formats
+        # the traceback).
+        if scope.loop is not None and scope.task is not None:
+            try:
+                scope.loop.call_soon_threadsafe(self._cancel_task, scope, generation)
+            except RuntimeError:
+                pass  # loop closed: the cell is over
         _TIMER.call_at(time.monotonic() + max(config.cancel_grace, 0.05),
                        lambda: self._rearm_if_running(scope, generation))
 
@@ -1114,13 +1118,17 @@ class CancellationManager(Component):
     @staticmethod
     def _cancel_task(scope: CancelScope, generation: int) -> None:
         """Runs in the loop's thread while the cell's task is suspended."""
-        if scope.finished or scope.generation != generation or scope.task is None:
-            return
-        if not scope.task.done():
+        with _lock:
+            if scope.finished or scope.generation != generation or scope.task is None \
+                    or scope.task.done():
+                return
             scope.mechanism = "raised"
             scope.raised += 1
             scope.task_cancelled = True
-            scope.task.cancel(scope.reason)
+            if scope.armed_codes or scope.armed_global:
+                # the task machinery delivers it: events off, as in _mon_check
+                _MONITORING.disarm(scope)
+        scope.task.cancel(scope.reason)
 
     def running(self) -> list[str]:
         """Ids of the executions of this shell that are running now."""

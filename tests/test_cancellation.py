@@ -343,6 +343,37 @@ def test_async_cell_is_cancelled_and_spawned_tasks_live(quiet, started, events):
     assert follow.result == "alive"
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring (3.12+)")
+def test_cancelled_await_leaves_no_events_on_while_the_traceback_prints():
+    """A cell suspended in its loop is cancelled through its task.  Whatever
+    the order in which the loop and the canceller run, the global events the
+    cancel armed (a stack walk per call) are off by the time IPython formats
+    the traceback: left on, they made the printing take seconds under load."""
+    from pyrepl3_ext import Engine
+
+    tool = cancellation._MONITORING
+    seen = []
+    with Engine() as engine:
+        session = engine.create_session()
+        shell = session.shell
+        original = shell.showtraceback
+
+        def recording_showtraceback(*args, **kwargs):
+            seen.append(sys.monitoring.get_events(tool.tool))
+            return original(*args, **kwargs)
+
+        shell.showtraceback = recording_showtraceback
+        for n in range(5):
+            shell.user_ns["_started"] = started = threading.Event()
+            handle = session.execute("import asyncio\n_started.set()\nawait asyncio.sleep(60)",
+                                     wait=False)
+            assert started.wait(WAIT)
+            time.sleep(0.02 * n)  # vary where the loop is when the cancel lands
+            assert handle.cancel() is True
+            assert isinstance(handle.result(WAIT).error_in_exec, CellCancelled)
+    assert seen == [0] * 5
+
+
 def test_busy_async_cell_is_cancelled(quiet, started):
     code = "import asyncio\nawait asyncio.sleep(0)\n_started.set()\nwhile True:\n    pass"
     thread, _ = cancel_when_started(quiet, started, "as2")
