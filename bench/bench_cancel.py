@@ -12,6 +12,15 @@ Idle cost
     the best (least disturbed) time of each variant and the ratio
     loaded / unloaded; the target is <= 1.02.
 
+Idle cost in instructions (``--instructions``, or ``--only instructions``; needs valgrind)
+    The same workloads, each cell counted on its own under callgrind after
+    one uncounted warm-up run in the same thread, in two child processes:
+    one without the extension, one with it loaded and after one cancel per
+    thread.  A count does not depend on the machine's load, so this shows
+    a 1-2 % difference that the timings above cannot separate from noise
+    (cache and pipeline effects are not counted).  The two children run in
+    parallel; a few minutes per Python.
+
 Cancel latency
     For each scenario and thread: start the cell, wait a random 0-2 ms after
     it signals it runs, call ``pyrepl3_ext.cancel`` and time until
@@ -45,7 +54,8 @@ from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
-from bench._common import interleaved, paired_ratio, write_results  # noqa: E402
+from bench._common import (  # noqa: E402
+    count_regions, in_counted_region, interleaved, paired_ratio, write_results)
 from pyrepl3_ext import CellCancelled  # noqa: E402
 
 # -- workloads for the idle cost ---------------------------------------------
@@ -235,6 +245,50 @@ def idle_cost(shell: InteractiveShell, worker: Worker, rounds: int) -> dict:
             "geomean_ratio": statistics.geometric_mean(ratios), "a_a_noise": max(noise)}
 
 
+def count_child(variant: str) -> None:
+    """The child side of the instruction count: every workload in the main
+    thread, then in a worker, once uncounted and once counted."""
+    shell = make_shell()
+    worker = Worker()
+    shell.run_cell(SETUP, store_history=False)
+    if variant == "loaded":
+        pyrepl3_ext.load_ipython_extension(shell)
+        cancel_one(shell, None)
+        cancel_one(shell, worker)
+    for code in WORKLOADS.values():
+        def cell(code=code) -> None:
+            shell.run_cell(code, store_history=False)
+
+        for run_in in (lambda fn: fn(), worker.call):
+            run_in(cell)  # warm-up: compile, specialise, first-time imports
+            gc.collect()
+            run_in(lambda: in_counted_region(cell))
+
+
+def idle_instructions() -> dict:
+    import concurrent.futures
+
+    print("\nidle cost in instructions (callgrind; each cell counted after a warm-up run;"
+          "\n loaded = extension loaded, after one cancel per thread)")
+    script = os.path.abspath(__file__)
+    regions = 2 * len(WORKLOADS)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        none, loaded = pool.map(
+            lambda variant: count_regions([script, "--count-child", variant], regions),
+            ("none", "loaded"))
+    print(f"{'workload':<18}{'thread':<8}{'none Minstr':>13}{'loaded Minstr':>15}{'ratio':>8}")
+    out: dict = {}
+    labels = [(name, thread) for name in WORKLOADS for thread in ("main", "worker")]
+    for (name, thread), n, ld in zip(labels, none, loaded):
+        print(f"{name:<18}{thread:<8}{n / 1e6:>13.2f}{ld / 1e6:>15.2f}{ld / n:>8.4f}")
+        out.setdefault(name, {})[thread] = {"none": n, "loaded": ld, "ratio": ld / n}
+    ratios = [ld / n for n, ld in zip(none, loaded)]
+    print(f"instructions loaded/none: worst {max(ratios):.4f}, geometric mean "
+          f"{statistics.geometric_mean(ratios):.4f} (target <= 1.02)")
+    return {"workloads": out, "worst_ratio": max(ratios),
+            "geomean_ratio": statistics.geometric_mean(ratios)}
+
+
 def latency_samples(shell: InteractiveShell, worker: Worker, code: str, thread: str,
                     samples: int, rng: random.Random) -> list[float]:
     started = threading.Event()
@@ -317,14 +371,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="idle-cost rounds per variant")
     parser.add_argument("--samples", type=int, default=200, help="latency samples per scenario")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 30 samples")
-    parser.add_argument("--only", choices=["idle", "latency"], help="run one half")
+    parser.add_argument("--only", choices=["idle", "latency", "instructions"],
+                        help="run one part")
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count the idle cost in instructions (valgrind; minutes)")
+    parser.add_argument("--count-child", choices=["none", "loaded"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count_child:
+        return count_child(args.count_child)
     rounds, samples = (3, 30) if args.quick else (args.rounds, args.samples)
 
     shell = make_shell()
     worker = Worker()
     print(f"Python {sys.version.split()[0]}, IPython {__import__('IPython').__version__}")
     payload: dict = {}
+    if args.only == "instructions" or (args.only is None and args.instructions):
+        payload["idle_instructions"] = idle_instructions()
     if args.only in (None, "idle"):
         payload["idle_cost"] = idle_cost(shell, worker, rounds)
     if args.only in (None, "latency"):

@@ -11,16 +11,18 @@ Variants:
   ext-core   as ext, with no capability component attached (the
              foundation alone: hooks, execution ids, events machinery)
   ext+sub    as ext, with one in-process subscriber (events are built)
+  stock-again  stock timed a second time: the A/A difference is this run's
+             noise floor
 All run with ``store_history=False`` and an in-memory history, so the
 numbers are about execution machinery, not SQLite.
 
-``--instructions`` (needs valgrind) counts instead the machine
-instructions a trivial cell executes, stock and with the extension, each
-in its own process under callgrind (the difference of a 400- and a
-2000-cell run, so start-up cancels out; the garbage collections a
-variant's allocations cause are counted with it).  Counts do not drift with the
-machine's load the way times do: on a shared VM a few microseconds of
-timing difference are within the noise, instruction counts are exact.
+``--instructions`` (needs valgrind) also counts the machine instructions
+of 1,000 trivial cells (after 500 uncounted ones), stock and with the
+extension, each in its own process under callgrind (only that region is
+counted; the garbage collections a variant's allocations cause are
+counted with it).  Counts do not drift with the machine's load the way
+times do: on a shared VM a few microseconds of timing difference are
+within the noise, instruction counts are exact.
 
 Timing is this thread's CPU time by default (``--wall`` for wall clock):
 the cells never wait, and CPU time is far less disturbed by other
@@ -43,7 +45,8 @@ from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
 from pyrepl3_ext import extension  # noqa: E402
-from bench._common import interleaved, paired_difference, write_results  # noqa: E402
+from bench._common import (  # noqa: E402
+    count_regions, in_counted_region, interleaved, paired_difference, write_results)
 
 CELLS = {
     "trivial": "x = 1",
@@ -52,46 +55,38 @@ CELLS = {
 }
 
 
-def _cells_under_callgrind(variant: str, cells: int) -> int:
-    """Instructions of a child process running ``cells`` trivial cells (after a warm-up)."""
-    import subprocess
-
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, os.path.abspath(__file__), "--run-cells", variant, str(cells)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-    for line in out.stderr.splitlines():
-        if "Collected :" in line:
-            return int(line.split()[-1])
-    raise SystemExit(f"callgrind gave no count for {variant}: {out.stderr[-2000:]}")
-
-
 def run_cells(variant: str, cells: int) -> None:
-    """The child side of ``--instructions``: warm up, then run ``cells`` cells."""
+    """The child side of ``--instructions``: warm up, then run ``cells``
+    cells in the counted region."""
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
     shell = InteractiveShell.instance(config=config)
     shell.display_formatter.active_types = ["text/plain"]
     if variant == "ext":
         pyrepl3_ext.load_ipython_extension(shell)
-    for _ in range(1000 + cells):
+    for _ in range(500):
         shell.run_cell("x = 1", store_history=False)
+
+    def cells_() -> None:
+        for _ in range(cells):
+            shell.run_cell("x = 1", store_history=False)
+
+    in_counted_region(cells_)
 
 
 def instructions() -> dict:
-    import shutil
+    import concurrent.futures
 
-    if shutil.which("valgrind") is None:
-        raise SystemExit("--instructions needs valgrind on PATH")
-    per_cell = {}
-    for variant in ("stock", "ext"):
-        low, high = (_cells_under_callgrind(variant, n) for n in (400, 2000))
-        per_cell[variant] = (high - low) / 1600
-    added = per_cell["ext"] - per_cell["stock"]
-    print(f"instructions per trivial cell: stock {per_cell['stock']:,.0f}, with pyrepl3_ext "
-          f"{per_cell['ext']:,.0f}: {added:+,.0f} ({added / per_cell['stock']:+.1%})")
-    return {"stock": per_cell["stock"], "ext": per_cell["ext"], "added": added,
-            "ratio": per_cell["ext"] / per_cell["stock"]}
+    cells = 1000
+    script = os.path.abspath(__file__)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stock, ext = pool.map(
+            lambda v: count_regions([script, "--run-cells", v, str(cells)], 1)[0] / cells,
+            ("stock", "ext"))
+    added = ext - stock
+    print(f"instructions per trivial cell: stock {stock:,.0f}, with pyrepl3_ext "
+          f"{ext:,.0f}: {added:+,.0f} ({added / stock:+.1%})")
+    return {"stock": stock, "ext": ext, "added": added, "ratio": ext / stock}
 
 
 def main() -> None:
@@ -149,8 +144,8 @@ def main() -> None:
         def run(source=source):
             shell.run_cell(source, store_history=False)
 
-        variants = {"exec": plain_exec, "stock": run, "ext-core": run, "ext": run,
-                    "ext+sub": run}
+        variants = {"exec": plain_exec, "stock": run, "stock-again": run, "ext-core": run,
+                    "ext": run, "ext+sub": run}
         timing = interleaved(variants, rounds=rounds, number=number, setup=ensure,
                              clock=clock)
         ensure("stock")
@@ -167,11 +162,15 @@ def main() -> None:
     added = trivial["ext"]["best_us"] - trivial["stock"]["best_us"]
     core = trivial["ext-core"]["best_us"] - trivial["stock"]["best_us"]
     paired = trivial["ext"]["paired_added_us"]
+    noise = (trivial["stock-again"]["best_us"] - trivial["stock"]["best_us"],
+             trivial["stock-again"]["paired_added_us"])
     print(f"\nextension cost per trivial cell: {added:+.1f} us (best vs best; paired "
           f"{paired:+.1f} us), of which the foundation {core:+.1f} us and the components "
           f"({', '.join(n for n, _ in all_components)}) {added - core:+.1f} us "
           f"(target <= 10 us; stock run_cell {trivial['stock']['best_us']:.0f} us; "
-          f"{'CPU' if not args.wall else 'wall'} time, {rounds} rounds)")
+          f"{'CPU' if not args.wall else 'wall'} time, {rounds} rounds)\n"
+          f"noise floor (stock-again - stock): {noise[0]:+.1f} us best vs best, "
+          f"{noise[1]:+.1f} us paired")
     counted = instructions() if args.instructions else None
     if counted is not None:
         print(f"at this machine's stock run_cell time that is "
@@ -180,6 +179,8 @@ def main() -> None:
                                       "instructions_per_trivial_cell": counted,
                                       "added_us_trivial_paired": paired,
                                       "added_us_trivial_core": core,
+                                      "a_a_us_trivial": noise[0],
+                                      "a_a_us_trivial_paired": noise[1],
                                       "clock": "wall" if args.wall else "thread_cpu"})
     print(f"wrote {path}")
 

@@ -2,8 +2,9 @@
 
 The model is trio's cancel scope, reduced to what a cell needs:
 
-* Every execution runs inside one :class:`CancelScope` carrying its
-  ``execution_id``, a generation number and an optional deadline.  Scopes
+* Every execution runs inside its own :class:`CancelScope` (a new object
+  per cell, never reused) carrying its ``execution_id`` and an optional
+  deadline.  Scopes
   nest per thread (a cell that runs a cell); cancelling a scope cancels the
   scopes nested in it.
 * ``cancel(shell, execution_id, reason)`` marks the scope and arms a
@@ -22,8 +23,8 @@ Invariants (each has a test):
    ``sys.monitoring`` tool with zero events are registered at load; both
    cost nothing measurable (``bench/bench_cancel.py``).
 2. A cancel aimed at execution N never lands in N+1: every mechanism looks
-   the target up again in the target thread (scope still running, same
-   generation) before raising, and the scope is closed under the manager
+   the target up again in the target thread (the same scope object, still
+   running) before raising, and the scope is closed under the manager
    lock before anything is disarmed.
 3. The exception is raised only in frames that run the cell's code (above
    IPython's ``run_code``), never in IPython's or pyrepl3's own frames, and
@@ -93,7 +94,7 @@ _UNSAFE_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__")
 # wrapper such as Condition) because the target thread takes it while an
 # asynchronous exception may be pending for it.
 _lock = threading.Lock()
-_generations = itertools.count(1)
+_get_ident = threading.get_ident
 #: thread id -> stack of running scopes (innermost last)
 _thread_scopes: dict[int, list["CancelScope"]] = {}
 #: thread id -> the scope being cancelled there (what mechanisms look up)
@@ -122,7 +123,7 @@ def _new_thread_stack(tid: int) -> list:
 class CancelScope:
     """The cancellation state of one execution (see the module docstring)."""
 
-    # Every cell creates one scope, so only the six fields every scope needs
+    # Every cell creates one scope, so only the four fields every scope needs
     # are set per instance; the rest are class-level defaults until a
     # cancel (rare) assigns them.
     cancel_called = False
@@ -131,6 +132,7 @@ class CancelScope:
     requested_at = 0.0
     raised = 0
     finished = False
+    deadline: float | None = None
     loop: "asyncio.AbstractEventLoop | None" = None
     task: "asyncio.Task | None" = None
     task_cancelled = False
@@ -142,11 +144,9 @@ class CancelScope:
     async_exc_pending = False
 
     def __init__(self, execution_id: str, thread_id: int, manager: "CancellationManager",
-                 deadline: float | None, parent: "CancelScope | None"):
+                 parent: "CancelScope | None"):
         self.execution_id = execution_id
-        self.generation = next(_generations)
         self.thread_id = thread_id
-        self.deadline = deadline
         self.parent = parent
         self.manager = manager
 
@@ -163,7 +163,7 @@ class CancelScope:
 
     def __repr__(self) -> str:
         state = "finished" if self.finished else ("cancelled" if self.cancel_called else "running")
-        return f"<CancelScope {self.execution_id!r} gen={self.generation} {state}>"
+        return f"<CancelScope {self.execution_id!r} {state}>"
 
 
 # -- public API ---------------------------------------------------------------
@@ -198,18 +198,18 @@ def shield() -> Iterator[None]:
 
 def current_scope() -> CancelScope | None:
     """The innermost running scope of the calling thread, if any."""
-    stack = _thread_scopes.get(threading.get_ident())
+    stack = _thread_scopes.get(_get_ident())
     return stack[-1] if stack else None
 
 
 def _cancelled_scope_here() -> CancelScope | None:
-    return _cancelled_threads.get(threading.get_ident())
+    return _cancelled_threads.get(_get_ident())
 
 
 def check_cancelled() -> None:
     """Raise ``CellCancelled`` now if the calling thread's cell was cancelled."""
     __tracebackhide__ = True  # IPython hides this frame in tracebacks
-    scope = _cancelled_threads.get(threading.get_ident())
+    scope = _cancelled_threads.get(_get_ident())
     if scope is not None and not scope.finished:
         scope.raised += 1
         raise scope.exception()
@@ -223,7 +223,7 @@ def interruptible_wait(event: threading.Event, timeout: float | None = None) -> 
     A cancel wakes the wait by *setting* ``event``, so pass an event that
     only this wait uses.  Returns whether the event was set (by its owner).
     """
-    tid = threading.get_ident()
+    tid = _get_ident()
     with _lock:  # registered before the check: a cancel from now on wakes us
         _thread_wakers.setdefault(tid, set()).add(event)
     try:
@@ -433,7 +433,7 @@ def _same_line_back_jumps(code) -> frozenset[int]:
 def _local_tracer(frame, event, arg):
     __tracebackhide__ = True
     if event == "line":
-        scope = _cancelled_threads.get(threading.get_ident())
+        scope = _cancelled_threads.get(_get_ident())
         if scope is not None and not scope.finished and scope.mechanism == "armed" \
                 and _safe_to_raise(frame, scope):
             # Untrace before raising: the unwinding and the cell's cleanup run
@@ -539,11 +539,11 @@ class _MainThreadSignal:
         for f in frames:
             f.f_trace = _local_tracer
         scope.mechanism = "armed"
-        self.saved_trace.setdefault(threading.get_ident(), sys.gettrace())
+        self.saved_trace.setdefault(_get_ident(), sys.gettrace())
         sys.settrace(_global_tracer)  # last: nothing after this may be traced
 
     def disarm_current_thread(self) -> None:
-        tid = threading.get_ident()
+        tid = _get_ident()
         if tid in self.saved_trace:
             previous = self.saved_trace.pop(tid)
             if sys.gettrace() is _global_tracer:
@@ -645,7 +645,7 @@ class _Monitoring:
 
 def _mon_check(depth: int = 2) -> None:
     __tracebackhide__ = True
-    scope = _cancelled_threads.get(threading.get_ident())
+    scope = _cancelled_threads.get(_get_ident())
     if scope is None or scope.finished or scope.mechanism != "armed":
         return
     frame = sys._getframe(depth)
@@ -773,7 +773,8 @@ class CancellationManager(Component):
             original = shell.run_code
 
             async def run_code(code_obj, result=None, *, async_=False):
-                scope = current_scope()
+                stack = _thread_scopes.get(_get_ident())  # current_scope(), inline
+                scope = stack[-1] if stack else None
                 if scope is None:
                     return await original(code_obj, result, async_=async_)
                 excepthook = sys.excepthook
@@ -854,53 +855,59 @@ class CancellationManager(Component):
 
     # per cell
     def before_cell(self, execution: Any) -> None:
-        tid = threading.get_ident()
-        timeout = execution.options.get("timeout") or self._cell_timeout
-        deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
-        # No lock on this per-cell path: only this thread pushes and pops its
-        # own stack, list and dict operations are atomic, and cancel() reads
-        # both under the lock and re-checks ``finished`` before arming.
+        # Hot path (every cell).  No lock: only this thread pushes and pops
+        # its own stack, list and dict operations are atomic, and cancel()
+        # reads both under the lock and re-checks ``finished`` before arming.
+        tid = _get_ident()
         stack = _thread_scopes.get(tid)
         if stack is None:  # this thread's first cell
             stack = _new_thread_stack(tid)
         parent = stack[-1] if stack else None
-        scope = CancelScope(execution.id, tid, self, deadline, parent)
+        scope = CancelScope(execution.id, tid, self, parent)
         stack.append(scope)
         if parent is not None and parent.cancel_called and not parent.finished:
             # the enclosing cell's cancel may have walked the stack before the push
             self.cancel(execution.id, parent.reason, kind=parent.kind)
         if execution.mode in ("async", "async-host"):  # executor.py's await routes
-            # only the cell's own coroutine task may be cancelled: a sync cell
-            # run from a host's coroutine (ipykernel) must not touch the host's task
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is not None:
-                scope.loop = loop
-                scope.task = asyncio.current_task(loop)
-        if deadline is not None:
-            generation = scope.generation
-            _TIMER.call_at(deadline, lambda: self._deadline(scope, generation, timeout))
+            self._bind_task(scope)
+        timeout = self._cell_timeout
+        if execution.options:
+            timeout = execution.options.get("timeout") or timeout
+        if timeout and timeout > 0:
+            self._start_deadline(scope, timeout)
+
+    @staticmethod
+    def _bind_task(scope: CancelScope) -> None:
+        # only the cell's own coroutine task may be cancelled: a sync cell
+        # run from a host's coroutine (ipykernel) must not touch the host's task
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        scope.loop = loop
+        scope.task = asyncio.current_task(loop)
+
+    def _start_deadline(self, scope: CancelScope, timeout: float) -> None:
+        scope.deadline = time.monotonic() + timeout
+        _TIMER.call_at(scope.deadline, lambda: self._deadline(scope, timeout))
 
     def after_cell(self, execution: Any, result: Any) -> None:
         # The cell's scope is on top of this thread's stack (inner cells
         # close before outer ones); anything else means before_cell did not
         # open one (it failed, or the extension loaded mid-cell).
-        stack = _thread_scopes.get(threading.get_ident())
+        stack = _thread_scopes.get(_get_ident())
         scope = stack[-1] if stack else None
-        on_top = scope is not None and scope.execution_id == execution.id \
-            and scope.manager is self
-        if not on_top:
+        if scope is None or scope.execution_id != execution.id or scope.manager is not self:
             scope = self._find(execution.id, prefer=stack)
             if scope is None:
                 return
+            stack = None  # not on top: _forget finds it
         scope.finished = True  # from now on cancel() misses it (checked under the lock)
         if not scope.cancel_called:
             # Never cancelled, the common case: no lock.  A cancel racing this
             # sees ``finished`` and arms nothing here (``_arm`` passes it on to
             # a cancelled enclosing scope).
-            if on_top:
+            if stack is not None:
                 stack.pop()
             else:
                 self._forget(scope)
@@ -920,7 +927,7 @@ class CancellationManager(Component):
     def scope_of(self, execution_id: str) -> CancelScope | None:
         """The open cancel scope of a running execution of this shell (for
         waits in threads the cell started, which a cancel does not wake)."""
-        return self._find(execution_id, prefer=_thread_scopes.get(threading.get_ident()))
+        return self._find(execution_id, prefer=_thread_scopes.get(_get_ident()))
 
     def _own_scopes(self) -> list[CancelScope]:
         """This manager's open scopes, in every thread (caller holds ``_lock``)."""
@@ -1012,8 +1019,8 @@ class CancellationManager(Component):
             p = p.parent
         return False
 
-    def _deadline(self, scope: CancelScope, generation: int, timeout: float) -> None:
-        if scope.finished or scope.generation != generation:
+    def _deadline(self, scope: CancelScope, timeout: float) -> None:
+        if scope.finished:
             return
         self.cancel(scope.execution_id, f"cell exceeded its timeout of {timeout:g} s",
                     kind="timeout")
@@ -1030,7 +1037,6 @@ class CancellationManager(Component):
             handover = scope.manager is not self  # nested in another shell's cell
             if not handover:
                 tid = scope.thread_id
-                generation = scope.generation
                 _cancelled_threads[tid] = scope
                 scope.mechanism = "pending"
                 for waker in _thread_wakers.get(tid, ()):
@@ -1040,7 +1046,7 @@ class CancellationManager(Component):
             return
         config = self.state.config
         if tid == threading.main_thread().ident and self._signal:
-            self._signal_main(scope, generation, config.cancel_escalate_after)
+            self._signal_main(scope, config.cancel_escalate_after)
         elif _HAS_MONITORING and self._monitoring:
             with _lock:
                 if scope.finished:
@@ -1069,17 +1075,17 @@ class CancellationManager(Component):
         # the traceback).
         if scope.loop is not None and scope.task is not None:
             try:
-                scope.loop.call_soon_threadsafe(self._cancel_task, scope, generation)
+                scope.loop.call_soon_threadsafe(self._cancel_task, scope)
             except RuntimeError:
                 pass  # loop closed: the cell is over
         _TIMER.call_at(time.monotonic() + max(config.cancel_grace, 0.05),
-                       lambda: self._rearm_if_running(scope, generation))
+                       lambda: self._rearm_if_running(scope))
 
-    def _signal_main(self, scope: CancelScope, generation: int, escalate_after: float) -> None:
+    def _signal_main(self, scope: CancelScope, escalate_after: float) -> None:
         _SIGNAL.send()
 
         def escalate() -> None:
-            if scope.finished or scope.generation != generation or scope.mechanism == "raised":
+            if scope.finished or scope.mechanism == "raised":
                 return
             scope.mechanism = "escalate"
             _SIGNAL.send()
@@ -1087,14 +1093,14 @@ class CancellationManager(Component):
 
         _TIMER.call_at(time.monotonic() + escalate_after, escalate)
 
-    def _rearm_if_running(self, scope: CancelScope, generation: int) -> None:
+    def _rearm_if_running(self, scope: CancelScope) -> None:
         """Level-triggered cancellation: still running a grace period after
         the exception was raised means the cell swallowed it; cancel again.
 
         The asynchronous-exception mechanism cannot tell whether its
         exception was delivered, so it is simply posted again.
         """
-        if scope.finished or scope.generation != generation:
+        if scope.finished:
             return
         uses_async_exc = not _HAS_MONITORING and scope.thread_id != threading.main_thread().ident
         if (scope.mechanism == "raised" or uses_async_exc) \
@@ -1102,7 +1108,7 @@ class CancellationManager(Component):
             # The exception left the cell's code; IPython is still wrapping up
             # (formatting a deep traceback can take a while): nothing to re-arm.
             _TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
-                           lambda: self._rearm_if_running(scope, generation))
+                           lambda: self._rearm_if_running(scope))
         elif scope.mechanism == "raised" or uses_async_exc:
             with _lock:
                 if scope.finished:
@@ -1113,13 +1119,13 @@ class CancellationManager(Component):
             self._arm(scope, rearm=True)
         else:  # not raised yet: no safe point reached, or blocked in C code
             _TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
-                           lambda: self._rearm_if_running(scope, generation))
+                           lambda: self._rearm_if_running(scope))
 
     @staticmethod
-    def _cancel_task(scope: CancelScope, generation: int) -> None:
+    def _cancel_task(scope: CancelScope) -> None:
         """Runs in the loop's thread while the cell's task is suspended."""
         with _lock:
-            if scope.finished or scope.generation != generation or scope.task is None \
+            if scope.finished or scope.task is None \
                     or scope.task.done():
                 return
             scope.mechanism = "raised"

@@ -395,29 +395,36 @@ class ShellState:
             return lines  # left in place: the magic itself reports the error
         return lines[consumed:]
 
+    def _cell_options(self, info: Any, raw: str, holder: list | None) -> dict:
+        """The options of a cell that has any: from ``run_cell``/``execute``
+        (``holder``), the front end's ``cell_meta``, or a leading directive."""
+        options = dict(holder.pop()) if holder else {}
+        meta = getattr(info, "cell_meta", None)
+        if meta and isinstance(meta, dict) and isinstance(meta.get("pyrepl3"), dict):
+            options = {**meta["pyrepl3"], **options}
+        if "%%" in raw and _DIRECTIVE_RE.match(raw):
+            try:
+                options = {**parse_directives(raw)[0], **options}
+            except ValueError:
+                pass  # the magic reports it when the cell runs
+        return options
+
     def _pre_run_cell(self, info: Any) -> None:
-        # Hot path: runs before every cell.  Kept to plain attribute and dict
-        # work; anything optional (cell_meta, directives, async detection)
-        # is guarded by a cheap test first.
+        # Hot path: runs before every cell.  A plain cell (no options from
+        # any source) takes the short branch; everything optional is behind
+        # one cheap test.
         try:
-            holder = _pending_options.get()
-            options = dict(holder.pop()) if holder else {}
-            meta = getattr(info, "cell_meta", None)
-            if meta and isinstance(meta, dict) and isinstance(meta.get("pyrepl3"), dict):
-                options = {**meta["pyrepl3"], **options}
             raw = info.raw_cell or ""
-            if "%%" in raw and _DIRECTIVE_RE.match(raw):
-                try:
-                    options = {**parse_directives(raw)[0], **options}
-                except ValueError:
-                    pass  # the magic reports it when the cell runs
-            if options:
-                execution_id = options.get("execution_id")
+            holder = _pending_options.get()
+            if holder or "%%" in raw or (_compat.HAS_CELL_META and info.cell_meta):
+                options = self._cell_options(info, raw, holder)
+                execution_id = options.get("execution_id") \
+                    or f"{self._id_prefix}{next(self._ids)}"
                 mode = options.get("mode")
             else:
-                execution_id = mode = None
-            if not execution_id:
+                options = {}
                 execution_id = f"{self._id_prefix}{next(self._ids)}"
+                mode = None
             if mode is None:
                 mode = "async" if ("await" in raw or "async" in raw) and \
                     _compat.cell_is_async(self._shell_ref(), info) else "sync"
@@ -452,10 +459,10 @@ class ShellState:
                 self.report_internal_error(where, exc)
 
     def _post_run_cell(self, result: Any) -> None:
-        stack = getattr(self._local, "stack", None)
-        if not stack:
+        try:
+            execution = self._local.stack.pop()
+        except (AttributeError, IndexError):
             return  # empty cell (IPython skips pre_run_cell) or loaded mid-cell
-        execution = stack.pop()
         after = self._after_always
         if execution.hooked is not self._before_always:
             # some hooks beyond the usual ran, or the lists changed during the
