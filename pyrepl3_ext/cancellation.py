@@ -135,7 +135,7 @@ class CancelScope:
     deadline: float | None = None
     loop: "asyncio.AbstractEventLoop | None" = None
     task: "asyncio.Task | None" = None
-    task_cancelled = False
+    task_cancels = 0                 # task.cancel() calls made for this scope
     #: "" -> "pending" -> "armed" | "escalate" -> "raised"
     mechanism = ""
     armed_codes: tuple | list = ()   # 3.12+ workers: code objects with local events
@@ -397,6 +397,23 @@ def _cell_code_on_stack(thread_id: int) -> bool:
             return above is not None and _is_cell_code(above.f_code)
         above = f
         f = f.f_back
+    return False
+
+
+def _cell_suspended_in(task: "asyncio.Task | None") -> bool:
+    """Whether ``task`` is suspended inside a cell's code: an async cell
+    that caught the ``CancelledError`` and awaits again (its thread's stack
+    then shows only the event loop, as it does once the cell is over)."""
+    if task is None or task.done():
+        return False
+    coro = task.get_coro()
+    after_root = False
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if after_root:
+            return code is not None and _is_cell_code(code)
+        after_root = code is not None and _is_root(code)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return False
 
 
@@ -915,8 +932,9 @@ class CancellationManager(Component):
             with _lock:
                 self._close_scope(scope)
             _SIGNAL.disarm_current_thread()
-            if scope.task_cancelled and hasattr(scope.task, "uncancel"):
-                scope.task.uncancel()  # the cell absorbed it; the host's task goes on
+            if scope.task_cancels and hasattr(scope.task, "uncancel"):
+                for _ in range(scope.task_cancels):
+                    scope.task.uncancel()  # the cell absorbed them; the host's task goes on
             if result is not None:
                 self._report_as_cancelled(scope, result)
         # a cancelled outer cell stays cancelled after its inner cell ended
@@ -1104,7 +1122,8 @@ class CancellationManager(Component):
             return
         uses_async_exc = not _HAS_MONITORING and scope.thread_id != threading.main_thread().ident
         if (scope.mechanism == "raised" or uses_async_exc) \
-                and not _cell_code_on_stack(scope.thread_id):
+                and not _cell_code_on_stack(scope.thread_id) \
+                and not _cell_suspended_in(scope.task):
             # The exception left the cell's code; IPython is still wrapping up
             # (formatting a deep traceback can take a while): nothing to re-arm.
             _TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
@@ -1130,7 +1149,7 @@ class CancellationManager(Component):
                 return
             scope.mechanism = "raised"
             scope.raised += 1
-            scope.task_cancelled = True
+            scope.task_cancels += 1
             if scope.armed_codes or scope.armed_global:
                 # the task machinery delivers it: events off, as in _mon_check
                 _MONITORING.disarm(scope)

@@ -374,6 +374,47 @@ def test_cancelled_await_leaves_no_events_on_while_the_traceback_prints():
     assert seen == [0] * 5
 
 
+SWALLOWING_AWAIT = textwrap.dedent("""\
+    import asyncio
+    swallowed = 0
+    _started.set()
+    while True:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed += 1
+            if swallowed >= 3:
+                raise
+    """)
+
+
+def test_async_cell_that_swallows_the_cancel_is_cancelled_again(quiet, started):
+    """Level-triggered for awaits too: the cell is suspended in its loop
+    again (nothing of it on the thread's stack), and the task is cancelled
+    again after each grace period until the cell lets it through."""
+    thread, _ = cancel_when_started(quiet, started, "as3")
+    result = pyrepl3_ext.run_cell(quiet, SWALLOWING_AWAIT, execution_id="as3")
+    thread.join(WAIT)
+    assert_cancelled(result, "as3")
+    assert quiet.user_ns["swallowed"] == 3
+
+
+def test_async_cell_on_a_session_loop_that_swallows_the_cancel_is_cancelled_again():
+    from pyrepl3_ext import Engine
+
+    with Engine() as engine:
+        session = engine.create_session()
+        session.shell.showtraceback = lambda *args, **kwargs: None
+        session.shell.user_ns["_started"] = started = threading.Event()
+        handle = session.execute(SWALLOWING_AWAIT, wait=False)
+        assert started.wait(WAIT)
+        assert handle.cancel() is True
+        assert isinstance(handle.result(WAIT).error_in_exec, CellCancelled)
+        assert session.shell.user_ns["swallowed"] == 3
+        # the session's loop goes on: the next await cell runs normally
+        assert session.execute("await asyncio.sleep(0)\n7").result == 7
+
+
 def test_busy_async_cell_is_cancelled(quiet, started):
     code = "import asyncio\nawait asyncio.sleep(0)\n_started.set()\nwhile True:\n    pass"
     thread, _ = cancel_when_started(quiet, started, "as2")
