@@ -65,6 +65,7 @@ import contextlib
 import ctypes
 import dis
 import functools
+import gc
 import heapq
 import io
 import itertools
@@ -105,6 +106,33 @@ _shield_depth = threading.local()
 _thread_wakers: dict[int, set[threading.Event]] = {}
 
 
+if sys.version_info >= (3, 12):
+    _thread_frames = sys._current_frames
+else:
+    _frames_lock = threading.RLock()
+
+    def _thread_frames() -> dict:
+        """``sys._current_frames()`` with the cyclic collector off.
+
+        On 3.10/3.11 it holds the runtime's thread-list lock while it
+        allocates frame objects; a collection started by one of those
+        allocations can run code that needs that lock or the GIL, and the
+        process deadlocks (CPython gh-106883, not fixed before 3.12; seen
+        here in CI as a thread starting while another ran its first cell).
+        Our callers take turns so that one's ``gc.enable()`` never lands in
+        another's call.
+        """
+        with _frames_lock:
+            enabled = gc.isenabled()
+            if enabled:
+                gc.disable()
+            try:
+                return sys._current_frames()
+            finally:
+                if enabled:
+                    gc.enable()
+
+
 def _new_thread_stack(tid: int) -> list:
     """Register the scope stack of a thread running its first cell.
 
@@ -112,7 +140,7 @@ def _new_thread_stack(tid: int) -> list:
     this is where the empty stacks of threads that ended are dropped.  Rare
     (once per thread), so it may take the lock other threads' sweeps need.
     """
-    live = sys._current_frames()
+    live = _thread_frames()
     with _lock:
         for other in [t for t, st in _thread_scopes.items() if not st and t not in live]:
             del _thread_scopes[other]
@@ -390,7 +418,7 @@ def _safe_to_raise(frame, scope: CancelScope) -> bool:
 def _cell_code_on_stack(thread_id: int) -> bool:
     """Whether the thread is inside a cell's code: ``run_code`` is on its
     stack and what it runs is the cell (not the traceback printing)."""
-    f = sys._current_frames().get(thread_id)
+    f = _thread_frames().get(thread_id)
     above = None
     while f is not None:
         if _is_root(f.f_code):
@@ -1069,7 +1097,7 @@ class CancellationManager(Component):
             with _lock:
                 if scope.finished:
                     return
-                frame = sys._current_frames().get(tid)
+                frame = _thread_frames().get(tid)
                 if frame is not None:
                     scope.mechanism = "armed"
                     _MONITORING.arm(scope, frame)
@@ -1083,7 +1111,7 @@ class CancellationManager(Component):
                 # exception posted now would land in the loop, not the cell
                 if scope.in_code and not scope.async_exc_pending and (
                         scope.task is None or
-                        _frames_above_root(sys._current_frames().get(tid))):
+                        _frames_above_root(_thread_frames().get(tid))):
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
         # An async cell suspended in its loop: cancel its task from the loop.

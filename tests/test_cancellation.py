@@ -720,3 +720,20 @@ def test_no_second_cancel_while_ipython_prints_the_traceback(ip, started, where)
         del ip.showtraceback
     assert_cancelled(result, "tb1")
     assert len(calls) == 1, calls
+
+
+def test_reading_thread_frames_leaves_the_collector_as_it_was():
+    """3.10/3.11 read other threads' frames with the collector off (CPython
+    gh-106883); it must come back on, and stay off for a host that turned
+    it off."""
+    import gc
+
+    assert gc.isenabled()
+    frames = cancellation._thread_frames()
+    assert threading.get_ident() in frames and gc.isenabled()
+    gc.disable()
+    try:
+        cancellation._thread_frames()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
