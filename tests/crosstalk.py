@@ -21,6 +21,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
+from pyrepl3_ext.cancellation import _thread_frames  # sys._current_frames, deadlock-safe
+
 #: Counters, one row per shell, in the order they are printed.
 COUNTERS = (
     "ExecutionResult.result", "Out[n]", "_", "capture: own output missing",
@@ -104,7 +106,7 @@ def size_from_env(default: str) -> tuple[int, int]:
 
 
 def _in_selector(thread: threading.Thread) -> bool:
-    frame = sys._current_frames().get(thread.ident)
+    frame = _thread_frames().get(thread.ident)
     return frame is not None and frame.f_code.co_name == "select" \
         and "selectors" in frame.f_code.co_filename
 

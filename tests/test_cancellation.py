@@ -602,7 +602,7 @@ def test_stacks_of_ended_threads_are_dropped(quiet):
         tids += [thread.ident for thread in threads]
     # join() returns a moment before the interpreter forgets the thread
     deadline = time.monotonic() + WAIT
-    while set(tids) & set(sys._current_frames()) and time.monotonic() < deadline:
+    while set(tids) & set(cancellation._thread_frames()) and time.monotonic() < deadline:
         time.sleep(0.001)
     # A new thread's first cell sweeps.  (A thread that reuses an ended
     # thread's id reuses its empty stack instead, which is as good: the
