@@ -111,11 +111,19 @@ def in_counted_region(fn: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def count_regions(argv: list[str], expected: int) -> list[int]:
-    """Instructions of each :func:`in_counted_region` call made by the Python
-    child ``argv`` (run under callgrind), in call order."""
+def count_regions(children: list[list[str]], expected: int) -> list[list[int]]:
+    """Instructions of each :func:`in_counted_region` call made by each Python
+    child (its argv), in call order; the children run under callgrind side by
+    side (the variants a benchmark compares; counts do not depend on load)."""
+    import concurrent.futures
+
     if shutil.which("valgrind") is None:
         raise SystemExit("instruction counts need valgrind on PATH")
+    with concurrent.futures.ThreadPoolExecutor(len(children)) as pool:
+        return list(pool.map(lambda argv: _count_child(argv, expected), children))
+
+
+def _count_child(argv: list[str], expected: int) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="pyrepl3-callgrind-") as tmp:
         out = subprocess.run(
             ["valgrind", "--tool=callgrind", "--collect-atstart=no",
@@ -136,6 +144,18 @@ def count_regions(argv: list[str], expected: int) -> list[int]:
         raise SystemExit(f"callgrind counted {len(counts)} regions, expected {expected} "
                          f"(does this libc sort through {_REGION_FUNCTION}?)")
     return counts
+
+
+def bench_shell() -> Any:
+    """The shell every benchmark times: in-memory history, plain-text display."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.display_formatter.active_types = ["text/plain"]
+    return shell
 
 
 def environment() -> dict:

@@ -51,11 +51,10 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
 from bench._common import (  # noqa: E402
-    count_regions, in_counted_region, interleaved, paired_ratio, write_results)
+    bench_shell, count_regions, in_counted_region, interleaved, paired_ratio, write_results)
 from pyrepl3_ext import CellCancelled  # noqa: E402
 
 # -- workloads for the idle cost ---------------------------------------------
@@ -155,10 +154,7 @@ class Worker:
 
 
 def make_shell() -> InteractiveShell:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.display_formatter.active_types = ["text/plain"]
+    shell = bench_shell()
     shell.showtraceback = lambda *args, **kwargs: None  # cancelled cells: skip formatting
     return shell
 
@@ -266,16 +262,12 @@ def count_child(variant: str) -> None:
 
 
 def idle_instructions() -> dict:
-    import concurrent.futures
-
     print("\nidle cost in instructions (callgrind; each cell counted after a warm-up run;"
           "\n loaded = extension loaded, after one cancel per thread)")
     script = os.path.abspath(__file__)
     regions = 2 * len(WORKLOADS)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        none, loaded = pool.map(
-            lambda variant: count_regions([script, "--count-child", variant], regions),
-            ("none", "loaded"))
+    none, loaded = count_regions(
+        [[script, "--count-child", variant] for variant in ("none", "loaded")], regions)
     print(f"{'workload':<18}{'thread':<8}{'none Minstr':>13}{'loaded Minstr':>15}{'ratio':>8}")
     out: dict = {}
     labels = [(name, thread) for name in WORKLOADS for thread in ("main", "worker")]
@@ -381,16 +373,17 @@ def main() -> None:
         return count_child(args.count_child)
     rounds, samples = (3, 30) if args.quick else (args.rounds, args.samples)
 
-    shell = make_shell()
-    worker = Worker()
     print(f"Python {sys.version.split()[0]}, IPython {__import__('IPython').__version__}")
     payload: dict = {}
     if args.only == "instructions" or (args.only is None and args.instructions):
         payload["idle_instructions"] = idle_instructions()
-    if args.only in (None, "idle"):
-        payload["idle_cost"] = idle_cost(shell, worker, rounds)
-    if args.only in (None, "latency"):
-        payload["latency"] = cancel_latency(shell, worker, samples)
+    if args.only != "instructions":  # the timed parts run in this process
+        shell = make_shell()
+        worker = Worker()
+        if args.only in (None, "idle"):
+            payload["idle_cost"] = idle_cost(shell, worker, rounds)
+        if args.only in (None, "latency"):
+            payload["latency"] = cancel_latency(shell, worker, samples)
     path = write_results("cancel", payload)
     print(f"\nwrote {path}")
 

@@ -33,12 +33,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
 from pyrepl3_ext import namespace  # noqa: E402
-from bench._common import interleaved, write_results  # noqa: E402
+from bench._common import bench_shell, interleaved, write_results  # noqa: E402
 
 
 def fill(ns: dict, count: int) -> None:
@@ -68,10 +66,7 @@ def main() -> None:
     rounds = 5 if args.quick else args.rounds
     number = 50 if args.quick else 300
 
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.display_formatter.active_types = ["text/plain"]
+    shell = bench_shell()
     shell.showtraceback = lambda *a, **k: None
     pyrepl3_ext.load_ipython_extension(shell)
     fill(shell.user_ns, args.names)

@@ -40,13 +40,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
 from pyrepl3_ext import extension  # noqa: E402
 from bench._common import (  # noqa: E402
-    count_regions, in_counted_region, interleaved, paired_difference, write_results)
+    bench_shell, count_regions, in_counted_region, interleaved, paired_difference,
+    write_results)
 
 CELLS = {
     "trivial": "x = 1",
@@ -58,10 +57,7 @@ CELLS = {
 def run_cells(variant: str, cells: int) -> None:
     """The child side of ``--instructions``: warm up, then run ``cells``
     cells in the counted region."""
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.display_formatter.active_types = ["text/plain"]
+    shell = bench_shell()
     if variant == "ext":
         pyrepl3_ext.load_ipython_extension(shell)
     for _ in range(500):
@@ -75,14 +71,10 @@ def run_cells(variant: str, cells: int) -> None:
 
 
 def instructions() -> dict:
-    import concurrent.futures
-
     cells = 1000
     script = os.path.abspath(__file__)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        stock, ext = pool.map(
-            lambda v: count_regions([script, "--run-cells", v, str(cells)], 1)[0] / cells,
-            ("stock", "ext"))
+    stock, ext = (counts[0] / cells for counts in count_regions(
+        [[script, "--run-cells", v, str(cells)] for v in ("stock", "ext")], 1))
     added = ext - stock
     print(f"instructions per trivial cell: stock {stock:,.0f}, with pyrepl3_ext "
           f"{ext:,.0f}: {added:+,.0f} ({added / stock:+.1%})")
@@ -106,10 +98,7 @@ def main() -> None:
     clock = time.perf_counter if args.wall else time.thread_time
     rounds = 5 if args.quick else args.rounds
 
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.display_formatter.active_types = ["text/plain"]
+    shell = bench_shell()
     all_components = list(extension.COMPONENTS)
     #: the component list the extension is loaded with (None: not loaded)
     state: dict = {"components": None, "unsubscribe": None}

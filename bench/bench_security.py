@@ -33,11 +33,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from traitlets.config import Config  # noqa: E402
 
 import pyrepl3_ext  # noqa: E402
-from bench._common import interleaved, paired_ratio, write_results  # noqa: E402
+from bench._common import bench_shell, interleaved, paired_ratio, write_results  # noqa: E402
 from pyrepl3_ext.security import FilesCapability, SecurityPolicy, audit  # noqa: E402
 from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES  # noqa: E402
 from pyrepl3_ext.security.policy import RESTRICTED_DENIED_BUILTINS  # noqa: E402
@@ -101,10 +99,7 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     clock = time.perf_counter if args.wall else time.thread_time
 
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.display_formatter.active_types = ["text/plain"]
+    shell = bench_shell()
     pyrepl3_ext.load_ipython_extension(shell)
     pyrepl3_ext.grant(shell, "files", FilesCapability(tempfile.mkdtemp()))
     audit.install()

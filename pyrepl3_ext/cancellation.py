@@ -79,7 +79,7 @@ import tokenize
 from typing import Any, Callable, Iterator
 
 from .errors import CellCancelled, CellTimeout
-from .extension import Component, get_state
+from .extension import Component, InstancePatches, get_state
 
 #: Seconds after the first cancel request when safe points stop deferring.
 HARD_DEADLINE = 2.0
@@ -794,7 +794,7 @@ class CancellationManager(Component):
         super().__init__(state)
         self._signal = False
         self._monitoring = False
-        self._run_code_patched = False
+        self._patches = InstancePatches()
         self._cell_timeout = 0.0
 
     # load / unload
@@ -815,65 +815,68 @@ class CancellationManager(Component):
             # 3.10/3.11 workers use SetAsyncExc, which must know when the
             # thread is inside the cell's code: wrap run_code to count it.
             shell = self.state.shell
-            original = shell.run_code
+            self._patches.wrap(shell, "run_code",
+                               lambda original: self._counting_run_code(shell, original))
 
-            async def run_code(code_obj, result=None, *, async_=False):
-                stack = _thread_scopes.get(_get_ident())  # current_scope(), inline
-                scope = stack[-1] if stack else None
-                if scope is None:
-                    return await original(code_obj, result, async_=async_)
-                excepthook = sys.excepthook
-                # Created before the thread counts as in the cell's code, so an
-                # exception posted from then on finds it bound and closable.
-                # ``in_code`` is a flag, not a counter: one store is one
-                # bytecode, and an asynchronous exception lands only between
-                # bytecodes, so it is never left half-updated.  No lock while
-                # nobody cancels: the poster sets ``cancel_called`` before it
-                # reads ``in_code`` (under the lock), and this side stores
-                # ``in_code`` before it reads ``cancel_called``, so one of the
-                # two always sees the other.
-                coro = original(code_obj, result, async_=async_)
+    @staticmethod
+    def _counting_run_code(shell: Any, original: Callable) -> Callable:
+        """``shell.run_code`` that marks its scope ``in_code`` (3.10/3.11)."""
+
+        async def run_code(code_obj, result=None, *, async_=False):
+            stack = _thread_scopes.get(_get_ident())  # current_scope(), inline
+            scope = stack[-1] if stack else None
+            if scope is None:
+                return await original(code_obj, result, async_=async_)
+            excepthook = sys.excepthook
+            # Created before the thread counts as in the cell's code, so an
+            # exception posted from then on finds it bound and closable.
+            # ``in_code`` is a flag, not a counter: one store is one
+            # bytecode, and an asynchronous exception lands only between
+            # bytecodes, so it is never left half-updated.  No lock while
+            # nobody cancels: the poster sets ``cancel_called`` before it
+            # reads ``in_code`` (under the lock), and this side stores
+            # ``in_code`` before it reads ``cancel_called``, so one of the
+            # two always sees the other.
+            coro = original(code_obj, result, async_=async_)
+            try:
                 try:
-                    try:
-                        scope.in_code = True
-                        if scope.cancel_called and not scope.finished:
-                            # cancelled before (or between) top-level
-                            # statements: do not start the next one
-                            raise scope.raising()
-                        return await coro
-                    finally:
-                        scope.in_code = False
-                        coro.close()  # no-op once awaited to the end
-                        if scope.cancel_called:
-                            with _lock:
-                                pending = scope.async_exc_pending
-                                scope.async_exc_pending = False
-                            if pending:
-                                # Posted but maybe not delivered yet (if it
-                                # was, this is a no-op).  Let it land here
-                                # rather than retract it: SetAsyncExc(NULL)
-                                # leaves the eval breaker set for good on
-                                # 3.10/3.11, slowing every later line and
-                                # wedging signal handlers.
-                                for _ in range(1000):
-                                    pass
-                except CellCancelled as exc:
-                    # Posted to this thread while outside the user's code (in
-                    # this wrapper or run_code's preamble): report it as this
-                    # statement's error, as run_code itself would.
-                    with _lock:
-                        scope.in_code = False
-                        scope.async_exc_pending = False
-                    coro.close()
-                    sys.excepthook = excepthook
-                    if result is not None:
-                        result.error_in_exec = exc
-                    shell.showtraceback((type(exc), exc, exc.__traceback__))
-                    return True
+                    scope.in_code = True
+                    if scope.cancel_called and not scope.finished:
+                        # cancelled before (or between) top-level
+                        # statements: do not start the next one
+                        raise scope.raising()
+                    return await coro
+                finally:
+                    scope.in_code = False
+                    coro.close()  # no-op once awaited to the end
+                    if scope.cancel_called:
+                        with _lock:
+                            pending = scope.async_exc_pending
+                            scope.async_exc_pending = False
+                        if pending:
+                            # Posted but maybe not delivered yet (if it
+                            # was, this is a no-op).  Let it land here
+                            # rather than retract it: SetAsyncExc(NULL)
+                            # leaves the eval breaker set for good on
+                            # 3.10/3.11, slowing every later line and
+                            # wedging signal handlers.
+                            for _ in range(1000):
+                                pass
+            except CellCancelled as exc:
+                # Posted to this thread while outside the user's code (in
+                # this wrapper or run_code's preamble): report it as this
+                # statement's error, as run_code itself would.
+                with _lock:
+                    scope.in_code = False
+                    scope.async_exc_pending = False
+                coro.close()
+                sys.excepthook = excepthook
+                if result is not None:
+                    result.error_in_exec = exc
+                shell.showtraceback((type(exc), exc, exc.__traceback__))
+                return True
 
-            run_code.pyrepl3_original = original  # type: ignore[attr-defined]
-            shell.run_code = run_code
-            self._run_code_patched = True
+        return run_code
 
     def _on_cell_timeout(self, change: dict) -> None:
         self._cell_timeout = change["new"]
@@ -886,11 +889,7 @@ class CancellationManager(Component):
             for scope in self._own_scopes():
                 self._close_scope(scope)
         _SIGNAL.disarm_current_thread()
-        if self._run_code_patched:
-            shell = self.state._shell_ref()
-            if shell is not None and getattr(shell.run_code, "pyrepl3_original", None):
-                del shell.run_code
-            self._run_code_patched = False
+        self._patches.undo()
         if self._signal:
             _SIGNAL.release()
             self._signal = False

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import _compat
 from .config import PyREPL3
@@ -103,6 +103,41 @@ class Component:
 
     def detach(self) -> None:
         """Remove everything ``attach`` installed."""
+
+
+_ABSENT = object()
+
+
+class InstancePatches:
+    """Wrappers a component sets on instances (a shell's methods), undone on unload.
+
+    Undoing puts back what the instance itself held before (a host's own
+    replacement, another extension's wrapper) rather than deleting it, and
+    leaves alone an attribute someone replaced after us.
+    """
+
+    def __init__(self) -> None:
+        self._applied: list[tuple[Any, str, Any, Any]] = []
+
+    def wrap(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
+        """Set ``obj.name = make(original)`` (nothing if ``obj`` has no ``name``)."""
+        original = getattr(obj, name, None)
+        if original is None:
+            return
+        wrapper = make(original)
+        wrapper.pyrepl3_original = original
+        previous = obj.__dict__.get(name, _ABSENT)
+        setattr(obj, name, wrapper)
+        self._applied.append((obj, name, wrapper, previous))
+
+    def undo(self) -> None:
+        for obj, name, wrapper, previous in reversed(self._applied):
+            if obj.__dict__.get(name) is wrapper:
+                if previous is _ABSENT:
+                    del obj.__dict__[name]
+                else:
+                    obj.__dict__[name] = previous
+        self._applied.clear()
 
 
 def get_state(shell: Any) -> "ShellState | None":
@@ -418,13 +453,13 @@ class ShellState:
             holder = _pending_options.get()
             if holder or "%%" in raw or (_compat.HAS_CELL_META and info.cell_meta):
                 options = self._cell_options(info, raw, holder)
-                execution_id = options.get("execution_id") \
-                    or f"{self._id_prefix}{next(self._ids)}"
+                execution_id = options.get("execution_id")
                 mode = options.get("mode")
             else:
                 options = {}
-                execution_id = f"{self._id_prefix}{next(self._ids)}"
-                mode = None
+                execution_id = mode = None
+            if not execution_id:
+                execution_id = f"{self._id_prefix}{next(self._ids)}"  # new_execution_id(), inline
             if mode is None:
                 mode = "async" if ("await" in raw or "async" in raw) and \
                     _compat.cell_is_async(self._shell_ref(), info) else "sync"

@@ -43,7 +43,7 @@ import threading
 from typing import Any
 
 from . import _compat
-from .extension import Component
+from .extension import Component, InstancePatches
 
 _CHANNELS = ("stdout", "stderr")
 _OTHER = {"stdout": "stderr", "stderr": "stdout"}
@@ -77,9 +77,6 @@ def routed_capture() -> "_Capture | None":
     if cap is not None and cap.closed:
         cap = cap.component.fallback()
     return cap
-
-
-_ABSENT = object()
 
 
 # -- the routing stream ---------------------------------------------------------
@@ -463,7 +460,7 @@ class OutputCapture(Component):
     def __init__(self, state: Any):
         super().__init__(state)
         self._open: list[_Capture] = []
-        self._wrapped: list[tuple[Any, str, Any]] = []
+        self._patches = InstancePatches()
         self._hooked = False
         #: characters written by threads of this session while none of its
         #: cells ran (they reached the terminal only)
@@ -484,13 +481,13 @@ class OutputCapture(Component):
         _acquire_process_hooks()
         self._hooked = True
         shell = self.state.shell
-        self._wrap(shell.display_pub, "publish", self._publish_wrapper)
-        self._wrap(shell.display_pub, "clear_output", self._clear_output_wrapper)
+        self._patches.wrap(shell.display_pub, "publish", self._publish_wrapper)
+        self._patches.wrap(shell.display_pub, "clear_output", self._clear_output_wrapper)
         for obj, name in ((shell.displayhook, "write_output_prompt"),
                           (shell.displayhook, "write_format_data"),
                           (shell.displayhook, "finish_displayhook"),
                           (shell, "showtraceback"), (shell, "showsyntaxerror")):
-            self._wrap(obj, name, _suppressed)
+            self._patches.wrap(obj, name, _suppressed)
 
     def _read_config(self) -> None:
         config = self.state.config
@@ -502,18 +499,6 @@ class OutputCapture(Component):
 
     def _on_config(self, change: dict) -> None:
         self._read_config()
-
-    def _wrap(self, obj: Any, name: str, make) -> None:
-        original = getattr(obj, name, None)
-        if original is None:
-            return
-        wrapper = make(original)
-        wrapper.pyrepl3_original = original
-        # what the instance itself held (a host's own replacement, another
-        # extension's wrapper): put back on unload, not deleted
-        previous = obj.__dict__.get(name, _ABSENT)
-        setattr(obj, name, wrapper)
-        self._wrapped.append((obj, name, wrapper, previous))
 
     def detach(self) -> None:
         self.state.config.unobserve(self._on_config, names=list(self._TRAITS))
@@ -527,13 +512,7 @@ class OutputCapture(Component):
         while cap is not None and cap.component is self:
             cap = cap.prev
         _tls.cap = cap
-        for obj, name, wrapper, previous in reversed(self._wrapped):
-            if obj.__dict__.get(name) is wrapper:
-                if previous is _ABSENT:
-                    del obj.__dict__[name]
-                else:
-                    obj.__dict__[name] = previous
-        self._wrapped.clear()
+        self._patches.undo()
         if self._hooked:
             _release_process_hooks()
             self._hooked = False
