@@ -171,12 +171,16 @@ class CancelScope:
     in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
     async_exc_pending = False
 
-    def __init__(self, execution_id: str, thread_id: int, manager: "CancellationManager",
+    def __init__(self, execution: Any, thread_id: int, manager: "CancellationManager",
                  parent: "CancelScope | None"):
-        self.execution_id = execution_id
+        self.execution = execution  # the foundation's Execution this scope belongs to
         self.thread_id = thread_id
         self.parent = parent
         self.manager = manager
+
+    @property
+    def execution_id(self) -> str:
+        return self.execution.id
 
     def raising(self) -> CellCancelled:
         """The exception to raise now, with the delivery recorded (``raise scope.raising()``)."""
@@ -907,18 +911,17 @@ class CancellationManager(Component):
         if stack is None:  # this thread's first cell
             stack = _new_thread_stack(tid)
         parent = stack[-1] if stack else None
-        scope = CancelScope(execution.id, tid, self, parent)
+        scope = CancelScope(execution, tid, self, parent)
         stack.append(scope)
         if parent is not None and parent.cancel_called and not parent.finished:
             # the enclosing cell's cancel may have walked the stack before the push
             self.cancel(execution.id, parent.reason, kind=parent.kind)
         if execution.mode in ("async", "async-host"):  # executor.py's await routes
             self._bind_task(scope)
-        timeout = self._cell_timeout
-        if execution.options:
-            timeout = execution.options.get("timeout") or timeout
-        if timeout and timeout > 0:
-            self._start_deadline(scope, timeout)
+        if execution.options or self._cell_timeout:
+            timeout = execution.options.get("timeout") or self._cell_timeout
+            if timeout and timeout > 0:
+                self._start_deadline(scope, timeout)
 
     @staticmethod
     def _bind_task(scope: CancelScope) -> None:
@@ -941,7 +944,7 @@ class CancellationManager(Component):
         # open one (it failed, or the extension loaded mid-cell).
         stack = _thread_scopes.get(_get_ident())
         scope = stack[-1] if stack else None
-        if scope is None or scope.execution_id != execution.id or scope.manager is not self:
+        if scope is None or scope.execution is not execution:
             scope = self._find(execution.id, prefer=stack)
             if scope is None:
                 return

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -54,6 +55,9 @@ _pending_options: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "pyrepl3_pending_options", default=None)
 
 _MAGIC_DIRECTIVES = ("%%timeout", "%%transaction")
+#: ``Execution.options`` of a cell that has none (shared: never mutated)
+_NO_OPTIONS: "types.MappingProxyType[str, Any]" = types.MappingProxyType({})
+_HAS_CELL_META = _compat.HAS_CELL_META
 _DIRECTIVE_RE = re.compile(r"\s*%%(?:timeout|transaction)\b")
 
 
@@ -446,38 +450,57 @@ class ShellState:
 
     def _pre_run_cell(self, info: Any) -> None:
         # Hot path: runs before every cell.  A plain cell (no options from
-        # any source) takes the short branch; everything optional is behind
-        # one cheap test.
+        # any source) that nobody listens to takes the first branch: one
+        # Execution, one push, the always-on hooks.
         try:
             raw = info.raw_cell or ""
-            holder = _pending_options.get()
-            if holder or "%%" in raw or (_compat.HAS_CELL_META and info.cell_meta):
-                options = self._cell_options(info, raw, holder)
-                execution_id = options.get("execution_id")
-                mode = options.get("mode")
+            bus = self.bus
+            if _pending_options.get() or "%%" in raw or bus._subscribers \
+                    or (_HAS_CELL_META and info.cell_meta):
+                execution, hooks = self._start_execution(info, raw)
             else:
-                options = {}
-                execution_id = mode = None
-            if not execution_id:
-                execution_id = f"{self._id_prefix}{next(self._ids)}"  # new_execution_id(), inline
-            if mode is None:
-                mode = "async" if ("await" in raw or "async" in raw) and \
-                    _compat.cell_is_async(self._shell_ref(), info) else "sync"
-            listened = bool(self.bus._subscribers)
-            # the count is for the events: not looked up when nobody listens
-            count = _compat.execution_count_in_pre_run_cell(self._shell_ref(), info) \
-                if listened else None
-            execution = Execution(execution_id, self.session_id, raw, mode,
-                                  count, options, self.bus)
-            try:
-                self._local.stack.append(execution)
-            except AttributeError:
-                self._local.stack = [execution]
-            if listened:
-                execution.emit("started", code=raw, mode=mode, execution_count=count)
+                execution = Execution(
+                    f"{self._id_prefix}{next(self._ids)}", self.session_id, raw,
+                    "async" if ("await" in raw or "async" in raw)
+                    and _compat.cell_is_async(self._shell_ref(), info) else "sync",
+                    None, _NO_OPTIONS, bus)
+                try:
+                    self._local.stack.append(execution)
+                except AttributeError:
+                    self._local.stack = [execution]
+                hooks = execution.hooked = self._before_always
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
+        for where, component, hook in hooks:
+            try:
+                hook(execution)
+            except Exception as exc:  # noqa: BLE001
+                self.report_internal_error(where, exc)
+
+    def _start_execution(self, info: Any, raw: str) -> tuple[Execution, tuple]:
+        """``_pre_run_cell`` for a cell with options or listeners: the
+        execution (``started`` emitted) and the hooks to run for it."""
+        holder = _pending_options.get()
+        options = self._cell_options(info, raw, holder) \
+            if holder or "%%" in raw or (_HAS_CELL_META and info.cell_meta) else _NO_OPTIONS
+        execution_id = options.get("execution_id") or self.new_execution_id()
+        mode = options.get("mode")
+        if mode is None:
+            mode = "async" if ("await" in raw or "async" in raw) and \
+                _compat.cell_is_async(self._shell_ref(), info) else "sync"
+        listened = bool(self.bus._subscribers)
+        # the count is for the events: not looked up when nobody listens
+        count = _compat.execution_count_in_pre_run_cell(self._shell_ref(), info) \
+            if listened else None
+        execution = Execution(execution_id, self.session_id, raw, mode, count, options,
+                              self.bus)
+        try:
+            self._local.stack.append(execution)
+        except AttributeError:
+            self._local.stack = [execution]
+        if listened:
+            execution.emit("started", code=raw, mode=mode, execution_count=count)
         hooks = self._before_always
         if listened and self._before_listened:
             hooks += self._before_listened  # a new tuple: post sees the difference
@@ -487,11 +510,7 @@ class ShellState:
             if woken:
                 hooks += woken
         execution.hooked = hooks
-        for where, component, hook in hooks:
-            try:
-                hook(execution)
-            except Exception as exc:  # noqa: BLE001
-                self.report_internal_error(where, exc)
+        return execution, hooks
 
     def _post_run_cell(self, result: Any) -> None:
         try:
