@@ -822,15 +822,24 @@ class CancellationManager(Component):
             self._patches.wrap(shell, "run_code",
                                lambda original: self._counting_run_code(shell, original))
 
-    @staticmethod
-    def _counting_run_code(shell: Any, original: Callable) -> Callable:
-        """``shell.run_code`` that marks its scope ``in_code`` (3.10/3.11)."""
+    def _counting_run_code(self, shell: Any, original: Callable) -> Callable:
+        """``shell.run_code`` that marks its scope ``in_code`` (3.10/3.11).
 
-        async def run_code(code_obj, result=None, *, async_=False):
-            stack = _thread_scopes.get(_get_ident())  # current_scope(), inline
-            scope = stack[-1] if stack else None
-            if scope is None:
-                return await original(code_obj, result, async_=async_)
+        Only threads that the asynchronous exception may target need it:
+        in the main thread, while the signal mechanism is ours, the
+        original coroutine is returned as it is (no extra frame per
+        top-level statement).
+        """
+        signal_tid = threading.main_thread().ident if self._signal else None
+
+        def run_code(code_obj, result=None, *, async_=False):
+            tid = _get_ident()
+            stack = _thread_scopes.get(tid)  # current_scope(), inline
+            if not stack or tid == signal_tid:
+                return original(code_obj, result, async_=async_)
+            return counted(stack[-1], code_obj, result, async_)
+
+        async def counted(scope, code_obj, result, async_):
             excepthook = sys.excepthook
             # Created before the thread counts as in the cell's code, so an
             # exception posted from then on finds it bound and closable.

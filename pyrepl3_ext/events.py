@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 EVENT_TYPES = ("started", "output", "display", "input_requested", "audit",
                "result", "error", "finished")
@@ -108,13 +108,15 @@ class Execution:
     dropped_after_finish = 0
 
     def __init__(self, execution_id: str, session: str, code: str, mode: str,
-                 execution_count: int | None, options: dict, bus: EventBus):
+                 execution_count: int | None, options: Mapping[str, Any], bus: EventBus):
         self.id = execution_id
         self.session = session
         self.code = code
         self.mode = mode
         #: as in the ``started`` event; None when nobody listened then
         self.execution_count = execution_count
+        #: the cell's options (timeout, transaction, ...); read-only, and
+        #: shared by every cell that has none
         self.options = options
         self.t0 = time.monotonic()
         self._bus = bus
