@@ -16,6 +16,11 @@ Variants:
 All run with ``store_history=False`` and an in-memory history, so the
 numbers are about execution machinery, not SQLite.
 
+``--hooks [MB,MB]`` also times the extension's two cell hooks called
+directly, warm (back to back) and right after evicting the caches with a
+buffer of each size: in a real cell they run amid IPython's far larger
+per-cell work, so their time is mostly the memory they touch.
+
 ``--instructions`` (needs valgrind) also counts the machine instructions
 of 1,000 trivial cells (after 500 uncounted ones), stock and with the
 extension, each in its own process under callgrind (only that region is
@@ -37,6 +42,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,6 +87,73 @@ def instructions() -> dict:
     return {"stock": stock, "ext": ext, "added": added, "ratio": ext / stock}
 
 
+def hooks(evict_mb: list[float], rounds: int) -> dict:
+    """Time the extension's two cell hooks alone, warm and with caches evicted.
+
+    ``pre_run_cell`` + ``post_run_cell`` are called directly with a real
+    ``ExecutionInfo``/``ExecutionResult`` of a trivial cell, with every
+    component's hooks and with none (``core``).  Warm: back to back.
+    Evicted: after touching one byte per cache line of an ``N`` MB buffer
+    before each call, as IPython's own per-cell work does to the hooks in
+    a real cell; a cell's hooks pay for the memory they touch more than
+    for their bytecodes.
+    """
+    import timeit
+
+    shell = bench_shell()
+    captured: list = []
+    shell.events.register("pre_run_cell", captured.append)
+    result = shell.run_cell("x = 1", store_history=False)
+    shell.events.unregister("pre_run_cell", captured.append)
+    info = captured[0]
+    pyrepl3_ext.load_ipython_extension(shell)
+    state = extension.get_state(shell)
+    before, after = state._before_always, state._after_always
+
+    def pair() -> None:
+        state._pre_run_cell(info)
+        state._post_run_cell(result)
+
+    rows: dict = {}
+    print(f"\n{'cell hooks alone':<18}{'warm us':>9}" + "".join(
+        f"{f'{mb:g} MB evicted':>17}" for mb in evict_mb))
+    buffers = [bytearray(int(mb * 2**20)) for mb in evict_mb]
+    ones = [b"\x01" * len(range(0, len(b), 64)) for b in buffers]
+    for variant in ("all hooks", "core"):
+        if variant == "core":
+            state._before_always, state._after_always = (), ()
+        warm = min(timeit.repeat(pair, number=2000, repeat=rounds)) / 2000
+        # the timer's own cost under the same eviction is taken off
+        cold = [_evicted_best(pair, b, o, rounds) - _evicted_best(_nothing, b, o, rounds)
+                for b, o in zip(buffers, ones)]
+        rows[variant] = {"warm_us": warm * 1e6,
+                         **{f"evicted_{mb:g}mb_us": c * 1e6 for mb, c in zip(evict_mb, cold)}}
+        print(f"{variant:<18}{warm * 1e6:>9.2f}" + "".join(f"{c * 1e6:>17.2f}" for c in cold))
+    state._before_always, state._after_always = before, after
+    pyrepl3_ext.unload_ipython_extension(shell)
+    return rows
+
+
+def _nothing() -> None:
+    pass
+
+
+def _evicted_best(fn: Callable[[], None], buffer: bytearray, ones: bytes, rounds: int,
+                  calls: int = 300) -> float:
+    """Seconds per ``fn()`` right after touching every cache line of ``buffer``
+    (best of ``rounds`` means of ``calls`` calls; only ``fn()`` is timed)."""
+    best = float("inf")
+    for _ in range(rounds):
+        total = 0.0
+        for _ in range(calls):
+            buffer[::64] = ones
+            t0 = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t0
+        best = min(best, total / calls)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -89,9 +162,20 @@ def main() -> None:
                         help="wall-clock time instead of this thread's CPU time")
     parser.add_argument("--instructions", action="store_true",
                         help="also count instructions per cell under valgrind (slow: minutes)")
+    parser.add_argument("--hooks", metavar="MB,MB", nargs="?", const="2,48",
+                        help="also time the two cell hooks alone, warm and after "
+                             "evicting caches with buffers of these sizes (default 2,48)")
     parser.add_argument("--run-cells", nargs=2, metavar=("VARIANT", "CELLS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    evict_mb: list[float] = []
+    if args.hooks:
+        try:
+            evict_mb = [float(x) for x in args.hooks.split(",")]
+        except ValueError:
+            parser.error(f"--hooks expects sizes in MB like 2,48, got {args.hooks!r}")
+        if not evict_mb or any(mb <= 0 for mb in evict_mb):
+            parser.error("--hooks: buffer sizes must be > 0 MB")
     if args.run_cells:
         run_cells(args.run_cells[0], int(args.run_cells[1]))
         return
@@ -160,12 +244,14 @@ def main() -> None:
           f"{'CPU' if not args.wall else 'wall'} time, {rounds} rounds)\n"
           f"noise floor (stock-again - stock): {noise[0]:+.1f} us best vs best, "
           f"{noise[1]:+.1f} us paired")
+    hook_rows = hooks(evict_mb, max(3, rounds // 3)) if args.hooks else None
     counted = instructions() if args.instructions else None
     if counted is not None:
         print(f"at this machine's stock run_cell time that is "
               f"{(counted['ratio'] - 1) * trivial['stock']['best_us']:+.1f} us of CPU work")
     path = write_results("overhead", {"cells": results, "added_us_trivial": added,
                                       "instructions_per_trivial_cell": counted,
+                                      "cell_hooks_alone": hook_rows,
                                       "added_us_trivial_paired": paired,
                                       "added_us_trivial_core": core,
                                       "a_a_us_trivial": noise[0],
