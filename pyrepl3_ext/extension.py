@@ -27,7 +27,7 @@ import time
 import traceback
 import types
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from . import _compat
 from .config import PyREPL3
@@ -434,9 +434,10 @@ class ShellState:
             return lines  # left in place: the magic itself reports the error
         return lines[consumed:]
 
-    def _cell_options(self, info: Any, raw: str, holder: list | None) -> dict:
-        """The options of a cell that has any: from ``run_cell``/``execute``
-        (``holder``), the front end's ``cell_meta``, or a leading directive."""
+    def _cell_options(self, info: Any, raw: str) -> Mapping[str, Any]:
+        """The options of a cell: from ``run_cell``/``execute`` (the pending
+        holder), the front end's ``cell_meta``, or a leading directive."""
+        holder = _pending_options.get()
         options = dict(holder.pop()) if holder else {}
         meta = getattr(info, "cell_meta", None)
         if meta and isinstance(meta, dict) and isinstance(meta.get("pyrepl3"), dict):
@@ -446,29 +447,35 @@ class ShellState:
                 options = {**parse_directives(raw)[0], **options}
             except ValueError:
                 pass  # the magic reports it when the cell runs
-        return options
+        return options or _NO_OPTIONS
 
     def _pre_run_cell(self, info: Any) -> None:
         # Hot path: runs before every cell.  A plain cell (no options from
-        # any source) that nobody listens to takes the first branch: one
-        # Execution, one push, the always-on hooks.
+        # any source) that nobody listens to builds one Execution, pushes
+        # it and runs the always-on hooks; the rest is behind two tests.
         try:
             raw = info.raw_cell or ""
-            bus = self.bus
-            if _pending_options.get() or "%%" in raw or bus._subscribers \
-                    or (_HAS_CELL_META and info.cell_meta):
-                execution, hooks = self._start_execution(info, raw)
-            else:
-                execution = Execution(
-                    f"{self._id_prefix}{next(self._ids)}", self.session_id, raw,
-                    "async" if ("await" in raw or "async" in raw)
-                    and _compat.cell_is_async(self._shell_ref(), info) else "sync",
-                    None, _NO_OPTIONS, bus)
-                try:
-                    self._local.stack.append(execution)
-                except AttributeError:
-                    self._local.stack = [execution]
-                hooks = execution.hooked = self._before_always
+            options = self._cell_options(info, raw) if _pending_options.get() \
+                or "%%" in raw or (_HAS_CELL_META and info.cell_meta) else _NO_OPTIONS
+            listened = self.bus._subscribers
+            execution = Execution(
+                # new_execution_id(), inline
+                options.get("execution_id") or f"{self._id_prefix}{next(self._ids)}",
+                self.session_id, raw,
+                options.get("mode") or ("async" if ("await" in raw or "async" in raw)
+                                        and _compat.cell_is_async(self._shell_ref(), info)
+                                        else "sync"),
+                # the count is for the events: not looked up when nobody listens
+                _compat.execution_count_in_pre_run_cell(self._shell_ref(), info)
+                if listened else None,
+                options, self.bus)
+            try:
+                self._local.stack.append(execution)
+            except AttributeError:
+                self._local.stack = [execution]
+            hooks = execution.hooked = self._before_always
+            if listened or options:
+                hooks = self._announce(execution, bool(listened))
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
@@ -478,39 +485,23 @@ class ShellState:
             except Exception as exc:  # noqa: BLE001
                 self.report_internal_error(where, exc)
 
-    def _start_execution(self, info: Any, raw: str) -> tuple[Execution, tuple]:
-        """``_pre_run_cell`` for a cell with options or listeners: the
-        execution (``started`` emitted) and the hooks to run for it."""
-        holder = _pending_options.get()
-        options = self._cell_options(info, raw, holder) \
-            if holder or "%%" in raw or (_HAS_CELL_META and info.cell_meta) else _NO_OPTIONS
-        execution_id = options.get("execution_id") or self.new_execution_id()
-        mode = options.get("mode")
-        if mode is None:
-            mode = "async" if ("await" in raw or "async" in raw) and \
-                _compat.cell_is_async(self._shell_ref(), info) else "sync"
-        listened = bool(self.bus._subscribers)
-        # the count is for the events: not looked up when nobody listens
-        count = _compat.execution_count_in_pre_run_cell(self._shell_ref(), info) \
-            if listened else None
-        execution = Execution(execution_id, self.session_id, raw, mode, count, options,
-                              self.bus)
-        try:
-            self._local.stack.append(execution)
-        except AttributeError:
-            self._local.stack = [execution]
+    def _announce(self, execution: Execution, listened: bool) -> tuple:
+        """A cell with listeners or options: ``started`` emitted, and the
+        hooks to run for it (the usual ones plus those it wakes)."""
         if listened:
-            execution.emit("started", code=raw, mode=mode, execution_count=count)
+            execution.emit("started", code=execution.code, mode=execution.mode,
+                           execution_count=execution.execution_count)
         hooks = self._before_always
         if listened and self._before_listened:
             hooks += self._before_listened  # a new tuple: post sees the difference
+        options = execution.options
         if options and self._before_triggered:
             woken = tuple(h for h in self._before_triggered
                           if not options.keys().isdisjoint(h[1].triggers))
             if woken:
                 hooks += woken
         execution.hooked = hooks
-        return execution, hooks
+        return hooks
 
     def _post_run_cell(self, result: Any) -> None:
         try:
