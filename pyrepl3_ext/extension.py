@@ -451,31 +451,28 @@ class ShellState:
 
     def _pre_run_cell(self, info: Any) -> None:
         # Hot path: runs before every cell.  A plain cell (no options from
-        # any source) that nobody listens to builds one Execution, pushes
-        # it and runs the always-on hooks; the rest is behind two tests.
+        # any source) that nobody listens to takes the short branch: one
+        # Execution, one push, the always-on hooks.
         try:
             raw = info.raw_cell or ""
-            options = self._cell_options(info, raw) if _pending_options.get() \
-                or "%%" in raw or (_HAS_CELL_META and info.cell_meta) else _NO_OPTIONS
-            listened = self.bus._subscribers
-            execution = Execution(
-                # new_execution_id(), inline
-                options.get("execution_id") or f"{self._id_prefix}{next(self._ids)}",
-                self.session_id, raw,
-                options.get("mode") or ("async" if ("await" in raw or "async" in raw)
-                                        and _compat.cell_is_async(self._shell_ref(), info)
-                                        else "sync"),
-                # the count is for the events: not looked up when nobody listens
-                _compat.execution_count_in_pre_run_cell(self._shell_ref(), info)
-                if listened else None,
-                options, self.bus)
+            if _pending_options.get() or "%%" in raw or self.bus._subscribers \
+                    or (_HAS_CELL_META and info.cell_meta):
+                execution = self._new_execution(info, raw)
+                announced = True
+            else:
+                announced = False
+                execution = Execution(
+                    f"{self._id_prefix}{next(self._ids)}",  # new_execution_id(), inline
+                    self.session_id, raw,
+                    self._sniff_mode(info) if "await" in raw or "async" in raw else "sync",
+                    None, _NO_OPTIONS, self.bus)
             try:
                 self._local.stack.append(execution)
             except AttributeError:
                 self._local.stack = [execution]
             hooks = execution.hooked = self._before_always
-            if listened or options:
-                hooks = self._announce(execution, bool(listened))
+            if announced:
+                hooks = self._announce(execution)
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
@@ -485,9 +482,28 @@ class ShellState:
             except Exception as exc:  # noqa: BLE001
                 self.report_internal_error(where, exc)
 
-    def _announce(self, execution: Execution, listened: bool) -> tuple:
-        """A cell with listeners or options: ``started`` emitted, and the
-        hooks to run for it (the usual ones plus those it wakes)."""
+    def _sniff_mode(self, info: Any) -> str:
+        """``async`` for a cell IPython will run as a coroutine (top-level
+        ``await``), else ``sync``; called only when the text mentions it."""
+        return "async" if _compat.cell_is_async(self._shell_ref(), info) else "sync"
+
+    def _new_execution(self, info: Any, raw: str) -> Execution:
+        """The execution of a cell with options, listeners or both."""
+        options = self._cell_options(info, raw)
+        listened = bool(self.bus._subscribers)
+        mode = options.get("mode") or \
+            (self._sniff_mode(info) if "await" in raw or "async" in raw else "sync")
+        return Execution(
+            options.get("execution_id") or self.new_execution_id(), self.session_id, raw, mode,
+            # the count is for the events: not looked up when nobody listens
+            _compat.execution_count_in_pre_run_cell(self._shell_ref(), info)
+            if listened else None,
+            options, self.bus)
+
+    def _announce(self, execution: Execution) -> tuple:
+        """After the push, for a cell with options or listeners: ``started``
+        emitted, and the hooks to run (the usual ones plus those it wakes)."""
+        listened = bool(self.bus._subscribers)
         if listened:
             execution.emit("started", code=execution.code, mode=execution.mode,
                            execution_count=execution.execution_count)
