@@ -42,7 +42,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,50 +87,48 @@ def instructions() -> dict:
     return {"stock": stock, "ext": ext, "added": added, "ratio": ext / stock}
 
 
-def hooks(evict_mb: list[float], rounds: int) -> dict:
+def hooks(shell: Any, ensure: Callable[[str], None], evict_mb: list[float],
+          rounds: int) -> dict:
     """Time the extension's two cell hooks alone, warm and with caches evicted.
 
     ``pre_run_cell`` + ``post_run_cell`` are called directly with a real
-    ``ExecutionInfo``/``ExecutionResult`` of a trivial cell, with every
-    component's hooks and with none (``core``).  Warm: back to back.
-    Evicted: after touching one byte per cache line of an ``N`` MB buffer
-    before each call, as IPython's own per-cell work does to the hooks in
-    a real cell; a cell's hooks pay for the memory they touch more than
-    for their bytecodes.
+    ``ExecutionInfo``/``ExecutionResult`` of a trivial cell, with the
+    extension loaded as in the ``ext`` and ``ext-core`` variants (every
+    component, or none).  Warm: back to back.  Evicted: after touching one
+    byte per cache line of an ``N`` MB buffer before each call, as
+    IPython's own per-cell work does to the hooks in a real cell; a cell's
+    hooks pay for the memory they touch more than for their bytecodes.
     """
     import timeit
 
-    shell = bench_shell()
+    ensure("stock")
     captured: list = []
     shell.events.register("pre_run_cell", captured.append)
     result = shell.run_cell("x = 1", store_history=False)
     shell.events.unregister("pre_run_cell", captured.append)
     info = captured[0]
-    pyrepl3_ext.load_ipython_extension(shell)
-    state = extension.get_state(shell)
-    before, after = state._before_always, state._after_always
-
-    def pair() -> None:
-        state._pre_run_cell(info)
-        state._post_run_cell(result)
 
     rows: dict = {}
     print(f"\n{'cell hooks alone':<18}{'warm us':>9}" + "".join(
         f"{f'{mb:g} MB evicted':>17}" for mb in evict_mb))
     buffers = [bytearray(int(mb * 2**20)) for mb in evict_mb]
     ones = [b"\x01" * len(range(0, len(b), 64)) for b in buffers]
-    for variant in ("all hooks", "core"):
-        if variant == "core":
-            state._before_always, state._after_always = (), ()
+    for label, variant in (("all hooks", "ext"), ("core", "ext-core")):
+        ensure(variant)
+        state = extension.get_state(shell)
+
+        def pair(state=state) -> None:
+            state._pre_run_cell(info)
+            state._post_run_cell(result)
+
         warm = min(timeit.repeat(pair, number=2000, repeat=rounds)) / 2000
         # the timer's own cost under the same eviction is taken off
         cold = [_evicted_best(pair, b, o, rounds) - _evicted_best(_nothing, b, o, rounds)
                 for b, o in zip(buffers, ones)]
-        rows[variant] = {"warm_us": warm * 1e6,
-                         **{f"evicted_{mb:g}mb_us": c * 1e6 for mb, c in zip(evict_mb, cold)}}
-        print(f"{variant:<18}{warm * 1e6:>9.2f}" + "".join(f"{c * 1e6:>17.2f}" for c in cold))
-    state._before_always, state._after_always = before, after
-    pyrepl3_ext.unload_ipython_extension(shell)
+        rows[label] = {"warm_us": warm * 1e6,
+                       **{f"evicted_{mb:g}mb_us": c * 1e6 for mb, c in zip(evict_mb, cold)}}
+        print(f"{label:<18}{warm * 1e6:>9.2f}" + "".join(f"{c * 1e6:>17.2f}" for c in cold))
+    ensure("stock")
     return rows
 
 
@@ -244,7 +242,7 @@ def main() -> None:
           f"{'CPU' if not args.wall else 'wall'} time, {rounds} rounds)\n"
           f"noise floor (stock-again - stock): {noise[0]:+.1f} us best vs best, "
           f"{noise[1]:+.1f} us paired")
-    hook_rows = hooks(evict_mb, max(3, rounds // 3)) if args.hooks else None
+    hook_rows = hooks(shell, ensure, evict_mb, max(3, rounds // 3)) if args.hooks else None
     counted = instructions() if args.instructions else None
     if counted is not None:
         print(f"at this machine's stock run_cell time that is "

@@ -57,7 +57,6 @@ _pending_options: contextvars.ContextVar[list | None] = contextvars.ContextVar(
 _MAGIC_DIRECTIVES = ("%%timeout", "%%transaction")
 #: ``Execution.options`` of a cell that has none (shared: never mutated)
 _NO_OPTIONS: "types.MappingProxyType[str, Any]" = types.MappingProxyType({})
-_HAS_CELL_META = _compat.HAS_CELL_META
 _DIRECTIVE_RE = re.compile(r"\s*%%(?:timeout|transaction)\b")
 
 
@@ -455,9 +454,10 @@ class ShellState:
         # Execution, one push, the always-on hooks.
         try:
             raw = info.raw_cell or ""
-            if _pending_options.get() or "%%" in raw or self.bus._subscribers \
-                    or (_HAS_CELL_META and info.cell_meta):
-                execution = self._new_execution(info, raw)
+            listened = self.bus._subscribers  # truthy when somebody listens
+            if _pending_options.get() or "%%" in raw or listened \
+                    or (_compat.HAS_CELL_META and info.cell_meta):
+                execution = self._new_execution(info, raw, listened)
                 announced = True
             else:
                 announced = False
@@ -472,7 +472,7 @@ class ShellState:
                 self._local.stack = [execution]
             hooks = execution.hooked = self._before_always
             if announced:
-                hooks = self._announce(execution)
+                hooks = self._announce(execution, listened)
         except Exception as exc:  # noqa: BLE001
             self.report_internal_error("pre_run_cell", exc)
             return
@@ -487,10 +487,9 @@ class ShellState:
         ``await``), else ``sync``; called only when the text mentions it."""
         return "async" if _compat.cell_is_async(self._shell_ref(), info) else "sync"
 
-    def _new_execution(self, info: Any, raw: str) -> Execution:
+    def _new_execution(self, info: Any, raw: str, listened: Any) -> Execution:
         """The execution of a cell with options, listeners or both."""
         options = self._cell_options(info, raw)
-        listened = bool(self.bus._subscribers)
         mode = options.get("mode") or \
             (self._sniff_mode(info) if "await" in raw or "async" in raw else "sync")
         return Execution(
@@ -500,10 +499,9 @@ class ShellState:
             if listened else None,
             options, self.bus)
 
-    def _announce(self, execution: Execution) -> tuple:
+    def _announce(self, execution: Execution, listened: Any) -> tuple:
         """After the push, for a cell with options or listeners: ``started``
         emitted, and the hooks to run (the usual ones plus those it wakes)."""
-        listened = bool(self.bus._subscribers)
         if listened:
             execution.emit("started", code=execution.code, mode=execution.mode,
                            execution_count=execution.execution_count)
