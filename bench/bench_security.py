@@ -32,6 +32,7 @@ import os
 import time
 import sys
 import tempfile
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -263,6 +264,54 @@ def check_forms(rounds: int) -> None:
               f"{timing[name]['best'] / timing['plain']['best']:>12.3f}"
               f"{paired_ratio(timing, name, 'plain'):>15.3f}")
     print("\n(the target of issue 6 is <= 1.05; emitted = the AST guard's real rewrite)")
+    metaclass_costs(rounds)
+
+
+#: Operations on a class whose metaclass is not ``type``: what a scheme
+#: without a per-call test would pay instead.  Calling a method without
+#: testing ``self`` is only sound if cell code can never get the function
+#: unbound, and the reads that hand it out (``A.m``, ``getattr(A, 'm')``,
+#: ``type(a).m``) can only be intercepted by a metaclass.
+METACLASS_OPS = {
+    "method call": "p = P(1)\nfor i in range(50_000): p.value()",
+    "instance creation": "for i in range(50_000): P(i)",
+    "isinstance, exact": "p = P(1)\nfor i in range(50_000): isinstance(p, P)",
+    "isinstance, subclass": "q = Q(1)\nfor i in range(50_000): isinstance(q, P)",
+    "isinstance, miss": "for i in range(50_000): isinstance(i, P)",
+    "class attribute": "for i in range(50_000): P.K",
+    "type(p).attribute": "p = P(1)\nfor i in range(50_000): type(p).K",
+}
+
+
+def metaclass_costs(rounds: int) -> None:
+    """Each operation on a class made by ``type`` vs by a metaclass with one
+    data descriptor (the interception point a sealing scheme needs)."""
+    class Gate:
+        def __get__(self, cls: Any, owner: Any = None) -> Any:
+            return None
+
+        def __set__(self, cls: Any, value: Any) -> None:
+            pass
+
+    class Intercepting(type):
+        gated = Gate()
+
+    source = ("class P{meta}:\n    K = 3\n    def __init__(self, v):\n"
+              "        self._v = v\n    def value(self):\n        return self._v\n"
+              "class Q(P):\n    pass\n")
+    namespaces = {"type": {}, "metaclass": {"Intercepting": Intercepting}}
+    exec(source.format(meta=""), namespaces["type"])
+    exec(source.format(meta="(metaclass=Intercepting)"), namespaces["metaclass"])
+    print(f"\n{'operation, 50k times':<24}{'type ns':>10}{'metaclass ns':>14}"
+          f"{'best ratio':>12}{'paired median':>15}")
+    for op, cell in METACLASS_OPS.items():
+        code = compile(cell, f"<{op}>", "exec")
+        timing = interleaved({name: (lambda ns=ns: exec(code, ns))
+                              for name, ns in namespaces.items()},
+                             rounds=rounds, number=3, clock=time.thread_time)
+        plain, meta = timing["type"]["best"], timing["metaclass"]["best"]
+        print(f"{op:<24}{plain / 50_000 * 1e9:>10.1f}{meta / 50_000 * 1e9:>14.1f}"
+              f"{meta / plain:>12.3f}{paired_ratio(timing, 'metaclass', 'type'):>15.3f}")
 
 
 def _calibrate(run, use, seconds: float) -> int:
