@@ -1,6 +1,8 @@
 """Cost of the security layers on benign cells, each layer alone and all together.
 
-Run: ``python bench/bench_security.py [--rounds N] [--quick]``.  Every
+Run: ``python bench/bench_security.py [--rounds N] [--quick]``;
+``--check-forms`` times only the per-call private-attribute test against an
+unchecked method, and what a metaclass (the alternative to that test) costs.  Every
 variant runs the same cells in the same shell, interleaved in random order
 per round (``bench/_common.py``); the table gives microseconds per cell and
 the ratio to ``trusted`` (the extension loaded, no layer active).
@@ -176,46 +178,27 @@ def main() -> None:
 #: back to the set for subclasses), a marker attribute (not sound: a
 #: three-argument ``type()`` subclass with a host base inherits it) and a
 #: branch that tests nothing, the floor under any test.
+_ACC = """
+class Acc:{marker}
+    def __init__(self):
+        self._total = 0
+    def add(self, v):{test}
+        self._total += v
+        return self._total
+"""
+
+
+def _test(condition: str) -> str:
+    return f"\n        if {condition}:\n            __pyrepl3_private__(self, '_total')"
+
+
 CHECK_FORMS = {
-    "plain": """
-class Acc:
-    def __init__(self):
-        self._total = 0
-    def add(self, v):
-        self._total += v
-        return self._total
-""",
-    "class identity": """
-class Acc:
-    def __init__(self):
-        self._total = 0
-    def add(self, v):
-        if __pyrepl3_type__(self) is not __class__:
-            __pyrepl3_private__(self, '_total')
-        self._total += v
-        return self._total
-""",
-    "one branch (floor)": """
-class Acc:
-    def __init__(self):
-        self._total = 0
-    def add(self, v):
-        if self is None:
-            __pyrepl3_private__(self, '_total')
-        self._total += v
-        return self._total
-""",
-    "marker attribute": """
-class Acc:
-    __pyrepl3_marker__ = True
-    def __init__(self):
-        self._total = 0
-    def add(self, v):
-        if self.__pyrepl3_marker__ is not True:
-            __pyrepl3_private__(self, '_total')
-        self._total += v
-        return self._total
-""",
+    "plain": _ACC.format(marker="", test=""),
+    "class identity": _ACC.format(
+        marker="", test=_test("__pyrepl3_type__(self) is not __class__")),
+    "one branch (floor)": _ACC.format(marker="", test=_test("self is None")),
+    "marker attribute": _ACC.format(marker="\n    __pyrepl3_marker__ = True",
+                                    test=_test("self.__pyrepl3_marker__ is not True")),
 }
 
 
