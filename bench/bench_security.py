@@ -1,10 +1,10 @@
 """Cost of the security layers on benign cells, each layer alone and all together.
 
 Run: ``python bench/bench_security.py [--rounds N] [--quick]``;
-``--check-forms`` times only the per-call private-attribute test against an
-unchecked method, and what a metaclass (the alternative to that test) costs.  Every
-variant runs the same cells in the same shell, interleaved in random order
-per round (``bench/_common.py``); the table gives microseconds per cell and
+``--check-forms`` times only the per-call private-attribute test against
+an unchecked method, and what a metaclass (the alternative to that test)
+costs.  Every variant runs the same cells in the same shell, interleaved
+in random order per round (``bench/_common.py``); the table gives microseconds per cell and
 the ratio to ``trusted`` (the extension loaded, no layer active).
 
 Variants (each a ``SecurityPolicy``):
