@@ -174,10 +174,10 @@ def main() -> None:
 #: The ``private attrs`` method, and the forms a per-call test of ``self``
 #: could take.  ``emitted`` is what the AST guard makes of ``plain`` (its
 #: real rewrite); the others are the cheapest alternatives considered in
-#: docs/security.md, written out by hand: the class identity test (falling
-#: back to the set for subclasses), a marker attribute (not sound: a
-#: three-argument ``type()`` subclass with a host base inherits it) and a
-#: branch that tests nothing, the floor under any test.
+#: docs/security.md, written out by hand, neither of them sound: the class
+#: identity test (a session class with a host base passes it) and a marker
+#: attribute (a three-argument ``type()`` subclass with a host base inherits
+#: it); and a branch that tests nothing, the floor under any test.
 _ACC = """
 class Acc:{marker}
     def __init__(self):
