@@ -8,7 +8,10 @@ can never disagree.
 from __future__ import annotations
 
 #: ``__dunder__`` attributes cell code may read: names, docs, the type (the
-#: same as ``type(x)``), and the protocol methods ``super()`` calls reach.
+#: same as ``type(x)``), the protocol methods ``super()`` calls reach, and
+#: the numeric conversions a builtin or allowed module already calls for
+#: any object (``round``, ``math.trunc/floor/ceil``, ``operator.index``,
+#: ``complex``): reading them gives cell code nothing it did not have.
 ALLOWED_DUNDER_ATTRS = frozenset({
     "__init__", "__name__", "__qualname__", "__doc__", "__class__", "__module__",
     "__repr__", "__str__", "__format__", "__eq__", "__ne__", "__lt__", "__le__",
@@ -18,6 +21,7 @@ ALLOWED_DUNDER_ATTRS = frozenset({
     "__add__", "__sub__", "__mul__", "__truediv__", "__floordiv__", "__mod__",
     "__pow__", "__neg__", "__pos__", "__abs__", "__radd__", "__rmul__",
     "__post_init__", "__members__", "__version__", "__float__", "__int__",
+    "__round__", "__trunc__", "__floor__", "__ceil__", "__index__", "__complex__",
 })
 
 #: ``__dunder__`` names cell code may use as plain names.

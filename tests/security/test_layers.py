@@ -186,6 +186,7 @@ ALLOWED = [
     "get_ipython().run_line_magic('time', 'x = 1')",
     "p._asdict()",
     "def open():\n    pass\nopen()",
+    "math.pi.__round__(2) + (7).__index__() + x.__trunc__() + x.__floor__()",
 ]
 
 
