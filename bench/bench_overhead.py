@@ -113,6 +113,8 @@ def hooks(shell: Any, ensure: Callable[[str], None], evict_mb: list[float],
         f"{f'{mb:g} MB evicted':>17}" for mb in evict_mb))
     buffers = [bytearray(int(mb * 2**20)) for mb in evict_mb]
     ones = [b"\x01" * len(range(0, len(b), 64)) for b in buffers]
+    # the timer's own cost under the same eviction, taken off every row
+    baseline = [_evicted_best(_nothing, b, o, rounds) for b, o in zip(buffers, ones)]
     for label, variant in (("all hooks", "ext"), ("core", "ext-core")):
         ensure(variant)
         state = extension.get_state(shell)
@@ -122,9 +124,8 @@ def hooks(shell: Any, ensure: Callable[[str], None], evict_mb: list[float],
             state._post_run_cell(result)
 
         warm = min(timeit.repeat(pair, number=2000, repeat=rounds)) / 2000
-        # the timer's own cost under the same eviction is taken off
-        cold = [_evicted_best(pair, b, o, rounds) - _evicted_best(_nothing, b, o, rounds)
-                for b, o in zip(buffers, ones)]
+        cold = [_evicted_best(pair, b, o, rounds) - base
+                for b, o, base in zip(buffers, ones, baseline)]
         rows[label] = {"warm_us": warm * 1e6,
                        **{f"evicted_{mb:g}mb_us": c * 1e6 for mb, c in zip(evict_mb, cold)}}
         print(f"{label:<18}{warm * 1e6:>9.2f}" + "".join(f"{c * 1e6:>17.2f}" for c in cold))

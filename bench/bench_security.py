@@ -4,8 +4,9 @@ Run: ``python bench/bench_security.py [--rounds N] [--quick]``;
 ``--check-forms`` times only the per-call private-attribute test against
 an unchecked method, and what a metaclass (the alternative to that test)
 costs.  Every variant runs the same cells in the same shell, interleaved
-in random order per round (``bench/_common.py``); the table gives microseconds per cell and
-the ratio to ``trusted`` (the extension loaded, no layer active).
+in random order per round (``bench/_common.py``); the table gives
+microseconds per cell and the ratio to ``trusted`` (the extension loaded,
+no layer active).
 
 Variants (each a ``SecurityPolicy``):
   trusted     no layer
@@ -64,6 +65,23 @@ POLICIES = {
 # "ast" needs the private-attribute check from the builtins mapping: it is
 # the only runtime part of the AST layer, and is counted with it.
 
+#: The ``private attrs`` method, and the forms a per-call test of ``self``
+#: could take.  ``emitted`` is what the AST guard makes of ``plain`` (its
+#: real rewrite); the others are the cheapest alternatives considered in
+#: docs/security.md, written out by hand, neither of them sound: the class
+#: identity test (a session class with a host base passes it) and a marker
+#: attribute (a three-argument ``type()`` subclass with a host base inherits
+#: it); and a branch that tests nothing, the floor under any test.
+_ACC = """
+class Acc:{marker}
+    def __init__(self):
+        self._total = 0
+    def add(self, v):{test}
+        self._total += v
+        return self._total
+"""
+
+
 SETUP = """
 import math, json
 class Vec:
@@ -71,15 +89,9 @@ class Vec:
         self.x, self.y = x, y
     def norm(self):
         return math.sqrt(self.x * self.x + self.y * self.y)
-class Acc:
-    def __init__(self):
-        self._total = 0
-    def add(self, v):
-        self._total += v
-        return self._total
 def fib(n):
     return n if n < 2 else fib(n - 1) + fib(n - 2)
-"""
+""" + _ACC.format(marker="", test="")
 
 #: Target length of one timed sample (each variant, each round).
 SAMPLE_SECONDS = 0.03
@@ -171,29 +183,12 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-#: The ``private attrs`` method, and the forms a per-call test of ``self``
-#: could take.  ``emitted`` is what the AST guard makes of ``plain`` (its
-#: real rewrite); the others are the cheapest alternatives considered in
-#: docs/security.md, written out by hand, neither of them sound: the class
-#: identity test (a session class with a host base passes it) and a marker
-#: attribute (a three-argument ``type()`` subclass with a host base inherits
-#: it); and a branch that tests nothing, the floor under any test.
-_ACC = """
-class Acc:{marker}
-    def __init__(self):
-        self._total = 0
-    def add(self, v):{test}
-        self._total += v
-        return self._total
-"""
-
-
 def _test(condition: str) -> str:
     return f"\n        if {condition}:\n            __pyrepl3_private__(self, '_total')"
 
 
 CHECK_FORMS = {
-    "plain": _ACC.format(marker="", test=""),
+    "plain": _ACC.format(marker="", test=""),  # the class SETUP defines
     "class identity": _ACC.format(
         marker="", test=_test("__pyrepl3_type__(self) is not __class__")),
     "one branch (floor)": _ACC.format(marker="", test=_test("self is None")),
