@@ -1,9 +1,9 @@
 """Cost of the security layers on benign cells, each layer alone and all together.
 
 Run: ``python bench/bench_security.py [--rounds N] [--quick]``;
-``--check-forms`` times only the per-call private-attribute test against
-an unchecked method, and what a metaclass (the alternative to that test)
-costs.  Every variant runs the same cells in the same shell, interleaved
+``--check-forms`` times only the ``private attrs`` cell's method without
+IPython: as written, as restricted rewrites it, and with the per-call test
+of ``self`` that restricted used to add.  Every variant runs the same cells in the same shell, interleaved
 in random order per round (``bench/_common.py``); the table gives
 microseconds per cell and the ratio to ``trusted`` (the extension loaded,
 no layer active).
@@ -11,8 +11,8 @@ no layer active).
 Variants (each a ``SecurityPolicy``):
   trusted     no layer
   builtins    sanitized builtins mapping + import allowlist (module views)
-  ast         the AST guard alone (dunder/frame attributes, private-attribute
-              rewrite, names, imports, magics)
+  ast         the AST guard alone (dunder/frame attributes, private-name
+              spelling, names, imports, magics)
   audit       the audit tripwire alone (scope entered around each cell)
   restricted  the whole preset
   trusted A/A trusted again: how far two identical variants drift apart in
@@ -35,7 +35,6 @@ import os
 import time
 import sys
 import tempfile
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,15 +64,9 @@ POLICIES = {
 # "ast" needs the private-attribute check from the builtins mapping: it is
 # the only runtime part of the AST layer, and is counted with it.
 
-#: The ``private attrs`` method, and the forms a per-call test of ``self``
-#: could take.  ``emitted`` is what the AST guard makes of ``plain`` (its
-#: real rewrite); the others are the cheapest alternatives considered in
-#: docs/security.md, written out by hand, neither of them sound: the class
-#: identity test (a session class with a host base passes it) and a marker
-#: attribute (a three-argument ``type()`` subclass with a host base inherits
-#: it); and a branch that tests nothing, the floor under any test.
+#: The ``private attrs`` method: a two-line method reading ``self._total``.
 _ACC = """
-class Acc:{marker}
+class Acc:
     def __init__(self):
         self._total = 0
     def add(self, v):{test}
@@ -91,7 +84,13 @@ class Vec:
         return math.sqrt(self.x * self.x + self.y * self.y)
 def fib(n):
     return n if n < 2 else fib(n - 1) + fib(n - 2)
-""" + _ACC.format(marker="", test="")
+class Key:
+    def __init__(self, k):
+        self._k = k
+    def __lt__(self, other):
+        return self._k < other._k
+keys = [Key(i * 7919 % 10007) for i in range(20_000)]
+""" + _ACC.format(test="")
 
 #: Target length of one timed sample (each variant, each round).
 SAMPLE_SECONDS = 0.03
@@ -107,6 +106,8 @@ CELLS = {
     "module attrs": "s = 0.0\nfor i in range(50_000):\n    s += math.sqrt(i)",
     "objects": "vs = [Vec(i, i + 1) for i in range(20_000)]\nr = sum(v.norm() for v in vs)",
     "private attrs": "a = Acc()\nfor i in range(50_000):\n    a.add(i)",
+    # ``other._k``: another object's private state, in a comparison sort() calls
+    "private, other": "r = sorted(keys)",
     "json round trip": "r = json.loads(json.dumps([{'k': i} for i in range(5_000)]))",
 }
 
@@ -118,8 +119,8 @@ def main() -> None:
     parser.add_argument("--wall", action="store_true",
                         help="wall-clock time instead of this thread's CPU time")
     parser.add_argument("--check-forms", action="store_true",
-                        help="only time forms of the per-call private-attribute check "
-                             "against an unchecked method (no IPython)")
+                        help="only time the private attrs cell's method, as written "
+                             "and as restricted rewrites it (no IPython)")
     args = parser.parse_args()
     if args.check_forms:
         check_forms(3 if args.quick else args.rounds)
@@ -183,113 +184,55 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def _test(condition: str) -> str:
-    return f"\n        if {condition}:\n            __pyrepl3_private__(self, '_total')"
-
-
-CHECK_FORMS = {
-    "plain": _ACC.format(marker="", test=""),  # the class SETUP defines
-    "class identity": _ACC.format(
-        marker="", test=_test("__pyrepl3_type__(self) is not __class__")),
-    "one branch (floor)": _ACC.format(marker="", test=_test("self is None")),
-    "marker attribute": _ACC.format(marker="\n    __pyrepl3_marker__ = True",
-                                    test=_test("self.__pyrepl3_marker__ is not True")),
-}
+#: ``self`` tested once per call, as restricted did before private names
+#: were spelled (docs/security.md): the cost that spelling removed.
+_PER_CALL_TEST = ("\n        if type(self) not in owned:"
+                  "\n            raise AttributeError('_total')")
 
 
 def check_forms(rounds: int) -> None:
-    """The cost of testing ``self`` once per call, whatever the test.
+    """The ``private attrs`` cell's method alone, without IPython.
 
-    The ``private attrs`` cell calls a two-line method 50,000 times; the
-    one test restricted adds per call is the whole difference.  Timed here
-    without IPython, each form in its own namespace with a session's
-    builtins, interleaved: if even the cheapest conceivable test costs more
-    than 5 % of such a call, no per-call check can meet the target and only
-    a scheme without one (docs/security.md) could.
+    The cell calls a two-line method 50,000 times, so a per-call cost shows
+    at full size here.  Timed in a session's builtins, interleaved: the
+    method as written, as the AST guard rewrites it (``self._total·``), and
+    with the per-call test of ``self`` restricted made before.
     """
     import ast
     import types
 
-    from pyrepl3_ext.errors import SecurityError
-    from pyrepl3_ext.security.ast_guard import _PrivateRewriter
-    from pyrepl3_ext.security.builtins import PrivateGuard, build_builtins
+    from pyrepl3_ext.security.ast_guard import _spell_private_names
+    from pyrepl3_ext.security.builtins import build_builtins
 
-    guard = PrivateGuard("bench")
-    builtins = build_builtins(SecurityPolicy.preset("restricted"), None, guard)
-    tree = ast.parse(CHECK_FORMS["plain"])
-    _PrivateRewriter().visit(tree)
-    sources = {"plain": CHECK_FORMS["plain"], "emitted (restricted)": ast.unparse(tree),
-               **{k: v for k, v in CHECK_FORMS.items() if k != "plain"}}
+    builtins = build_builtins(SecurityPolicy.preset("restricted"), None)
+    tree = ast.parse(_ACC.format(test=""))
+    _spell_private_names(tree)
+    sources = {"as written": _ACC.format(test=""), "restricted (spelled)": ast.unparse(tree),
+               "per-call test (before)": _ACC.format(test=_PER_CALL_TEST)}
     loop = compile("a = Acc()\nfor i in range(50_000):\n    a.add(i)\n", "<cell>", "exec")
     variants = {}
     for name, source in sources.items():
-        namespace = {"__builtins__": builtins}
+        namespace = {"__builtins__": builtins, "owned": set()}
         exec(compile(source, f"<{name}>", "exec"), namespace)
-        if name not in ("plain", "one branch (floor)"):
-            # each timed form must really refuse a foreign self
+        namespace["owned"].add(namespace["Acc"])
+        if name != "as written":
+            # each form must keep a foreign self's _total out of reach
+            foreign = types.SimpleNamespace(_total=0)
             try:
-                namespace["Acc"].add(types.SimpleNamespace(_total=0), 1)
-            except (SecurityError, AttributeError):  # the marker form: no marker
+                namespace["Acc"].add(foreign, 1)
+            except AttributeError:
                 pass
-            else:
-                raise SystemExit(f"the {name!r} form let a foreign self through")
+            if foreign._total != 0 or hasattr(foreign, "_total·"):
+                raise SystemExit(f"the {name!r} form reached a foreign self's _total")
         variants[name] = lambda namespace=namespace: exec(loop, namespace)
     timing = interleaved(variants, rounds=rounds, number=3, clock=time.thread_time)
-    print(f"{'form of the per-call test':<24}{'ns per call':>12}{'best ratio':>12}"
+    print(f"{'form of the method':<24}{'ns per call':>12}{'best ratio':>12}"
           f"{'paired median':>15}")
     for name in variants:
         print(f"{name:<24}{timing[name]['best'] / 50_000 * 1e9:>12.1f}"
-              f"{timing[name]['best'] / timing['plain']['best']:>12.3f}"
-              f"{paired_ratio(timing, name, 'plain'):>15.3f}")
-    print("\n(the target of issue 6 is <= 1.05; emitted = the AST guard's real rewrite)")
-    metaclass_costs(rounds)
-
-
-#: Operations on a class whose metaclass is not ``type``: what a scheme
-#: without a per-call test would pay instead.  Calling a method without
-#: testing ``self`` is only sound if cell code can never get the function
-#: unbound, and the reads that hand it out (``A.m``, ``getattr(A, 'm')``,
-#: ``type(a).m``) can only be intercepted by a metaclass.
-METACLASS_OPS = {
-    "method call": "p = P(1)\nfor i in range(50_000): p.value()",
-    "instance creation": "for i in range(50_000): P(i)",
-    "isinstance, exact": "p = P(1)\nfor i in range(50_000): isinstance(p, P)",
-    "isinstance, subclass": "q = Q(1)\nfor i in range(50_000): isinstance(q, P)",
-    "isinstance, miss": "for i in range(50_000): isinstance(i, P)",
-    "class attribute": "for i in range(50_000): P.K",
-    "type(p).attribute": "p = P(1)\nfor i in range(50_000): type(p).K",
-}
-
-
-def metaclass_costs(rounds: int) -> None:
-    """Each operation on a class made by ``type`` vs by a metaclass with one
-    data descriptor (the interception point a sealing scheme needs)."""
-    class Gate:
-        def __get__(self, cls: Any, owner: Any = None) -> Any:
-            return None
-
-        def __set__(self, cls: Any, value: Any) -> None:
-            pass
-
-    class Intercepting(type):
-        gated = Gate()
-
-    source = ("class P{meta}:\n    K = 3\n    def __init__(self, v):\n"
-              "        self._v = v\n    def value(self):\n        return self._v\n"
-              "class Q(P):\n    pass\n")
-    namespaces = {"type": {}, "metaclass": {"Intercepting": Intercepting}}
-    exec(source.format(meta=""), namespaces["type"])
-    exec(source.format(meta="(metaclass=Intercepting)"), namespaces["metaclass"])
-    print(f"\n{'operation, 50k times':<24}{'type ns':>10}{'metaclass ns':>14}"
-          f"{'best ratio':>12}{'paired median':>15}")
-    for op, cell in METACLASS_OPS.items():
-        code = compile(cell, f"<{op}>", "exec")
-        timing = interleaved({name: (lambda ns=ns: exec(code, ns))
-                              for name, ns in namespaces.items()},
-                             rounds=rounds, number=3, clock=time.thread_time)
-        plain, meta = timing["type"]["best"], timing["metaclass"]["best"]
-        print(f"{op:<24}{plain / 50_000 * 1e9:>10.1f}{meta / 50_000 * 1e9:>14.1f}"
-              f"{meta / plain:>12.3f}{paired_ratio(timing, 'metaclass', 'type'):>15.3f}")
+              f"{timing[name]['best'] / timing['as written']['best']:>12.3f}"
+              f"{paired_ratio(timing, name, 'as written'):>15.3f}")
+    print("\n(the target of issue 6 is <= 1.05)")
 
 
 def _calibrate(run, use, seconds: float) -> int:

@@ -119,10 +119,9 @@ def main() -> None:
                   "__metaclass__": type, "__name__": "cell",
                   "_inplacevar_": _inplacevar}
     import builtins as b
-    from pyrepl3_ext.security.builtins import PrivateGuard, build_builtins
+    from pyrepl3_ext.security.builtins import build_builtins
 
-    ours_globals = {"__builtins__": build_builtins(Session.policy, Session.importer,
-                                                   PrivateGuard("restricted")),
+    ours_globals = {"__builtins__": build_builtins(Session.policy, Session.importer),
                     "__name__": "cell"}
     plain_globals = {"__builtins__": b, "__name__": "cell"}
     plain_code = compile(body, "<cell>", "exec")

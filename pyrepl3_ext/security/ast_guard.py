@@ -9,8 +9,9 @@ execution's ``error`` event has kind ``security``.
 
 The checks are static (names as written; the parser has already
 NFKC-normalised identifiers, so ``__𝘪𝘮𝘱𝘰𝘳𝘵__`` is ``__import__``).  The one
-rewrite is ``obj._x`` -> ``__pyrepl3_private__(obj, '_x')._x`` so private
-attributes are checked at run time against the classes the cell defined.
+rewrite spells private names the session's way (``obj._x`` -> ``obj._x·``,
+see :func:`_spell_private_names`), so cell code never names a host object's
+private state.
 Dynamic routes to the same attributes (``getattr``) go through the sanitized
 builtins, which apply the same :mod:`.rules`.
 
@@ -28,8 +29,8 @@ from typing import Any, Iterable
 
 from IPython.core.error import InputRejected
 
-from .builtins import OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME
-from .rules import ALLOWED_DUNDER_NAMES, attribute_refusal, is_dunder, is_private
+from .rules import (ALLOWED_DUNDER_NAMES, attribute_refusal, is_dunder, is_private,
+                    session_private_name)
 
 #: Attributes of ``get_ipython()`` that IPython's own input transformations
 #: produce; the gate object behind ``get_ipython`` exposes only these.
@@ -63,7 +64,7 @@ class SecurityGuard(ast.NodeTransformer):
             checker = _Checker(session)
             checker.run(node)
             if checker.saw_private and session.policy.guard_private_attributes:
-                _PrivateRewriter().visit(node)
+                _spell_private_names(node)
             return node
         except Refusal as refusal:
             where = f" (line {refusal.lineno})" if refusal.lineno else ""
@@ -85,123 +86,94 @@ def _refuse(message: str) -> None:
     raise InputRejected(message)
 
 
-class _PrivateRewriter(ast.NodeVisitor):
-    """Routes every ``obj._private`` attribute through the runtime check.
+def _spell_private_names(tree: ast.AST) -> None:
+    """Give every private name cell code writes its session spelling.
 
-    General form: ``__pyrepl3_private__(obj, '_x')._x`` (a call per access).
-    Fast form, for ``self._x`` where ``self`` is the first parameter of a
-    method defined in a class body and a plain local of that method (never
-    rebound, not captured by an inner scope, so nothing can swap it): the
-    method starts with ``if __pyrepl3_type__(self) not in __pyrepl3_owned__:
-    __pyrepl3_private__(self, '_x')`` (which raises) and each access stays a
-    plain ``self._x`` — one set test per call, nothing per access.  A method
-    of a session class called with a foreign ``self`` (``A.m(host_obj)``)
-    is refused on entry, before any of its body runs, even if the private
-    access is in a branch it would not have taken.
+    ``obj._x`` becomes ``obj._x·`` (:func:`~.rules.session_private_name`),
+    whatever ``obj`` is: the session's private state lives under names no
+    host object has, so no test is needed at run time and none is made
+    (``self._x`` in a method called in a tight loop costs what it costs
+    without the policy).  ``A.m(host_obj)`` reaches only ``host_obj._x·``,
+    which is not there.  Class patterns (``case P(_x=0)``) are spelled the
+    same way, and so are the names a class body binds (``_count = 0``,
+    ``def _helper``), in the class's own scope, so that ``self._count`` and
+    ``A._helper`` find them.
     """
-
-    def __init__(self) -> None:
-        self.fast_names: list[str | None] = [None]
-        self.fast_used: list[str | None] = [None]
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        for child in node.decorator_list + node.bases + [k.value for k in node.keywords]:
-            self.visit(child)
-        for stmt in node.body:
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                self._visit_function(stmt, method=True)
-            else:
-                self.visit(stmt)
-
-    def visit_FunctionDef(self, node: Any) -> None:
-        self._visit_function(node, method=False)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def _visit_function(self, node: Any, *, method: bool) -> None:
-        fast = None
-        positional = node.args.posonlyargs + node.args.args
-        if method and positional and _plain_local(node, positional[0].arg):
-            fast = positional[0].arg
-        for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
-            self.visit(default)
-        for decorator in node.decorator_list:
-            self.visit(decorator)
-        self.fast_names.append(fast)
-        self.fast_used.append(None)
-        try:
-            for stmt in node.body:
-                self.visit(stmt)
-        finally:
-            self.fast_names.pop()
-            first_private = self.fast_used.pop()
-        if first_private is not None:
-            first = node.body[0]
-            at = 1 if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                       and isinstance(first.value.value, str)) else 0
-            entry = ast.If(
-                test=ast.Compare(
-                    left=ast.Call(func=ast.Name(id=TYPE_NAME, ctx=ast.Load()),
-                                  args=[ast.Name(id=fast, ctx=ast.Load())], keywords=[]),
-                    ops=[ast.NotIn()],
-                    comparators=[ast.Name(id=OWNED_NAME, ctx=ast.Load())]),
-                body=[ast.Expr(value=ast.Call(
-                    func=ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load()),
-                    args=[ast.Name(id=fast, ctx=ast.Load()),
-                          ast.Constant(value=first_private)], keywords=[]))],
-                orelse=[])
-            for sub in ast.walk(entry):
-                ast.copy_location(sub, first)
-            node.body.insert(at, entry)
-
-    def visit_Lambda(self, node: ast.Lambda) -> None:
-        self.fast_names.append(None)
-        self.fast_used.append(None)
-        try:
-            self.generic_visit(node)
-        finally:
-            self.fast_names.pop()
-            self.fast_used.pop()
-
-    def visit_Attribute(self, node: ast.Attribute) -> None:
-        self.generic_visit(node)
-        if not is_private(node.attr):
-            return
-        value = node.value
-        fast = self.fast_names[-1]
-        if fast is not None and isinstance(value, ast.Name) and value.id == fast:
-            if self.fast_used[-1] is None:
-                self.fast_used[-1] = node.attr
-            return  # checked once on entry to the method
-
-        def at(new: ast.AST) -> ast.AST:
-            return ast.copy_location(new, value)
-
-        node.value = at(ast.Call(func=at(ast.Name(id=PRIVATE_CHECK_NAME, ctx=ast.Load())),
-                                 args=[value, at(ast.Constant(value=node.attr))],
-                                 keywords=[]))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if is_private(node.attr):
+                node.attr = session_private_name(node.attr)
+        elif isinstance(node, ast.ClassDef):
+            _spell_class_scope(node.body)
+        elif isinstance(node, ast.MatchClass):
+            node.kwd_attrs = [session_private_name(a) if is_private(a) else a
+                              for a in node.kwd_attrs]
 
 
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
-           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+def _outer_parts(node: Any) -> list[ast.AST]:
+    """What a def or lambda evaluates where it is written, not in its body."""
+    args = node.args
+    parts: list[ast.AST] = [*args.defaults, *(d for d in args.kw_defaults if d)]
+    if not isinstance(node, ast.Lambda):
+        parts += [a.annotation for a in _all_args(args) if a.annotation is not None]
+        parts += node.decorator_list
+        if node.returns is not None:
+            parts.append(node.returns)
+    return parts
 
 
-def _plain_local(function: Any, name: str) -> bool:
-    """``name`` is never rebound in ``function`` nor used by an inner scope."""
-    for stmt in function.body:
-        for node in ast.walk(stmt):
-            if isinstance(node, _SCOPES):
-                for inner in ast.walk(node):
-                    if isinstance(inner, ast.Name) and inner.id == name:
-                        return False
-                    if isinstance(inner, ast.arg) and inner.arg == name:
-                        return False
-            elif isinstance(node, ast.Name) and node.id == name \
-                    and not isinstance(node.ctx, ast.Load):
-                return False
-            elif isinstance(node, (ast.Global, ast.Nonlocal)) and name in node.names:
-                return False
-    return True
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _class_scope(body: list[ast.stmt]) -> Iterable[ast.AST]:
+    """Every node of a class body that runs in the class's own scope.
+
+    Method and lambda bodies have their own scope; a comprehension's only
+    part evaluated in the class scope is its first iterable.
+    """
+    stack: list[ast.AST] = list(reversed(body))
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            children = _outer_parts(node)
+        elif isinstance(node, ast.ClassDef):
+            children = [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]
+        elif isinstance(node, _COMPREHENSIONS):
+            children = [node.generators[0].iter]
+        else:
+            children = list(ast.iter_child_nodes(node))
+        stack.extend(reversed(children))
+
+
+def _spell_class_scope(body: list[ast.stmt]) -> None:
+    """Spell the private names a class body binds, wherever its scope uses them."""
+    scope = list(_class_scope(body))
+    declared = {name for node in scope if isinstance(node, (ast.Global, ast.Nonlocal))
+                for name in node.names}
+    bound = set()
+    for node in scope:
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.alias) and node.asname:
+            bound.add(node.asname)
+    private = {name for name in bound - declared if is_private(name)}
+    if not private:
+        return
+    for node in scope:
+        if isinstance(node, ast.Name):
+            if node.id in private:
+                node.id = session_private_name(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                               ast.ExceptHandler)):
+            if node.name in private:
+                node.name = session_private_name(node.name)
+        elif isinstance(node, ast.alias) and node.asname in private:
+            node.asname = session_private_name(node.asname)
 
 
 def _bound_names(tree: ast.AST) -> set[str]:
@@ -293,6 +265,8 @@ class _Checker(ast.NodeVisitor):
             raise Refusal(node, f"{name}() is not available: {_denied_reason(name)}")
 
     def _check_binding(self, node: ast.AST, name: str) -> None:
+        if self.class_depth and name[0] == "_":
+            self.saw_private = True  # a class body's private name gets spelled
         if name in self.protected:
             raise Refusal(node, f"rebinding or deleting {name!r} is refused: it is a "
                                 f"capability or a name the session depends on")
@@ -328,9 +302,8 @@ class _Checker(ast.NodeVisitor):
     def visit_MatchClass(self, node: Any) -> None:
         for attr in node.kwd_attrs:
             self._check_attribute_name(node, attr, store=False)
-            if self.policy.guard_private_attributes and is_private(attr):
-                raise Refusal(node, f"matching the private attribute {attr!r} in a "
-                                    f"class pattern is refused")
+            if attr[0] == "_":
+                self.saw_private = True
         self.generic_visit(node)
 
     # -- definitions -------------------------------------------------------
@@ -338,6 +311,8 @@ class _Checker(ast.NodeVisitor):
         name = node.name
         if name in self.protected:
             self._check_binding(node, name)
+        if self.class_depth and name[0] == "_":
+            self.saw_private = True  # a class body's private name gets spelled
         if self.policy.block_dunder_access and is_dunder(name):
             if not self.class_depth:
                 raise Refusal(node, f"defining {name!r} outside a class body is refused: "

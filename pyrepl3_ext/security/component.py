@@ -22,20 +22,22 @@ a gated session's builtins dict (``docs/security.md``).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
 
 from .. import _compat
 from ..errors import SecurityError
-from ..extension import Component
+from ..extension import Component, InstancePatches
 from . import audit
 from .ast_guard import SecurityGuard, magic_message, shell_escape_message
-from .builtins import PrivateGuard, build_builtins
+from .builtins import build_builtins
 from .capabilities import FilesCapability, Grant
 from .facade import _inert, make_facade
 from .imports import Importer
 from .policy import SecurityPolicy
+from .rules import explain_private_miss
 
 _MAX_LOG = 1000
 _MISSING = object()
@@ -49,7 +51,6 @@ class SessionSecurity:
         self.policy = SecurityPolicy.preset("trusted")
         self.grants: dict[str, Grant] = {}
         self.importer: Importer | None = None
-        self.private_guard: PrivateGuard | None = None
         self.scope: audit.AuditScope | None = None
         self.builtins: dict | None = None
         self.guard: SecurityGuard | None = None
@@ -133,10 +134,8 @@ class SessionSecurity:
             ns = shell.user_ns
             if policy.allowed_modules is not None:
                 self.importer = Importer(policy.allowed_modules, policy.name)
-            if policy.guard_private_attributes:
-                self.private_guard = PrivateGuard(policy.name)
             if policy.sanitize_builtins:
-                self.builtins = build_builtins(policy, self.importer, self.private_guard)
+                self.builtins = build_builtins(policy, self.importer)
                 self._save(ns, "__builtins__")
                 ns["__builtins__"] = self.builtins
             if policy.allowed_magics is not None or policy.denied_magics \
@@ -244,7 +243,7 @@ class SessionSecurity:
             self._injected.clear()
             self._saved.clear()
             self.guard = self.gate = self._get_ipython = None
-            self.builtins = self.importer = self.private_guard = self.scope = None
+            self.builtins = self.importer = self.scope = None
             if self.on_change is not None:
                 self.on_change()
 
@@ -329,6 +328,22 @@ class SecurityComponent(Component):
         if config.files_root:
             self.session.grant("files", FilesCapability(config.files_root))
         config.observe(self._on_policy_change, names="security_policy")
+        self._patches = InstancePatches()
+        self._patches.wrap(self.state.shell, "showtraceback", self._explaining)
+
+    def _explaining(self, original: Any) -> Any:
+        """``shell.showtraceback`` that first words a missed private name as
+        the cell wrote it (``rules.explain_private_miss``); errors only."""
+        session = self.session
+
+        def showtraceback(exc_tuple: Any = None, *args: Any, **kwargs: Any) -> Any:
+            policy = session.policy
+            if policy.guard_private_attributes:
+                error = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
+                if error is not None:
+                    explain_private_miss(error, policy.name)
+            return original(exc_tuple, *args, **kwargs)
+        return showtraceback
 
     def _on_policy_change(self, change: dict) -> None:
         self.session.apply(SecurityPolicy.preset(change["new"]))
@@ -362,6 +377,7 @@ class SecurityComponent(Component):
                                names=sorted(restored), message=message)
 
     def detach(self) -> None:
+        self._patches.undo()
         config = self.state.config
         if config is not None:
             try:

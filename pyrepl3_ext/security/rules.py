@@ -55,14 +55,42 @@ PUBLIC_UNDERSCORE_ATTRS = frozenset({
 })
 
 
+#: What a session's ``_private`` names end with at run time (see
+#: :func:`session_private_name`): a character host code never puts in an
+#: attribute name, and one the compiler accepts in an identifier.
+PRIVATE_SUFFIX = "\u00b7"
+
+
 def is_dunder(name: str) -> bool:
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
+def is_display_hook(name: str) -> bool:
+    """IPython's display protocol (``_repr_html_``, ``_ipython_display_``...).
+
+    IPython calls these on any object it displays, so they are public: a
+    session class must be able to define them under their own names.
+    """
+    return name.endswith("_") and (name.startswith("_repr_") or name.startswith("_ipython_"))
+
+
 def is_private(name: str) -> bool:
-    """``_x`` or ``__x`` (not a dunder, not ``_`` alone, not the namedtuple API)."""
+    """``_x`` or ``__x`` (not a dunder, not ``_`` alone, not a public protocol)."""
     return (name.startswith("_") and not is_dunder(name) and name != "_"
-            and name not in PUBLIC_UNDERSCORE_ATTRS)
+            and name not in PUBLIC_UNDERSCORE_ATTRS and not is_display_hook(name))
+
+
+def session_private_name(name: str) -> str:
+    """The run-time spelling of a cell's private name: ``_x`` -> ``_x·``.
+
+    Under ``guard_private_attributes`` every private attribute name cell code
+    writes (``obj._x``, class-body ``_x = ...``, ``getattr(obj, '_x')``) is
+    spelled this way, so the session's private state lives under names no
+    host object has: ``asyncio.Queue()._loop`` from a cell reads ``_loop·``,
+    which does not exist.  Idempotent, so a name already spelled this way
+    (copied from ``dir()``, forwarded by a proxy) is the same name.
+    """
+    return name if name.endswith(PRIVATE_SUFFIX) else name + PRIVATE_SUFFIX
 
 
 def attribute_refusal(name: str) -> str | None:
@@ -84,3 +112,26 @@ def attribute_refusal(name: str) -> str | None:
                 f"attribute paths written in the template; use an f-string")
     return None
 
+
+
+def explain_private_miss(error: BaseException, policy_name: str) -> None:
+    """Word an ``AttributeError`` on a spelled name as the cell wrote it.
+
+    ``asyncio.gather()._loop`` fails with "... has no attribute '_loop·'";
+    this makes it "... has no attribute '_loop' (security policy ...: ...)",
+    in place, for the traceback and the ``error`` event alike.  The
+    exception and its chain are left as they are otherwise.
+    """
+    seen = 0
+    while error is not None and seen < 8:
+        name = getattr(error, "name", None) if isinstance(error, AttributeError) else None
+        if isinstance(name, str) and name.endswith(PRIVATE_SUFFIX) \
+                and len(error.args) == 1 and isinstance(error.args[0], str) \
+                and repr(name) in error.args[0]:
+            plain = name[:-len(PRIVATE_SUFFIX)]
+            error.args = (error.args[0].replace(repr(name), repr(plain))
+                          + f" (security policy {policy_name!r}: a cell reaches only "
+                            f"the _private attributes that cell code set)",)
+            error.name = plain
+        error = error.__cause__ or error.__context__
+        seen += 1

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 ESCAPE_MODULES = ("direct", "deserialization", "frames", "indirect",
-                  "capabilities", "evasion")
+                  "capabilities", "evasion", "private")
 
 
 def load_payloads() -> list[dict]:

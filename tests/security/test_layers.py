@@ -13,10 +13,10 @@ from IPython.core.error import InputRejected
 import pyrepl3_ext
 from pyrepl3_ext.errors import SecurityError
 from pyrepl3_ext.security.ast_guard import SecurityGuard
-from pyrepl3_ext.security.builtins import (OWNED_NAME, PRIVATE_CHECK_NAME, TYPE_NAME,
-                                           PrivateGuard, build_builtins)
+from pyrepl3_ext.security.builtins import build_builtins
 from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES, Importer
 from pyrepl3_ext.security.policy import SecurityPolicy
+from pyrepl3_ext.security.rules import PRIVATE_SUFFIX as S
 
 from .helpers import run, value
 
@@ -28,20 +28,19 @@ RESTRICTED = SecurityPolicy.preset("restricted")
 def test_builtins_mapping_is_a_fresh_dict_and_the_module_is_untouched():
     before = dict(vars(builtins))
     importer = Importer(DEFAULT_ALLOWED_MODULES, "restricted")
-    guard = PrivateGuard("restricted")
-    mapping = build_builtins(RESTRICTED, importer, guard)
+    mapping = build_builtins(RESTRICTED, importer)
     assert type(mapping) is dict and mapping is not vars(builtins)
     for name in ("open", "eval", "exec", "compile", "globals", "breakpoint", "input"):
         assert name not in mapping
         assert name in vars(builtins)
     assert mapping["__import__"] is importer
-    assert mapping[PRIVATE_CHECK_NAME] == guard.check
+    assert mapping["__build_class__"] is builtins.__build_class__
     assert mapping["len"] is len
     assert dict(vars(builtins)) == before
 
 
 def test_guarded_attribute_functions():
-    mapping = build_builtins(RESTRICTED, None, PrivateGuard("restricted"))
+    mapping = build_builtins(RESTRICTED, None)
     getattr_, setattr_, hasattr_ = mapping["getattr"], mapping["setattr"], mapping["hasattr"]
     assert getattr_([], "append") is not None
     assert getattr_(1, "nope", 5) == 5
@@ -51,32 +50,27 @@ def test_guarded_attribute_functions():
             getattr_(len, name)
     with pytest.raises(SecurityError):
         hasattr_(len, "__self__")
-    with pytest.raises(SecurityError, match="private attribute '_x'"):
+    # a private name is the session's spelling of it: the host object's own
+    # _x is not what getattr reads
+    with pytest.raises(AttributeError, match=f"'_x{S}'"):
         getattr_(types.SimpleNamespace(_x=1), "_x")
     with pytest.raises(SecurityError, match="writing the attribute '__class__'"):
         setattr_(types.SimpleNamespace(), "__class__", int)
 
 
-def test_private_guard_knows_the_cells_classes():
-    guard = PrivateGuard("restricted")
-    ns: dict = {"__builtins__": {**vars(builtins), "__build_class__": guard.build_class}}
-    exec("class Mine:\n    def __init__(self):\n        self._x = 1\n"
-         "class Sub(Mine):\n    pass\nclass Err(ValueError):\n    pass", ns)
-    assert {ns["Mine"], ns["Sub"], ns["Err"]} <= guard.owned
-    for obj in (ns["Mine"](), ns["Sub"](), ns["Mine"], ns["Err"]()):
-        assert guard.check(obj, "_x") is obj
-    import warnings
-
-    with pytest.raises(SecurityError):
-        guard.check(warnings.catch_warnings(), "_module")
-    with pytest.raises(SecurityError):
-        guard.check(types.SimpleNamespace(), "_x")
-
-    class Foreign(ns["Mine"]):  # defined by the host, not by a cell
-        pass
-
-    with pytest.raises(SecurityError):
-        guard.check(Foreign(), "_x")
+def test_guarded_attribute_functions_use_the_session_spelling():
+    mapping = build_builtins(RESTRICTED, None)
+    ns: dict = {"__builtins__": mapping}
+    exec("class A:\n    pass\na = A()\nsetattr(a, '_x', 1)\n"
+         "r = (getattr(a, '_x'), hasattr(a, '_x'), getattr(a, '_y', 2))\n"
+         "delattr(a, '_x')\nafter = hasattr(a, '_x')", ns)
+    assert ns["r"] == (1, True, 2) and ns["after"] is False
+    a = ns["A"]()
+    mapping["setattr"](a, "_x", 3)
+    assert vars(a) == {"_x" + S: 3}
+    assert mapping["getattr"](a, "_x" + S) == 3  # already spelled: the same name
+    with pytest.raises(SecurityError, match="writing the attribute '__x'"):
+        mapping["setattr"](a, "__x", 1)
 
 
 # -- AST guard -----------------------------------------------------------------
@@ -143,7 +137,6 @@ REFUSED = {
     "asyncio.gather().get_loop()": "hands out the host's event loop",
     "s.format_map({})": "'format_map' is refused",
     "match p:\n    case C(__globals__=k): pass": "'__globals__'",
-    "match p:\n    case C(_state=k): pass": "private attribute '_state'",
     "def f(x: '().__class__.__base__'): pass": "'__base__'",
     "get_ipython().system('ls')": "shell escapes",
     "get_ipython().getoutput('ls')": "shell escapes",
@@ -199,50 +192,112 @@ def test_denied_builtin_names_bound_by_the_user_are_fine():
     guard("compile('x')", FakeSession(user_ns={"compile": lambda s: s}))
 
 
-def test_private_attributes_are_rewritten_to_a_runtime_check():
-    tree = guard("class A:\n    def __init__(self):\n        self._x = 1\n"
-                 "a = A()\nresult = a._x\nlistener._state")
+def test_private_attributes_get_the_session_spelling():
+    tree = guard("class A:\n    _count = 0\n    def __init__(self):\n        self._x = 1\n"
+                 "    def _helper(self, other):\n        return other._x + A._count\n"
+                 "a = A()\nresult = a._x\nlistener._state\ngetattr(a, '_x')\n"
+                 "match a:\n    case A(_x=1): pass")
     source = ast.unparse(tree)
-    assert (f"if {TYPE_NAME}(self) not in {OWNED_NAME}:\n"
-            f"            {PRIVATE_CHECK_NAME}(self, '_x')\n"
-            f"        self._x = 1") in source
-    assert f"{PRIVATE_CHECK_NAME}(a, '_x')._x" in source
-    assert f"{PRIVATE_CHECK_NAME}(listener, '_state')._state" in source
+    assert f"_count{S} = 0" in source and f"def _helper{S}(self, other)" in source
+    for spelled in (f"self._x{S} = 1", f"other._x{S} + A._count{S}", f"result = a._x{S}",
+                    f"listener._state{S}", f"case A(_x{S}=1)"):
+        assert spelled in source
+    assert "getattr(a, '_x')" in source  # the guarded getattr spells it at run time
+    assert "_x =" not in source and "._x " not in source and "._x\n" not in source
 
 
-@pytest.mark.parametrize("body", [
-    "self = other\n        return self._x",           # rebound
-    "f = lambda: self._x\n        return self._x",    # captured by an inner scope
-    "return [self._x for _ in ()]",                   # used in a comprehension
-])
-def test_fast_path_only_for_plain_local_self(body):
-    source = ast.unparse(guard(f"class A:\n    def m(self, other):\n        {body}"))
-    assert f"{TYPE_NAME}(self) not in" not in source
-    assert f"{PRIVATE_CHECK_NAME}(self, '_x')._x" in source
+def test_class_scope_spelling_follows_python_scoping():
+    source = ast.unparse(guard(
+        "class A:\n    global _g\n    _g = 1\n    _a = 1\n    _b = [_a for _ in range(2)]\n"
+        "    _c = [_a for _ in _b]\n    def m(self, v=_a) -> None:\n        _a = 2\n"
+        "        return _a\n    class _In:\n        pass"))
+    assert "_g = 1" in source  # declared global: the module's name
+    assert f"_a{S} = 1" in source and f"v=_a{S}" in source
+    assert f"_b{S} = [_a for _ in range(2)]" in source  # comprehension body: own scope
+    assert f"_c{S} = [_a for _ in _b{S}]" in source  # its first iterable: class scope
+    assert "        _a = 2\n        return _a" in source  # the method's local
+    assert f"class _In{S}:" in source
 
 
-def test_private_check_at_run_time():
-    session = FakeSession()
-    private_guard = PrivateGuard("restricted")
-    mapping = build_builtins(RESTRICTED, None, private_guard)
-    code = compile(SecurityGuard(session).visit(ast.parse(
-        "class A:\n    def __init__(self):\n        self._x = 1\n"
+def test_private_attributes_at_run_time():
+    mapping = build_builtins(RESTRICTED, None)
+    code = compile(SecurityGuard(FakeSession()).visit(ast.parse(
+        "class A:\n    _k = 5\n    def __init__(self):\n        self._x = 1\n"
         "    def get(self):\n        'doc'\n        return self._x\n"
+        "    def put(self, v):\n        self._x = v\n"
         "class B(A):\n    pass\n"
-        "ok = (A().get(), B().get(), A()._x, A._x if hasattr(A, '_x') else None)\n"
-        "try:\n    A.get(foreign)\nexcept Exception as e:\n    refused = str(e)\n")),
+        "ok = (A().get(), B().get(), A()._x, A._k, B._k, hasattr(A, '_x'))\n"
+        "try:\n    A.get(foreign)\nexcept AttributeError as e:\n    hidden = e\n"
+        "A.put(foreign, 'mine')\n")),
         "<cell>", "exec")
-    ns = {"__builtins__": mapping, "foreign": types.SimpleNamespace(_x="secret")}
+    foreign = types.SimpleNamespace(_x="secret")
+    ns = {"__builtins__": mapping, "foreign": foreign}
     exec(code, ns)
-    assert ns["ok"] == (1, 1, 1, None)
-    assert ns["A"].get.__doc__ == "doc"  # the flag goes after the docstring
-    assert "private attribute '_x' of a 'SimpleNamespace'" in ns["refused"]
+    assert ns["ok"] == (1, 1, 1, 5, 5, False)
+    assert ns["A"].get.__doc__ == "doc"
+    # a method called with a foreign self reaches only session-spelled names:
+    # the host object's own _x is neither read nor written
+    assert ns["hidden"].name == "_x" + S
+    assert foreign._x == "secret" and getattr(foreign, "_x" + S) == "mine"
+
+
+PRIVATE_STATE_CELLS = [
+    # (cell, value under restricted); each is the ordinary way to keep state
+    ("import dataclasses\n@dataclasses.dataclass\nclass Acc:\n    _total: int = 0\n"
+     "    def add(self, x):\n        self._total += x\n        return self\n"
+     "Acc().add(2).add(3)._total", "5"),
+    ("class Reg:\n    _all = []\n    @classmethod\n    def add(cls, x):\n"
+     "        cls._all.append(x)\n        return len(Reg._all)\nReg.add(1), Reg.add(2)",
+     "(1, 2)"),
+    ("class Base:\n    def _helper(self):\n        return 'base'\n"
+     "class Child(Base):\n    def _helper(self):\n        return 'child+' + super()._helper()\n"
+     "Child()._helper()", "'child+base'"),
+    ("class Mangled:\n    def __init__(self):\n        self.__secret = 7\n"
+     "    def get(self):\n        return self.__secret\nMangled().get()", "7"),
+    ("class P:\n    def __init__(self):\n        self._v = 1\n"
+     "    def __eq__(self, other):\n        return self._v == other._v\n"
+     "P() == P(), getattr(P(), '_v'), hasattr(P(), '_w')",
+     "(True, 1, False)"),
+    # a session class with a host base keeps private state of its own; the
+    # base's private state stays out of reach
+    ("import random\nclass R(random.Random):\n    def __init__(self):\n"
+     "        super().__init__(3)\n        self._draws = 0\n    def draw(self):\n"
+     "        self._draws += 1\n        return self._draws\n"
+     "    def peek(self):\n        return self._randbelow\nr = R()\n"
+     "r.draw(), r.draw(), hasattr(r, '_randbelow')", "(1, 2, False)"),
+]
+
+
+@pytest.mark.parametrize("code, expected", PRIVATE_STATE_CELLS,
+                         ids=[c.split("\n")[-1][:30] for c, _ in PRIVATE_STATE_CELLS])
+def test_private_state_of_session_classes_works_under_restricted(ip, events, code, expected):
+    pyrepl3_ext.set_policy(ip, RESTRICTED)
+    assert value(ip, events, code) == expected
+
+
+def test_display_hooks_keep_their_names(ip, events):
+    pyrepl3_ext.set_policy(ip, RESTRICTED)
+    mine, error = run(ip, events, "class Card:\n    def _repr_html_(self):\n"
+                                  "        return '<b>card</b>'\nCard()")
+    assert error is None, error
+    result = next(e for e in mine if e["type"] == "result")
+    assert result["data"]["text/html"] == "<b>card</b>"
+
+
+def test_a_host_base_private_state_is_hidden(ip, events):
+    pyrepl3_ext.set_policy(ip, RESTRICTED)
+    _, error = run(ip, events, "import random\nclass R(random.Random):\n"
+                               "    def peek(self):\n        return self._randbelow(5)\n"
+                               "R().peek()")
+    assert error["ename"] == "AttributeError"
+    assert error["evalue"].startswith("'R' object has no attribute '_randbelow' (security")
+    assert S not in "".join(error["traceback"][-1:])
 
 
 def test_guarded_preset_does_not_restrict_imports_or_private_names():
     session = FakeSession(SecurityPolicy.preset("guarded"))
     tree = guard("import os\nos._exit\nx._y", session)
-    assert PRIVATE_CHECK_NAME not in ast.unparse(tree)
+    assert S not in ast.unparse(tree)
     with pytest.raises(InputRejected, match="'__globals__'"):
         guard("f.__globals__", session)
 

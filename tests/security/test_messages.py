@@ -59,15 +59,16 @@ REFUSALS = [
      "getattr: access to the attribute '__self__' is refused: dunder attributes reach "
      "interpreter internals (globals, builtins, subclasses, code objects) (security "
      "policy 'restricted')"),
+    # a private attribute of a host object is not there for the cell
+    ("import random\nrandom.Random()._randbelow(3)", "AttributeError",
+     "'Random' object has no attribute '_randbelow' (security policy 'restricted': a "
+     "cell reaches only the _private attributes that cell code set)"),
     ("class A:\n    def m(self):\n        return self._state\n"
-     "import random\nA.m(random.Random())", "SecurityError",
-     "access to the private attribute '_state' of a 'Random' object is refused by "
-     "security policy 'restricted': only classes defined in this session expose their "
-     "_private attributes"),
-    ("import random\nrandom.Random()._randbelow(3)", "SecurityError",
-     "access to the private attribute '_randbelow' of a 'Random' object is refused by "
-     "security policy 'restricted': only classes defined in this session expose their "
-     "_private attributes"),
+     "import random\nA.m(random.Random())", "AttributeError",
+     "'Random' object has no attribute '_state' (security policy 'restricted': a "
+     "cell reaches only the _private attributes that cell code set)"),
+    ("import random\ngetattr(random.Random, '_randbelow')", "AttributeError",
+     "type object 'Random' has no attribute '_randbelow' (security policy 'restricted'"),
     ("name = 'sy' + 'stem'\nget_ipython().run_line_magic(name, 'ls')", "SecurityError",
      PREFIX + "the magic %system is refused"),
     # capabilities
