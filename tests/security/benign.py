@@ -96,4 +96,15 @@ CELLS = [
     "y",
     "display({'shown': True})",
     "len(In) > 0, isinstance(Out, dict)",
+    # private state the usual ways: another object's (sorting), the class's
+    # own registry, and a dataclass field; the last one's repr shows the
+    # session spelling under restricted, `Acc(_total·=5)` (docs/security.md)
+    "class Key:\n    def __init__(self, k):\n        self._k = k\n"
+    "    def __lt__(self, other):\n        return self._k < other._k\n"
+    "[k._k for k in sorted(Key(v) for v in [3, 1, 2])]",
+    "class Registry:\n    _items = []\n    @classmethod\n    def add(cls, item):\n"
+    "        cls._items.append(item)\n        return len(cls._items)\n"
+    "Registry.add('a'), Registry.add('b'), Registry._items",
+    "@dataclass\nclass Acc:\n    _total: int = 0\n    def add(self, v):\n"
+    "        self._total += v\n        return self\nAcc().add(5)",
 ]
