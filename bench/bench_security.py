@@ -3,7 +3,10 @@
 Run: ``python bench/bench_security.py [--rounds N] [--quick]``;
 ``--check-forms`` times only the ``private attrs`` cell's method without
 IPython: as written, as restricted rewrites it, and with the per-call test
-of ``self`` that restricted used to add.  Every variant runs the same cells in the same shell, interleaved
+of ``self`` that restricted used to add.  ``--instructions`` (needs
+valgrind) counts the machine instructions of each cell under ``trusted``
+and ``restricted`` instead of timing them: a count does not move with the
+load of a shared machine (it ignores cache effects).  Every variant runs the same cells in the same shell, interleaved
 in random order per round (``bench/_common.py``); the table gives
 microseconds per cell and the ratio to ``trusted`` (the extension loaded,
 no layer active).
@@ -35,12 +38,14 @@ import os
 import time
 import sys
 import tempfile
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import pyrepl3_ext  # noqa: E402
-from bench._common import bench_shell, interleaved, paired_ratio, write_results  # noqa: E402
+from bench._common import (bench_shell, count_regions, in_counted_region,  # noqa: E402
+                           interleaved, paired_ratio, write_results)
 from pyrepl3_ext.security import FilesCapability, SecurityPolicy, audit  # noqa: E402
 from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES  # noqa: E402
 from pyrepl3_ext.security.policy import RESTRICTED_DENIED_BUILTINS  # noqa: E402
@@ -121,26 +126,29 @@ def main() -> None:
     parser.add_argument("--check-forms", action="store_true",
                         help="only time the private attrs cell's method, as written "
                              "and as restricted rewrites it (no IPython)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per cell under valgrind instead of "
+                             "timing (trusted vs restricted; a few minutes)")
+    parser.add_argument("--run-cells", metavar="POLICY", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_cells:
+        run_cells(args.run_cells)
+        return
+    if args.instructions:
+        instructions()
+        return
     if args.check_forms:
         check_forms(3 if args.quick else args.rounds)
         return
     rounds = 3 if args.quick else args.rounds
     clock = time.perf_counter if args.wall else time.thread_time
 
-    shell = bench_shell()
-    pyrepl3_ext.load_ipython_extension(shell)
-    pyrepl3_ext.grant(shell, "files", FilesCapability(tempfile.mkdtemp()))
-    audit.install()
-    current = {"name": None}
+    shell = _session("trusted")
+    current = {"name": "trusted"}
 
     def use(name: str) -> None:
         if current["name"] != name:
-            pyrepl3_ext.set_policy(shell, POLICIES[name])
-            result = shell.run_cell(SETUP, store_history=False)
-            if not result.success:
-                raise SystemExit(f"setup failed under {name}: {result.error_in_exec!r}"
-                                 f"{result.error_before_exec!r}")
+            _apply(shell, name)
             current["name"] = name
 
     results: dict[str, dict] = {}
@@ -182,6 +190,59 @@ def main() -> None:
     path = write_results("security", {"cells": results,
                                       "clock": "wall" if args.wall else "thread CPU"})
     print(f"wrote {path}")
+
+
+def _session(policy: str) -> Any:
+    """A bench shell with the extension, a ``files`` grant and ``policy``.
+
+    The audit hook cannot be removed once installed, so it is installed up
+    front: every variant pays its (inactive) cost.
+    """
+    shell = bench_shell()
+    pyrepl3_ext.load_ipython_extension(shell)
+    pyrepl3_ext.grant(shell, "files", FilesCapability(tempfile.mkdtemp()))
+    audit.install()
+    _apply(shell, policy)
+    return shell
+
+
+def _apply(shell: Any, policy: str) -> None:
+    """Switch ``shell`` to ``policy`` and define the cells' names under it."""
+    pyrepl3_ext.set_policy(shell, POLICIES[policy])
+    result = shell.run_cell(SETUP, store_history=False)
+    if not result.success:
+        raise SystemExit(f"setup failed under {policy}: {result.error_in_exec!r}"
+                         f"{result.error_before_exec!r}")
+
+
+def run_cells(policy: str) -> None:
+    """The child side of ``--instructions``: each cell once warm, then once
+    in the counted region."""
+    shell = _session(policy)
+    for source in CELLS.values():
+        for counted in (False, True):
+            run = lambda: shell.run_cell(source, store_history=False)  # noqa: E731
+            result = in_counted_region(run) if counted else run()
+            if not result.success:
+                raise SystemExit(f"{source!r} failed under {policy}")
+
+
+def instructions() -> dict:
+    script = os.path.abspath(__file__)
+    trusted, restricted = count_regions(
+        [[script, "--run-cells", name] for name in ("trusted", "restricted")], len(CELLS))
+    print(f"{'cell':<18}{'trusted':>14}{'restricted':>14}{'ratio':>8}{'added':>14}"
+          "   (instructions per cell, one run each under callgrind)")
+    rows = {}
+    for name, plain, guarded in zip(CELLS, trusted, restricted):
+        rows[name] = {"trusted": plain, "restricted": guarded, "ratio": guarded / plain}
+        print(f"{name:<18}{plain:>14,}{guarded:>14,}{guarded / plain:>8.3f}"
+              f"{guarded - plain:>+14,}")
+    compute = [r["ratio"] for n, r in rows.items() if n != "trivial"]
+    print(f"\nrestricted vs trusted on compute cells: worst {max(compute):.3f}x, geometric "
+          f"mean {_gmean(compute):.3f}x (target <= 1.05)")
+    print(f"wrote {write_results('security-instructions', {'cells': rows})}")
+    return rows
 
 
 #: ``self`` tested once per call, as restricted did before private names

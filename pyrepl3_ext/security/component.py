@@ -6,7 +6,9 @@ removes exactly them again: the sanitized ``__builtins__`` dict in
 ``user_ns``, the AST guard (first in ``shell.ast_transformers``, so it sees
 the user's code before any other transformer adds instrumentation), the
 magics gate behind ``get_ipython``, the capability facades, and the audit
-scope entered around each cell.
+scope entered around each cell.  One wrapper stays for the component's
+life: ``shell.showtraceback`` first words an ``AttributeError`` on a
+spelled private name the way the cell wrote it (``rules.explain_private_miss``).
 
 The capability-aware ``user_ns``: injected names are protected by the AST
 guard (no binding, deleting or ``global`` of them) and re-checked after

@@ -58,7 +58,8 @@ class SecurityPolicy:
     #: (``f_globals``, ``gi_frame``, ``co_code``...) and ``str.format`` on
     #: non-literal templates.
     block_dunder_access: bool = False
-    #: Allow ``_private`` attributes only on classes created by cell code.
+    #: Spell the private names cell code writes (``obj._x`` is ``obj._x·``):
+    #: a cell reaches only private state that cell code set.
     guard_private_attributes: bool = False
     #: Replace the session's ``__builtins__`` with a sanitized mapping.
     sanitize_builtins: bool = False
