@@ -93,6 +93,19 @@ def test_refusal_message(restricted, events, code, ename, text):
         assert error["kind"] == "security"
 
 
+def test_a_missed_private_name_reads_as_written_in_the_terminal_too(ip, capsys):
+    """No subscriber: IPython prints the traceback itself, already reworded."""
+    pyrepl3_ext.set_policy(ip, "restricted")
+    result = ip.run_cell("import random\nrandom.Random()._randbelow(3)")
+    printed = capsys.readouterr().out
+    assert isinstance(result.error_in_exec, AttributeError)
+    assert "has no attribute '_randbelow' (security policy 'restricted'" in printed
+    assert "_randbelow\u00b7" not in printed
+    # a plain AttributeError is left as it is
+    ip.run_cell("import random\nrandom.Random().nope")
+    assert "has no attribute 'nope'\n" in capsys.readouterr().out.replace("\x1b[0m", "")
+
+
 def test_audit_denial_message(ip, events, tmp_path):
     pyrepl3_ext.set_policy(ip, "guarded")
     _, error = run(ip, events, f"open({str(tmp_path / 'x')!r}, 'w')")
