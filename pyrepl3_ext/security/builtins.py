@@ -30,36 +30,34 @@ def make_attribute_functions(policy_name: str, spell_private: bool) -> dict:
     spelling, exactly as the AST guard spells ``obj._x``.
     """
 
-    def refuse(name: Any, verb: str) -> None:
+    def checked(name: Any, verb: str) -> str:
+        """The name to look up for ``name``: refused ones raise, private ones
+        are spelled."""
         if type(name) is not str:
             raise TypeError(f"attribute name must be a str, not {type(name).__name__}")
         reason = attribute_refusal(name)
         if reason is not None:
             raise SecurityError(f"{verb}: {reason} (security policy {policy_name!r})")
-
-    def private(name: str) -> str:
         return session_private_name(name) if spell_private and is_private(name) else name
 
     def getattr(obj: Any, name: str, *default: Any) -> Any:  # noqa: A001
-        refuse(name, "getattr")
-        return _real_getattr(obj, private(name), *default)
+        return _real_getattr(obj, checked(name, "getattr"), *default)
 
     def hasattr(obj: Any, name: str) -> bool:  # noqa: A001
-        refuse(name, "hasattr")
-        return _real_hasattr(obj, private(name))
+        return _real_hasattr(obj, checked(name, "hasattr"))
 
-    def check_write(obj: Any, name: Any, verb: str, action: str) -> str:
-        refuse(name, verb)
+    def written(name: Any, verb: str, action: str) -> str:
+        spelled = checked(name, verb)
         if name.startswith("__"):
             raise SecurityError(f"{verb}: {action} the attribute {name!r} is refused "
                                 f"(security policy {policy_name!r})")
-        return private(name)
+        return spelled
 
     def setattr(obj: Any, name: str, value: Any) -> None:  # noqa: A001
-        _real_setattr(obj, check_write(obj, name, "setattr", "writing"), value)
+        _real_setattr(obj, written(name, "setattr", "writing"), value)
 
     def delattr(obj: Any, name: str) -> None:  # noqa: A001
-        _real_delattr(obj, check_write(obj, name, "delattr", "deleting"))
+        _real_delattr(obj, written(name, "delattr", "deleting"))
 
     return {"getattr": getattr, "hasattr": hasattr, "setattr": setattr,
             "delattr": delattr}
