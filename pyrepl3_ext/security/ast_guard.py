@@ -123,6 +123,8 @@ def _outer_parts(node: Any) -> list[ast.AST]:
 
 
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+#: Nodes that bind the name in their ``name`` field (besides definitions).
+_NAMED_NODES = (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)
 
 
 def _class_scope(body: list[ast.stmt]) -> Iterable[ast.AST]:
@@ -157,8 +159,10 @@ def _spell_class_scope(body: list[ast.stmt]) -> None:
             bound.add(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             bound.add(node.name)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
+        elif isinstance(node, _NAMED_NODES) and node.name:
             bound.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            bound.add(node.rest)
         elif isinstance(node, ast.alias) and node.asname:
             bound.add(node.asname)
     private = {name for name in bound - declared if is_private(name)}
@@ -169,9 +173,11 @@ def _spell_class_scope(body: list[ast.stmt]) -> None:
             if node.id in private:
                 node.id = session_private_name(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
-                               ast.ExceptHandler)):
+                               *_NAMED_NODES)):
             if node.name in private:
                 node.name = session_private_name(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest in private:
+            node.rest = session_private_name(node.rest)
         elif isinstance(node, ast.alias) and node.asname in private:
             node.asname = session_private_name(node.asname)
 

@@ -210,13 +210,16 @@ def test_class_scope_spelling_follows_python_scoping():
     source = ast.unparse(guard(
         "class A:\n    global _g\n    _g = 1\n    _a = 1\n    _b = [_a for _ in range(2)]\n"
         "    _c = [_a for _ in _b]\n    def m(self, v=_a) -> None:\n        _a = 2\n"
-        "        return _a\n    class _In:\n        pass"))
+        "        return _a\n    class _In:\n        pass\n    try:\n        pass\n"
+        "    except ValueError as _e:\n        pass\n    match 1:\n        case _m:\n"
+        "            pass"))
     assert "_g = 1" in source  # declared global: the module's name
     assert f"_a{S} = 1" in source and f"v=_a{S}" in source
     assert f"_b{S} = [_a for _ in range(2)]" in source  # comprehension body: own scope
     assert f"_c{S} = [_a for _ in _b{S}]" in source  # its first iterable: class scope
     assert "        _a = 2\n        return _a" in source  # the method's local
     assert f"class _In{S}:" in source
+    assert f"except ValueError as _e{S}:" in source and f"case _m{S}:" in source
 
 
 def test_private_attributes_at_run_time():
