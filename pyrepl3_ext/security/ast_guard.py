@@ -101,13 +101,11 @@ def _spell_private_names(tree: ast.AST) -> None:
     """
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
-            if is_private(node.attr):
-                node.attr = session_private_name(node.attr)
+            node.attr = session_private_name(node.attr)
         elif isinstance(node, ast.ClassDef):
             _spell_class_scope(node.body)
         elif isinstance(node, ast.MatchClass):
-            node.kwd_attrs = [session_private_name(a) if is_private(a) else a
-                              for a in node.kwd_attrs]
+            node.kwd_attrs = [session_private_name(a) for a in node.kwd_attrs]
 
 
 def _outer_parts(node: Any) -> list[ast.AST]:
@@ -123,8 +121,6 @@ def _outer_parts(node: Any) -> list[ast.AST]:
 
 
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-#: Nodes that bind the name in their ``name`` field (besides definitions).
-_NAMED_NODES = (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)
 
 
 def _class_scope(body: list[ast.stmt]) -> Iterable[ast.AST]:
@@ -148,38 +144,33 @@ def _class_scope(body: list[ast.stmt]) -> Iterable[ast.AST]:
         stack.extend(reversed(children))
 
 
+def _binding_field(node: ast.AST) -> str | None:
+    """The field of ``node`` that holds a name it binds, if it binds one."""
+    if isinstance(node, ast.Name):
+        return None if isinstance(node.ctx, ast.Load) else "id"
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                         ast.ExceptHandler, ast.MatchAs, ast.MatchStar)):
+        return "name"
+    if isinstance(node, ast.MatchMapping):
+        return "rest"
+    if isinstance(node, ast.alias):
+        return "asname"
+    return None
+
+
 def _spell_class_scope(body: list[ast.stmt]) -> None:
     """Spell the private names a class body binds, wherever its scope uses them."""
     scope = list(_class_scope(body))
     declared = {name for node in scope if isinstance(node, (ast.Global, ast.Nonlocal))
                 for name in node.names}
-    bound = set()
-    for node in scope:
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            bound.add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, _NAMED_NODES) and node.name:
-            bound.add(node.name)
-        elif isinstance(node, ast.MatchMapping) and node.rest:
-            bound.add(node.rest)
-        elif isinstance(node, ast.alias) and node.asname:
-            bound.add(node.asname)
-    private = {name for name in bound - declared if is_private(name)}
+    bound = {getattr(node, field) for node in scope if (field := _binding_field(node))}
+    private = {name for name in bound - declared if name and is_private(name)}
     if not private:
         return
     for node in scope:
-        if isinstance(node, ast.Name):
-            if node.id in private:
-                node.id = session_private_name(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
-                               *_NAMED_NODES)):
-            if node.name in private:
-                node.name = session_private_name(node.name)
-        elif isinstance(node, ast.MatchMapping) and node.rest in private:
-            node.rest = session_private_name(node.rest)
-        elif isinstance(node, ast.alias) and node.asname in private:
-            node.asname = session_private_name(node.asname)
+        field = "id" if isinstance(node, ast.Name) else _binding_field(node)
+        if field and getattr(node, field) in private:
+            setattr(node, field, session_private_name(getattr(node, field)))
 
 
 def _bound_names(tree: ast.AST) -> set[str]:

@@ -15,7 +15,7 @@ import builtins as _builtins_module
 from typing import Any, Callable
 
 from ..errors import SecurityError
-from .rules import attribute_refusal, is_private, session_private_name
+from .rules import attribute_refusal, session_private_name
 
 _real_getattr = _builtins_module.getattr
 _real_setattr = _builtins_module.setattr
@@ -38,7 +38,7 @@ def make_attribute_functions(policy_name: str, spell_private: bool) -> dict:
         reason = attribute_refusal(name)
         if reason is not None:
             raise SecurityError(f"{verb}: {reason} (security policy {policy_name!r})")
-        return session_private_name(name) if spell_private and is_private(name) else name
+        return session_private_name(name) if spell_private else name
 
     def getattr(obj: Any, name: str, *default: Any) -> Any:  # noqa: A001
         return _real_getattr(obj, checked(name, "getattr"), *default)

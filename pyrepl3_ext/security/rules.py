@@ -81,16 +81,19 @@ def is_private(name: str) -> bool:
 
 
 def session_private_name(name: str) -> str:
-    """The run-time spelling of a cell's private name: ``_x`` -> ``_x·``.
+    """The run-time spelling of a name cell code wrote: ``_x`` -> ``_x·``.
 
     Under ``guard_private_attributes`` every private attribute name cell code
     writes (``obj._x``, class-body ``_x = ...``, ``getattr(obj, '_x')``) is
     spelled this way, so the session's private state lives under names no
     host object has: ``asyncio.Queue()._loop`` from a cell reads ``_loop·``,
-    which does not exist.  Idempotent, so a name already spelled this way
-    (copied from ``dir()``, forwarded by a proxy) is the same name.
+    which does not exist.  Any other name comes back as it is.  Idempotent,
+    so a name already spelled this way (copied from ``dir()``, forwarded by
+    a proxy) is the same name.
     """
-    return name if name.endswith(PRIVATE_SUFFIX) else name + PRIVATE_SUFFIX
+    if not is_private(name) or name.endswith(PRIVATE_SUFFIX):
+        return name
+    return name + PRIVATE_SUFFIX
 
 
 def attribute_refusal(name: str) -> str | None:
@@ -113,7 +116,6 @@ def attribute_refusal(name: str) -> str | None:
     return None
 
 
-
 def explain_private_miss(error: BaseException, policy_name: str) -> None:
     """Word an ``AttributeError`` on a spelled name as the cell wrote it.
 
@@ -123,7 +125,7 @@ def explain_private_miss(error: BaseException, policy_name: str) -> None:
     exception and its chain are left as they are otherwise.
     """
     seen = 0
-    while error is not None and seen < 8:
+    while error is not None and seen < 8:  # a chain is short; the bound stops a cycle
         name = getattr(error, "name", None) if isinstance(error, AttributeError) else None
         if isinstance(name, str) and name.endswith(PRIVATE_SUFFIX) \
                 and len(error.args) == 1 and isinstance(error.args[0], str) \
