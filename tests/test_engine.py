@@ -541,7 +541,7 @@ def test_the_first_session_of_a_shell_less_process_is_the_current_shell():
 def test_importing_the_package_does_not_import_the_engine():
     code = ("import sys, pyrepl3_ext\n"
             "assert 'pyrepl3_ext.engine' not in sys.modules\n"
-            "assert 'pyrepl3_ext.executor' not in sys.modules\n"
+            "assert 'pyrepl3_ext.engine.executor' not in sys.modules\n"
             "pyrepl3_ext.Engine\n"
             "assert 'pyrepl3_ext.engine' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=WAIT)

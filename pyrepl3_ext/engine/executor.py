@@ -38,8 +38,8 @@ import threading
 import types
 from typing import Any, Callable
 
-from . import _compat
-from .errors import CellCancelled, SessionBusy, SessionClosed
+from .. import _compat
+from ..errors import CellCancelled, SessionBusy, SessionClosed
 
 #: ``started.mode`` of each route (docs/events.md).
 MODE_THREAD = "thread"
@@ -293,7 +293,7 @@ class SessionExecutor:
         return result, None
 
     def _route(self, job: Job) -> Any:
-        from . import run_cell, run_cell_async
+        from .. import run_cell, run_cell_async
 
         shell = self.shell
         kwargs = dict(execution_id=job.execution_id, timeout=job.timeout,

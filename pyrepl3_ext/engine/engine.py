@@ -2,9 +2,9 @@
 
 An :class:`Engine` creates and closes :class:`Session` objects; a session is
 one ``InteractiveShell`` of its own (never the host's) with pyrepl3_ext
-loaded and a :class:`~pyrepl3_ext.executor.SessionExecutor` that runs its
+loaded and a :class:`~pyrepl3_ext.engine.executor.SessionExecutor` that runs its
 cells strictly in order on the session's worker thread (see
-``executor.py`` for the routing rule).
+``executor.py`` beside this module for the routing rule).
 
 Stock IPython vs the patched build (``_compat.is_patched_build()``):
 
@@ -32,8 +32,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-from . import _compat
-from .errors import ConcurrencyUnsupported, SessionClosed
+from .. import _compat
+from ..errors import ConcurrencyUnsupported, SessionClosed
 from .executor import Job, SessionExecutor
 
 #: Stock IPython: the session that last had work; another session may
@@ -93,7 +93,7 @@ class Session:
     def __init__(self, engine: "Engine", session_id: str | None, config: Any):
         from traitlets.config import Config
 
-        from .extension import load
+        from ..extension import load
 
         self.engine = engine
         cfg = Config()
@@ -237,7 +237,7 @@ class Session:
             raise TypeError(f"code must be a string, got {type(code).__name__}")
         if self._closed:
             raise SessionClosed(f"session {self.id!r} is closed")
-        from . import _options
+        from .. import _options
 
         _options(execution_id, timeout, transaction, None)  # validate now, in the caller
         if on_event is not None and not callable(on_event):
@@ -281,7 +281,7 @@ class Session:
         if job is None:
             return False
         if job.started:
-            from .cancellation import cancel
+            from ..cancellation import cancel
 
             cancel(self._shell, execution_id, reason)
         return True
@@ -295,7 +295,7 @@ class Session:
             return
         reason = self._executor.cancel_pending_for(execution.id)
         if reason is not None:
-            from .cancellation import cancel
+            from ..cancellation import cancel
 
             cancel(self._shell, execution.id, reason)
 
@@ -349,7 +349,7 @@ class Session:
         running = self._executor.running
         self._executor.shutdown(reason)
         if running is not None and running.started:
-            from .cancellation import cancel
+            from ..cancellation import cancel
 
             cancel(self._shell, running.execution_id, reason)
 
@@ -388,7 +388,7 @@ class Session:
                 return
             self._torn_down = True
         shell = self._shell
-        from .extension import unload
+        from ..extension import unload
 
         try:
             shell.events.unregister("pre_run_cell", self._on_pre_run_cell)
