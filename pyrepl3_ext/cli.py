@@ -70,6 +70,14 @@ def serve_parser() -> "argparse.ArgumentParser":
                              "DIR/<session id>)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow --tcp on a non-loopback address")
+    parser.add_argument("--isolation", choices=("in-process", "process"),
+                        default="in-process",
+                        help="where new sessions live unless session.create says: in the "
+                             "server's process (dense, for trusted code) or each in a "
+                             "supervised process of its own (docs/isolation.md)")
+    parser.add_argument("--kill-grace", type=float, default=3.0, metavar="SECONDS",
+                        help="process sessions: how long a cell may ignore a cancel before "
+                             "its process is killed (default 3)")
     return parser
 
 
@@ -90,9 +98,12 @@ def serve(args: list[str]) -> int:
         for root in options.files_root:
             if not os.path.isdir(root):
                 raise ValueError(f"--files-root {root!r} is not a directory")
+        if not options.kill_grace > 0:
+            raise ValueError(f"--kill-grace must be positive, got {options.kill_grace}")
     except ValueError as exc:
         print(f"pyrepl3 serve: {exc}", file=sys.stderr)
         return 2
+    engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace}
     token = options.token or os.environ.get("PYREPL3_TOKEN") or None
     if options.tcp:
         host, sep, port = options.tcp.rpartition(":")
@@ -113,11 +124,12 @@ def serve(args: list[str]) -> int:
             token = server.new_token()
             print(f"[pyrepl3 serve] token: {token}", file=sys.stderr, flush=True)
         return server.run("tcp", f"{host}:{port}", token=token, limits=limits,
-                          files_roots=options.files_root)
+                          files_roots=options.files_root, **engine_options)
     if options.unix:
         return server.run("unix", options.unix, token=token, limits=limits,
-                          files_roots=options.files_root)
-    return server.run("stdio", token=None, limits=limits, files_roots=options.files_root)
+                          files_roots=options.files_root, **engine_options)
+    return server.run("stdio", token=None, limits=limits, files_roots=options.files_root,
+                      **engine_options)
 
 
 def main(argv: list[str] | None = None) -> int:

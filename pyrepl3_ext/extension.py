@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import _compat
 from .config import PyREPL3
-from .errors import CellCancelled, SecurityError
+from .errors import CellCancelled, CellError, SecurityError, SessionLost
 from .events import EventBus, Execution, JSONLinesSink
 
 #: ``(attribute name on ShellState, "module:Class")`` of each capability
@@ -420,6 +420,13 @@ class ShellState:
         stack = self._stack()
         return stack[-1] if stack else None
 
+    def rename(self, session_id: str) -> None:
+        """Give the session a new id (a session process forked from a warm
+        template takes the id of the session it becomes)."""
+        self.session_id = session_id
+        self.config.session_id = session_id
+        self._id_prefix = f"{session_id}-{os.urandom(3).hex()}-"
+
     def new_execution_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
 
@@ -598,6 +605,8 @@ class ShellState:
 def classify_error(error: BaseException, *, before_exec: bool) -> str:
     """The ``kind`` of an ``error`` event for this exception."""
     if isinstance(error, CellCancelled):
+        return error.kind
+    if isinstance(error, (CellError, SessionLost)):  # reported by a session process
         return error.kind
     if isinstance(error, SecurityError):
         return "security"

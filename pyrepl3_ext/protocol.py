@@ -40,6 +40,7 @@ CONCURRENCY_UNSUPPORTED = -32007
 UNKNOWN_NAME = -32008
 UNKNOWN_INPUT = -32009
 NOT_AVAILABLE = -32010
+SESSION_LOST = -32011
 
 ERROR_CODES: dict[int, str] = {
     PARSE_ERROR: "the line is not valid JSON",
@@ -58,6 +59,8 @@ ERROR_CODES: dict[int, str] = {
     UNKNOWN_NAME: "no such name in the session's namespace (or snapshot)",
     UNKNOWN_INPUT: "no pending input request with that id",
     NOT_AVAILABLE: "this capability is not available in this build or session",
+    SESSION_LOST: ("the session's process died (see the session.lost notification); "
+                   "session.restart gives it a fresh one"),
 }
 
 
@@ -82,6 +85,8 @@ class RPCError(Exception):
 _ID = {"type": "string", "minLength": 1, "maxLength": 200}
 #: what ``session.create`` can grant
 CAPABILITIES = ("files", "input")
+#: where a session can live (``engine.ISOLATIONS``)
+ISOLATIONS = ("in-process", "process")
 _SESSION = {"session": {**_ID, "description": "the session id (from session.create)"}}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200}
 
@@ -132,7 +137,26 @@ METHODS: dict[str, dict] = {
             },
             "timeout": {"type": "number", "exclusiveMinimum": 0,
                         "description": "default cell timeout in seconds"},
+            "isolation": {"type": "string", "enum": list(ISOLATIONS),
+                          "description": "in-process (a shell in the server's process) or "
+                                         "process (a supervised process of its own); "
+                                         "default: the server's --isolation"},
+            "limits": {"type": "object",
+                       "description": "process sessions: resource limits (memory, "
+                                      "cpu_seconds, cell_seconds, processes, open_files, "
+                                      "file_size, output_bytes; numbers or strings like "
+                                      "\"512M\", \"30s\"; null = unlimited); "
+                                      "docs/isolation.md"},
+            "confine": {"type": "boolean",
+                        "description": "process sessions: OS confinement (default: on for "
+                                       "the restricted policy)"},
         }),
+        "result": {"type": "object", "properties": {"session": _ID}},
+    },
+    "session.restart": {
+        "description": "Give a lost process session a fresh process (same id, policy and "
+                       "capabilities; an empty namespace).",
+        "params": _params(dict(_SESSION), ("session",)),
         "result": {"type": "object", "properties": {"session": _ID}},
     },
     "session.close": {
@@ -219,6 +243,15 @@ METHODS: dict[str, dict] = {
 
 #: Notifications the server sends (never requests; no response expected).
 NOTIFICATIONS: dict[str, dict] = {
+    "session.lost": {
+        "description": ("A process session's process died: kind names the cause "
+                        "(crashed, oom, cpu_limit, killed, exited), message says it in "
+                        "words. Its running execution ended with an error event of that "
+                        "kind; session.restart gives it a fresh process."),
+        "params": {"type": "object", "properties": {
+            "session": _ID, "kind": {"type": "string"}, "message": {"type": "string"},
+        }},
+    },
     "execution.event": {
         "description": ("One execution event (docs/events.md): started, output, display, "
                         "input_requested, result, error, finished. `seq` is gapless "

@@ -35,7 +35,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from . import protocol as P
-from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed
+from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed, SessionLost
 
 MiB = 1024 * 1024
 
@@ -277,15 +277,27 @@ class Connection:
 _DEFERRED = object()
 
 
-def _ignore(event: dict) -> None:
-    """The server's input-host subscription; events reach clients per execution."""
-
-
 def _session(conn: Connection, params: dict) -> Any:
     try:
         return conn.server.engine.get_session(params["session"])
     except KeyError:
         raise P.RPCError(P.UNKNOWN_SESSION, f"no open session {params['session']!r}") from None
+
+
+def _session_errors(call: Callable[[], Any]) -> Any:
+    """``call()``, with the host API's errors turned into protocol errors."""
+    from .errors import NamespaceError, ProtectedName, SnapshotNotFound, VariableNotFound
+
+    try:
+        return call()
+    except (VariableNotFound, SnapshotNotFound) as exc:
+        raise P.RPCError(P.UNKNOWN_NAME, str(exc)) from None
+    except (ProtectedName, NamespaceError) as exc:
+        raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
+    except SessionClosed as exc:
+        raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+    except SessionLost as exc:
+        raise P.RPCError(P.SESSION_LOST, str(exc), {"kind": exc.kind}) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -304,7 +316,8 @@ def _status(result: Any) -> tuple[str, dict | None]:
     if error is None:
         return "ok", None
     kind = classify_error(error, before_exec=result.error_before_exec is not None)
-    status = "cancelled" if kind in ("cancelled", "timeout") else "error"
+    # a process killed after a cancel or past its time ended the way it was asked to
+    status = "cancelled" if kind in ("cancelled", "timeout", "killed") else "error"
     return status, {"ename": type(error).__name__, "evalue": str(error), "kind": kind}
 
 
@@ -332,6 +345,7 @@ class Server:
         self.handlers: dict[str, Callable[[Connection, P.Request], Any]] = {
             "auth": self._auth, "server.info": self._info, "server.schema": self._schema,
             "session.create": self._session_create, "session.close": self._session_close,
+            "session.restart": self._session_restart,
             "session.list": self._session_list, "session.info": self._session_info,
             "execute": self._execute, "cancel": self._cancel,
             "input.reply": self._input_reply,
@@ -377,6 +391,7 @@ class Server:
                 "python": sys.version.split()[0],
                 "build": "patched" if _compat.is_patched_build() else "stock",
                 "concurrent_sessions": bool(self.engine.concurrent),
+                "isolation": self.engine.isolation,
                 "limits": {"max_message_bytes": limits.max_message_bytes,
                            "max_event_bytes": limits.max_event_bytes,
                            "max_buffer_bytes": limits.max_buffer_bytes}}
@@ -412,33 +427,74 @@ class Server:
             if cap["name"] == "files" and not self.files_roots:
                 raise P.RPCError(P.NOT_AVAILABLE, "the files capability is not offered by "
                                                   "this server (start it with --files-root DIR)")
+        isolation = params.get("isolation")
+        if isolation != "process" and (isolation is not None or
+                                        self.engine.isolation != "process") \
+                and ("limits" in params or params.get("confine")):
+            raise P.RPCError(P.INVALID_PARAMS, "limits and confine apply to process sessions "
+                                               "(isolation: \"process\")")
+        options = {}
+        if "limits" in params:
+            options["limits"] = params["limits"]
+        if "confine" in params:
+            options["confine"] = params["confine"]
         try:
-            session = self.engine.create_session(params.get("session_id"), config=config)
+            session = self.engine.create_session(params.get("session_id"), config=config,
+                                                 isolation=isolation, **options)
         except ValueError as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         except SessionClosed as exc:
             raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        except (SessionLost, RuntimeError) as exc:
+            raise P.RPCError(P.NOT_AVAILABLE, f"the session could not start: {exc}") from None
         try:
             for cap in wanted:
                 self._grant(session, cap)
+            # the server answers input(): the cell's input_requested event goes
+            # to the client that sent the execute, which replies with input.reply
+            session.serve_input()
         except BaseException:
             session.close()
             raise
-        # the server answers input(): the cell's input_requested event goes to
-        # the client that sent the execute, which replies with input.reply
-        from . import subscribe
-
-        subscribe(session.shell, _ignore, handles_input=True)
+        if getattr(session, "isolation", None) == "process":
+            session.add_lost_callback(self._session_lost)
         return {"session": session.id}
+
+    def _session_lost(self, session: Any, lost: dict) -> None:
+        """Tell every client that a process session died (from the supervisor's thread)."""
+        message = P.notification("session.lost", {"session": session.id,
+                                                  "kind": lost["kind"],
+                                                  "message": lost["message"]})
+        for conn in list(self.connections):
+            if conn.authenticated:
+                conn.send_threadsafe(message, wait_writable=False)
+
+    def _session_restart(self, conn: Connection, request: P.Request) -> Any:
+        session = _session(conn, request.params)
+        if getattr(session, "isolation", None) != "process":
+            raise P.RPCError(P.INVALID_PARAMS, f"session {session.id!r} lives in the server's "
+                                               f"process: there is nothing to restart")
+
+        def restart() -> None:
+            try:
+                session.restart()
+                message = P.response(request.id, {"session": session.id})
+            except SessionClosed as exc:
+                message = P.error_response(request.id, P.RPCError(P.SESSION_CLOSED, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                message = P.error_response(request.id, P.RPCError(
+                    P.INVALID_PARAMS, f"{type(exc).__name__}: {exc}"))
+            if not request.is_notification:
+                conn.send_threadsafe(message, wait_writable=False)
+
+        # starting a process takes milliseconds, but never on the loop
+        threading.Thread(target=restart, name="pyrepl3-session-restart", daemon=True).start()
+        return _DEFERRED
 
     def _grant(self, session: Any, cap: dict) -> None:
         """Grant one requested capability (validated by the schema) to ``session``."""
-        import pyrepl3_ext
-
         if cap["name"] == "input":
-            from .input_request import capability
-
-            pyrepl3_ext.grant(session.shell, "input", capability())
+            session.grant_input()
             return
         from .security import FilesCapability
 
@@ -455,7 +511,7 @@ class Server:
         except (OSError, ValueError) as exc:
             raise P.RPCError(P.INVALID_PARAMS, f"capabilities: files root {root!r}: "
                                                f"{exc}") from None
-        pyrepl3_ext.grant(session.shell, "files", impl)
+        session.grant("files", impl)
 
     def _session_close(self, conn: Connection, request: P.Request) -> Any:
         session = _session(conn, request.params)
@@ -476,9 +532,15 @@ class Server:
         return _DEFERRED
 
     def _describe(self, session: Any) -> dict:
-        shell = session.shell
-        return {"session": session.id, "busy": session.busy, "running": session.running,
-                "execution_count": shell.execution_count}
+        described = {"session": session.id, "busy": session.busy, "running": session.running,
+                     "isolation": getattr(session, "isolation", "in-process")}
+        lost = getattr(session, "lost", None)
+        if lost is not None:
+            described["lost"] = {"kind": lost["kind"], "message": lost["message"]}
+            described["execution_count"] = None
+        else:
+            described["execution_count"] = session.execution_count
+        return described
 
     def _session_list(self, conn: Connection, request: P.Request) -> dict:
         return {"sessions": [self._describe(s) for s in self.engine.sessions if not s.closed]}
@@ -519,6 +581,8 @@ class Server:
             raise P.RPCError(P.CONCURRENCY_UNSUPPORTED, str(exc)) from None
         except SessionClosed as exc:
             raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+        except SessionLost as exc:
+            raise P.RPCError(P.SESSION_LOST, str(exc), {"kind": exc.kind}) from None
         except (ValueError, TypeError) as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         execution_id = handle.execution_id
@@ -556,87 +620,80 @@ class Server:
                                                   f"session {session.id!r}")
         return {"cancelled": True}
 
-    def _input_reply(self, conn: Connection, request: P.Request) -> dict:
-        from . import reply_input
-
+    def _input_reply(self, conn: Connection, request: P.Request) -> Any:
         session = _session(conn, request.params)
         params = request.params
         if params.get("eof") and "text" in params:
             raise P.RPCError(P.INVALID_PARAMS, "give text or eof, not both")
         text = None if params.get("eof") else params.get("text", "")
-        try:
-            delivered = reply_input(session.shell, params["input_id"], text)
-        except SessionClosed as exc:
-            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
-        if not delivered:
-            raise P.RPCError(P.UNKNOWN_INPUT, f"no input request {params['input_id']!r} is "
-                                              f"waiting in session {session.id!r} (answered, "
-                                              f"timed out or cancelled)")
-        return {"delivered": True}
 
-    def _namespace(self, conn: Connection, request: P.Request) -> dict:
-        """namespace.get/set/delete/list through the session's namespace
-        manager (thread-safe while a cell runs; IPython's names protected)."""
-        from . import namespace
-        from .errors import NamespaceError, ProtectedName, VariableNotFound
+        def reply() -> dict:
+            if not session.reply_input(params["input_id"], text):
+                raise P.RPCError(P.UNKNOWN_INPUT, f"no input request {params['input_id']!r} "
+                                                  f"is waiting in session {session.id!r} "
+                                                  f"(answered, timed out or cancelled)")
+            return {"delivered": True}
 
+        return self._session_call(conn, request, session, reply)
+
+    def _namespace(self, conn: Connection, request: P.Request) -> Any:
+        """namespace.get/set/delete/list through the session's host API
+        (thread-safe while a cell runs; IPython's names protected)."""
         session = _session(conn, request.params)
-        try:
-            shell = session.shell
-            manager = namespace.manager(shell)
-            name = request.params.get("name")
+        name = request.params.get("name")
+
+        def call() -> dict:
             if request.method == "namespace.list":
-                return {"variables": [manager.describe(n, max_repr=100)
-                                      for n in manager.names()]}
+                return {"variables": session.variables(max_repr=100)}
             if request.method == "namespace.get":
-                described = manager.describe(name, max_repr=1000)
-                value = manager.get(name)
-                try:
-                    encoded = P.encode({"v": value}) if isinstance(
-                        value, (str, int, float, bool, list, dict, type(None))) else None
-                except (TypeError, ValueError, RecursionError):
-                    encoded = None
-                if encoded is not None and len(encoded) <= self.limits.max_event_bytes:
-                    described["value"] = value
-                return described
+                return session.variable(name, max_repr=1000,
+                                        max_value_bytes=self.limits.max_event_bytes)
             if request.method == "namespace.set":
-                manager.set(name, request.params["value"])
+                session.set_variable(name, request.params["value"])
                 return {"name": name}
-            manager.delete(name)
+            session.delete_variable(name)
             return {"name": name}
-        except VariableNotFound as exc:
-            raise P.RPCError(P.UNKNOWN_NAME, str(exc)) from None
-        except (ProtectedName, NamespaceError) as exc:
-            raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
-        except SessionClosed as exc:
-            raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
+
+        return self._session_call(conn, request, session, call)
 
     def _snapshot(self, conn: Connection, request: P.Request) -> Any:
-        """snapshot.take/restore: deep copies, so off the loop's thread."""
-        from . import namespace
-        from .errors import NamespaceError, SnapshotNotFound
-
+        """snapshot.take/restore: deep copies, so always off the loop's thread."""
         session = _session(conn, request.params)
         name = request.params["name"]
 
+        def call() -> dict:
+            if request.method == "snapshot.take":
+                info = session.take_snapshot(name)
+            else:
+                info = session.restore_snapshot(name)
+            return {"snapshot": _jsonable(info)}
+
+        return self._session_call(conn, request, session, call, off_loop=True)
+
+    def _session_call(self, conn: Connection, request: P.Request, session: Any,
+                      call: Callable[[], Any], *, off_loop: bool = False) -> Any:
+        """Run one host-API call of a session and answer with its result.
+
+        In-process sessions answer at once, on the loop; a process session
+        answers over its channel, which the loop must never wait for, so
+        the call runs on a helper thread and the response follows.
+        """
+        if not off_loop and getattr(session, "isolation", None) != "process":
+            return _session_errors(call)
+
         def work() -> None:
             try:
-                manager = namespace.manager(session.shell)
-                if request.method == "snapshot.take":
-                    info = manager.take_snapshot(name)
-                else:
-                    info = manager.restore_snapshot(name)
-                message = P.response(request.id, {"snapshot": _jsonable(info)})
-            except SnapshotNotFound as exc:
-                message = P.error_response(request.id, P.RPCError(P.UNKNOWN_NAME, str(exc)))
-            except NamespaceError as exc:
-                message = P.error_response(request.id, P.RPCError(P.INVALID_PARAMS, str(exc)))
-            except SessionClosed as exc:
-                message = P.error_response(request.id, P.RPCError(P.SESSION_CLOSED, str(exc)))
+                message = P.response(request.id, _session_errors(call))
+            except P.RPCError as exc:
+                message = P.error_response(request.id, exc)
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                self.log(f"internal error in {request.method}: {exc!r}")
+                message = P.error_response(request.id, P.RPCError(
+                    P.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"))
             if not request.is_notification:
                 conn.send_threadsafe(message, wait_writable=False)
 
-        threading.Thread(target=work, name="pyrepl3-snapshot", daemon=True).start()
+        threading.Thread(target=work, name=f"pyrepl3-{request.method}", daemon=True).start()
         return _DEFERRED
 
     # -- transports ---------------------------------------------------------------
@@ -806,8 +863,19 @@ def _directory_name(session_id: str) -> str:
 
 def run(transport: str, address: str | None = None, *, token: str | None = None,
         limits: Limits | None = None, engine: Any = None,
-        files_roots: Sequence[str] = ()) -> int:
-    """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry."""
+        files_roots: Sequence[str] = (), isolation: str = "in-process",
+        kill_grace: float = 3.0) -> int:
+    """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry.
+
+    ``isolation`` is the default of ``session.create``; with ``"process"``
+    the fork server starts at once, so the first session does not wait.
+    """
+    if engine is None:
+        from .engine import Engine
+
+        engine = Engine(isolation=isolation, kill_grace=kill_grace)
+        if isolation == "process":
+            engine.warm_up()
     server = Server(engine, token=token, limits=limits, files_roots=files_roots)
 
     async def main() -> None:

@@ -36,6 +36,9 @@ from .. import _compat
 from ..errors import ConcurrencyUnsupported, SessionClosed
 from .executor import Job, SessionExecutor
 
+#: The kinds of session an engine creates (``create_session(isolation=...)``).
+ISOLATIONS = ("in-process", "process")
+
 #: Stock IPython: the session that last had work; another session may
 #: submit only while this one is idle.  Process-wide because the state the
 #: shells share is process-wide.
@@ -299,6 +302,89 @@ class Session:
 
             cancel(self._shell, execution.id, reason)
 
+    # -- the host API of one session (the same on a process session) ----------------
+    @property
+    def execution_count(self) -> int:
+        return self.shell.execution_count
+
+    def variables(self, *, max_repr: int = 100) -> list[dict]:
+        """Every user variable, described (name, type, repr cut at ``max_repr``)."""
+        from ..namespace import manager
+
+        names = manager(self.shell)
+        return [names.describe(n, max_repr=max_repr) for n in names.names()]
+
+    def variable(self, name: str, *, max_repr: int = 1000,
+                 max_value_bytes: int | None = None) -> dict:
+        """One variable described; with its ``value`` too when it is plain JSON
+        data (str, numbers, lists, dicts) encoding to at most ``max_value_bytes``."""
+        import json
+
+        from ..namespace import manager
+
+        names = manager(self.shell)
+        described = names.describe(name, max_repr=max_repr)
+        value = names.get(name)
+        if isinstance(value, (str, int, float, bool, list, dict, type(None))):
+            try:
+                size = len(json.dumps(value))
+            except (TypeError, ValueError, RecursionError):
+                size = None
+            if size is not None and (max_value_bytes is None or size <= max_value_bytes):
+                described["value"] = value
+        return described
+
+    def set_variable(self, name: str, value: Any) -> None:
+        from ..namespace import manager
+
+        manager(self.shell).set(name, value)
+
+    def delete_variable(self, name: str) -> None:
+        from ..namespace import manager
+
+        manager(self.shell).delete(name)
+
+    def take_snapshot(self, name: str) -> dict:
+        from ..namespace import manager
+
+        return manager(self.shell).take_snapshot(name)
+
+    def restore_snapshot(self, name: str) -> dict:
+        from ..namespace import manager
+
+        return manager(self.shell).restore_snapshot(name)
+
+    def reply_input(self, input_id: str, text: str | None) -> bool:
+        """Answer an ``input_requested`` event of this session (None: end of input)."""
+        from .. import reply_input
+
+        return reply_input(self.shell, input_id, text)
+
+    def serve_input(self) -> Callable[[], None]:
+        """Declare that the host answers this session's ``input()`` calls
+        (through :meth:`reply_input`); returns the function that takes it back."""
+        from .. import subscribe
+
+        return subscribe(self.shell, _ignore_event, handles_input=True)
+
+    def set_policy(self, policy: Any) -> None:
+        from .. import set_policy
+
+        set_policy(self.shell, policy)
+
+    def grant(self, name: str, capability: Any) -> None:
+        """Grant a host capability (``FilesCapability``, ``CustomCapability``) as ``name``."""
+        from .. import grant
+
+        grant(self.shell, name, capability)
+
+    def grant_input(self) -> None:
+        """Grant the ``input`` capability (for policies that remove the builtin)."""
+        from .. import grant
+        from ..input_request import capability
+
+        grant(self.shell, "input", capability())
+
     # -- per-execution events ---------------------------------------------------
     def _watch(self, execution_id: str, callback: Callable[[dict], None]) -> None:
         # One bus subscriber per session, only while some execution has a
@@ -440,6 +526,16 @@ class Session:
         await self.aclose()
 
 
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _ignore_event(event: dict) -> None:
+    """The input host's subscription: events reach hosts per execution."""
+
+
 def _concurrency_message(owner: Session) -> str:
     import IPython
 
@@ -460,13 +556,25 @@ class Engine:
     ``Session.execute``.
     """
 
-    def __init__(self, *, config: Any = None, queue: bool = True):
+    def __init__(self, *, config: Any = None, queue: bool = True,
+                 isolation: str = "in-process", kill_grace: float = 3.0,
+                 log: Callable[[str], None] | None = None):
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, "
+                             f"got {isolation!r}")
         self.config = config
         self.queue = queue
-        self._sessions: dict[str, Session] = {}
+        #: the isolation of sessions created without saying (``create_session``)
+        self.isolation = isolation
+        #: seconds a process session's cell may ignore a cancel before its process is killed
+        self.kill_grace = _positive("kill_grace", kill_grace)
+        self._log_to = log
+        self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._closed = False
-        #: Whether sessions can run cells at the same time (the patched build).
+        self._supervisor: Any = None
+        #: Whether in-process sessions can run cells at the same time (the
+        #: patched build; process sessions always can).
         self.concurrent: bool = _compat.is_patched_build()
 
     @property
@@ -481,16 +589,41 @@ class Engine:
             except KeyError:
                 raise KeyError(f"no open session {session_id!r}") from None
 
-    def create_session(self, session_id: str | None = None, *, config: Any = None) -> Session:
-        """A new isolated session (``session_id`` generated when omitted)."""
+    def create_session(self, session_id: str | None = None, *, config: Any = None,
+                       isolation: str | None = None, limits: Any = None,
+                       confine: bool | None = None, kill_grace: float | None = None) -> Any:
+        """A new isolated session (``session_id`` generated when omitted).
+
+        ``isolation``: ``"in-process"`` (a shell in this process: dense and
+        cheap, for trusted code) or ``"process"`` (a supervised process of
+        its own, forked from a warm template: crashes, memory and CPU stay
+        inside it and every blocking call can be cancelled); default the
+        engine's.  ``limits`` and ``confine`` apply to process sessions
+        (``docs/isolation.md``); ``confine`` defaults to on for the
+        ``restricted`` policy.
+        """
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+        isolation = self.isolation if isolation is None else isolation
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, "
+                             f"got {isolation!r}")
+        if isolation == "in-process" and (limits is not None or confine):
+            raise ValueError("limits and confine need isolation='process' (an in-process "
+                             "session shares this process's memory and privileges)")
         with self._lock:
             if self._closed:
                 raise SessionClosed("the engine is closed")
             if session_id is not None and session_id in self._sessions:
                 raise ValueError(f"a session {session_id!r} is already open")
-        session = Session(self, session_id, config)
+        if isolation == "process":
+            from .process_session import create
+
+            session = create(self, session_id, config, limits=limits, confine=confine,
+                             kill_grace=self.kill_grace if kill_grace is None
+                             else _positive("kill_grace", kill_grace))
+        else:
+            session = Session(self, session_id, config)
         with self._lock:
             if self._closed or session.id in self._sessions:
                 clash = not self._closed
@@ -501,7 +634,38 @@ class Engine:
             self._sessions[session.id] = session
         return session
 
-    def _forget(self, session: Session) -> None:
+    def _supervisor_for_processes(self) -> Any:
+        """The supervisor of this engine's session processes (started on first use)."""
+        with self._lock:
+            if self._closed:
+                raise SessionClosed("the engine is closed")
+            if self._supervisor is None:
+                from .supervisor import Supervisor
+
+                self._supervisor = Supervisor(self.config, log=self._log_to)
+            supervisor = self._supervisor
+        supervisor.start(wait=True)
+        return supervisor
+
+    def warm_up(self, wait: bool = False) -> None:
+        """Start the fork server of process sessions now (in the background
+        unless ``wait``), so the first ``isolation="process"`` session does
+        not pay for importing IPython."""
+        with self._lock:
+            if self._supervisor is None:
+                from .supervisor import Supervisor
+
+                self._supervisor = Supervisor(self.config, log=self._log_to)
+            supervisor = self._supervisor
+        supervisor.start(wait=wait)
+
+    def _log(self, text: str) -> None:
+        if self._log_to is not None:
+            self._log_to(text)
+        else:
+            print(f"[pyrepl3 engine] {text}", file=sys.__stderr__, flush=True)
+
+    def _forget(self, session: Any) -> None:
         with self._lock:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
@@ -518,7 +682,14 @@ class Engine:
         ok = True
         for session in sessions:
             ok = session._finish_close(timeout) and ok
+        self._close_supervisor()
         return ok
+
+    def _close_supervisor(self) -> None:
+        with self._lock:
+            supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -538,11 +709,17 @@ class Engine:
         for session in sessions:
             session._begin_close("engine closed")
         loop = asyncio.get_running_loop()
+        in_process = [s for s in sessions if isinstance(s, Session)]
+        others = [s for s in sessions if not isinstance(s, Session)]
         await asyncio.gather(*(loop.run_in_executor(None, s._executor.join, timeout)
-                               for s in sessions))
+                               for s in in_process))
         ok = True
-        for session in sessions:
+        for session in in_process:
             ok = session._finish_close(0) and ok
+        for closed in await asyncio.gather(*(loop.run_in_executor(None, s.close, timeout)
+                                             for s in others)):
+            ok = closed and ok
+        await loop.run_in_executor(None, self._close_supervisor)
         return ok
 
     async def __aexit__(self, *exc: Any) -> None:

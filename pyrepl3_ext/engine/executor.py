@@ -223,6 +223,21 @@ class SessionExecutor:
         callback()
 
     # -- the worker -----------------------------------------------------------
+    def adopt_current_thread(self) -> None:
+        """Make the calling thread this session's worker (a session process's
+        main thread, where signals interrupt blocking calls); it then runs
+        the jobs in :meth:`serve`.  Call before the first :meth:`submit`."""
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError(f"session {self.name!r} already has a worker thread")
+            self._thread = threading.current_thread()
+
+    def serve(self) -> None:
+        """Run jobs in the adopted thread until :meth:`shutdown`."""
+        if self._thread is not threading.current_thread():
+            raise RuntimeError("serve() runs in the thread that adopt_current_thread() named")
+        self._work()
+
     def _wake_idle_loop(self) -> None:
         # caller holds the lock
         waiter = self._idle_waiter

@@ -1,0 +1,764 @@
+"""A session that lives in a process of its own (``isolation="process"``).
+
+:class:`ProcessSession` has the API of the in-process
+:class:`~pyrepl3_ext.engine.engine.Session` (execute, cancel, input,
+namespace, snapshots, grants, close), so hosts and the server treat both
+alike.  The difference is what a failure costs: a crash, a memory bomb or
+a cell that ignores its cancel ends this session's process, never the host
+or another session.
+
+What the parent keeps, and why:
+
+* the queue: one execution is in the worker at a time; queued ones wait
+  here, so cancelling them never involves the worker;
+* the deadlines that do not trust the worker: a cell that has not ended
+  ``kill_grace`` seconds after a cancel (or after its timeout) is killed
+  with its process, and reported as ``error`` with kind ``killed``;
+* what a death means: the worker's exit status (and, where limits are on,
+  its cgroup's OOM count) becomes the *cause* (``crashed``, ``oom``,
+  ``exited``, ``killed``...), reported once on every affected execution
+  (an ``error`` and a ``finished`` event, ``seq`` continuing the worker's)
+  and in :attr:`ProcessSession.lost`; :meth:`restart` gives the session a
+  fresh process under the same id.
+* the capabilities: a grant's implementation stays here and serves the
+  worker's calls; the worker holds a handle only.
+
+Results cross as data: ``execute`` returns a :class:`ProcessExecutionResult`
+whose ``result`` is None (the object lives in the worker) and whose
+``data`` is the result's mime bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+import types
+from typing import Any, Callable
+
+from ..errors import (CellCancelled, CellError, CellTimeout, SessionBusy, SessionClosed,
+                      SessionLost)
+from .channel import ChannelError
+from .engine import ExecutionHandle
+from .executor import Job
+from .worker import describe_error, rebuild_error
+
+
+class ProcessExecutionResult:
+    """What IPython's ``ExecutionResult`` says about a cell, carried as data."""
+
+    def __init__(self, code: str, execution_id: str, *, store_history: bool, silent: bool):
+        self.info = types.SimpleNamespace(raw_cell=code, store_history=store_history,
+                                          silent=silent, transformed_cell=None)
+        self.pyrepl3_execution_id = execution_id
+        self.execution_count: int | None = None
+        self.error_before_exec: BaseException | None = None
+        self.error_in_exec: BaseException | None = None
+        #: the result object stays in the session process: see :attr:`data`
+        self.result = None
+        #: the ``result`` event's mime bundle (``{"text/plain": "42"}``), or None
+        self.data: dict | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.error_before_exec is None and self.error_in_exec is None
+
+    def raise_error(self) -> None:
+        if self.error_before_exec is not None:
+            raise self.error_before_exec
+        if self.error_in_exec is not None:
+            raise self.error_in_exec
+
+    def __repr__(self) -> str:
+        state = "ok" if self.success else repr(self.error_before_exec or self.error_in_exec)
+        return f"<ProcessExecutionResult {self.pyrepl3_execution_id!r} {state}>"
+
+
+def _error_from(described: dict, *, reason_kind: str | None = None) -> BaseException:
+    kind = described.get("kind", "exception")
+    ename = str(described.get("ename", "Exception"))
+    evalue = str(described.get("evalue", ""))
+    if kind == "cancelled":
+        return CellCancelled(evalue or "cancelled")
+    if kind == "timeout":
+        return CellTimeout(evalue or "deadline exceeded")
+    return CellError(ename, evalue, kind)
+
+
+class _Running:
+    """The parent's record of the execution now in the worker."""
+
+    __slots__ = ("job", "result", "on_event", "last_seq", "started_at", "cancelled",
+                 "kill_timer", "wall_timer")
+
+    def __init__(self, job: Job, result: ProcessExecutionResult,
+                 on_event: Callable[[dict], None] | None):
+        self.job = job
+        self.result = result
+        self.on_event = on_event
+        self.last_seq = -1
+        self.started_at: float | None = None
+        self.cancelled: str | None = None
+        self.kill_timer: int | None = None
+        self.wall_timer: int | None = None
+
+
+class ProcessSession:
+    """One session in a supervised process of its own; create it with
+    ``Engine.create_session(..., isolation="process")``."""
+
+    isolation = "process"
+
+    def __init__(self, engine: Any, session_id: str, config: dict, *,
+                 limits: Any = None, confine: Any = None, kill_grace: float = 3.0,
+                 spawn_timeout: float = 30.0):
+        self.engine = engine
+        self.id = session_id
+        self._config = config
+        self.limits = limits
+        self.confine = confine
+        self.kill_grace = kill_grace
+        self.spawn_timeout = spawn_timeout
+        self._supervisor = engine._supervisor_for_processes()
+        self._lock = threading.RLock()
+        self._queue: collections.deque = collections.deque()
+        self._running: _Running | None = None
+        self._closed = False
+        #: None while the process lives; else {"kind", "message", "status"}
+        self.lost: dict | None = None
+        self._lost_callbacks: list[Callable[["ProcessSession", dict], None]] = []
+        self._grants: dict[str, Any] = {}
+        self._calls: dict[int, list] = {}
+        self._call_ids = iter(range(1, 1 << 62))
+        self._policy: Any = None
+        self._serves_input = False
+        self.confinement: dict = {}
+        self._execution_count: int | None = None
+        self._kill_reason: tuple[str, str] | None = None
+        self._closing_cleanly = False
+        self.worker: Any = None
+        self.pid: int | None = None
+        self._start_worker()
+
+    # -- the process ------------------------------------------------------------
+    def _start_worker(self) -> None:
+        worker = self._supervisor.spawn(self.spawn_timeout)
+        try:
+            worker.channel.send({"op": "assign", "session_id": self.id,
+                                 "config": self._config})
+            worker.channel.sock.settimeout(self.spawn_timeout)
+            try:
+                reply = worker.channel.recv()
+            finally:
+                worker.channel.sock.settimeout(None)
+            if reply is None or reply.get("op") != "ready":
+                detail = reply.get("error") if reply else None
+                raise SessionLost("failed", f"the session process did not start: "
+                                            f"{rebuild_error(detail) if detail else 'it exited'}")
+        except BaseException:
+            worker.kill()
+            raise
+        self.worker = worker
+        self.pid = worker.pid
+        self._execution_count = reply.get("execution_count")
+        self.confinement = reply.get("confinement") or {}
+        threading.Thread(target=self._read, args=(worker,), daemon=True,
+                         name=f"pyrepl3-process-{self.id}").start()
+        worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
+
+    def _read(self, worker: Any) -> None:
+        channel = worker.channel
+        while True:
+            try:
+                message = channel.recv()
+            except ChannelError as exc:
+                self.engine._log(f"session {self.id!r} sent a malformed message ({exc}); "
+                                 f"killing its process")
+                worker.kill()
+                break
+            if message is None:
+                break
+            try:
+                self._handle(worker, message)
+            except Exception as exc:  # noqa: BLE001 - a bad message must not end the reader
+                self.engine._log(f"session {self.id!r}: message {message.get('op')!r} "
+                                 f"failed: {exc!r}")
+        # end of stream: the process is exiting or gone; its status follows
+        # from the fork server (a live one that closed its channel is killed)
+        if worker.wait(2.0) is None:
+            worker.kill()
+
+    def _handle(self, worker: Any, message: dict) -> None:
+        op = message.get("op")
+        if op == "event":
+            self._forward(message.get("event"))
+        elif op == "done":
+            self._done(message)
+        elif op == "reply":
+            with self._lock:
+                slot = self._calls.pop(message.get("id"), None)
+            if slot is not None:
+                slot[1] = message
+                slot[0].set()
+        elif op == "capability":
+            threading.Thread(target=self._serve_capability, args=(worker, message),
+                             daemon=True, name="pyrepl3-capability").start()
+
+    def _forward(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            return
+        with self._lock:
+            running = self._running
+            if running is None or event.get("execution_id") != running.job.execution_id:
+                return
+            seq = event.get("seq")
+            if isinstance(seq, int):
+                running.last_seq = max(running.last_seq, seq)
+            kind = event.get("type")
+            if kind == "started":
+                running.job.started = True
+                running.job.mode = str(event.get("mode") or "")
+                running.started_at = time.monotonic()
+                self._arm_wall_clock(running)
+            elif kind == "result":
+                running.result.data = event.get("data")
+            callback = running.on_event
+        if kind == "input_requested" and callback is None:
+            # nobody here answers input(): end it, as a closed stdin would
+            self._send({"op": "call", "id": 0, "method": "reply_input",
+                        "params": {"input_id": event.get("input_id"), "text": None}})
+        if callback is not None:
+            try:
+                callback(event)
+            except Exception as exc:  # noqa: BLE001 - a host callback must not break the reader
+                self.engine._log(f"on_event callback of session {self.id!r} failed: {exc!r}")
+
+    def _arm_wall_clock(self, running: _Running) -> None:
+        # the cooperative timeout runs in the worker; if the cell ignores it,
+        # the process goes ``kill_grace`` later
+        deadlines = []
+        if running.job.timeout is not None:
+            deadlines.append(running.job.timeout + self.kill_grace)
+        cell_seconds = getattr(self.limits, "cell_seconds", None)
+        if cell_seconds is not None:
+            deadlines.append(cell_seconds)
+            running.wall_timer = self._supervisor.timers.call_at(
+                time.monotonic() + cell_seconds,
+                lambda: self._hard_deadline(running, cell_seconds))
+            return
+        if deadlines:
+            running.wall_timer = self._supervisor.timers.call_at(
+                time.monotonic() + min(deadlines),
+                lambda: self._kill_running(running, "timeout",
+                                           f"the cell ignored its timeout of "
+                                           f"{running.job.timeout} s for {self.kill_grace} s"))
+
+    def _hard_deadline(self, running: _Running, seconds: float) -> None:
+        with self._lock:
+            if self._running is not running:
+                return
+        self._send({"op": "cancel", "execution_id": running.job.execution_id,
+                    "reason": f"the session's cell time limit ({seconds} s)"})
+        running.kill_timer = self._supervisor.timers.call_at(
+            time.monotonic() + self.kill_grace,
+            lambda: self._kill_running(running, "timeout",
+                                       f"the cell passed the session's cell time limit "
+                                       f"of {seconds} s"))
+
+    def _kill_running(self, running: _Running, why: str, message: str) -> None:
+        with self._lock:
+            if self._running is not running or self.lost is not None:
+                return
+            self._kill_reason = ("killed", f"{message}: the session process was killed")
+        self.engine._log(f"session {self.id!r}: {message}; killing its process")
+        self.worker.kill()
+
+    def _done(self, message: dict) -> None:
+        with self._lock:
+            running = self._running
+            if running is None or message.get("execution_id") != running.job.execution_id:
+                return
+            self._running = None
+            result = running.result
+        self._supervisor.timers.cancel(running.kill_timer)
+        self._supervisor.timers.cancel(running.wall_timer)
+        result.execution_count = message.get("execution_count")
+        if isinstance(result.execution_count, int):
+            # the shell's count after a stored cell is one more than the cell's
+            self._execution_count = result.execution_count + (1 if running.job.store_history
+                                                              else 0)
+        error = message.get("error")
+        if isinstance(error, dict):
+            exc = _error_from(error)
+            if message.get("refused"):
+                exc = rebuild_error(message["refused"])
+            if error.get("before_exec"):
+                result.error_before_exec = exc
+            else:
+                result.error_in_exec = exc
+        self._settle(running.job, result)
+        self._next()
+
+    def _settle(self, job: Job, result: Any = None, exc: BaseException | None = None) -> None:
+        from .executor import _settle
+
+        if not job.future.done() and job.future.set_running_or_notify_cancel():
+            pass
+        _settle(job.future, result, exc)
+
+    def _next(self) -> None:
+        with self._lock:
+            if self._running is not None or not self._queue or self.lost is not None:
+                return
+            job, on_event = self._queue.popleft()
+            result = ProcessExecutionResult(job.code, job.execution_id,
+                                            store_history=job.store_history, silent=job.silent)
+            running = self._running = _Running(job, result, on_event)
+            cancelled = job.cancel_reason
+        if cancelled is not None:
+            with self._lock:
+                self._running = None
+            result.error_before_exec = CellCancelled(cancelled)
+            self._settle(job, result)
+            self._next()
+            return
+        self._send({"op": "execute", "execution_id": job.execution_id, "code": job.code,
+                    "timeout": job.timeout, "transaction": job.transaction,
+                    "store_history": job.store_history, "silent": job.silent})
+        del running
+
+    def _send(self, message: dict) -> bool:
+        worker = self.worker
+        if worker is None:
+            return False
+        try:
+            worker.channel.send(message)
+            return True
+        except OSError:
+            return False
+
+    # -- a death ------------------------------------------------------------------
+    def _worker_exited(self, worker: Any, status: int) -> None:
+        if worker is not self.worker:
+            return
+        if self._closing_cleanly:
+            self._fail_all(SessionClosed(f"session {self.id!r} is closed"), None)
+            return
+        kind, message = self._cause(status)
+        lost = {"kind": kind, "message": message, "status": status}
+        with self._lock:
+            self.lost = lost
+            callbacks = list(self._lost_callbacks)
+        self.engine._log(f"session {self.id!r} lost: {message}")
+        self._fail_all(SessionLost(kind, message), lost)
+        for callback in callbacks:
+            try:
+                callback(self, lost)
+            except Exception as exc:  # noqa: BLE001
+                self.engine._log(f"lost callback of session {self.id!r} failed: {exc!r}")
+
+    def _cause(self, status: int) -> tuple[str, str]:
+        killed = self._kill_reason
+        if killed is not None:
+            self._kill_reason = None
+            return killed
+        return self.worker.explain_exit(status, self.limits)
+
+    def _fail_all(self, error: BaseException, lost: dict | None) -> None:
+        with self._lock:
+            running, self._running = self._running, None
+            queued = list(self._queue)
+            self._queue.clear()
+        if running is not None:
+            self._supervisor.timers.cancel(running.kill_timer)
+            self._supervisor.timers.cancel(running.wall_timer)
+            result = running.result
+            if running.job.started:
+                result.error_in_exec = error
+                if lost is not None:
+                    self._report_lost(running, lost)
+            else:
+                result.error_before_exec = error
+            self._settle(running.job, result)
+        for job, _on_event in queued:
+            result = ProcessExecutionResult(job.code, job.execution_id,
+                                            store_history=job.store_history, silent=job.silent)
+            result.error_before_exec = error
+            self._settle(job, result)
+        with self._lock:
+            calls = list(self._calls.values())
+            self._calls.clear()
+        for slot in calls:
+            slot[1] = {"error": {"type": "SessionClosed" if lost is None else "RuntimeError",
+                                 "message": error.args[-1] if error.args else str(error)}}
+            slot[0].set()
+
+    def _report_lost(self, running: _Running, lost: dict) -> None:
+        """The worker cannot say how its cell ended: the parent says it, once."""
+        if running.on_event is None:
+            return
+        now = time.time()
+        common = {"execution_id": running.job.execution_id, "session": self.id}
+        status = "cancelled" if lost["kind"] == "killed" and running.cancelled else "error"
+        duration = (time.monotonic() - running.started_at) if running.started_at else 0.0
+        for event in ({**common, "type": "error", "seq": running.last_seq + 1, "ts": now,
+                       "ename": "SessionLost", "evalue": lost["message"], "traceback": [],
+                       "kind": lost["kind"]},
+                      {**common, "type": "finished", "seq": running.last_seq + 2, "ts": now,
+                       "status": status, "duration": duration}):
+            try:
+                running.on_event(event)
+            except Exception as exc:  # noqa: BLE001
+                self.engine._log(f"on_event callback of session {self.id!r} failed: {exc!r}")
+
+    def add_lost_callback(self, callback: Callable[["ProcessSession", dict], None]) -> None:
+        """``callback(session, lost)`` when the session's process dies (once per death)."""
+        with self._lock:
+            self._lost_callbacks.append(callback)
+
+    def restart(self) -> None:
+        """Give a lost session a fresh process (same id, settings, policy and
+        grants; an empty namespace)."""
+        with self._lock:
+            if self._closed:
+                raise SessionClosed(f"session {self.id!r} is closed")
+            if self.lost is None:
+                raise RuntimeError(f"session {self.id!r} is not lost: close it, or cancel "
+                                   f"its cell, instead of restarting it")
+        old = self.worker
+        self._start_worker()
+        if old is not None:
+            old.channel.close()
+        with self._lock:
+            self.lost = None
+        if self._serves_input:
+            pass  # the worker always asks the parent for input
+        if self._policy is not None:
+            self._call("set_policy", policy=self._policy)
+        for name, impl in list(self._grants.items()):
+            self._send_grant(name, impl)
+        self._next()
+
+    # -- properties ---------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None or bool(self._queue)
+
+    @property
+    def running(self) -> str | None:
+        running = self._running
+        return running.job.execution_id if running is not None else None
+
+    @property
+    def execution_count(self) -> int | None:
+        """The shell's execution count, as the worker last reported it (no round trip)."""
+        return self._execution_count
+
+    def __repr__(self) -> str:
+        state = ("closed" if self._closed else "lost" if self.lost else
+                 "busy" if self.busy else "idle")
+        return f"<ProcessSession {self.id!r} pid={self.pid} {state}>"
+
+    # -- executing ------------------------------------------------------------------
+    def execute(self, code: str, *, execution_id: str | None = None,
+                timeout: float | None = None, transaction: bool | None = None,
+                on_event: Callable[[dict], None] | None = None, wait: bool = True,
+                queue: bool | None = None, store_history: bool = True,
+                silent: bool = False) -> Any:
+        """Run ``code`` in the session's process (see ``Session.execute``)."""
+        handle = self._submit(code, execution_id, timeout, transaction, on_event, queue,
+                              store_history, silent)
+        if not wait:
+            return handle
+        try:
+            return handle._future.result()
+        except BaseException:
+            if not handle.done():
+                self.cancel(handle.execution_id, "the caller stopped waiting")
+            raise
+
+    def submit(self, code: str, **options: Any) -> ExecutionHandle:
+        return self.execute(code, wait=False, **options)
+
+    async def execute_async(self, code: str, *, execution_id: str | None = None,
+                            timeout: float | None = None, transaction: bool | None = None,
+                            on_event: Callable[[dict], None] | None = None,
+                            queue: bool | None = None, store_history: bool = True,
+                            silent: bool = False, async_on_host: bool = True) -> Any:
+        """The coroutine form of :meth:`execute`.  An await cell runs on the
+        session process's own loop (``async_on_host`` cannot apply: the
+        host's loop is in another process)."""
+        handle = self._submit(code, execution_id, timeout, transaction, on_event, queue,
+                              store_history, silent)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(handle._future))
+        except asyncio.CancelledError:
+            self.cancel(handle.execution_id, "the caller stopped waiting")
+            raise
+
+    def _submit(self, code: str, execution_id: str | None, timeout: float | None,
+                transaction: bool | None, on_event: Callable[[dict], None] | None,
+                queue: bool | None, store_history: bool, silent: bool) -> ExecutionHandle:
+        from .. import _options
+
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a string, got {type(code).__name__}")
+        _options(execution_id, timeout, transaction, None)
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, got {on_event!r}")
+        queue = self.engine.queue if queue is None else queue
+        with self._lock:
+            if self._closed:
+                raise SessionClosed(f"session {self.id!r} is closed")
+            if self.lost is not None:
+                raise SessionLost(self.lost["kind"],
+                                  f"session {self.id!r} is lost ({self.lost['message']}); "
+                                  f"restart it with session.restart()")
+            if execution_id is None:
+                execution_id = f"{self.id}-{os.urandom(3).hex()}-{next(self._call_ids)}"
+            elif self._find(execution_id) is not None:
+                raise ValueError(f"execution {execution_id!r} is already queued or running "
+                                 f"in session {self.id!r}")
+            if not queue and self.busy:
+                raise SessionBusy(f"session {self.id!r} is running {self.running!r}; "
+                                  f"pass queue=True to wait for it")
+            job = Job(code, execution_id, timeout=timeout, transaction=transaction,
+                      store_history=store_history, silent=silent, host_loop=None)
+            self._queue.append((job, on_event))
+        self._next()
+        return ExecutionHandle(self, job)
+
+    def _find(self, execution_id: str) -> Job | None:
+        running = self._running
+        if running is not None and running.job.execution_id == execution_id:
+            return running.job
+        for job, _ in self._queue:
+            if job.execution_id == execution_id:
+                return job
+        return None
+
+    def cancel(self, execution_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a queued or running execution; a running cell that has not
+        ended ``kill_grace`` seconds later is killed with the process."""
+        with self._lock:
+            running = self._running
+            if running is not None and running.job.execution_id == execution_id:
+                if running.cancelled is None:
+                    running.cancelled = reason
+                    running.kill_timer = self._supervisor.timers.call_at(
+                        time.monotonic() + self.kill_grace,
+                        lambda: self._kill_running(
+                            running, "cancelled",
+                            f"the cell ignored a cancel for {self.kill_grace} s"))
+                found = "running"
+            else:
+                found = None
+                for entry in self._queue:
+                    if entry[0].execution_id == execution_id:
+                        self._queue.remove(entry)
+                        found = entry[0]
+                        break
+        if found is None:
+            return False
+        if found == "running":
+            self._send({"op": "cancel", "execution_id": execution_id, "reason": reason})
+            return True
+        result = ProcessExecutionResult(found.code, found.execution_id,
+                                        store_history=found.store_history, silent=found.silent)
+        result.error_before_exec = CellCancelled(reason)
+        self._settle(found, result)
+        return True
+
+    # -- host API calls (answered by the worker) ------------------------------------
+    def _call(self, method: str, timeout: float | None = 60.0, **params: Any) -> Any:
+        with self._lock:
+            if self._closed:
+                raise SessionClosed(f"session {self.id!r} is closed")
+            if self.lost is not None:
+                raise SessionLost(self.lost["kind"], f"session {self.id!r} is lost "
+                                                     f"({self.lost['message']})")
+            call_id = next(self._call_ids)
+            slot: list = [threading.Event(), None]
+            self._calls[call_id] = slot
+        if not self._send({"op": "call", "id": call_id, "method": method, "params": params}):
+            with self._lock:
+                self._calls.pop(call_id, None)
+            raise SessionLost("exited", f"session {self.id!r}: its process is gone")
+        if not slot[0].wait(timeout):
+            with self._lock:
+                self._calls.pop(call_id, None)
+            raise TimeoutError(f"session {self.id!r} did not answer {method} in {timeout} s")
+        reply = slot[1]
+        if "error" in reply:
+            raise rebuild_error(reply["error"])
+        return reply.get("result")
+
+    def variables(self, *, max_repr: int = 100) -> list[dict]:
+        return self._call("variables", max_repr=max_repr)
+
+    def variable(self, name: str, *, max_repr: int = 1000,
+                 max_value_bytes: int | None = None) -> dict:
+        return self._call("variable", name=name, max_repr=max_repr,
+                          max_value_bytes=max_value_bytes)
+
+    def set_variable(self, name: str, value: Any) -> None:
+        self._call("set_variable", name=name, value=value)
+
+    def delete_variable(self, name: str) -> None:
+        self._call("delete_variable", name=name)
+
+    def take_snapshot(self, name: str) -> dict:
+        return self._call("take_snapshot", timeout=None, name=name)
+
+    def restore_snapshot(self, name: str) -> dict:
+        return self._call("restore_snapshot", timeout=None, name=name)
+
+    def reply_input(self, input_id: str, text: str | None) -> bool:
+        return bool(self._call("reply_input", input_id=input_id, text=text))
+
+    def serve_input(self) -> Callable[[], None]:
+        """Input is always the host's in a session process (there is no
+        terminal); an execution without ``on_event`` gets end-of-input."""
+        self._serves_input = True
+        return lambda: None
+
+    def set_policy(self, policy: Any) -> None:
+        from ..security.policy import SecurityPolicy
+
+        name = policy if isinstance(policy, str) else None
+        if name is None:
+            raise TypeError("a process session takes a policy preset name (trusted, "
+                            "guarded, restricted); a SecurityPolicy object stays in its "
+                            "own process")
+        SecurityPolicy.preset(name)  # unknown names fail here, in the caller
+        self._call("set_policy", policy=name)
+        self._policy = name
+
+    def grant(self, name: str, capability: Any) -> None:
+        """Grant ``capability`` as ``name``: it runs here, the worker gets a handle."""
+        methods = getattr(capability, "methods", None)
+        if methods is None or not callable(getattr(capability, "method", None)):
+            raise TypeError(f"a capability implementation has methods and method(name), "
+                            f"got {capability!r}")
+        self._grants[name] = capability
+        self._send_grant(name, capability)
+
+    def _send_grant(self, name: str, capability: Any) -> None:
+        self._send({"op": "grant", "name": name, "methods": list(capability.methods),
+                    "callable": bool(getattr(capability, "callable", False))})
+
+    def grant_input(self) -> None:
+        self._call("grant_input")
+
+    def _serve_capability(self, worker: Any, message: dict) -> None:
+        """Run one capability call the worker asked for; everything it sent is data."""
+        from ..security.capabilities import freeze
+
+        reply: dict = {"op": "capability_reply", "id": message.get("id")}
+        try:
+            impl = self._grants.get(message.get("name"))
+            if impl is None:
+                raise PermissionError(f"no capability {message.get('name')!r} is granted")
+            method = message.get("method")
+            if not isinstance(method, str):
+                raise TypeError("malformed capability call")
+            args = freeze(list(message.get("args") or []))
+            kwargs = message.get("kwargs") or {}
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                raise TypeError("malformed capability call")
+            fn = impl.method(method)
+            reply["result"] = fn(*args, **freeze(kwargs))
+        except AttributeError as exc:
+            reply["error"] = {"type": "TypeError", "message": f"no method {exc}"}
+        except Exception as exc:  # noqa: BLE001 - described to the worker, never raised here
+            reply["error"] = describe_error(exc)
+        try:
+            worker.channel.send(reply)
+        except (OSError, TypeError) as exc:
+            try:
+                worker.channel.send({"op": "capability_reply", "id": message.get("id"),
+                                     "error": describe_error(exc)})
+            except OSError:
+                pass
+
+    # -- closing ----------------------------------------------------------------------
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Cancel the running cell, drop queued ones, end the process.
+
+        True when the process ended within ``timeout`` (a cell that ignores
+        the cancel is killed once ``kill_grace`` has passed, so a close never
+        hangs on a stuck cell)."""
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            self._closing_cleanly = True
+        worker = self.worker
+        if already:
+            return worker is None or worker.wait(timeout) is not None
+        self._fail_all(SessionClosed(f"session {self.id!r} is closed"), None)
+        if worker is not None and worker.alive:
+            self._send({"op": "close", "reason": "session closed"})
+            wait = self.kill_grace if timeout is None else min(timeout, self.kill_grace)
+            if worker.wait(wait) is None:
+                worker.kill()
+                worker.wait(None if timeout is None else max(timeout - wait, 0.5))
+        if worker is not None:
+            worker.channel.close()
+            worker.release()
+        self.engine._forget(self)
+        for impl in self._grants.values():
+            closer = getattr(impl, "close", None)
+            if callable(closer):
+                try:
+                    closer()
+                except Exception:  # noqa: BLE001
+                    pass
+        return worker is None or not worker.alive
+
+    async def aclose(self, timeout: float | None = 10.0) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.close, timeout)
+
+    def _begin_close(self, reason: str) -> None:
+        with self._lock:
+            running = self._running
+        if running is not None:
+            self._send({"op": "cancel", "execution_id": running.job.execution_id,
+                        "reason": reason})
+
+    def _finish_close(self, timeout: float | None) -> bool:
+        return self.close(timeout)
+
+    def __enter__(self) -> "ProcessSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "ProcessSession":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+def create(engine: Any, session_id: str | None, config: Any, *, limits: Any,
+           confine: bool | None, kill_grace: float) -> ProcessSession:
+    """A process session for ``Engine.create_session`` (arguments checked here)."""
+    import json
+
+    if session_id is None:
+        session_id = os.urandom(6).hex()
+    try:
+        data = json.loads(json.dumps(config)) if config is not None else {}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"a process session's config must hold plain data (it is sent "
+                         f"to its process): {exc}") from None
+    return ProcessSession(engine, session_id, data, limits=limits, confine=confine,
+                          kill_grace=kill_grace)

@@ -1,0 +1,311 @@
+"""A session process: one session, its cells on the process's main thread.
+
+The fork server forks this process from its warm template session, so the
+shell already exists; :func:`run` makes it the session the supervisor asked
+for and serves the channel until the session closes.
+
+Order matters, and is the reason this module exists:
+
+1. ``setsid`` (the session's processes are one process group the
+   supervisor can kill) and a parent-death signal;
+2. the ``assign`` message, read on the main thread while the process has
+   one thread: the session id, its settings and policy, resource limits,
+   and OS confinement, which must be applied before any other thread
+   exists (Landlock and seccomp bind the calling thread) and before any
+   cell code runs;
+3. ``ready``, then a reader thread for the channel and the session's
+   executor on the **main thread**: cancellation uses the signal path
+   there, which interrupts blocking calls (``sleep``, lock and queue
+   waits, socket reads, ``input()``).
+
+The worker trusts nothing it did not get from its channel, and the parent
+trusts nothing the worker sends beyond its JSON (see :mod:`.channel`).
+Capabilities stay in the parent: a granted ``files`` capability is a
+:class:`RemoteCapability` here, which asks the parent over the channel, so
+no host object, grant or root descriptor exists in this process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import signal
+import socket
+import threading
+from typing import Any, Callable
+
+from .channel import Channel, ChannelError
+
+_PR_SET_PDEATHSIG = 1
+
+#: Host API calls the parent may make (method name -> keyword names it passes).
+CALLS = {
+    "variables": ("max_repr",),
+    "variable": ("name", "max_repr", "max_value_bytes"),
+    "set_variable": ("name", "value"),
+    "delete_variable": ("name",),
+    "take_snapshot": ("name",),
+    "restore_snapshot": ("name",),
+    "reply_input": ("input_id", "text"),
+    "set_policy": ("policy",),
+    "grant_input": (),
+    "execution_count": (),
+}
+
+#: Exception types a call may report back by name (anything else: RuntimeError).
+_ERRORS = ("VariableNotFound", "ProtectedName", "NamespaceError", "SnapshotNotFound",
+           "SnapshotRefused", "SessionClosed", "SecurityError", "ValueError", "TypeError",
+           "KeyError")
+
+
+def _set_parent_death_signal() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the channel's EOF still ends us
+        pass
+
+
+def describe_error(exc: BaseException) -> dict:
+    """An exception as plain data for the channel."""
+    described = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        described["type"] = "OSError"
+        described["errno"] = exc.errno
+        described["message"] = exc.strerror or str(exc)
+    return described
+
+
+def rebuild_error(described: Any) -> BaseException:
+    """The exception a described error stands for, built from its data only."""
+    from .. import errors
+
+    if not isinstance(described, dict):
+        return RuntimeError(f"malformed error report: {described!r}"[:500])
+    kind = described.get("type")
+    message = str(described.get("message", ""))[:10000]
+    if kind == "OSError" and isinstance(described.get("errno"), int):
+        return OSError(described["errno"], message)
+    if kind in _ERRORS:
+        cls = getattr(errors, kind, None) or {"ValueError": ValueError,
+                                              "TypeError": TypeError,
+                                              "KeyError": KeyError}[kind]
+        return cls(message)
+    return RuntimeError(f"{kind}: {message}")
+
+
+class RemoteCapability:
+    """A capability implementation whose calls the parent serves.
+
+    It has the shape the security layer's ``Grant`` expects (``methods``,
+    ``method(name)``, ``callable``); the grant freezes arguments to plain
+    data before they get here, and the parent freezes them again.
+    """
+
+    def __init__(self, host: "WorkerHost", name: str, methods: list[str], callable_: bool):
+        self._host = host
+        self.name = name
+        self.methods = tuple(methods)
+        self.callable = callable_
+
+    def method(self, name: str) -> Callable:
+        if name not in self.methods and not (self.callable and name == "__call__"):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._host.call_parent(self.name, name, list(args), kwargs)
+
+        return call
+
+
+class WorkerHost:
+    """The worker's side of the channel: requests in, events and replies out."""
+
+    def __init__(self, session: Any, channel: Channel):
+        self.session = session
+        self.channel = channel
+        self._ids = itertools.count(1)
+        self._pending: dict[int, list] = {}
+        self._pending_lock = threading.Lock()
+
+    # -- to the parent ---------------------------------------------------------
+    def send(self, message: dict) -> None:
+        try:
+            self.channel.send(message)
+        except TypeError:  # something in an event JSON cannot carry: its repr
+            import json
+
+            self.channel.send(json.loads(json.dumps(message, default=repr)))
+        except OSError:  # the parent is gone: nothing left to serve
+            os._exit(0)
+
+    def on_event(self, event: dict) -> None:
+        self.send({"op": "event", "event": event})
+
+    def on_done(self, execution_id: str, handle: Any) -> None:
+        from ..extension import classify_error
+
+        try:
+            result = handle.result(0)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            self.send({"op": "done", "execution_id": execution_id, "status": "error",
+                       "execution_count": None,
+                       "error": {"ename": type(exc).__name__, "evalue": str(exc),
+                                 "kind": "exception"}})
+            return
+        error = result.error_before_exec or result.error_in_exec
+        status, described = "ok", None
+        if error is not None:
+            kind = classify_error(error, before_exec=result.error_before_exec is not None)
+            status = "cancelled" if kind in ("cancelled", "timeout") else "error"
+            described = {"ename": type(error).__name__, "evalue": str(error), "kind": kind,
+                         "before_exec": result.error_before_exec is not None}
+        self.send({"op": "done", "execution_id": execution_id, "status": status,
+                   "execution_count": result.execution_count, "error": described})
+
+    def call_parent(self, capability: str, method: str, args: list, kwargs: dict) -> Any:
+        """Ask the parent to run a capability method; its answer or its error."""
+        call_id = next(self._ids)
+        slot: list = [threading.Event(), None]
+        with self._pending_lock:
+            self._pending[call_id] = slot
+        try:
+            self.send({"op": "capability", "id": call_id, "name": capability,
+                       "method": method, "args": args, "kwargs": kwargs})
+            slot[0].wait()
+        finally:
+            with self._pending_lock:
+                self._pending.pop(call_id, None)
+        reply = slot[1]
+        if "error" in reply:
+            raise rebuild_error(reply["error"])
+        return reply.get("result")
+
+    # -- from the parent ---------------------------------------------------------
+    def serve(self) -> None:
+        """The reader thread: runs until the channel ends, then ends the process."""
+        try:
+            while True:
+                try:
+                    message = self.channel.recv()
+                except ChannelError:
+                    message = None
+                if message is None:
+                    break
+                self.handle(message)
+        finally:
+            # the parent is gone or closed us: nobody is left to report to
+            os._exit(0)
+
+    def handle(self, message: dict) -> None:
+        op = message.get("op")
+        if op == "execute":
+            self._execute(message)
+        elif op == "cancel":
+            self.session.cancel(str(message.get("execution_id")),
+                                str(message.get("reason") or "cancelled"))
+        elif op == "call":
+            threading.Thread(target=self._call, args=(message,), daemon=True,
+                             name="pyrepl3-call").start()
+        elif op == "capability_reply":
+            with self._pending_lock:
+                slot = self._pending.get(message.get("id"))
+            if slot is not None:
+                slot[1] = message
+                slot[0].set()
+        elif op == "grant":
+            self._grant(message)
+        elif op == "close":
+            self.session._executor.shutdown(str(message.get("reason") or "session closed"))
+            running = self.session.running
+            if running is not None:
+                self.session.cancel(running, "session closed")
+
+    def _execute(self, message: dict) -> None:
+        execution_id = str(message.get("execution_id"))
+        try:
+            handle = self.session.execute(
+                str(message.get("code", "")), execution_id=execution_id,
+                timeout=message.get("timeout"), transaction=message.get("transaction"),
+                store_history=bool(message.get("store_history", True)),
+                silent=bool(message.get("silent", False)),
+                on_event=self.on_event, wait=False, queue=True)
+        except Exception as exc:  # noqa: BLE001 - a refused request is answered
+            self.send({"op": "done", "execution_id": execution_id, "status": "error",
+                       "execution_count": None, "refused": describe_error(exc),
+                       "error": {"ename": type(exc).__name__, "evalue": str(exc),
+                                 "kind": "exception", "before_exec": True}})
+            return
+        handle.add_done_callback(lambda h: self.on_done(execution_id, h))
+
+    def _call(self, message: dict) -> None:
+        method = message.get("method")
+        reply: dict = {"op": "reply", "id": message.get("id")}
+        try:
+            if method not in CALLS:
+                raise ValueError(f"unknown call {method!r}")
+            params = message.get("params") or {}
+            kwargs = {k: params[k] for k in CALLS[method] if k in params}
+            if method == "execution_count":
+                reply["result"] = self.session.execution_count
+            else:
+                reply["result"] = getattr(self.session, method)(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            reply["error"] = describe_error(exc)
+        self.send(reply)
+
+    def _grant(self, message: dict) -> None:
+        name = str(message.get("name"))
+        methods = [str(m) for m in message.get("methods") or []]
+        impl = RemoteCapability(self, name, methods, bool(message.get("callable")))
+        from .. import grant
+
+        try:
+            grant(self.session.shell, name, impl)
+        except Exception as exc:  # noqa: BLE001
+            self.session._state.report_internal_error(f"grant of {name}", exc)
+
+
+def _configure(session: Any, assign: dict) -> dict:
+    """Apply the ``assign`` message (on the main thread, one thread alive)."""
+    from traitlets.config import Config
+
+    report: dict = {}
+    session_id = assign.get("session_id")
+    if isinstance(session_id, str) and session_id:
+        session._state.rename(session_id)
+        session.id = session_id
+    config = assign.get("config") or {}
+    if config:
+        cfg = Config(config)
+        shell = session.shell
+        for configurable in [shell, *shell.configurables]:
+            configurable.update_config(cfg)
+    session.serve_input()  # the parent answers input(): no terminal here
+    return report
+
+
+def run(session: Any, sock: socket.socket) -> int:
+    """Become the assigned session and serve it; the process's exit code."""
+    os.setsid()
+    _set_parent_death_signal()
+    channel = Channel(sock)
+    try:
+        assign = channel.recv()
+    except ChannelError:
+        return 1
+    if assign is None or assign.get("op") != "assign":
+        return 0
+    try:
+        report = _configure(session, assign)
+    except BaseException as exc:  # noqa: BLE001 - told to the parent, then exit
+        channel.send({"op": "failed", "error": describe_error(exc)})
+        return 1
+    host = WorkerHost(session, channel)
+    session._executor.adopt_current_thread()
+    channel.send({"op": "ready", "pid": os.getpid(), "session": session.id,
+                  "execution_count": session.execution_count, "confinement": report})
+    threading.Thread(target=host.serve, name="pyrepl3-channel", daemon=True).start()
+    session._executor.serve()
+    return 0
