@@ -93,6 +93,8 @@ class Session:
     """One isolated IPython shell with pyrepl3_ext loaded; create it with
     :meth:`Engine.create_session`."""
 
+    isolation = "in-process"
+
     def __init__(self, engine: "Engine", session_id: str | None, config: Any):
         from traitlets.config import Config
 

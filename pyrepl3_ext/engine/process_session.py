@@ -709,6 +709,7 @@ class ProcessSession:
                 worker.kill()
                 worker.wait(None if timeout is None else max(timeout - wait, 0.5))
         if worker is not None:
+            worker.kill()  # what its cells started ends with it
             worker.channel.close()
             worker.release()
         self.engine._forget(self)

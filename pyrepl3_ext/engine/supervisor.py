@@ -107,12 +107,14 @@ class WorkerProcess:
         with self._lock:
             alive = self.status is None
             pidfd = self._pidfd
+        # the group first (pgid == pid after setsid): what the cells started.
+        # It outlives a worker that exited; its id can only be taken again
+        # by a new session leader given the same pid, never by a plain process.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
         if alive:
-            # the group first (pgid == pid after setsid): cells' children
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
             try:
                 if pidfd is not None:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)

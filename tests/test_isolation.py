@@ -1,0 +1,363 @@
+"""Process sessions: containment of crashes, cancellable blocking calls, the kill
+after an ignored cancel, restart, and the Session API over the channel.
+
+Every bound below is a "must not hang" bound, never a latency target: the
+latencies are measured by ``bench/bench_isolation.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from pyrepl3_ext import CellCancelled, CellTimeout, Engine, SessionClosed
+from pyrepl3_ext.errors import CellError, SessionLost, VariableNotFound
+
+WAIT = 30
+#: a blocked call the cancel must interrupt: far longer than any bound here
+LONG = 100
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(kill_grace=2.0)
+    eng.warm_up(wait=True)
+    try:
+        yield eng
+    finally:
+        assert eng.close(timeout=WAIT)
+
+
+@pytest.fixture
+def session(engine):
+    s = engine.create_session(isolation="process")
+    try:
+        yield s
+    finally:
+        s.close(timeout=WAIT)
+
+
+def _events(session, code, **options):
+    events: list[dict] = []
+    result = session.execute(code, on_event=events.append, **options)
+    return result, events
+
+
+def _started(handle, deadline=WAIT):
+    """Wait until the worker reports the cell started (it runs, then we cancel)."""
+    end = time.monotonic() + deadline
+    while not handle._job.started:
+        assert time.monotonic() < end, "the cell never started"
+        time.sleep(0.005)
+
+
+# -- the Session API over the channel ------------------------------------------
+
+def test_a_process_session_runs_cells_in_its_own_process(session):
+    result, events = _events(session, "import os\nx = 6\nx * 7")
+    assert result.success and result.data == {"text/plain": "42"}
+    assert [e["type"] for e in events] == ["started", "result", "finished"]
+    assert [e["seq"] for e in events] == [0, 1, 2]
+    assert {e["session"] for e in events} == {session.id}
+    pid = session.execute("os.getpid()").data["text/plain"]
+    assert int(pid) == session.pid != os.getpid()
+
+
+def test_output_precedes_the_outcome_and_errors_keep_their_kind(session):
+    result, events = _events(session, "print('a')\n1/0")
+    assert [e["type"] for e in events] == ["started", "output", "error", "finished"]
+    assert isinstance(result.error_in_exec, CellError)
+    assert result.error_in_exec.ename == "ZeroDivisionError"
+    assert events[2]["kind"] == "exception"
+    result, events = _events(session, "def (")
+    assert isinstance(result.error_before_exec, CellError)
+    assert result.error_before_exec.kind == "syntax"
+
+
+def test_namespace_and_snapshots_cross_the_channel(session):
+    session.set_variable("data", {"k": [1, 2]})
+    assert session.execute("data['k'][1]").data == {"text/plain": "2"}
+    assert session.variable("data")["value"] == {"k": [1, 2]}
+    assert "data" in {v["name"] for v in session.variables()}
+    session.take_snapshot("s1")
+    session.execute("data = None")
+    session.restore_snapshot("s1")
+    assert session.variable("data")["value"] == {"k": [1, 2]}
+    session.delete_variable("data")
+    with pytest.raises(VariableNotFound):
+        session.variable("data")
+
+
+def test_input_is_answered_by_the_host_or_ends(session):
+    def answer(event):
+        if event["type"] == "input_requested":
+            threading.Thread(target=session.reply_input,
+                             args=(event["input_id"], "alice")).start()
+
+    result = session.execute("name = input('who? ')\nname.upper()", on_event=answer)
+    assert result.data == {"text/plain": "'ALICE'"}
+    # nobody listens: input() sees end of file instead of waiting for ever
+    result = session.execute("input('who? ')")
+    assert isinstance(result.error_in_exec, CellError)
+    assert result.error_in_exec.ename == "EOFError"
+
+
+def test_queued_executions_run_in_order_and_a_queued_cancel_never_runs(session):
+    first = session.execute("import time; time.sleep(0.3); 1", wait=False)
+    second = session.execute("ran = True", wait=False)
+    third = session.execute("3", wait=False)
+    assert session.cancel(second.execution_id)
+    assert first.result(WAIT).data == {"text/plain": "1"}
+    assert isinstance(second.result(WAIT).error_before_exec, CellCancelled)
+    assert third.result(WAIT).data == {"text/plain": "3"}
+    with pytest.raises(VariableNotFound):
+        session.variable("ran")
+
+
+def test_a_files_grant_is_served_by_the_parent(session, tmp_path):
+    from pyrepl3_ext.security import FilesCapability
+
+    (tmp_path / "in.txt").write_text("hello")
+    session.grant("files", FilesCapability(str(tmp_path)))
+    result = session.execute("files.write('out.txt', files.read('in.txt') * 2)\n"
+                             "files.list('.')")
+    assert sorted(eval(result.data["text/plain"])) == ["in.txt", "out.txt"]
+    assert (tmp_path / "out.txt").read_text() == "hellohello"
+    result = session.execute("files.read('../escape')")
+    assert isinstance(result.error_in_exec, CellError)
+
+
+def test_stock_or_patched_process_sessions_run_concurrently(engine):
+    sessions = [engine.create_session(isolation="process") for _ in range(3)]
+    try:
+        start = time.monotonic()
+        handles = [s.execute("import time; time.sleep(1); 1", wait=False) for s in sessions]
+        assert all(h.result(WAIT).data == {"text/plain": "1"} for h in handles)
+        # one after the other would take 3 s: they overlapped
+        assert time.monotonic() - start < 2.9
+    finally:
+        for s in sessions:
+            s.close()
+
+
+# -- cancel and timeout: every blocking call -------------------------------------
+
+BLOCKING = {
+    "sleep": f"import time; time.sleep({LONG})",
+    "event": "import threading; threading.Event().wait()",
+    "queue": "import queue; queue.Queue().get()",
+    "socket": "import socket\na, b = socket.socketpair()\na.recv(1)",
+    "subprocess": f"import subprocess; subprocess.run(['sleep', '{LONG}'])",
+    "input": "input('never answered: ')",
+    "lock": "import threading\nl = threading.Lock(); l.acquire()\nl.acquire()",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKING))
+def test_cancel_interrupts_a_blocking_call(session, name):
+    events: list[dict] = []
+    handle = session.execute(BLOCKING[name], wait=False, on_event=events.append)
+    _started(handle)
+    time.sleep(0.1)  # inside the blocking call
+    start = time.monotonic()
+    assert session.cancel(handle.execution_id)
+    result = handle.result(WAIT)
+    assert time.monotonic() - start < 5  # the call blocks for 100 s
+    assert isinstance(result.error_in_exec, CellCancelled), result
+    assert events[-2]["type"] == "error" and events[-2]["kind"] == "cancelled"
+    assert session.lost is None
+    assert session.execute("'alive'").data == {"text/plain": "'alive'"}
+
+
+@pytest.mark.parametrize("name", ["sleep", "event", "socket"])
+def test_a_timeout_interrupts_a_blocking_call(session, name):
+    start = time.monotonic()
+    result = session.execute(BLOCKING[name], timeout=0.3)
+    assert time.monotonic() - start < 5
+    assert isinstance(result.error_in_exec, CellTimeout)
+    assert session.execute("1").success
+
+
+def test_a_child_process_of_a_cell_ends_with_a_cancel(session):
+    # subprocess.run kills its child when interrupted; the session process
+    # group ends the rest when the session closes (below)
+    handle = session.execute(BLOCKING["subprocess"], wait=False)
+    _started(handle)
+    time.sleep(0.2)
+    children = _children(session.pid)
+    assert children, "the cell's `sleep` should be running"
+    session.cancel(handle.execution_id)
+    handle.result(WAIT)
+    _wait_gone(children)
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _wait_gone(pids):
+    end = time.monotonic() + WAIT
+    for pid in pids:
+        while True:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break
+            if state == "Z":  # exited, waiting for its reaper
+                break
+            assert time.monotonic() < end, f"process {pid} is still running"
+            time.sleep(0.02)
+
+
+def test_closing_a_session_ends_the_processes_its_cells_started(engine):
+    s = engine.create_session(isolation="process")
+    s.execute("import subprocess\np = subprocess.Popen(['sleep', '1000'])\n"
+              "q = subprocess.Popen(['sleep', '1000'], start_new_session=False)")
+    children = _children(s.pid)
+    assert len(children) == 2
+    s.close(timeout=WAIT)
+    _wait_gone(children)
+
+
+# -- what the supervisor does when the worker does not cooperate ------------------
+
+def test_a_cell_that_ignores_its_cancel_is_killed_and_the_session_restarts(session):
+    events: list[dict] = []
+    lost: list[dict] = []
+    session.add_lost_callback(lambda s, info: lost.append(info))
+    handle = session.execute(
+        "import time\nwhile True:\n    try:\n        time.sleep(10)\n"
+        "    except BaseException:\n        pass", wait=False, on_event=events.append)
+    _started(handle)
+    time.sleep(0.1)
+    session.cancel(handle.execution_id)
+    result = handle.result(WAIT)
+    assert isinstance(result.error_in_exec, SessionLost)
+    assert result.error_in_exec.kind == "killed"
+    assert [e["type"] for e in events][-2:] == ["error", "finished"]
+    assert events[-2]["kind"] == "killed" and events[-1]["status"] == "cancelled"
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert lost and lost[0]["kind"] == "killed" and "ignored a cancel" in lost[0]["message"]
+    with pytest.raises(SessionLost):
+        session.execute("1")
+    old_pid = session.pid
+    session.restart()
+    assert session.lost is None and session.pid != old_pid
+    assert session.execute("2").data == {"text/plain": "2"}
+
+
+def test_runaway_recursion_with_a_raised_limit_ends_within_the_grace(session):
+    handle = session.execute("import sys\nsys.setrecursionlimit(10**6)\n"
+                             "def r(n):\n    return r(n + 1)\nr(0)", wait=False)
+    _started(handle)
+    time.sleep(0.3)
+    start = time.monotonic()
+    session.cancel(handle.execution_id)
+    result = handle.result(WAIT)
+    assert time.monotonic() - start < session.kill_grace + 5
+    error = result.error_in_exec
+    # cancelled in the cell, or (C stack exhausted first) the process died
+    assert isinstance(error, (CellCancelled, SessionLost)), error
+    if session.lost is not None:
+        session.restart()
+    assert session.execute("1").success
+
+
+CRASHES = {
+    "exit": ("import os; os._exit(1)", "exited", "code 1"),
+    "segfault": ("import ctypes; ctypes.string_at(0)", "crashed", "SIGSEGV"),
+    "c-stack": ("m = iter([1])\nfor _ in range(1_000_000):\n    m = map(abs, m)\nnext(m)",
+                "crashed", "SIGSEGV"),
+    "abort": ("import os; os.abort()", "crashed", "SIGABRT"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRASHES))
+def test_a_crash_is_contained_and_reported_while_neighbours_run(engine, name):
+    code, kind, detail = CRASHES[name]
+    victim = engine.create_session(isolation="process")
+    neighbours = [engine.create_session(isolation="process") for _ in range(3)]
+    neighbours.append(engine.create_session())  # in-process, in this very process
+    try:
+        for i, n in enumerate(neighbours):
+            n.execute(f"mine = {i}")
+        busy = [n.execute(f"import time\nfor _ in range(20): time.sleep(0.01)\nmine * 10",
+                          wait=False) for n in neighbours]
+        events: list[dict] = []
+        result = victim.execute(code, on_event=events.append)
+        assert isinstance(result.error_in_exec, SessionLost)
+        assert result.error_in_exec.kind == kind
+        assert detail in str(result.error_in_exec)
+        assert victim.lost["kind"] == kind
+        assert events[-2]["type"] == "error" and events[-2]["kind"] == kind
+        assert events[-1]["type"] == "finished" and events[-1]["status"] == "error"
+        for i, (n, h) in enumerate(zip(neighbours, busy)):
+            result = h.result(WAIT)
+            # a process session's result crosses as its mime bundle, an
+            # in-process one is the object itself
+            value = result.result if n.isolation == "in-process" else \
+                int(result.data["text/plain"])
+            assert value == i * 10
+            assert n.variable("mine")["value"] == i
+        victim.restart()
+        assert victim.execute("'back'").data == {"text/plain": "'back'"}
+    finally:
+        for s in [victim, *neighbours]:
+            s.close()
+
+
+def test_a_closed_process_session_refuses_work(engine):
+    s = engine.create_session(isolation="process")
+    pid = s.pid
+    assert s.close(timeout=WAIT)
+    with pytest.raises(SessionClosed):
+        s.execute("1")
+    with pytest.raises(OSError):
+        os.kill(pid, 0)  # reaped, gone
+    assert s.close()  # idempotent
+
+
+def test_a_killed_worker_is_reported_as_killed(session):
+    handle = session.execute("import time; time.sleep(100)", wait=False)
+    _started(handle)
+    os.kill(session.pid, signal.SIGKILL)
+    result = handle.result(WAIT)
+    assert isinstance(result.error_in_exec, SessionLost)
+    assert result.error_in_exec.kind == "killed"
+    assert "SIGKILL" in session.lost["message"]
+
+
+def test_bad_arguments_are_refused_clearly(engine):
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        engine.create_session(isolation="thread")
+    with pytest.raises(ValueError, match="need isolation='process'"):
+        engine.create_session(confine=True)
+    with pytest.raises(ValueError, match="kill_grace"):
+        engine.create_session(isolation="process", kill_grace=0)
+    with pytest.raises(ValueError, match="plain data"):
+        engine.create_session(isolation="process", config={"PyREPL3": {"x": object()}})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="session processes need Linux")
+def test_the_fork_server_dies_with_its_engine():
+    eng = Engine()
+    s = eng.create_session(isolation="process")
+    forkserver, worker = eng._supervisor.forkserver_pid, s.pid
+    eng.close(timeout=WAIT)
+    _wait_gone([forkserver, worker])
