@@ -24,7 +24,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from . import protocol as P
 
@@ -149,6 +149,11 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future] = {}
         self._executions: dict[str, RemoteExecution] = {}
+        #: session id -> the ``session.lost`` notification's params, for sessions
+        #: whose process died (until restarted with :meth:`restart_session`)
+        self.lost: dict[str, dict] = {}
+        #: called with (method, params) for every notification but execution events
+        self.on_notification: Callable[[str, dict], None] | None = None
         self._closed = False
         self._reading = asyncio.get_running_loop().create_task(self._read())
 
@@ -208,6 +213,12 @@ class Client:
                     run = self._executions.get(params["execution_id"])
                     if run is not None:
                         run._event(params["event"])
+                elif "method" in message and "id" not in message:
+                    params = message.get("params") or {}
+                    if message["method"] == "session.lost":
+                        self.lost[params.get("session")] = params
+                    if self.on_notification is not None:
+                        self.on_notification(message["method"], params)
         except (ConnectionError, ValueError) as exc:
             error = ClientError(-1, f"the connection failed: {exc}")
         finally:
@@ -240,6 +251,11 @@ class Client:
         if session_id is not None:
             params["session_id"] = session_id
         return (await self.call("session.create", **params))["session"]
+
+    async def restart_session(self, session: str) -> None:
+        """A fresh process for a lost process session (``session.restart``)."""
+        await self.call("session.restart", session=session)
+        self.lost.pop(session, None)
 
     async def close_session(self, session: str) -> None:
         await self.call("session.close", session=session)

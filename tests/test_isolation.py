@@ -361,3 +361,55 @@ def test_the_fork_server_dies_with_its_engine():
     forkserver, worker = eng._supervisor.forkserver_pid, s.pid
     eng.close(timeout=WAIT)
     _wait_gone([forkserver, worker])
+
+
+# -- over the protocol --------------------------------------------------------------
+
+def test_the_server_runs_process_sessions_and_reports_their_death():
+    import asyncio
+
+    from pyrepl3_ext.client import Client, ClientError
+
+    async def main():
+        async with await Client.spawn_stdio("--isolation", "process") as client:
+            assert (await client.call("server.info"))["isolation"] == "process"
+            sid = await client.create_session("p1")
+            local = await client.create_session("l1", isolation="in-process")
+            response, events = await client.run(sid, "import os\nos.getpid()")
+            assert response["status"] == "ok"
+            server_pid = client.process.pid
+            assert int(events[1]["data"]["text/plain"]) != server_pid
+            info = await client.call("session.info", session=sid)
+            assert info["isolation"] == "process" and info["execution_count"] == 2
+            await client.call("namespace.set", session=sid, name="v", value=[1, 2])
+            assert (await client.call("namespace.get", session=sid, name="v"))["value"] == [1, 2]
+
+            running = client.execute(sid, "import time; time.sleep(100)", timeout=0.3)
+            assert (await running.response())["status"] == "cancelled"
+
+            response, events = await client.run(sid, "import ctypes; ctypes.string_at(0)")
+            assert response["status"] == "error"
+            assert response["error"]["kind"] == "crashed"
+            assert [e["type"] for e in events][-2:] == ["error", "finished"]
+            for _ in range(100):
+                if sid in client.lost:
+                    break
+                await asyncio.sleep(0.05)
+            assert client.lost[sid]["kind"] == "crashed"
+            assert "SIGSEGV" in client.lost[sid]["message"]
+            info = await client.call("session.info", session=sid)
+            assert info["lost"]["kind"] == "crashed"
+            with pytest.raises(ClientError) as caught:
+                await client.run(sid, "1")
+            assert caught.value.code == -32011  # SESSION_LOST
+            # the in-process neighbour and the server never noticed
+            response, _ = await client.run(local, "'fine'")
+            assert response["status"] == "ok"
+            await client.restart_session(sid)
+            response, events = await client.run(sid, "'again'")
+            assert events[1]["data"]["text/plain"] == "'again'"
+            with pytest.raises(ClientError, match="limits and confine apply"):
+                await client.create_session("l2", isolation="in-process", confine=True)
+            await client.close_session(sid)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
