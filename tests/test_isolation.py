@@ -413,3 +413,24 @@ def test_the_server_runs_process_sessions_and_reports_their_death():
             await client.close_session(sid)
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_the_engine_example_of_the_docs_works_as_written():
+    """docs/engine.md's first example, run as written (its cancel must not wait 60 s)."""
+    import re
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "docs", "engine.md")
+    with open(docs) as f:
+        text = f.read()
+    example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    sync_part = example.split("async def host")[0]
+    namespace = {"print": lambda *a: None}
+    start = time.monotonic()
+    exec(compile(sync_part.replace("h.result()", "_cancelled = h.result()")
+                 .replace('p.execute("6 * 7").data', '_data = p.execute("6 * 7").data'),
+                 "docs/engine.md", "exec"), namespace)
+    assert time.monotonic() - start < 20
+    assert namespace["r"].result == 42
+    assert "CellCancelled" in repr(namespace["_cancelled"])
+    assert namespace["_data"] == {"text/plain": "42"}
