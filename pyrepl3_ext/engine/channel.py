@@ -66,8 +66,10 @@ def encode(message: dict) -> bytes:
 
 
 def decode(body: bytes) -> dict:
+    # the hook costs a call per JSON object: only frames carrying bytes need it
+    hook = _hook if b'"__bytes__"' in body else None
     try:
-        message = json.loads(body.decode("utf-8", "surrogatepass"), object_hook=_hook)
+        message = json.loads(body.decode("utf-8", "surrogatepass"), object_hook=hook)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ChannelError(f"not a JSON message: {exc}") from None
     if not isinstance(message, dict):

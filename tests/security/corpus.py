@@ -7,6 +7,7 @@ a fraction of a cold start), at most ``--jobs`` at a time.
     python -m tests.security.corpus escapes restricted   # 0 escapes expected
     python -m tests.security.corpus escapes control      # every payload escapes
     python -m tests.security.corpus benign               # trusted vs restricted
+    python -m tests.security.corpus escapes-process trusted   # OS confinement alone: 0 expected
 
 A payload *escapes* when the canary token (a fresh random secret in a file
 outside every granted root) shows up in the cell's output or in ``pwned``,
@@ -244,10 +245,83 @@ def _prepare() -> None:
     _new_shell()
 
 
+def run_escapes_in_processes(policy: str, confine: bool = True) -> list[dict]:
+    """Each payload in a process session of its own (``isolation="process"``).
+
+    With ``policy="trusted"`` and ``confine=True`` the in-process guard is
+    off and only the OS confinement stands between the payload and the
+    canary: this run shows that layer holding on its own.  The canary lives
+    in a fresh directory outside every allowed path; the ``files``
+    capability is served by this process (the parent) on a root of its own.
+    """
+    from pyrepl3_ext import Engine
+    from pyrepl3_ext.security import FilesCapability
+    from traitlets.config import Config
+
+    payloads = [p for p in load_payloads() if sys.version_info[:2] >= p["min_python"]]
+    results = []
+    with Engine(kill_grace=2.0) as engine:
+        for payload in payloads:
+            workdir = tempfile.mkdtemp(prefix="pyrepl3-corpus-")
+            try:
+                results.append(_escape_in_process(engine, payload, policy, confine, workdir,
+                                                  Config, FilesCapability))
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def _escape_in_process(engine, payload, policy, confine, workdir, Config, FilesCapability):
+    canary = os.path.join(workdir, "canary")
+    root = os.path.join(workdir, "root")
+    os.makedirs(canary)
+    os.makedirs(root)
+    token = secrets.token_hex(16)
+    secret = os.path.join(canary, "secret")
+    with open(secret, "w") as f:
+        f.write(token + "\n")
+    marker = os.path.join(canary, "ran")
+    cmd = f"cat {secret}; touch {marker}"
+    code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
+            .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+    config = Config()
+    config.PyREPL3.security_policy = policy
+    config.InteractiveShell.xmode = "Plain"
+    session = engine.create_session(isolation="process", confine=confine, config=config)
+    try:
+        session.grant("files", FilesCapability(root))
+        events: list[dict] = []
+        session.execute(code, on_event=events.append, timeout=20, store_history=False)
+        seen = json.dumps(events)
+        pwned = ""
+        if session.lost is None:
+            try:
+                pwned = json.dumps(session.variable("pwned", max_repr=10000))
+            except Exception:  # noqa: BLE001 - no such name: nothing was read
+                pwned = ""
+        error = next((e for e in events if e["type"] == "error"), None)
+        return {
+            "id": payload["id"], "class": payload["class"], "mode": f"process-{policy}",
+            "confined": session.confinement,
+            "escaped": token in seen or token in pwned or os.path.exists(marker),
+            "error_kind": error and error["kind"], "ename": error and error["ename"],
+            "evalue": error and error["evalue"][:300],
+            "lost": session.lost and session.lost["kind"],
+        }
+    finally:
+        session.close()
+
+
 def main(argv: list[str]) -> int:
-    _prepare()
     what = argv[0] if argv else "escapes"
     t0 = time.monotonic()
+    if what == "escapes-process":
+        policy = argv[1] if len(argv) > 1 else "trusted"
+        out = {"mode": f"process-{policy}", "results": run_escapes_in_processes(policy)}
+        out["seconds"] = round(time.monotonic() - t0, 2)
+        json.dump(out, sys.stdout)
+        return 0
+    _prepare()
     if what == "escapes":
         mode = argv[1] if len(argv) > 1 else "restricted"
         out = {"mode": mode, "results": run_escapes(mode)}
