@@ -219,6 +219,19 @@ def _others_can_read(path: str) -> bool:
     return True
 
 
+def _others_can_search(directory: str) -> bool:
+    """True if a uid that owns nothing can reach entries of ``directory`` (search bits)."""
+    path = os.path.realpath(directory)
+    parts = path.split("/")
+    for i in range(1, len(parts) + 1):
+        try:
+            if not os.stat("/".join(parts[:i]) or "/").st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def _unprivileged_candidate() -> tuple[int, int] | None:
     """(uid, gid) of the system's 'nobody', or 65534 when it has none."""
     import pwd
@@ -600,6 +613,11 @@ def _drop_privileges(spec: ConfineSpec, info: dict, last_cap: int) -> tuple[dict
     cap_detail: dict[str, Any] = {}
     target, target_gid = info["unprivileged_uid"], info["unprivileged_gid"]
     dropping = os.geteuid() == 0 and target not in (None, 0)
+    unreachable = [p for p in spec.writable if not _others_can_search(os.path.dirname(
+        os.path.abspath(p)))]
+    if dropping and unreachable:
+        dropping = False  # the session's scratch would be out of reach after the drop
+        uid_detail["unreachable"] = unreachable
     if dropping:
         uid_detail["chowned"] = _chown_writable(spec, target, target_gid)
     may_setpcap = _has_cap(CAP_SETPCAP)
@@ -920,10 +938,13 @@ def apply(spec: ConfineSpec, *, keep_fds: Sequence[int] = ()) -> dict:
         if uid_detail["to"] != 0:
             run.report["uid"] = {"applied": True, "detail": uid_detail}
         else:
-            run.skip("uid", "stayed uid 0: no unprivileged uid can read the interpreter; every "
-                            "capability is dropped instead, Landlock keeps root-owned files out of "
-                            "reach and seccomp denies chmod/chown/xattr/utime (not controlled by "
-                            "Landlock)")
+            why = ("a writable path is not reachable by uid "
+                   f"{info['unprivileged_uid']}: {uid_detail['unreachable']}"
+                   if uid_detail.get("unreachable") else
+                   "no unprivileged uid can read the interpreter")
+            run.skip("uid", f"stayed uid 0 ({why}); every capability is dropped instead, Landlock "
+                            "keeps root-owned files out of reach and seccomp denies chmod, chown, "
+                            "xattr and utime changes, which Landlock does not control")
             run.report["uid"]["detail"] = {"reason": run.report["uid"]["detail"], **uid_detail}
 
     arch = info["seccomp_arch"]
