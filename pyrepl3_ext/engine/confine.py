@@ -20,7 +20,7 @@ Invariants:
   with its reason, unless it is named in ``ConfineSpec.required``, in which
   case :class:`ConfinementUnavailable` is raised instead.
 * The order of the layers is fixed (:data:`LAYERS`): each later layer
-  removes something an earlier one needs (see ``_LAYER_ORDER_WHY``).
+  removes something an earlier one needs (the comment on ``LAYERS``).
 """
 
 from __future__ import annotations
@@ -48,19 +48,16 @@ class ConfinementUnavailable(RuntimeError):
     """
 
 
-#: Every layer, in the order :func:`apply` runs them.
+#: Every layer, in the order :func:`apply` runs them.  Why this order:
+#: fds first (nothing opened before confinement survives it); the namespaces while
+#: CAP_SYS_ADMIN is still held and before seccomp denies unshare(); no_new_privs before
+#: Landlock and seccomp, which need it once capabilities are gone; Landlock needs no
+#: privilege after that; the uid and capabilities step after everything that needs a
+#: capability (unshare, chown, securebits, the bounding set); seccomp last, because it
+#: denies unshare, setuid and the rest the earlier layers call, and it is built for the
+#: final uid (metadata rules) and pid (signal fence).
 LAYERS = ("fds", "netns", "ipcns", "no_new_privs", "landlock", "uid", "capabilities", "seccomp")
 
-_LAYER_ORDER_WHY = {
-    "fds": "first: nothing opened before confinement may survive it",
-    "netns": "needs CAP_SYS_ADMIN (dropped later) and unshare() (denied by seccomp later)",
-    "ipcns": "same as netns",
-    "no_new_privs": "Landlock and seccomp need it once capabilities are gone",
-    "landlock": "needs no privilege after no_new_privs; before the uid drop so rule paths open",
-    "uid": "after every step that needs a capability (unshare, chown, securebits, bounding set)",
-    "capabilities": "with the uid step: the bounding set and securebits need CAP_SETPCAP",
-    "seccomp": "last: it denies unshare, setuid and friends that the earlier layers call",
-}
 
 
 @dataclass(frozen=True)
@@ -696,8 +693,13 @@ _UNIFIED = {
     "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
     "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
     "fsmount": 432, "fspick": 433, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440,
-    "mount_setattr": 442, "quotactl_fd": 443, "fchmodat2": 452,
+    "mount_setattr": 442, "quotactl_fd": 443, "fchmodat2": 452, "setxattrat": 463,
+    "removexattrat": 466, "open_tree_attr": 467, "file_setattr": 469,
 }
+#: The highest syscall number this filter was reviewed against (file_setattr, Linux 6.17).
+#: Anything above is newer than the review: ENOSYS, which libc treats as "kernel too old"
+#: and falls back from, so new kernel interfaces are not open to sessions by default.
+_HIGHEST_REVIEWED = 469
 for _table in _SYSCALLS.values():
     _table.update(_UNIFIED)
 
@@ -712,14 +714,15 @@ _DENIED_ALWAYS = (
     "quotactl_fd", "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "syslog",
     "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setfsuid",
     "setfsgid", "setgroups", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "uselib", "vhangup", "lookup_dcookie", "fanotify_init",
+    "uselib", "vhangup", "lookup_dcookie", "fanotify_init", "open_tree_attr",
 )
 _DENIED_WITHOUT_SUBPROCESSES = ("execve", "execveat", "fork", "vfork", "tkill",
                                 "pidfd_send_signal")
 #: Metadata changes Landlock does not control: as uid 0 the process owns every root file.
 _DENIED_AS_ROOT = ("chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown",
                    "fchownat", "utime", "utimes", "futimesat", "utimensat", "setxattr",
-                   "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr")
+                   "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+                   "setxattrat", "removexattrat", "file_setattr")
 #: Signals may only target this process (arg 0 is the target pid/tgid).
 _SIGNAL_OWN_PID = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 
@@ -728,6 +731,8 @@ CLONE_THREAD = 0x00010000
 _CLONE_NS_FLAGS = (0x00000080 | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
                    | 0x20000000 | 0x40000000)
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+#: Inode flag ioctls (chattr): the owner may use them on a file opened read-only.
+FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820
 PERSONALITY_QUERY = 0xFFFFFFFF
 
 SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
@@ -790,6 +795,7 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
     p: list[tuple] = [("ld", _OFF_ARCH), ("jeq", AUDIT_ARCH[arch], None, "kill"), ("ld", _OFF_NR)]
     if arch == "x86_64":
         p.append(("jge", X32_SYSCALL_BIT, "kill", None))  # x32 ABI calls on the x86_64 arch
+    p.append(("jge", _HIGHEST_REVIEWED + 1, "enosys", None))
     p += [("jeq", nr, "eperm", None) for nr in denied_nrs]
     p += [("jeq", table["clone3"], "enosys", None), ("jeq", table["clone"], "clone", None),
           ("jeq", table["personality"], "personality", None),
@@ -805,9 +811,11 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
     # personality: only the query and the default persona (no ASLR switch-off, no READ_IMPLIES_EXEC)
     p += [("label", "personality"), ("ld", _OFF_ARG0), ("jeq", 0, "allow", None),
           ("jeq", PERSONALITY_QUERY, "allow", "eperm")]
-    # ioctl: no faking input into a terminal the process inherited
-    p += [("label", "ioctl"), ("ld", _OFF_ARG1), ("jeq", TIOCSTI, "eperm", None),
-          ("jeq", TIOCLINUX, "eperm", "allow")]
+    # ioctl: no faking input into a terminal the process inherited; as root no chattr
+    p += [("label", "ioctl"), ("ld", _OFF_ARG1), ("jeq", TIOCSTI, "eperm", None)]
+    if uid0:
+        p += [("jeq", FS_IOC_SETFLAGS, "eperm", None), ("jeq", FS_IOC_FSSETXATTR, "eperm", None)]
+    p += [("jeq", TIOCLINUX, "eperm", "allow")]
     if not spec.subprocesses:
         p += [("label", "own_pid"), ("ld", _OFF_ARG0), ("jeq", pid, "allow", "eperm")]
     p += [("label", "eperm"), ("ret", SECCOMP_RET_ERRNO | errno.EPERM),
@@ -816,7 +824,10 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
           ("label", "allow"), ("ret", SECCOMP_RET_ALLOW)]
     summary = {
         "arch": arch, "denied": sorted(n for n in set(denied) if n in table),
-        "enosys": ["clone3"], "clone": "threads only" if not spec.subprocesses else "no namespaces",
+        "enosys": ["clone3", f"every number above {_HIGHEST_REVIEWED}"],
+        "ioctl": ["TIOCSTI", "TIOCLINUX"] + (["FS_IOC_SETFLAGS", "FS_IOC_FSSETXATTR"] if uid0
+                                             else []),
+        "clone": "threads only" if not spec.subprocesses else "no namespaces",
         "signals": f"own pid {pid} only" if not spec.subprocesses else "unrestricted",
         "foreign_arch": "kill",
     }
