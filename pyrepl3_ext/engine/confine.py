@@ -542,12 +542,13 @@ def _landlock(spec: ConfineSpec, abi: int, read_paths: list[str]) -> tuple[dict,
             if problem:
                 skipped.append(problem)
         for path in _WRITABLE_DEVICES:
-            if os.path.exists(path):
-                _add_path_rule(ruleset_fd, path, FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE)
+            problem = _add_path_rule(ruleset_fd, path, FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE)
+            if problem:
+                skipped.append(problem)
         for path in spec.writable:
             problem = _add_path_rule(ruleset_fd, path, write_rights)
             if problem:
-                raise OSError(errno.ENOENT, f"writable path unusable: {problem}")
+                raise OSError(errno.ENOENT, f"cannot grant the writable path {problem}")
         _check(_libc.syscall(ctypes.c_long(_LL_RESTRICT), ctypes.c_int(ruleset_fd),
                              ctypes.c_uint32(0)), "landlock_restrict_self")
     finally:
@@ -610,8 +611,7 @@ def _drop_privileges(spec: ConfineSpec, info: dict, last_cap: int) -> tuple[dict
     cap_detail: dict[str, Any] = {}
     target, target_gid = info["unprivileged_uid"], info["unprivileged_gid"]
     dropping = os.geteuid() == 0 and target not in (None, 0)
-    unreachable = [p for p in spec.writable if not _others_can_search(os.path.dirname(
-        os.path.abspath(p)))]
+    unreachable = _unreachable_writable(spec)
     if dropping and unreachable:
         dropping = False  # the session's scratch would be out of reach after the drop
         uid_detail["unreachable"] = unreachable
@@ -728,8 +728,10 @@ _SIGNAL_OWN_PID = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 
 CLONE_THREAD = 0x00010000
 #: Namespace flags of clone(): never (a new user namespace is a large attack surface).
-_CLONE_NS_FLAGS = (0x00000080 | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
-                   | 0x20000000 | 0x40000000)
+#: CLONE_NEWTIME (0x80) is absent on purpose: clone() reads its low byte as the exit signal,
+#: so that flag exists only for clone3() (ENOSYS here) and unshare() (EPERM here).
+_CLONE_NS_FLAGS = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000
+                   | 0x40000000)
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 #: Inode flag ioctls (chattr): the owner may use them on a file opened read-only.
 FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820
@@ -846,8 +848,17 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _unreachable_writable(spec: ConfineSpec) -> list[str]:
+    """Writable paths a uid that owns nothing could not reach (a 0700 ancestor)."""
+    return [p for p in spec.writable if not _others_can_search(os.path.dirname(os.path.abspath(p)))]
+
+
 def _precheck(spec: ConfineSpec, info: dict) -> None:
-    """Raise before touching anything when a required layer is known to be missing."""
+    """Raise before touching anything when the spec or a required layer cannot work here."""
+    for path in spec.writable:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(errno.ENOENT, "writable path is not a directory", path)
+    unreachable = _unreachable_writable(spec) if info["root"] else []
     reasons = {
         "landlock": None if info["landlock_abi"] else "kernel has no Landlock",
         "seccomp": (None if info["seccomp"] and info["seccomp_arch"] else
@@ -855,8 +866,11 @@ def _precheck(spec: ConfineSpec, info: dict) -> None:
                     f"no syscall table for {platform.machine()}"),
         "netns": None if info["netns"] else "no CAP_SYS_ADMIN and no user namespaces",
         "ipcns": None if info["netns"] else "no CAP_SYS_ADMIN and no user namespaces",
-        "uid": (None if not info["root"] or info["unprivileged_uid"] is not None else
-                "running as root and no unprivileged uid can read the interpreter"),
+        "uid": (None if not info["root"] else
+                "running as root and no unprivileged uid can read the interpreter"
+                if info["unprivileged_uid"] is None else
+                f"writable paths unreachable by uid {info['unprivileged_uid']}: {unreachable}"
+                if unreachable else None),
     }
     for layer in sorted(spec.required):
         if reasons.get(layer):
