@@ -367,6 +367,10 @@ def test_subprocesses_when_allowed(tmp_path):
                     os._exit(99)
             return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         attempt("execv", execv_in_child)
+        def posix_spawn():  # glibc's posix_spawn tries clone3 first: ENOSYS must make it fall back
+            pid = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 5"], {{}})
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        attempt("posix_spawn", posix_spawn)
         def kill_child():
             p = subprocess.Popen(["sleep", "30"])
             p.kill()
@@ -381,6 +385,7 @@ def test_subprocesses_when_allowed(tmp_path):
     assert o["subprocess_output"] == {"ok": "hi\n"}
     assert o["fork"] == {"ok": 7}
     assert o["execv"] == {"ok": 3}
+    assert o["posix_spawn"] == {"ok": 5}
     assert o["kill_child"] == {"ok": -signal.SIGKILL}
     assert o["thread"] == {"ok": True}
     if PROBE["landlock_abi"]:
@@ -522,13 +527,19 @@ def test_missing_layer_not_required_is_a_reported_degradation(layer):
             return info
         confine.probe = fake_probe
         report = confine.apply(confine.ConfineSpec())
+        attempt("execv", lambda: os.execv("/bin/true", ["true"]))
+        out["seccomp_mode"] = {{"ok": [l for l in open("/proc/self/status") if l.startswith("Seccomp:")][0].split()[1]}}
     """)
-    report = result["report"]
+    report, o = result["report"], result["out"]
     assert report[layer]["applied"] is False
     assert layer in {d["layer"] for d in report["degraded"]}
-    status_key = {"landlock": None, "seccomp": "seccomp"}[layer]
-    if status_key:
-        assert report["probe"]["seccomp"] is False
+    if layer == "seccomp":
+        assert o["seccomp_mode"] == {"ok": "0"}
+        if PROBE["landlock_abi"]:
+            # the other layer still holds: no EXECUTE right anywhere, so exec fails with EACCES
+            assert o["execv"]["error"] == "PermissionError" and o["execv"]["errno"] == 13
+    else:
+        assert o["execv"]["errno"] == 1  # seccomp's EPERM, Landlock being off
 
 
 def test_spec_validation():
