@@ -547,6 +547,40 @@ def test_missing_layer_not_required_is_a_reported_degradation(layer):
         assert o["execv"]["errno"] == 1  # seccomp's EPERM, Landlock being off
 
 
+@needs_landlock
+@pytest.mark.parametrize("abi", range(1, 8))
+def test_every_landlock_abi_confines_and_reports_its_gaps(abi, tmp_path):
+    """An older ABI on this kernel is what an older kernel offers: same walls, named gaps."""
+    if abi > PROBE["landlock_abi"]:
+        pytest.skip(f"kernel offers Landlock ABI {PROBE['landlock_abi']} < {abi}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "canary").write_text("secret")
+    (tmp_path / "scratch").mkdir()
+    result = confined(f"""
+        real_probe = confine.probe
+        def fake_probe():
+            info = real_probe()
+            info["landlock_abi"] = {abi}
+            return info
+        confine.probe = fake_probe
+        report = confine.apply(confine.ConfineSpec(writable=({str(tmp_path / "scratch")!r},)))
+        attempt("canary", lambda: open({str(tmp_path / "outside" / "canary")!r}).read())
+        attempt("scratch", lambda: open({str(tmp_path / "scratch" / "f")!r}, "w").write("abc"))
+        attempt("dev_null", lambda: open("/dev/null", "w").write("x"))
+        out["seccomp"] = {{"ok": [l for l in open("/proc/self/status") if l.startswith("Seccomp:")][0].split()[1]}}
+    """)
+    report, o = result["report"], result["out"]
+    assert report["landlock"]["applied"] and report["landlock"]["detail"]["abi"] == abi
+    assert report["landlock"]["detail"]["skipped"] == []
+    assert refused(o["canary"]) and o["scratch"] == {"ok": 3} and o["dev_null"] == {"ok": 1}
+    gaps = " ".join(d["reason"] for d in report["degraded"] if d["layer"] == "landlock")
+    assert ("truncate" in gaps) == (abi < 3) and ("ioctl" in gaps) == (abi < 5)
+    assert report["landlock"]["detail"]["handled_net"] == (3 if abi >= 4 else 0)
+    assert report["landlock"]["detail"]["scoped"] == (3 if abi >= 6 else 0)
+    if PROBE["seccomp"] and PROBE["seccomp_arch"]:
+        assert o["seccomp"] == {"ok": "2"}
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="unknown layer"):
         _confine_module.ConfineSpec(required=frozenset({"selinux"}))

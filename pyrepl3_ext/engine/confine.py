@@ -59,7 +59,6 @@ class ConfinementUnavailable(RuntimeError):
 LAYERS = ("fds", "netns", "ipcns", "no_new_privs", "landlock", "uid", "capabilities", "seccomp")
 
 
-
 @dataclass(frozen=True)
 class ConfineSpec:
     """What a confined session may do; everything else is denied.
@@ -107,7 +106,7 @@ def _prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> i
 
 
 PR_GET_SECCOMP, PR_SET_SECCOMP = 21, 22
-PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
+PR_CAPBSET_DROP = 24
 PR_GET_SECUREBITS, PR_SET_SECUREBITS = 27, 28
 PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 38, 39
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
@@ -229,7 +228,7 @@ def _others_can_search(directory: str) -> bool:
     return True
 
 
-def _unprivileged_candidate() -> tuple[int, int] | None:
+def _unprivileged_candidate() -> tuple[int, int]:
     """(uid, gid) of the system's 'nobody', or 65534 when it has none."""
     import pwd
     try:
@@ -289,10 +288,10 @@ def probe() -> dict:
     root = os.geteuid() == 0
     unprivileged_uid = unprivileged_gid = None
     unreadable = _unreadable_for_others()
-    if unreadable:
+    if unreadable and root:
         missing.append(f"uid: no unprivileged uid can read the interpreter ({unreadable[0]} is "
                        "not readable by others)")
-    else:
+    if not unreadable:
         unprivileged_uid, unprivileged_gid = _unprivileged_candidate()
     return {
         "seccomp": seccomp, "seccomp_arch": arch, "landlock_abi": abi, "netns": netns,
@@ -542,7 +541,8 @@ def _landlock(spec: ConfineSpec, abi: int, read_paths: list[str]) -> tuple[dict,
             if problem:
                 skipped.append(problem)
         for path in _WRITABLE_DEVICES:
-            problem = _add_path_rule(ruleset_fd, path, FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE)
+            problem = _add_path_rule(ruleset_fd, path,
+                                     (FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE) & handled)
             if problem:
                 skipped.append(problem)
         for path in spec.writable:
@@ -844,6 +844,14 @@ def _install_seccomp(instructions: list[tuple[int, int, int, int]]) -> None:
 
 # --- apply ------------------------------------------------------------------
 
+def _set_no_new_privs() -> dict:
+    """exec can no longer grant privileges (setuid bits, file capabilities)."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if _prctl(PR_GET_NO_NEW_PRIVS) != 1:
+        raise OSError(errno.EPERM, "no_new_privs did not stick")
+    return {}
+
+
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -938,14 +946,15 @@ def apply(spec: ConfineSpec, *, keep_fds: Sequence[int] = ()) -> dict:
         run.run("netns", _enter_netns)
     else:
         run.skip("netns", "cannot create a network namespace (no CAP_SYS_ADMIN, no user "
-                          "namespaces); seccomp's socket() ban is the only network barrier")
+                          "namespaces); only seccomp's socket() ban and Landlock's TCP rules "
+                          "(ABI 4+) stop the network")
     if info["netns"]:
         run.run("ipcns", _enter_ipcns)
     else:
         run.skip("ipcns", "cannot create an IPC namespace: the host's SysV IPC objects and "
                           "POSIX message queues stay reachable")
 
-    run.run("no_new_privs", lambda: (_prctl(PR_SET_NO_NEW_PRIVS, 1), {})[1])
+    run.run("no_new_privs", _set_no_new_privs)
 
     if info["landlock_abi"]:
         run.run("landlock", lambda: _landlock_detail(run, spec, info, read_paths))
@@ -967,9 +976,9 @@ def apply(spec: ConfineSpec, *, keep_fds: Sequence[int] = ()) -> dict:
                    f"{info['unprivileged_uid']}: {uid_detail['unreachable']}"
                    if uid_detail.get("unreachable") else
                    "no unprivileged uid can read the interpreter")
-            run.skip("uid", f"stayed uid 0 ({why}); every capability is dropped instead, Landlock "
-                            "keeps root-owned files out of reach and seccomp denies chmod, chown, "
-                            "xattr and utime changes, which Landlock does not control")
+            run.skip("uid", f"stayed uid 0 ({why}) with every capability dropped; uid 0 still "
+                            "owns root's files, so Landlock and seccomp's metadata rules are "
+                            "what keep them safe")
             run.report["uid"]["detail"] = {"reason": run.report["uid"]["detail"], **uid_detail}
 
     arch = info["seccomp_arch"]
