@@ -118,7 +118,9 @@ class ProcessSession:
         self.id = session_id
         self._config = config
         self.limits = limits
+        #: what ``confine.apply`` is asked for (None: not confined)
         self.confine = confine
+        self._scratch: str | None = None
         self.kill_grace = kill_grace
         self.spawn_timeout = spawn_timeout
         self._supervisor = engine._supervisor_for_processes()
@@ -143,11 +145,24 @@ class ProcessSession:
         self._start_worker()
 
     # -- the process ------------------------------------------------------------
+    def _confine_request(self) -> dict | None:
+        if self.confine is None:
+            return None
+        import shutil
+        import tempfile
+
+        if self._scratch is not None:  # a restart: the new process starts clean
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch = tempfile.mkdtemp(prefix=f"pyrepl3-{_safe_name(self.id)}-")
+        return {**self.confine, "scratch": self._scratch,
+                "writable": [self._scratch, *self.confine.get("writable", ())]}
+
     def _start_worker(self) -> None:
         worker = self._supervisor.spawn(self.spawn_timeout)
         try:
             worker.channel.send({"op": "assign", "session_id": self.id,
-                                 "config": self._config})
+                                 "config": self._config,
+                                 "confine": self._confine_request()})
             worker.channel.sock.settimeout(self.spawn_timeout)
             try:
                 reply = worker.channel.recv()
@@ -164,6 +179,9 @@ class ProcessSession:
         self.pid = worker.pid
         self._execution_count = reply.get("execution_count")
         self.confinement = reply.get("confinement") or {}
+        for gap in self.confinement.get("degraded", ()):
+            self.engine._log(f"session {self.id!r}: confinement degraded: "
+                             f"{gap.get('layer')}: {gap.get('reason')}")
         threading.Thread(target=self._read, args=(worker,), daemon=True,
                          name=f"pyrepl3-process-{self.id}").start()
         worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
@@ -713,6 +731,10 @@ class ProcessSession:
             worker.channel.close()
             worker.release()
         self.engine._forget(self)
+        if self._scratch is not None:
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
         for impl in self._grants.values():
             closer = getattr(impl, "close", None)
             if callable(closer):
@@ -749,8 +771,66 @@ class ProcessSession:
         await self.aclose()
 
 
+#: What ``confine=`` may say beyond True/False (``confine.ConfineSpec``'s fields).
+CONFINE_KEYS = ("network", "subprocesses", "readable", "writable", "required")
+
+
+def confine_request(confine: Any, policy: str | None) -> dict | None:
+    """``create_session``'s ``confine`` as the worker's request (None: not confined).
+
+    None means "the policy decides": on for ``restricted``, off otherwise.
+    """
+    if confine is None:
+        confine = policy == "restricted"
+    if confine is False:
+        return None
+    if confine is True:
+        return {}
+    if not isinstance(confine, dict):
+        raise ValueError(f"confine must be True, False, None or a mapping, got {confine!r}")
+    unknown = sorted(set(confine) - set(CONFINE_KEYS))
+    if unknown:
+        raise ValueError(f"confine: unknown key(s) {unknown}; allowed: {', '.join(CONFINE_KEYS)}")
+    from .confine import LAYERS
+
+    request = {"network": bool(confine.get("network", False)),
+               "subprocesses": bool(confine.get("subprocesses", False))}
+    for key in ("readable", "writable"):
+        paths = confine.get(key, ())
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"confine: {key} must be a list of paths, got {paths!r}")
+        request[key] = [os.path.abspath(p) for p in paths]
+    required = confine.get("required", ())
+    if required == "all":
+        required = LAYERS
+    bad = sorted(set(required) - set(LAYERS))
+    if isinstance(required, str) or bad:
+        raise ValueError(f"confine: required names layers from {', '.join(LAYERS)} "
+                         f"(or 'all'), got {required!r}")
+    request["required"] = list(required)
+    return request
+
+
+def _safe_name(session_id: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", session_id)[:40]
+
+
+def _policy_of(*configs: Any) -> str | None:
+    policy = None
+    for config in configs:
+        try:
+            value = config["PyREPL3"]["security_policy"]
+        except (KeyError, TypeError):
+            continue
+        if isinstance(value, str):
+            policy = value
+    return policy
+
+
 def create(engine: Any, session_id: str | None, config: Any, *, limits: Any,
-           confine: bool | None, kill_grace: float) -> ProcessSession:
+           confine: Any, kill_grace: float) -> ProcessSession:
     """A process session for ``Engine.create_session`` (arguments checked here)."""
     import json
 
@@ -761,5 +841,6 @@ def create(engine: Any, session_id: str | None, config: Any, *, limits: Any,
     except (TypeError, ValueError) as exc:
         raise ValueError(f"a process session's config must hold plain data (it is sent "
                          f"to its process): {exc}") from None
-    return ProcessSession(engine, session_id, data, limits=limits, confine=confine,
+    request = confine_request(confine, _policy_of(engine.config, data))
+    return ProcessSession(engine, session_id, data, limits=limits, confine=request,
                           kill_grace=kill_grace)

@@ -37,6 +37,20 @@ from . import forkserver
 from .channel import Channel
 
 
+#: Environment variables a session process inherits from the host; the rest
+#: (tokens, keys, credentials) never reach code that may be hostile, where
+#: ``os.environ`` and ``/proc/self/environ`` would show them.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "PYTHONPATH",
+                 "PYTHONHOME", "VIRTUAL_ENV", "IPYTHONDIR", "PYENV_VERSION", "PYENV_ROOT",
+                 "PYTHONIOENCODING", "PYTHONUTF8")
+
+
+def worker_environment(environ: dict | None = None) -> dict:
+    """The host's environment reduced to :data:`INHERITED_ENV` and the locale."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
+
+
 class SupervisorError(RuntimeError):
     """The fork server could not be started or stopped answering."""
 
@@ -265,6 +279,7 @@ class Supervisor:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", code, package_parent, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                env=worker_environment(),
                 stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
                 close_fds=True, start_new_session=True)
             theirs.close()

@@ -267,11 +267,33 @@ class WorkerHost:
             self.session._state.report_internal_error(f"grant of {name}", exc)
 
 
-def _configure(session: Any, assign: dict) -> dict:
+def _confine(assign: dict, channel: Channel) -> dict | None:
+    """OS confinement, last step before serving (``confine.py`` says what it does)."""
+    wanted = assign.get("confine")
+    if not wanted:
+        return None
+    import tempfile
+
+    from .confine import ConfineSpec, apply
+
+    scratch = wanted.get("scratch")
+    if scratch:
+        # the one place this session may write: its temporary files go there
+        os.chdir(scratch)
+        os.environ["TMPDIR"] = scratch
+        tempfile.tempdir = None
+    spec = ConfineSpec(writable=tuple(wanted.get("writable") or ()),
+                       readable=tuple(wanted.get("readable") or ()),
+                       network=bool(wanted.get("network", False)),
+                       subprocesses=bool(wanted.get("subprocesses", False)),
+                       required=frozenset(wanted.get("required") or ()))
+    return apply(spec, keep_fds=[channel.fileno()])
+
+
+def _configure(session: Any, assign: dict) -> None:
     """Apply the ``assign`` message (on the main thread, one thread alive)."""
     from traitlets.config import Config
 
-    report: dict = {}
     session_id = assign.get("session_id")
     if isinstance(session_id, str) and session_id:
         session._state.rename(session_id)
@@ -283,7 +305,6 @@ def _configure(session: Any, assign: dict) -> dict:
         for configurable in [shell, *shell.configurables]:
             configurable.update_config(cfg)
     session.serve_input()  # the parent answers input(): no terminal here
-    return report
 
 
 def run(session: Any, sock: socket.socket) -> int:
@@ -298,14 +319,15 @@ def run(session: Any, sock: socket.socket) -> int:
     if assign is None or assign.get("op") != "assign":
         return 0
     try:
-        report = _configure(session, assign)
+        _configure(session, assign)
+        confinement = _confine(assign, channel)
     except BaseException as exc:  # noqa: BLE001 - told to the parent, then exit
         channel.send({"op": "failed", "error": describe_error(exc)})
         return 1
     host = WorkerHost(session, channel)
     session._executor.adopt_current_thread()
     channel.send({"op": "ready", "pid": os.getpid(), "session": session.id,
-                  "execution_count": session.execution_count, "confinement": report})
+                  "execution_count": session.execution_count, "confinement": confinement})
     threading.Thread(target=host.serve, name="pyrepl3-channel", daemon=True).start()
     session._executor.serve()
     return 0
