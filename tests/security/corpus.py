@@ -8,6 +8,7 @@ a fraction of a cold start), at most ``--jobs`` at a time.
     python -m tests.security.corpus escapes control      # every payload escapes
     python -m tests.security.corpus benign               # trusted vs restricted
     python -m tests.security.corpus escapes-process trusted   # OS confinement alone: 0 expected
+    python -m tests.security.corpus escapes-process trusted unconfined   # its control
 
 A payload *escapes* when the canary token (a fresh random secret in a file
 outside every granted root) shows up in the cell's output or in ``pwned``,
@@ -317,7 +318,9 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     if what == "escapes-process":
         policy = argv[1] if len(argv) > 1 else "trusted"
-        out = {"mode": f"process-{policy}", "results": run_escapes_in_processes(policy)}
+        confine = (argv[2] if len(argv) > 2 else "confined") == "confined"
+        out = {"mode": f"process-{policy}", "confined": confine,
+               "results": run_escapes_in_processes(policy, confine)}
         out["seconds"] = round(time.monotonic() - t0, 2)
         json.dump(out, sys.stdout)
         return 0

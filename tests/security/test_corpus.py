@@ -95,3 +95,45 @@ def test_benign_cells_run_unchanged_under_restricted():
     same = [t == r for t, r in zip(trusted, restricted)]
     differing = [(CELLS[i], trusted[i], restricted[i]) for i, ok in enumerate(same) if not ok]
     assert sum(same) / len(CELLS) >= 0.98, differing
+
+
+# -- process sessions: the OS layer on its own -------------------------------------
+
+_processes = pytest.mark.skipif(
+    not __import__("pyrepl3_ext.engine.confine", fromlist=["probe"]).probe()["landlock_abi"]
+    or not __import__("pyrepl3_ext.engine.confine", fromlist=["probe"]).probe()["seccomp"],
+    reason="the kernel lacks Landlock or seccomp: process sessions cannot be confined here")
+
+
+@_processes
+@pytest.mark.timeout(300)
+def test_process_sessions_without_confinement_are_escaped():
+    """The control: in a process session that is not confined, with the guard
+    off, every payload escapes, except those aimed at the host's capability
+    object, which a process session does not hold (its parent serves it)."""
+    out = run_corpus("escapes-process", "trusted", "unconfined")
+    results = out["results"]
+    held = [r for r in results if not r["escaped"]]
+    assert {r["id"].split("_")[0] for r in held} <= {"capability"}, held
+    assert len(held) <= 10, held
+
+
+@_processes
+@pytest.mark.timeout(300)
+def test_os_confinement_alone_stops_every_payload():
+    """Policy ``trusted`` (the in-process guard off) plus OS confinement."""
+    out = run_corpus("escapes-process", "trusted", "confined")
+    results = out["results"]
+    assert len(results) >= 60
+    escaped = [r for r in results if r["escaped"]]
+    assert not escaped, escaped
+    assert all(r["confined"]["seccomp"]["applied"] and r["confined"]["landlock"]["applied"]
+               for r in results)
+
+
+@_processes
+@pytest.mark.timeout(300)
+def test_guard_and_confinement_together_stop_every_payload():
+    out = run_corpus("escapes-process", "restricted", "confined")
+    escaped = [r for r in out["results"] if r["escaped"]]
+    assert not escaped, escaped
