@@ -90,7 +90,9 @@ _SIZE_RE = re.compile(
     r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(?:i?b?)|(b))?\s*$", re.IGNORECASE
 )
 _SIZE_UNITS = {"k": KiB, "m": MiB, "g": GiB, "t": 1 << 40, "p": 1 << 50}
-_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$", re.IGNORECASE)
+# Case matters for durations: "2M" is refused rather than read as minutes
+# by someone who may have meant a size.
+_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$")
 _TIME_UNITS = {None: 1, "ms": fractions.Fraction(1, 1000), "s": 1, "m": 60, "min": 60, "h": 3600}
 
 
@@ -131,8 +133,7 @@ def _parse_seconds(key: str, value: Any) -> float:
         m = _TIME_RE.match(value)
         if not m:
             raise _bad(key, value, what)
-        unit = m.group(2).lower() if m.group(2) else None
-        amount = fractions.Fraction(m.group(1)) * _TIME_UNITS[unit]
+        amount = fractions.Fraction(m.group(1)) * _TIME_UNITS[m.group(2)]
     else:
         amount = _number(key, value, what)
     if amount <= 0:
