@@ -629,3 +629,114 @@ def test_unlimited_applies_nothing():
     before = [resource.getrlimit(r) for r in which]
     assert apply_rlimits(Limits.unlimited(), memory_fallback=True) == {}
     assert [resource.getrlimit(r) for r in which] == before
+
+
+# ---------------------------------------------------------------------------
+# cgroup v2, simulated: this machine's controllers are on v1, so the v2 file
+# protocol (which files, which values, in which order) is checked against a
+# directory tree that answers like v2's interface files.  The kernel's side
+# (that a limit so written holds) is covered by the v1 tests above and by
+# running this file on a v2 machine, where the tests above take the v2 path.
+
+V2_FILES = {
+    "cgroup.procs": "", "cgroup.subtree_control": "", "cgroup.type": "domain\n",
+    "cgroup.kill": "", "cgroup.freeze": "0\n", "cgroup.events": "populated 0\nfrozen 0\n",
+    "memory.max": "max\n", "memory.swap.max": "max\n", "memory.current": "0\n", "memory.peak": "0\n",
+    "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n", "pids.max": "max\n",
+}
+
+
+class FakeV2:
+    """mkdir/rmdir/_write of a v2 hierarchy under ``root``, recording every write."""
+
+    def __init__(self, root, monkeypatch):
+        self.root = str(root)
+        self.writes: list[tuple[str, str]] = []
+        self.real_mkdir, self.real_rmdir = os.mkdir, os.rmdir
+        self.own = os.path.join(self.root, "app.slice", "svc")
+        os.makedirs(self.own)
+        for name, text in V2_FILES.items():
+            self.put(self.own, name, text)
+        self.put(self.own, "cgroup.controllers", "cpu io memory pids\n")
+        monkeypatch.setattr(os, "mkdir", self.mkdir)
+        monkeypatch.setattr(os, "rmdir", self.rmdir)
+        monkeypatch.setattr(L, "_write", self.write)
+        hierarchy = L._Hierarchy("v2", frozenset({"memory", "pids"}), "", "/app.slice/svc", self.own)
+        monkeypatch.setattr(L, "_layout", lambda missing: [hierarchy])
+
+    def put(self, directory, name, text):
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(text)
+
+    def get(self, *parts):
+        with open(os.path.join(*parts)) as f:
+            return f.read()
+
+    def mkdir(self, path, mode=0o777, *, dir_fd=None):
+        self.real_mkdir(path, mode)
+        if str(path).startswith(self.root):
+            for name, text in V2_FILES.items():
+                self.put(path, name, text)
+            self.put(path, "cgroup.controllers", self.get(os.path.dirname(path), "cgroup.subtree_control"))
+
+    def rmdir(self, path, *, dir_fd=None):
+        if str(path).startswith(self.root):
+            if any(os.path.isdir(os.path.join(path, e)) for e in os.listdir(path)):
+                raise OSError(errno.EBUSY, "has children", path)
+            if self.get(path, "cgroup.procs").split():
+                raise OSError(errno.EBUSY, "has processes", path)
+            for name in os.listdir(path):
+                os.unlink(os.path.join(path, name))
+        self.real_rmdir(path)
+
+    def write(self, path, value):
+        self.writes.append((os.path.relpath(path, self.own), value))
+        directory, name = os.path.split(path)
+        if name == "cgroup.subtree_control":
+            if self.get(directory, "cgroup.procs").split():
+                raise OSError(errno.EBUSY, "Device or resource busy", path)
+            enabled = set(self.get(path).split()) | {value.lstrip("+")}
+            self.put(directory, name, " ".join(sorted(enabled)) + "\n")
+        elif name == "cgroup.kill":
+            self.put(directory, "cgroup.procs", "")
+        elif name == "cgroup.procs":
+            self.put(directory, name, self.get(path) + value + "\n")
+        else:
+            self.put(directory, name, value + "\n")
+
+
+def test_v2_protocol_simulated(tmp_path, monkeypatch):
+    fake = FakeV2(tmp_path / "cgroup2", monkeypatch)
+    assert probe()["memory"] == fake.own and probe()["version"] == "v2" and probe()["kill"] is True
+    cg = SessionCgroup.create("web", Limits(memory="64M", processes=9))
+    assert cg is not None, SessionCgroup.last_reason
+    assert cg.reason == "" and cg.version == "v2"
+    assert cg.controllers == {"memory", "pids", "kill", "freezer"}
+    parent = f"pyrepl3-{os.getpid()}"
+    leaf = os.path.join(parent, "s-web")
+    assert cg.paths == [os.path.join(fake.own, leaf)]
+    assert fake.writes == [
+        ("cgroup.subtree_control", "+memory"), ("cgroup.subtree_control", "+pids"),
+        (f"{parent}/cgroup.subtree_control", "+memory"), (f"{parent}/cgroup.subtree_control", "+pids"),
+        (f"{leaf}/memory.max", str(64 * MiB)), (f"{leaf}/memory.swap.max", "0"), (f"{leaf}/pids.max", "9"),
+    ]
+    cg.add(999_999_999)  # no such process: the fake accepts it, and no signal may reach it
+    assert cg.pids() == [999_999_999]
+    fake.put(cg.paths[0], "memory.events", "low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n")
+    fake.put(cg.paths[0], "memory.peak", "67100000\n")
+    assert cg.oom_kills() == 2 and cg.memory_peak() == 67100000 and cg.memory_usage() == 0
+    assert cg.kill_all() is True
+    assert fake.writes[-1] == (f"{leaf}/cgroup.kill", "1")
+    cg.remove()
+    assert not os.path.exists(os.path.join(fake.own, parent))
+
+
+def test_v2_no_internal_processes_is_explained(tmp_path, monkeypatch):
+    fake = FakeV2(tmp_path / "cgroup2", monkeypatch)
+    fake.put(fake.own, "cgroup.procs", f"{os.getpid()}\n")
+    result = probe()
+    assert result["memory"] is None and result["pids"] is None and result["version"] is None
+    assert any("no-internal-processes" in m for m in result["missing"]), result["missing"]
+    assert SessionCgroup.create("web", Limits()) is None
+    assert "no-internal-processes" in SessionCgroup.last_reason
+    assert not os.path.exists(os.path.join(fake.own, f"pyrepl3-{os.getpid()}"))

@@ -430,7 +430,13 @@ def _parse_mountinfo(text: str) -> list[tuple[str, str, str, set[str]]]:
 
 
 def _below(path: str, root: str) -> str | None:
-    """``path`` relative to ``root`` (both cgroup paths), or None if outside it."""
+    """``path`` relative to ``root`` (both cgroup paths), or None if outside it.
+
+    A path with ``..`` (a cgroup outside the reader's cgroup namespace) is
+    outside every mount.
+    """
+    if ".." in path.split("/"):
+        return None
     if root == "/":
         return path.lstrip("/")
     if path == root:
@@ -529,6 +535,21 @@ def _write(path: str, value: str) -> None:
         os.close(fd)
 
 
+_BUSY_HINT = (
+    "a non-root cgroup v2 that holds processes cannot hand memory or pids to child cgroups "
+    "(the no-internal-processes rule); run pyrepl3 in a delegated cgroup whose processes "
+    "live in a leaf, e.g. move them to <cgroup>/init first"
+)
+
+
+def _v2_is_root(directory: str) -> bool:
+    """The real root of a v2 hierarchy (exempt from no-internal-processes) has no cgroup.type.
+
+    A container's namespaced root shows as "/" in /proc/self/cgroup but is not one.
+    """
+    return not os.path.exists(os.path.join(directory, "cgroup.type"))
+
+
 def _v2_enable(directory: str, controllers: frozenset[str], missing: list[str]) -> frozenset[str]:
     """Enable ``controllers`` for ``directory``'s children; returns those now on.
 
@@ -543,10 +564,7 @@ def _v2_enable(directory: str, controllers: frozenset[str], missing: list[str]) 
             _write(path, f"+{controller}")
             enabled.add(controller)
         except OSError as e:
-            why = e.strerror
-            if e.errno == errno.EBUSY:
-                why = ("this cgroup holds processes (run pyrepl3 in a delegated cgroup whose "
-                       "processes live in a leaf, e.g. move them to <cgroup>/init first)")
+            why = _BUSY_HINT if e.errno == errno.EBUSY else e.strerror
             missing.append(f"{controller} (v2): cannot enable it for child cgroups of {directory}: {why}")
     return frozenset(enabled & controllers)
 
@@ -554,15 +572,11 @@ def _v2_enable(directory: str, controllers: frozenset[str], missing: list[str]) 
 def _v2_usable(h: _Hierarchy, missing: list[str]) -> frozenset[str]:
     """The v2 controllers child cgroups can get, without changing anything."""
     enabled = set(_read(os.path.join(h.own, "cgroup.subtree_control")).split())
-    if h.controllers <= enabled or h.cgroup == "/":
+    if h.controllers <= enabled or _v2_is_root(h.own):
         return h.controllers
-    procs = _read(os.path.join(h.own, "cgroup.procs")).split()
-    if procs:
-        missing.append(
-            f"cgroup v2 at {h.own}: {' and '.join(sorted(h.controllers - enabled))} cannot be enabled for "
-            f"child cgroups while this cgroup holds processes ({len(procs)}); run pyrepl3 in a delegated "
-            "cgroup whose processes live in a leaf (e.g. move them to <cgroup>/init first)"
-        )
+    if _read(os.path.join(h.own, "cgroup.procs")).split():
+        for controller in sorted(h.controllers - enabled):
+            missing.append(f"{controller} (v2): cannot be enabled for child cgroups of {h.own}: {_BUSY_HINT}")
         return frozenset(h.controllers & enabled)
     return h.controllers
 
@@ -580,14 +594,15 @@ def probe() -> dict[str, Any]:
     missing: list[str] = []
     result: dict[str, Any] = {"version": None, "memory": None, "pids": None, "freezer": None, "kill": False}
     for h in _layout(missing):
+        trial = os.path.join(h.own, f"pyrepl3-probe-{os.getpid()}-{threading.get_ident()}")
+        try:
+            os.mkdir(trial)
+            os.rmdir(trial)
+        except OSError as e:
+            for controller in sorted(h.controllers):
+                missing.append(f"{controller} ({h.version}): cannot create cgroups in {h.own}: {e.strerror}")
+            continue
         if h.version == "v1":
-            trial = os.path.join(h.own, f"pyrepl3-probe-{os.getpid()}-{threading.get_ident()}")
-            try:
-                os.mkdir(trial)
-                os.rmdir(trial)
-            except OSError as e:
-                missing.append(f"{','.join(sorted(h.controllers))} (v1): cannot create cgroups in {h.own}: {e.strerror}")
-                continue
             for controller in h.controllers:
                 result[controller] = h.own
                 result.setdefault("versions", {})[controller] = "v1"
@@ -597,17 +612,21 @@ def probe() -> dict[str, Any]:
             except OSError as e:
                 missing.append(f"cgroup v2 at {h.own}: {e.strerror}")
                 continue
-            if usable and not os.access(h.own, os.W_OK):
-                missing.append(f"cgroup v2 at {h.own}: not writable")
-                continue
             for controller in usable:
                 result[controller] = h.own
                 result.setdefault("versions", {})[controller] = "v2"
             if usable:
-                # cgroup.kill and cgroup.freeze exist only in non-root cgroups:
-                # look at this one's own files (present there from 5.14 / 5.2).
-                result["kill"] = os.path.exists(os.path.join(h.own, "cgroup.kill")) or h.cgroup == "/"
-                result["freezer"] = result["freezer"] or h.own
+                # cgroup.kill (5.14) and cgroup.freeze (5.2) exist in every
+                # non-root cgroup: ours tells for the session's, unless ours
+                # is the real root, which has neither.
+                if _v2_is_root(h.own):
+                    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+                    result["kill"], frozen_ok = release >= (5, 14), release >= (5, 2)
+                else:
+                    result["kill"] = os.path.exists(os.path.join(h.own, "cgroup.kill"))
+                    frozen_ok = os.path.exists(os.path.join(h.own, "cgroup.freeze"))
+                if frozen_ok:
+                    result["freezer"] = result["freezer"] or h.own
     versions = result.get("versions", {})
     result["version"] = versions.get("memory") or versions.get("pids")
     for controller in ("memory", "pids"):
@@ -711,6 +730,11 @@ class SessionCgroup:
                 if os.path.exists(os.path.join(leaf, "cgroup.freeze")):
                     controllers.add("freezer")
         self.controllers = frozenset(controllers)
+        # (controller field, cgroup path) as /proc/<pid>/cgroup spells our leaves.
+        self._member_paths = [
+            (h.key, f"{h.cgroup.rstrip('/')}/{_parent_name()}/{os.path.basename(leaf)}")
+            for h, leaf, _used in leaves
+        ]
         self._removed = False
 
     def __repr__(self) -> str:
@@ -845,7 +869,13 @@ class SessionCgroup:
     # -- membership ---------------------------------------------------------
 
     def add(self, pid: int) -> None:
-        """Move process ``pid`` (all its threads) into every leaf."""
+        """Move process ``pid`` (all its threads) into every leaf.
+
+        Memory it has already touched stays charged where it was (v2 never
+        moves charges; v1's charge moving is deprecated): add the worker
+        before it allocates, or let it join itself via :attr:`procs_files`.
+        Raises ProcessLookupError if ``pid`` is gone.
+        """
         for path in self.procs_files:
             _write(path, str(pid))
 
@@ -866,13 +896,11 @@ class SessionCgroup:
             lines = _read(f"/proc/{pid}/cgroup").splitlines()
         except OSError:
             return False
-        ours = {(h.key, h.cgroup.rstrip("/") + "/" + _parent_name() + "/" + os.path.basename(leaf))
-                for h, leaf, _used in self._leaves}
         for line in lines:
             parts = line.split(":", 2)
             if len(parts) != 3:
                 continue
-            for key, path in ours:
+            for key, path in self._member_paths:
                 if parts[1] == key and (parts[2] == path or parts[2].startswith(path + "/")):
                     return True
         return False
