@@ -81,6 +81,16 @@ def cgroups():
             assert not os.path.exists(path), path
 
 
+# Children load limits.py by path: importing the package would pull in
+# IPython, which costs each child a second here and is not under test.
+LOAD_LIMITS = f"""
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("limits", {L.__file__!r})
+    limits_module = sys.modules["limits"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(limits_module)
+    Limits, apply_rlimits = limits_module.Limits, limits_module.apply_rlimits
+"""
+
 def go(p: subprocess.Popen) -> None:
     """Release a child waiting on ``input()`` (after it was moved into its cgroup)."""
     p.stdin.write("go\n")
@@ -449,6 +459,21 @@ def test_remove_kills_what_is_left(spawn, cgroups):
     assert not any(os.path.exists(path) for path in cg.paths)
 
 
+def test_a_worker_can_join_its_cgroup_itself(spawn, cgroups):
+    cg = cgroups("joiner", Limits(memory="64M", processes=8))
+    p = spawn(textwrap.dedent(LOAD_LIMITS) + textwrap.dedent(f"""
+        limits_module.join_cgroup({cg.procs_files!r})
+        data = b"x" * (16 << 20)
+        print("joined", flush=True)
+        input()
+    """))
+    assert p.stdout.readline() == "joined\n", p.stderr.read()
+    assert cg.pids() == [p.pid]
+    assert cg.memory_usage() >= 16 * MiB  # charged here: it joined before allocating
+    go(p)
+    assert p.wait(HANG) == 0
+
+
 def test_names_are_sanitised_and_unique(cgroups):
     a = cgroups("a/b", Limits.unlimited())
     b = cgroups("a_b", Limits.unlimited())
@@ -488,16 +513,6 @@ def test_limits_are_written(cgroups):
 
 # ---------------------------------------------------------------------------
 # rlimits in a child (each applies its own limits, then probes them)
-
-# Children load limits.py by path: importing the package would pull in
-# IPython, which costs each child a second here and is not under test.
-LOAD_LIMITS = f"""
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("limits", {L.__file__!r})
-    limits_module = sys.modules["limits"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(limits_module)
-    Limits, apply_rlimits = limits_module.Limits, limits_module.apply_rlimits
-"""
 
 RLIMIT_CHILD = LOAD_LIMITS + """
     import errno, json, os, resource, sys

@@ -61,6 +61,7 @@ __all__ = [
     "explain_exit",
     "explain_returncode",
     "format_bytes",
+    "join_cgroup",
     "probe",
 ]
 
@@ -636,6 +637,19 @@ def probe() -> dict[str, Any]:
     return result
 
 
+def join_cgroup(procs_files: list[str]) -> None:
+    """Move the calling process into a session cgroup (:attr:`SessionCgroup.procs_files`).
+
+    For a worker to call first thing, before it imports or allocates much:
+    memory a process touched before its move stays charged to the cgroup it
+    came from, so joining from inside counts the worker's start-up, which a
+    supervisor's :meth:`SessionCgroup.add` after ``fork`` can miss.  Writing
+    ``0`` to ``cgroup.procs`` means "the writer" in v1 and v2.
+    """
+    for path in procs_files:
+        _write(path, "0")
+
+
 # ---------------------------------------------------------------------------
 # SessionCgroup
 
@@ -747,8 +761,7 @@ class SessionCgroup:
 
     @property
     def procs_files(self) -> list[str]:
-        """``cgroup.procs`` of every leaf: a worker can join by writing ``0`` to each
-        before it allocates anything (charges made before a move stay behind)."""
+        """``cgroup.procs`` of every leaf, for :func:`join_cgroup` in the worker."""
         return [os.path.join(leaf, "cgroup.procs") for leaf in self.paths]
 
     @property
