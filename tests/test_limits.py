@@ -7,6 +7,7 @@ even when the test fails; every child by ``spawn``.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -90,6 +91,7 @@ LOAD_LIMITS = f"""
     spec.loader.exec_module(limits_module)
     Limits, apply_rlimits = limits_module.Limits, limits_module.apply_rlimits
 """
+
 
 def go(p: subprocess.Popen) -> None:
     """Release a child waiting on ``input()`` (after it was moved into its cgroup)."""
@@ -426,8 +428,12 @@ ESCAPERS = """
 """
 
 
-def test_kill_all_ends_setsid_and_double_forked_descendants(spawn, cgroups):
+@pytest.mark.parametrize("freezer", [True, False], ids=["frozen", "kill-loop"])
+def test_kill_all_ends_setsid_and_double_forked_descendants(spawn, cgroups, monkeypatch, freezer):
+    if not freezer:  # the path for v1 machines without a freezer hierarchy
+        monkeypatch.setattr(L, "_WANTED_V1", ("memory", "pids"))
     cg = cgroups("escapers", Limits(processes=16))
+    assert ("freezer" in cg.controllers) == (freezer and probe()["freezer"] is not None)
     p = spawn(ESCAPERS)
     cg.add(p.pid)
     go(p)
@@ -448,6 +454,20 @@ def test_kill_all_ends_setsid_and_double_forked_descendants(spawn, cgroups):
         assert not os.path.exists(path)
     for parent in parents:  # no other session of this process is alive here
         assert not os.path.exists(parent)
+
+
+def test_partial_cgroup_says_what_is_missing(cgroups, monkeypatch):
+    real = L._discover
+
+    def without_memory(*args):  # as if no hierarchy offered memory
+        found = [dataclasses.replace(h, controllers=h.controllers - {"memory"}) for h in real(*args)]
+        return [h for h in found if h.controllers]
+
+    monkeypatch.setattr(L, "_discover", without_memory)
+    cg = cgroups("partial", Limits(memory="64M", processes=8))
+    assert not cg.has_memory and "pids" in cg.controllers
+    assert cg.reason.startswith("memory:"), cg.reason
+    assert cg.oom_kills() == 0 and cg.memory_usage() is None and cg.memory_peak() is None
 
 
 def test_remove_kills_what_is_left(spawn, cgroups):
