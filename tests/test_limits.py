@@ -305,21 +305,23 @@ def test_discover_v1_bind_mounted_root_and_hybrid(tmp_path):
 
 
 def test_probe_matches_this_machine():
+    """probe() agrees with /proc/self/cgroup: on this machine and CI, v1 memory and pids."""
     result = probe()
     with open("/proc/self/cgroup") as f:
-        lines = [line.split(":", 2) for line in f.read().splitlines()]
-    v1 = {c for _i, key, _p in lines for c in key.split(",") if key}
-    if "memory" in v1:
-        # This machine and CI: v1 memory (in our own cgroup) and pids.
-        assert result["version"] == "v1", result
-        assert os.path.exists(os.path.join(result["memory"], "memory.limit_in_bytes"))
-    elif result["memory"]:
-        assert result["version"] == "v2"
-        assert os.path.exists(os.path.join(result["memory"], "memory.current")) or result["memory"].endswith("fs/cgroup")
+        v1 = {c for line in f.read().splitlines() for c in line.split(":", 2)[1].split(",") if c}
     if result["memory"] is None or result["pids"] is None:
         pytest.skip("this machine lacks a writable memory or pids cgroup: " + "; ".join(result["missing"]))
     assert result["missing"] == []
-    assert os.path.exists(os.path.join(result["pids"], "cgroup.procs"))
+    for controller in ("memory", "pids"):
+        assert result["versions"][controller] == ("v1" if controller in v1 else "v2")
+        assert os.path.isfile(os.path.join(result[controller], "cgroup.procs"))
+    assert result["version"] == result["versions"]["memory"]
+    limit_file = "memory.limit_in_bytes" if result["version"] == "v1" else "memory.max"
+    if result["version"] == "v1" or os.path.exists(os.path.join(result["memory"], "cgroup.type")):
+        assert os.path.isfile(os.path.join(result["memory"], limit_file))  # (the v2 root has none)
+    # Sessions go below our own cgroup: it is where /proc/self/cgroup says we are.
+    with open(os.path.join(result["memory"], "cgroup.procs")) as f:
+        assert str(os.getpid()) in f.read().split()
 
 
 # ---------------------------------------------------------------------------

@@ -88,12 +88,13 @@ _COUNT_FIELDS = ("processes", "open_files")
 
 
 _SIZE_RE = re.compile(
-    r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(?:i?b?)|(b))?\s*$", re.IGNORECASE
+    r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgtp])(?:i?b?)|(b))?\s*$", re.IGNORECASE
 )
 _SIZE_UNITS = {"k": KiB, "m": MiB, "g": GiB, "t": 1 << 40, "p": 1 << 50}
 # Case matters for durations: "2M" is refused rather than read as minutes
 # by someone who may have meant a size.
-_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$")
+_TIME_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|min|h)?\s*$")
+_COUNT_RE = re.compile(r"^\s*[0-9]+\s*$")
 _TIME_UNITS = {None: 1, "ms": fractions.Fraction(1, 1000), "s": 1, "m": 60, "min": 60, "h": 3600}
 
 
@@ -147,7 +148,7 @@ def _parse_seconds(key: str, value: Any) -> float:
 def _parse_count(key: str, value: Any) -> int:
     what = "a positive whole number, e.g. 256"
     if isinstance(value, str):
-        if not value.strip().isdigit():
+        if not _COUNT_RE.match(value):
             raise _bad(key, value, what)
         amount = fractions.Fraction(int(value.strip()))
     else:
@@ -244,6 +245,7 @@ def _format_seconds(s: float) -> str:
 def _lower_rlimit(which: int, soft: int, hard: int) -> tuple[int, int]:
     """Set ``which`` to (soft, hard) without ever raising the current hard limit."""
     _cur_soft, cur_hard = resource.getrlimit(which)
+    hard = min(hard, _MAX_VALUE)
     if cur_hard != resource.RLIM_INFINITY:
         hard = min(hard, cur_hard)
     soft = min(soft, hard)
@@ -340,7 +342,8 @@ def explain_exit(
     cgroup); ``cpu_limited`` says the supervisor saw the worker's CPU time
     reach ``cpu_seconds`` (a SIGKILL at the hard limit then means
     ``cpu_limit``); ``cell_timeout`` says the supervisor itself killed it at
-    ``cell_seconds``.  ``kind`` is one of :data:`EXIT_KINDS`.
+    ``cell_seconds``.  ``kind`` is one of :data:`EXIT_KINDS`.  Only for
+    a process that ended (a stopped status raises ``ValueError``).
     """
     return explain_returncode(
         os.waitstatus_to_exitcode(status),
