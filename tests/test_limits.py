@@ -472,6 +472,24 @@ def test_partial_cgroup_says_what_is_missing(cgroups, monkeypatch):
     assert cg.oom_kills() == 0 and cg.memory_usage() is None and cg.memory_peak() is None
 
 
+def test_create_removes_empty_trees_of_dead_supervisors(cgroups):
+    """A supervisor that died without remove() leaves pyrepl3-<pid>/s-*; the next create reaps them."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(HANG)
+    stale = [os.path.join(own, f"pyrepl3-{dead.pid}", "s-gone")
+             for own in {probe()[c] for c in ("memory", "pids", "freezer") if probe()[c]}]
+    try:
+        for path in stale:
+            os.makedirs(path)
+        cgroups("fresh", Limits.unlimited())
+        assert [p for p in stale if os.path.exists(os.path.dirname(p))] == []
+    finally:
+        for path in stale:
+            for directory in (path, os.path.dirname(path)):
+                if os.path.exists(directory):
+                    os.rmdir(directory)
+
+
 def test_remove_kills_what_is_left(spawn, cgroups):
     cg = cgroups("leftover", Limits(processes=4))
     p = spawn("import time; time.sleep(60)")
@@ -567,9 +585,11 @@ def test_nofile_limit_gives_emfile(spawn):
 
 def test_fsize_limit_gives_efbig_and_the_process_lives(spawn, tmp_path):
     target = tmp_path / "big"
-    # Popen's restore_signals hands the child SIGXFSZ at SIG_DFL: apply_rlimits must ignore it.
-    p = rlimit_child(spawn, {"file_size": "1M"}, f"""
-        import signal
+    # CPython ignores SIGXFSZ itself; start from the default (which kills),
+    # as an embedded interpreter would, so apply_rlimits has to ignore it.
+    p = spawn("import signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
+              + textwrap.dedent(RLIMIT_CHILD.format(limits={"file_size": "1M"}, fallback=False))
+              + textwrap.dedent(f"""
         assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
         fd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)
         written = 0
@@ -579,7 +599,7 @@ def test_fsize_limit_gives_efbig_and_the_process_lives(spawn, tmp_path):
         except OSError as e:
             print(errno.errorcode[e.errno], written, flush=True)
         print("alive", flush=True)
-    """)
+    """))
     out, err = p.communicate(timeout=HANG)
     assert p.returncode == 0, err
     assert out.splitlines()[1:] == [f"EFBIG {MiB}", "alive"]

@@ -284,9 +284,10 @@ def apply_rlimits(limits: Limits, *, memory_fallback: bool) -> dict[str, tuple[i
             resource.RLIMIT_NOFILE, limits.open_files, limits.open_files
         )
     if limits.file_size is not None:
-        # CPython already ignores SIGXFSZ at start-up, but a parent can hand
-        # us SIG_DFL (subprocess's restore_signals does); only the main
-        # thread may change a disposition, so elsewhere insist it is right.
+        # CPython ignores SIGXFSZ at start-up, but an embedding host (no
+        # signal handlers installed) or earlier code may have put it back
+        # to SIG_DFL, which kills.  Only the main thread may change a
+        # disposition, so elsewhere insist it is already right.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         elif signal.getsignal(signal.SIGXFSZ) != signal.SIG_IGN:
