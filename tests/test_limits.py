@@ -358,8 +358,9 @@ def test_oom_kills_only_the_session_over_its_limit(spawn, cgroups):
     assert neighbour.stdout.readline() == "allocated 32\n"
     assert neighbour.wait(HANG) == 0
     assert neighbour_cg.oom_kills() == 0
-    assert neighbour_cg.memory_peak() >= 32 * MiB
-    assert hog_cg.memory_peak() <= 64 * MiB
+    if neighbour_cg.memory_peak() is not None:  # None only on v2 before Linux 5.19
+        assert neighbour_cg.memory_peak() >= 32 * MiB
+        assert hog_cg.memory_peak() <= 64 * MiB
     assert hog_cg.memory_usage() is not None
 
 
@@ -436,12 +437,17 @@ ESCAPERS = """
 """
 
 
-@pytest.mark.parametrize("freezer", [True, False], ids=["frozen", "kill-loop"])
-def test_kill_all_ends_setsid_and_double_forked_descendants(spawn, cgroups, monkeypatch, freezer):
-    if not freezer:  # the path for v1 machines without a freezer hierarchy
-        monkeypatch.setattr(L, "_WANTED_V1", ("memory", "pids"))
+@pytest.mark.parametrize("mechanism", ["as-created", "freeze-and-kill", "kill-loop"])
+def test_kill_all_ends_setsid_and_double_forked_descendants(spawn, cgroups, mechanism):
     cg = cgroups("escapers", Limits(processes=16))
-    assert ("freezer" in cg.controllers) == (freezer and probe()["freezer"] is not None)
+    # kill_all's three paths: cgroup.kill (v2, 5.14+); freeze, kill, thaw;
+    # and, with neither, kill until empty.  Hide what this variant must not use.
+    if mechanism == "freeze-and-kill":
+        if "freezer" not in cg.controllers:
+            pytest.skip("no freezer for session cgroups here: " + cg.reason)
+        cg.controllers -= {"kill"}
+    elif mechanism == "kill-loop":
+        cg.controllers -= {"kill", "freezer"}
     p = spawn(ESCAPERS)
     cg.add(p.pid)
     go(p)

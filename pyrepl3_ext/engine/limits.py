@@ -948,6 +948,8 @@ class SessionCgroup:
 
     def _freeze(self, frozen: bool, deadline: float) -> bool:
         """Freeze (or thaw) every leaf that can; True if all that can are in that state."""
+        if "freezer" not in self.controllers:
+            return False
         ok = False
         for h, leaf, _used in self._leaves:
             if h.version == "v1" and "freezer" in h.controllers:
@@ -993,14 +995,13 @@ class SessionCgroup:
                     if os.path.exists(kill):
                         _write(kill, "1")
             else:
-                frozen = False
                 try:
-                    frozen = self._freeze(True, deadline)
+                    self._freeze(True, deadline)
                     for pid in self.pids():
                         self._kill(pid)
                 finally:
-                    if frozen or "freezer" in self.controllers:
-                        self._freeze(False, time.monotonic() + 1.0)
+                    # Thaw even after a partial freeze: frozen tasks cannot die.
+                    self._freeze(False, time.monotonic() + 1.0)
             # Killed tasks leave the group once they finish exiting.
             end = min(deadline, time.monotonic() + 0.2)
             while self.pids() and time.monotonic() < end:
