@@ -282,6 +282,11 @@ def test_discover_v2_and_escapes(tmp_path):
     h = found[0]
     assert (h.version, h.own, h.key, h.cgroup) == ("v2", str(own), "", "/system.slice/app.service")
     assert h.controllers == {"memory", "pids"}
+    # Only memory delegated to us: memory is used, the missing pids explained.
+    (own / "cgroup.controllers").write_text("memory\n")
+    found = L._discover("0::/system.slice/app.service\n", mountinfo, missing)
+    assert [h.controllers for h in found] == [{"memory"}]
+    assert len(missing) == 1 and missing[0].startswith("pids (v2): not in ")
 
 
 def test_discover_v1_bind_mounted_root_and_hybrid(tmp_path):

@@ -506,11 +506,13 @@ def _discover(cgroup_text: str, mountinfo_text: str, missing: list[str]) -> list
                 available = set()
                 missing.append(f"cgroup v2: cannot read {own}/cgroup.controllers: {e.strerror}")
             # A controller bound to a v1 hierarchy is never also on v2.
-            controllers = frozenset(c for c in ("memory", "pids") if c in available and c not in v1_paths)
+            wanted = [c for c in ("memory", "pids") if c not in v1_paths]
+            for controller in wanted:
+                if controller not in available:
+                    missing.append(f"{controller} (v2): not in {own}/cgroup.controllers (not delegated to this cgroup)")
+            controllers = frozenset(c for c in wanted if c in available)
             if controllers:
                 found.append(_Hierarchy("v2", controllers, "", v2_path, own))
-            elif not {"memory", "pids"} <= set(v1_paths):
-                missing.append(f"cgroup v2 at {own}: neither memory nor pids is available to this cgroup")
     return found
 
 
