@@ -400,10 +400,10 @@ def test_pids_limit_stops_a_fork_loop(spawn, cgroups):
     calm = spawn("""
         import os
         input()
-        pids = [os.fork() for _ in range(1)]
-        if pids[0] == 0:
+        pid = os.fork()
+        if pid == 0:
             os._exit(7)
-        print(os.waitstatus_to_exitcode(os.waitpid(pids[0], 0)[1]), flush=True)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
     """)
     neighbour_cg.add(calm.pid)
     go(calm)
