@@ -592,14 +592,16 @@ def probe() -> dict[str, Any]:
     """Which controllers session cgroups can use on this machine, and why not.
 
     ``{"version": "v1" | "v2" | None, "memory": dir | None, "pids": dir | None,
-    "freezer": dir | None, "kill": bool, "missing": [reasons]}`` where each
-    directory is this process's own cgroup in that hierarchy (sessions go
-    below it), and ``version`` is the one of the hierarchy holding memory
-    (else pids).  v1 hierarchies are tested by creating and removing a
+    "freezer": dir | None, "kill": bool, "versions": {controller: version},
+    "missing": [reasons]}`` where each directory is this process's own
+    cgroup in that hierarchy (sessions go below it), and ``version`` is the
+    one of the hierarchy holding memory (else pids).  v1 hierarchies are tested by creating and removing a
     directory; v2 by reading which controllers can be enabled below.
     """
     missing: list[str] = []
-    result: dict[str, Any] = {"version": None, "memory": None, "pids": None, "freezer": None, "kill": False}
+    versions: dict[str, str] = {}
+    result: dict[str, Any] = {"version": None, "memory": None, "pids": None, "freezer": None,
+                              "kill": False, "versions": versions}
     for h in _layout(missing):
         trial = os.path.join(h.own, f"pyrepl3-probe-{os.getpid()}-{threading.get_ident()}")
         try:
@@ -612,7 +614,7 @@ def probe() -> dict[str, Any]:
         if h.version == "v1":
             for controller in h.controllers:
                 result[controller] = h.own
-                result.setdefault("versions", {})[controller] = "v1"
+                versions[controller] = "v1"
         else:
             try:
                 usable = _v2_usable(h, missing)
@@ -621,7 +623,7 @@ def probe() -> dict[str, Any]:
                 continue
             for controller in usable:
                 result[controller] = h.own
-                result.setdefault("versions", {})[controller] = "v2"
+                versions[controller] = "v2"
             if usable:
                 # cgroup.kill (5.14) and cgroup.freeze (5.2) exist in every
                 # non-root cgroup: ours tells for the session's, unless ours
@@ -634,7 +636,6 @@ def probe() -> dict[str, Any]:
                     frozen_ok = os.path.exists(os.path.join(h.own, "cgroup.freeze"))
                 if frozen_ok:
                     result["freezer"] = result["freezer"] or h.own
-    versions = result.get("versions", {})
     result["version"] = versions.get("memory") or versions.get("pids")
     for controller in ("memory", "pids"):
         if result[controller] is None and not any(m.startswith(controller) for m in missing):
