@@ -819,6 +819,15 @@ class SessionCgroup:
     @staticmethod
     def _make_leaf(h: _Hierarchy, leaf_name: str, limits: Limits,
                    missing: list[str]) -> tuple[_Hierarchy, str, frozenset[str]] | None:
+        """The session's leaf in one hierarchy, with its limits written.
+
+        Returns ``(hierarchy, leaf, controllers that hold there)``, or None
+        when v2 cannot give children any controller.  A limit that cannot be
+        written drops its controller (reason in ``missing``); a leaf left
+        with no controller is removed again.  The parent is created and
+        removed only under ``_parent_lock``, so a concurrent ``remove`` of
+        the last other session cannot delete it between our two mkdirs.
+        """
         parent = os.path.join(h.own, _parent_name())
         leaf = os.path.join(parent, leaf_name)
         with _parent_lock:
