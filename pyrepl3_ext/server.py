@@ -317,7 +317,8 @@ def _status(result: Any) -> tuple[str, dict | None]:
         return "ok", None
     kind = classify_error(error, before_exec=result.error_before_exec is not None)
     # a process killed after a cancel or past its time ended the way it was asked to
-    status = "cancelled" if kind in ("cancelled", "timeout", "killed") else "error"
+    status = "cancelled" if kind in ("cancelled", "timeout", "killed", "cell_timeout") \
+        else "error"
     return status, {"ename": type(error).__name__, "evalue": str(error), "kind": kind}
 
 

@@ -434,3 +434,70 @@ def test_the_engine_example_of_the_docs_works_as_written():
     assert namespace["r"].result == 42
     assert "CellCancelled" in repr(namespace["_cancelled"])
     assert namespace["_data"] == {"text/plain": "42"}
+
+
+# -- limits ---------------------------------------------------------------------------
+
+def _cgroups_available():
+    from pyrepl3_ext.engine.limits import probe
+
+    return probe()["memory"] is not None
+
+
+@pytest.mark.skipif(not _cgroups_available(), reason="no writable memory cgroup here")
+def test_a_memory_bomb_fails_alone_and_neighbours_allocate(engine):
+    victim = engine.create_session(isolation="process", limits={"memory": "160M"})
+    neighbours = [engine.create_session(isolation="process", limits={"memory": "400M"})
+                  for _ in range(4)]
+    try:
+        assert victim.worker.cgroup is not None and victim.worker.cgroup.has_memory
+        bomb = victim.execute("hoard = []\nwhile True:\n    hoard.append(b'x' * 10**7)",
+                              wait=False)
+        allocations = [n.execute("block = b'y' * (100 * 2**20)\nlen(block) // 2**20",
+                                 wait=False) for n in neighbours]
+        result = bomb.result(WAIT)
+        assert isinstance(result.error_in_exec, SessionLost), result
+        assert victim.lost["kind"] == "oom"
+        assert "160 MiB" in victim.lost["message"]
+        for handle in allocations:
+            assert handle.result(WAIT).data == {"text/plain": "100"}
+        victim.restart()
+        assert victim.execute("'recovered'").success
+    finally:
+        for s in [victim, *neighbours]:
+            s.close()
+
+
+def test_limits_are_checked_and_rlimits_apply(engine):
+    with pytest.raises(ValueError, match="unknown key"):
+        engine.create_session(isolation="process", limits={"ram": "1G"})
+    s = engine.create_session(isolation="process",
+                              limits={"open_files": 64, "file_size": "1M"})
+    try:
+        result = s.execute("import resource\nresource.getrlimit(resource.RLIMIT_NOFILE)")
+        assert result.data == {"text/plain": "(64, 64)"}
+        result = s.execute("import os\nwith open('big', 'wb') as f:\n"
+                           "    f.write(b'z' * (2 * 2**20))")
+        assert isinstance(result.error_in_exec, CellError)
+        assert "File too large" in str(result.error_in_exec)
+        assert s.lost is None
+    finally:
+        s.close()
+
+
+def test_a_cell_time_limit_is_enforced_by_the_supervisor(engine):
+    s = engine.create_session(isolation="process", limits={"cell_seconds": 0.5},
+                              kill_grace=0.5)
+    try:
+        events: list[dict] = []
+        start = time.monotonic()
+        result = s.execute("import time\nwhile True:\n    try:\n        time.sleep(10)\n"
+                           "    except BaseException:\n        pass", on_event=events.append)
+        assert time.monotonic() - start < 10
+        assert isinstance(result.error_in_exec, SessionLost)
+        assert s.lost["kind"] == "cell_timeout"
+        assert events[-1]["status"] == "cancelled"
+        s.restart()
+        assert s.execute("1").success
+    finally:
+        s.close()

@@ -117,7 +117,10 @@ class ProcessSession:
         self.engine = engine
         self.id = session_id
         self._config = config
-        self.limits = limits
+        from .limits import Limits
+
+        #: what the session may use (``limits.Limits``; ``docs/isolation.md``)
+        self.limits = Limits.parse(limits)
         #: what ``confine.apply`` is asked for (None: not confined)
         self.confine = confine
         self._scratch: str | None = None
@@ -140,6 +143,7 @@ class ProcessSession:
         self._execution_count: int | None = None
         self._kill_reason: tuple[str, str] | None = None
         self._closing_cleanly = False
+        self._said_no_cgroup = False
         self.worker: Any = None
         self.pid: int | None = None
         self._start_worker()
@@ -158,10 +162,27 @@ class ProcessSession:
                 "writable": [self._scratch, *self.confine.get("writable", ())]}
 
     def _start_worker(self) -> None:
+        from .limits import SessionCgroup
+
         worker = self._supervisor.spawn(self.spawn_timeout)
         try:
-            worker.channel.send({"op": "assign", "session_id": self.id,
-                                 "config": self._config,
+            # into the session's cgroup before it runs anything of the session
+            cgroup = SessionCgroup.create(f"{self.id}-{worker.pid}", self.limits)
+            if cgroup is not None:
+                cgroup.add(worker.pid)
+                worker.cgroup = cgroup
+            elif not self._said_no_cgroup:
+                self._said_no_cgroup = True
+                self.engine._log(f"session {self.id!r}: no cgroup ({SessionCgroup.last_reason}); "
+                                 f"memory is limited per process (RLIMIT_DATA), processes "
+                                 f"not at all")
+            config = self._config
+            if self.limits.output_bytes is not None:
+                config = {**config, "PyREPL3": {**config.get("PyREPL3", {}),
+                                                "output_limit": self.limits.output_bytes}}
+            worker.channel.send({"op": "assign", "session_id": self.id, "config": config,
+                                 "limits": self.limits.as_dict(),
+                                 "memory_fallback": cgroup is None or not cgroup.has_memory,
                                  "confine": self._confine_request()})
             worker.channel.sock.settimeout(self.spawn_timeout)
             try:
@@ -174,6 +195,7 @@ class ProcessSession:
                                             f"{rebuild_error(detail) if detail else 'it exited'}")
         except BaseException:
             worker.kill()
+            worker.release()
             raise
         self.worker = worker
         self.pid = worker.pid
@@ -269,7 +291,7 @@ class ProcessSession:
         if deadlines:
             running.wall_timer = self._supervisor.timers.call_at(
                 time.monotonic() + min(deadlines),
-                lambda: self._kill_running(running, "timeout",
+                lambda: self._kill_running(running, "killed",
                                            f"the cell ignored its timeout of "
                                            f"{running.job.timeout} s for {self.kill_grace} s"))
 
@@ -281,15 +303,16 @@ class ProcessSession:
                     "reason": f"the session's cell time limit ({seconds} s)"})
         running.kill_timer = self._supervisor.timers.call_at(
             time.monotonic() + self.kill_grace,
-            lambda: self._kill_running(running, "timeout",
+            lambda: self._kill_running(running, "cell_timeout",
                                        f"the cell passed the session's cell time limit "
                                        f"of {seconds} s"))
 
-    def _kill_running(self, running: _Running, why: str, message: str) -> None:
+    def _kill_running(self, running: _Running, kind: str, message: str) -> None:
+        """The cell did not stop when asked: the process goes, ``kind`` says why."""
         with self._lock:
             if self._running is not running or self.lost is not None:
                 return
-            self._kill_reason = ("killed", f"{message}: the session process was killed")
+            self._kill_reason = (kind, f"{message}: the session process was killed")
         self.engine._log(f"session {self.id!r}: {message}; killing its process")
         self.worker.kill()
 
@@ -382,7 +405,18 @@ class ProcessSession:
         if killed is not None:
             self._kill_reason = None
             return killed
-        return self.worker.explain_exit(status, self.limits)
+        if status == -1:
+            return "exited", "the fork server ended, and every session process with it"
+        from .limits import explain_exit
+
+        cgroup = self.worker.cgroup
+        oom_kills = 0
+        if cgroup is not None:
+            try:
+                oom_kills = cgroup.oom_kills()
+            except OSError:
+                pass
+        return explain_exit(status, limits=self.limits, oom_kills=oom_kills)
 
     def _fail_all(self, error: BaseException, lost: dict | None) -> None:
         with self._lock:
@@ -419,7 +453,8 @@ class ProcessSession:
             return
         now = time.time()
         common = {"execution_id": running.job.execution_id, "session": self.id}
-        status = "cancelled" if lost["kind"] == "killed" and running.cancelled else "error"
+        asked = lost["kind"] == "cell_timeout" or (lost["kind"] == "killed" and running.cancelled)
+        status = "cancelled" if asked else "error"
         duration = (time.monotonic() - running.started_at) if running.started_at else 0.0
         for event in ({**common, "type": "error", "seq": running.last_seq + 1, "ts": now,
                        "ename": "SessionLost", "evalue": lost["message"], "traceback": [],
@@ -446,9 +481,10 @@ class ProcessSession:
                 raise RuntimeError(f"session {self.id!r} is not lost: close it, or cancel "
                                    f"its cell, instead of restarting it")
         old = self.worker
-        self._start_worker()
         if old is not None:
             old.channel.close()
+            old.release()
+        self._start_worker()
         with self._lock:
             self.lost = None
         if self._serves_input:
@@ -572,7 +608,7 @@ class ProcessSession:
                     running.kill_timer = self._supervisor.timers.call_at(
                         time.monotonic() + self.kill_grace,
                         lambda: self._kill_running(
-                            running, "cancelled",
+                            running, "killed",
                             f"the cell ignored a cancel for {self.kill_grace} s"))
                 found = "running"
             else:

@@ -142,23 +142,6 @@ class WorkerProcess:
             except Exception as exc:  # noqa: BLE001
                 self.supervisor.log(f"killing cgroup of {self.pid}: {exc!r}")
 
-    def explain_exit(self, status: int, limits: Any = None) -> tuple[str, str]:
-        """``(kind, message)``: why the process ended, in the user's words."""
-        if status == -1:
-            return "exited", "the fork server ended, and every session process with it"
-        code = os.waitstatus_to_exitcode(status)
-        if code >= 0:
-            return "exited", f"the session's process exited with code {code}"
-        sig = -code
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        detail = signal.strsignal(sig) or name
-        if sig == signal.SIGKILL:
-            return "killed", f"the session's process was killed ({name})"
-        return "crashed", f"the session's process died of {name} ({detail.lower()})"
-
     def release(self) -> None:
         """Give back what the process held beyond itself (its cgroup)."""
         cgroup, self.cgroup = self.cgroup, None

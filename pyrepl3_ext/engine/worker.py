@@ -320,6 +320,11 @@ def run(session: Any, sock: socket.socket) -> int:
         return 0
     try:
         _configure(session, assign)
+        if assign.get("limits") is not None:
+            from .limits import Limits, apply_rlimits
+
+            apply_rlimits(Limits.parse(assign["limits"]),
+                          memory_fallback=bool(assign.get("memory_fallback")))
         confinement = _confine(assign, channel)
     except BaseException as exc:  # noqa: BLE001 - told to the parent, then exit
         channel.send({"op": "failed", "error": describe_error(exc)})
