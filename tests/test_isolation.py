@@ -501,3 +501,14 @@ def test_a_cell_time_limit_is_enforced_by_the_supervisor(engine):
         assert s.execute("1").success
     finally:
         s.close()
+
+
+def test_a_cpu_time_limit_ends_the_session_with_its_cause(engine):
+    s = engine.create_session(isolation="process", limits={"cpu_seconds": 1})
+    try:
+        result = s.execute("while True:\n    pass")
+        assert isinstance(result.error_in_exec, SessionLost)
+        assert s.lost["kind"] == "cpu_limit", s.lost
+        assert "CPU time limit (1 s)" in s.lost["message"]
+    finally:
+        s.close()

@@ -16,7 +16,7 @@ Invariants:
   needs is started in the session itself;
 * it is the parent of every session process, so it alone can reap them:
   each exit is reported to the supervisor as ``{"op": "exited", "pid",
-  "status"}`` (a ``waitpid`` status);
+  "status", "cpu_seconds"}`` (a ``waitpid`` status and the CPU time used);
 * when the supervisor goes away (its end of the control socket closes),
   every session process is killed and the fork server exits: nothing
   outlives the host.
@@ -76,14 +76,15 @@ def _template(config: dict) -> Any:
 def _reap(ctl: socket.socket, children: set[int]) -> None:
     while children:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
         children.discard(pid)
         try:
-            send(ctl, {"op": "exited", "pid": pid, "status": status})
+            send(ctl, {"op": "exited", "pid": pid, "status": status,
+                       "cpu_seconds": usage.ru_utime + usage.ru_stime})
         except OSError:
             return
 

@@ -416,7 +416,11 @@ class ProcessSession:
                 oom_kills = cgroup.oom_kills()
             except OSError:
                 pass
-        return explain_exit(status, limits=self.limits, oom_kills=oom_kills)
+        used = self.worker.cpu_seconds
+        cpu_limited = (self.limits.cpu_seconds is not None and used is not None
+                       and used >= self.limits.cpu_seconds)
+        return explain_exit(status, limits=self.limits, oom_kills=oom_kills,
+                            cpu_limited=cpu_limited)
 
     def _fail_all(self, error: BaseException, lost: dict | None) -> None:
         with self._lock:

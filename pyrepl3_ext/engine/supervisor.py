@@ -76,6 +76,8 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         #: the waitpid status once the process is gone (None while alive)
         self.status: int | None = None
+        #: the CPU time it used, once it is gone
+        self.cpu_seconds: float | None = None
         self.exited = threading.Event()
         self._on_exit: list[Callable[[int], None]] = []
         self._lock = threading.Lock()
@@ -308,6 +310,8 @@ class Supervisor:
             elif op == "exited":
                 pid, status = message.get("pid"), message.get("status")
                 with self._lock:
+                    if pid in self._workers:
+                        self._workers[pid].cpu_seconds = message.get("cpu_seconds")
                     worker = self._workers.pop(pid, None)
                     if worker is None:
                         self._early_exits[pid] = status
