@@ -512,3 +512,81 @@ def test_a_cpu_time_limit_ends_the_session_with_its_cause(engine):
         assert "CPU time limit (1 s)" in s.lost["message"]
     finally:
         s.close()
+
+
+# -- confinement -----------------------------------------------------------------------
+
+def _confinable():
+    from pyrepl3_ext.engine.confine import probe
+
+    found = probe()
+    return found["landlock_abi"] > 0 and found["seccomp"]
+
+
+@pytest.mark.skipif(not _confinable(), reason="the kernel lacks Landlock or seccomp")
+def test_a_confined_session_reaches_nothing_of_the_host(engine, tmp_path):
+    from pyrepl3_ext.security import FilesCapability
+
+    secret = tmp_path / "secret"
+    secret.write_text("host secret")
+    os.environ["PYREPL3_TEST_SECRET"] = "env secret"
+    try:
+        s = engine.create_session(isolation="process", confine=True)
+    finally:
+        del os.environ["PYREPL3_TEST_SECRET"]
+    try:
+        report = s.confinement
+        for layer in ("fds", "netns", "landlock", "capabilities", "no_new_privs", "seccomp"):
+            assert report[layer]["applied"], (layer, report[layer])
+        denied = {
+            "read": f"open({str(secret)!r}).read()",
+            "exec": "import os; os.execv('/bin/sh', ['sh', '-c', 'true'])",
+            "subprocess": "import subprocess; subprocess.run(['true'])",
+            "fork": "import os; os.fork()",
+            "socket": "import socket; socket.socket()",
+            "signal": f"import os, signal; os.kill({os.getpid()}, signal.SIGTERM)",
+        }
+        for name, code in denied.items():
+            result = s.execute(code)
+            assert isinstance(result.error_in_exec, CellError), (name, result)
+            assert result.error_in_exec.ename in ("PermissionError", "OSError"), (name, result)
+        assert s.execute("import os; os.environ.get('PYREPL3_TEST_SECRET')").data is None
+        # what it may do: its scratch directory, threads, an event loop, the parent's files
+        assert s.execute("import tempfile\nwith tempfile.TemporaryFile() as f:\n"
+                         "    f.write(b'ok')").success
+        assert s.execute("import threading\nt = threading.Thread(target=print)\n"
+                         "t.start(); t.join()").success
+        assert s.execute("import asyncio\nawait asyncio.sleep(0)").success
+        s.grant("files", FilesCapability(str(tmp_path)))
+        assert s.execute("files.read('secret')").data == {"text/plain": "'host secret'"}
+        handle = s.execute("import time; time.sleep(100)", wait=False)
+        _started(handle)
+        s.cancel(handle.execution_id)
+        assert isinstance(handle.result(WAIT).error_in_exec, CellCancelled)
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(not _confinable(), reason="the kernel lacks Landlock or seccomp")
+def test_confinement_follows_the_policy_and_a_required_layer_is_enforced(engine):
+    from traitlets.config import Config
+
+    from pyrepl3_ext.engine.confine import ConfinementUnavailable, probe
+
+    config = Config()
+    config.PyREPL3.security_policy = "restricted"
+    s = engine.create_session(isolation="process", config=config)
+    try:
+        assert s.confinement["seccomp"]["applied"]
+    finally:
+        s.close()
+    plain = engine.create_session(isolation="process")
+    try:
+        assert plain.confinement == {}
+    finally:
+        plain.close()
+    if probe()["unprivileged_uid"] is None:  # this machine: the uid drop cannot happen
+        with pytest.raises(ConfinementUnavailable, match="uid"):
+            engine.create_session(isolation="process", confine={"required": ["uid"]})
+    with pytest.raises(ValueError, match="unknown key"):
+        engine.create_session(isolation="process", confine={"net": True})

@@ -191,6 +191,10 @@ class ProcessSession:
                 worker.channel.sock.settimeout(None)
             if reply is None or reply.get("op") != "ready":
                 detail = reply.get("error") if reply else None
+                if isinstance(detail, dict) and detail.get("type") == "ConfinementUnavailable":
+                    from .confine import ConfinementUnavailable
+
+                    raise ConfinementUnavailable(str(detail.get("message", ""))[:2000])
                 raise SessionLost("failed", f"the session process did not start: "
                                             f"{rebuild_error(detail) if detail else 'it exited'}")
         except BaseException:
