@@ -155,8 +155,10 @@ METHODS: dict[str, dict] = {
     },
     "session.restart": {
         "description": "Give a lost process session a fresh process (same id, policy and "
-                       "capabilities; an empty namespace).",
-        "params": _params(dict(_SESSION), ("session",)),
+                       "capabilities; an empty namespace, or a durable snapshot restored).",
+        "params": _params({**_SESSION, "snapshot": {
+            **_NAME, "description": "a snapshot taken with durable: true, restored into "
+                                    "the new process"}}, ("session",)),
         "result": {"type": "object", "properties": {"session": _ID}},
     },
     "session.close": {
@@ -231,7 +233,11 @@ METHODS: dict[str, dict] = {
     },
     "snapshot.take": {
         "description": "Take a named in-memory snapshot of the namespace.",
-        "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "params": _params({**_SESSION, "name": _NAME, "durable": {
+            "type": "boolean",
+            "description": "process sessions: also keep a copy in the server that "
+                           "survives the session's process (session.restart snapshot)"}},
+                          ("session", "name")),
         "result": {"type": "object"},
     },
     "snapshot.restore": {

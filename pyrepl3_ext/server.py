@@ -477,11 +477,18 @@ class Server:
                                                f"process: there is nothing to restart")
 
         def restart() -> None:
+            from .errors import SnapshotNotFound
+
             try:
-                session.restart()
-                message = P.response(request.id, {"session": session.id})
+                restored = session.restart(from_snapshot=request.params.get("snapshot"))
+                answer = {"session": session.id}
+                if restored is not None:
+                    answer["restored"] = _jsonable(restored)
+                message = P.response(request.id, answer)
             except SessionClosed as exc:
                 message = P.error_response(request.id, P.RPCError(P.SESSION_CLOSED, str(exc)))
+            except SnapshotNotFound as exc:
+                message = P.error_response(request.id, P.RPCError(P.UNKNOWN_NAME, str(exc)))
             except Exception as exc:  # noqa: BLE001 - one response per request, always
                 message = P.error_response(request.id, P.RPCError(
                     P.INVALID_PARAMS, f"{type(exc).__name__}: {exc}"))
@@ -664,7 +671,8 @@ class Server:
 
         def call() -> dict:
             if request.method == "snapshot.take":
-                info = session.take_snapshot(name)
+                info = session.take_snapshot(name,
+                                             durable=bool(request.params.get("durable")))
             else:
                 info = session.restore_snapshot(name)
             return {"snapshot": _jsonable(info)}

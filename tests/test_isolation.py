@@ -407,6 +407,14 @@ def test_the_server_runs_process_sessions_and_reports_their_death():
             assert response["status"] == "ok"
             await client.restart_session(sid)
             response, events = await client.run(sid, "'again'")
+            # a durable snapshot crosses the death of the process
+            await client.run(sid, "kept = [1, 2, 3]")
+            await client.call("snapshot.take", session=sid, name="s", durable=True)
+            await client.run(sid, "import os; os._exit(0)")
+            answer = await client.call("session.restart", session=sid, snapshot="s")
+            assert answer["restored"]["restored"] == ["kept"]
+            assert (await client.call("namespace.get", session=sid, name="kept"))["value"] == \
+                [1, 2, 3]
             assert events[1]["data"]["text/plain"] == "'again'"
             with pytest.raises(ClientError, match="limits and confine apply"):
                 await client.create_session("l2", isolation="in-process", confine=True)
@@ -590,3 +598,24 @@ def test_confinement_follows_the_policy_and_a_required_layer_is_enforced(engine)
             engine.create_session(isolation="process", confine={"required": ["uid"]})
     with pytest.raises(ValueError, match="unknown key"):
         engine.create_session(isolation="process", confine={"net": True})
+
+
+def test_a_durable_snapshot_survives_the_process_and_restores_on_restart(session):
+    session.execute("import collections\ncounts = collections.Counter('hello')\n"
+                    "note = 'kept'\nhandle = open('/dev/null')")
+    info = session.take_snapshot("before-crash", durable=True)
+    assert info["durable"] and info["bytes"] > 0
+    session.execute("note = 'changed'")
+    session.execute("import os; os._exit(9)")
+    assert session.lost["kind"] == "exited"
+    restored = session.restart(from_snapshot="before-crash")
+    assert "note" in restored["restored"]
+    assert session.variable("note")["value"] == "kept"
+    assert session.execute("counts['l']").data == {"text/plain": "2"}
+    with pytest.raises(VariableNotFound):  # an open file cannot be pickled: left out
+        session.variable("handle")
+    from pyrepl3_ext.errors import SnapshotNotFound
+
+    session.execute("import os; os._exit(1)")
+    with pytest.raises(SnapshotNotFound):
+        session.restart(from_snapshot="never-taken")

@@ -346,7 +346,9 @@ class Session:
 
         manager(self.shell).delete(name)
 
-    def take_snapshot(self, name: str) -> dict:
+    def take_snapshot(self, name: str, *, durable: bool = False) -> dict:
+        """Deep-copy the namespace under ``name``.  ``durable`` matters for
+        process sessions only (an in-process snapshot lives as long as the host)."""
         from ..namespace import manager
 
         return manager(self.shell).take_snapshot(name)

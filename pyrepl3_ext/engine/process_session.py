@@ -135,6 +135,9 @@ class ProcessSession:
         self.lost: dict | None = None
         self._lost_callbacks: list[Callable[["ProcessSession", dict], None]] = []
         self._grants: dict[str, Any] = {}
+        #: durable snapshots: name -> signed bytes the worker made (opaque here)
+        self._durable: dict[str, bytes] = {}
+        self._snapshot_key = os.urandom(32)
         self._calls: dict[int, list] = {}
         self._call_ids = iter(range(1, 1 << 62))
         self._policy: Any = None
@@ -479,9 +482,15 @@ class ProcessSession:
         with self._lock:
             self._lost_callbacks.append(callback)
 
-    def restart(self) -> None:
+    def restart(self, *, from_snapshot: str | None = None) -> dict | None:
         """Give a lost session a fresh process (same id, settings, policy and
-        grants; an empty namespace)."""
+        grants; an empty namespace, or the durable snapshot ``from_snapshot``
+        restored into it, whose ``{"restored", "removed"}`` is returned)."""
+        if from_snapshot is not None and from_snapshot not in self._durable:
+            from ..errors import SnapshotNotFound
+
+            raise SnapshotNotFound(f"session {self.id!r} has no durable snapshot "
+                                   f"{from_snapshot!r} (take_snapshot(name, durable=True))")
         with self._lock:
             if self._closed:
                 raise SessionClosed(f"session {self.id!r} is closed")
@@ -501,7 +510,12 @@ class ProcessSession:
             self._call("set_policy", policy=self._policy)
         for name, impl in list(self._grants.items()):
             self._send_grant(name, impl)
+        restored = None
+        if from_snapshot is not None:
+            restored = self._call("import_snapshot", timeout=None, name=from_snapshot,
+                                  data=self._durable[from_snapshot], key=self._snapshot_key)
         self._next()
+        return restored
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -675,8 +689,21 @@ class ProcessSession:
     def delete_variable(self, name: str) -> None:
         self._call("delete_variable", name=name)
 
-    def take_snapshot(self, name: str) -> dict:
-        return self._call("take_snapshot", timeout=None, name=name)
+    def take_snapshot(self, name: str, *, durable: bool = False) -> dict:
+        """Snapshot the namespace in the session's process.  ``durable`` also
+        keeps a signed copy here, which survives the process:
+        ``restart(from_snapshot=name)`` restores it into the new one.  The
+        copy is opaque bytes to the parent (never unpickled here); values
+        that cannot be pickled are left out (``info["skipped"]``)."""
+        info = self._call("take_snapshot", timeout=None, name=name)
+        if durable:
+            data = self._call("export_snapshot", timeout=None, name=name,
+                              key=self._snapshot_key)
+            if not isinstance(data, bytes):
+                raise RuntimeError(f"session {self.id!r} sent a malformed snapshot")
+            self._durable[name] = data
+            info = {**info, "durable": True, "bytes": len(data)}
+        return info
 
     def restore_snapshot(self, name: str) -> dict:
         return self._call("restore_snapshot", timeout=None, name=name)

@@ -51,6 +51,8 @@ CALLS = {
     "set_policy": ("policy",),
     "grant_input": (),
     "execution_count": (),
+    "export_snapshot": ("name", "key"),
+    "import_snapshot": ("name", "data", "key"),
 }
 
 #: Exception types a call may report back by name (anything else: RuntimeError).
@@ -249,11 +251,39 @@ class WorkerHost:
             kwargs = {k: params[k] for k in CALLS[method] if k in params}
             if method == "execution_count":
                 reply["result"] = self.session.execution_count
+            elif method in ("export_snapshot", "import_snapshot"):
+                reply["result"] = getattr(self, "_" + method)(**kwargs)
             else:
                 reply["result"] = getattr(self.session, method)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             reply["error"] = describe_error(exc)
         self.send(reply)
+
+    def _export_snapshot(self, name: str, key: bytes) -> bytes:
+        """Snapshot ``name`` as a signed file's bytes, for the parent to keep."""
+        import tempfile
+
+        from ..namespace import manager
+
+        with tempfile.TemporaryDirectory(prefix="pyrepl3-snapshot-") as tmp:
+            path = os.path.join(tmp, "snapshot")
+            manager(self.session.shell).save_snapshot(name, path, key=key)
+            with open(path, "rb") as f:
+                return f.read()
+
+    def _import_snapshot(self, name: str, data: bytes, key: bytes) -> dict:
+        """Load bytes :meth:`_export_snapshot` made (checked against ``key``) and restore them."""
+        import tempfile
+
+        from ..namespace import manager
+
+        names = manager(self.session.shell)
+        with tempfile.TemporaryDirectory(prefix="pyrepl3-snapshot-") as tmp:
+            path = os.path.join(tmp, "snapshot")
+            with open(path, "wb") as f:
+                f.write(data)
+            names.load_snapshot(path, name=name, key=key)
+        return names.restore_snapshot(name)
 
     def _grant(self, message: dict) -> None:
         name = str(message.get("name"))
