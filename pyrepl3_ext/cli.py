@@ -75,6 +75,15 @@ def serve_parser() -> "argparse.ArgumentParser":
                         help="where new sessions live unless session.create says: in the "
                              "server's process (dense, for trusted code) or each in a "
                              "supervised process of its own (docs/isolation.md)")
+    parser.add_argument("--limits", metavar="KEY=VALUE,...", default=None,
+                        help="process sessions: default resource limits, which are also "
+                             "the most a client may ask for (memory, cpu_seconds, "
+                             "cell_seconds, processes, open_files, file_size, output_bytes; "
+                             "e.g. memory=512M,cell_seconds=60; 'none' for unlimited)")
+    parser.add_argument("--confine", choices=("auto", "on", "off"), default="auto",
+                        help="process sessions: OS confinement; auto (default): for the "
+                             "restricted policy or when the client asks; on: always, a "
+                             "client cannot turn it off; off: only when the client asks")
     parser.add_argument("--kill-grace", type=float, default=3.0, metavar="SECONDS",
                         help="process sessions: how long a cell may ignore a cancel before "
                              "its process is killed (default 3)")
@@ -100,10 +109,13 @@ def serve(args: list[str]) -> int:
                 raise ValueError(f"--files-root {root!r} is not a directory")
         if not options.kill_grace > 0:
             raise ValueError(f"--kill-grace must be positive, got {options.kill_grace}")
+        session_limits = _parse_limits(options.limits)
     except ValueError as exc:
         print(f"pyrepl3 serve: {exc}", file=sys.stderr)
         return 2
-    engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace}
+    engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace,
+                      "session_limits": session_limits,
+                      "confine": {"auto": None, "on": True, "off": False}[options.confine]}
     token = options.token or os.environ.get("PYREPL3_TOKEN") or None
     if options.tcp:
         host, sep, port = options.tcp.rpartition(":")
@@ -130,6 +142,21 @@ def serve(args: list[str]) -> int:
                           files_roots=options.files_root, **engine_options)
     return server.run("stdio", token=None, limits=limits, files_roots=options.files_root,
                       **engine_options)
+
+
+def _parse_limits(text: str | None) -> object:
+    """``--limits memory=512M,cell_seconds=60`` as ``Limits`` (None: not given)."""
+    if text is None:
+        return None
+    from .engine.limits import Limits
+
+    values: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--limits wants KEY=VALUE items, got {item!r}")
+        values[key.strip()] = None if value.strip().lower() == "none" else value.strip()
+    return Limits.parse(values)
 
 
 def main(argv: list[str] | None = None) -> int:

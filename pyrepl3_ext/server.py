@@ -393,6 +393,8 @@ class Server:
                 "build": "patched" if _compat.is_patched_build() else "stock",
                 "concurrent_sessions": bool(self.engine.concurrent),
                 "isolation": self.engine.isolation,
+                "session_limits": (self.engine.limits.as_dict()
+                                   if self.engine.limits is not None else None),
                 "limits": {"max_message_bytes": limits.max_message_bytes,
                            "max_event_bytes": limits.max_event_bytes,
                            "max_buffer_bytes": limits.max_buffer_bytes}}
@@ -436,8 +438,11 @@ class Server:
                                                "(isolation: \"process\")")
         options = {}
         if "limits" in params:
-            options["limits"] = params["limits"]
+            options["limits"] = self._session_limits(params["limits"])
         if "confine" in params:
+            if self.engine.confine is True and not params["confine"]:
+                raise P.RPCError(P.INVALID_PARAMS, "confine: this server confines every "
+                                                   "process session (--confine on)")
             options["confine"] = params["confine"]
         try:
             session = self.engine.create_session(params.get("session_id"), config=config,
@@ -460,6 +465,22 @@ class Server:
         if getattr(session, "isolation", None) == "process":
             session.add_lost_callback(self._session_lost)
         return {"session": session.id}
+
+    def _session_limits(self, requested: dict) -> Any:
+        """A client's limits over the server's (``--limits``), which are ceilings."""
+        from .engine.limits import Limits
+
+        ceiling = self.engine.limits or Limits()
+        try:
+            wanted = Limits.parse({**ceiling.as_dict(), **requested})
+        except ValueError as exc:
+            raise P.RPCError(P.INVALID_PARAMS, f"limits: {exc}") from None
+        for key, cap in ceiling.as_dict().items():
+            value = getattr(wanted, key)
+            if cap is not None and (value is None or value > cap):
+                raise P.RPCError(P.INVALID_PARAMS, f"limits: {key} may be at most {cap} on "
+                                                   f"this server (its --limits), got {value}")
+        return wanted
 
     def _session_lost(self, session: Any, lost: dict) -> None:
         """Tell every client that a process session died (from the supervisor's thread)."""
@@ -873,7 +894,8 @@ def _directory_name(session_id: str) -> str:
 def run(transport: str, address: str | None = None, *, token: str | None = None,
         limits: Limits | None = None, engine: Any = None,
         files_roots: Sequence[str] = (), isolation: str = "in-process",
-        kill_grace: float = 3.0) -> int:
+        kill_grace: float = 3.0, session_limits: Any = None,
+        confine: bool | None = None) -> int:
     """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry.
 
     ``isolation`` is the default of ``session.create``; with ``"process"``
@@ -882,7 +904,8 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
     if engine is None:
         from .engine import Engine
 
-        engine = Engine(isolation=isolation, kill_grace=kill_grace)
+        engine = Engine(isolation=isolation, kill_grace=kill_grace, limits=session_limits,
+                        confine=confine)
         if isolation == "process":
             engine.warm_up()
     server = Server(engine, token=token, limits=limits, files_roots=files_roots)

@@ -619,3 +619,28 @@ def test_a_durable_snapshot_survives_the_process_and_restores_on_restart(session
     session.execute("import os; os._exit(1)")
     with pytest.raises(SnapshotNotFound):
         session.restart(from_snapshot="never-taken")
+
+
+def test_the_operators_limits_are_defaults_and_ceilings():
+    import asyncio
+
+    from pyrepl3_ext.client import Client, ClientError
+
+    async def main():
+        async with await Client.spawn_stdio("--isolation", "process", "--limits",
+                                            "memory=300M,cell_seconds=30") as client:
+            info = await client.call("server.info")
+            assert info["session_limits"]["memory"] == 300 * 2**20
+            sid = await client.create_session("a")
+            response, events = await client.run(
+                sid, "import resource\nresource.getrlimit(resource.RLIMIT_NOFILE)[0]")
+            assert events[1]["data"]["text/plain"] == "1024"
+            await client.create_session("b", limits={"memory": "100M"})
+            with pytest.raises(ClientError, match="memory may be at most"):
+                await client.create_session("c", limits={"memory": "1G"})
+            with pytest.raises(ClientError, match="cell_seconds may be at most"):
+                await client.create_session("d", limits={"cell_seconds": None})
+            with pytest.raises(ClientError, match="unknown key"):
+                await client.create_session("e", limits={"ram": 1})
+
+    asyncio.run(asyncio.wait_for(main(), 120))

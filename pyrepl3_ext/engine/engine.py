@@ -562,6 +562,7 @@ class Engine:
 
     def __init__(self, *, config: Any = None, queue: bool = True,
                  isolation: str = "in-process", kill_grace: float = 3.0,
+                 limits: Any = None, confine: Any = None,
                  log: Callable[[str], None] | None = None):
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, "
@@ -572,6 +573,13 @@ class Engine:
         self.isolation = isolation
         #: seconds a process session's cell may ignore a cancel before its process is killed
         self.kill_grace = _positive("kill_grace", kill_grace)
+        #: process sessions' limits and confinement when create_session does not say
+        self.limits = limits
+        self.confine = confine
+        if limits is not None:
+            from .limits import Limits
+
+            self.limits = Limits.parse(limits)
         self._log_to = log
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -623,7 +631,9 @@ class Engine:
         if isolation == "process":
             from .process_session import create
 
-            session = create(self, session_id, config, limits=limits, confine=confine,
+            session = create(self, session_id, config,
+                             limits=self.limits if limits is None else limits,
+                             confine=self.confine if confine is None else confine,
                              kill_grace=self.kill_grace if kill_grace is None
                              else _positive("kill_grace", kill_grace))
         else:
