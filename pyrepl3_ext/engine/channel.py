@@ -85,6 +85,8 @@ class Channel:
         self.max_frame = max_frame
         self._send_lock = threading.Lock()
         self._closed = False
+        # buffered: a burst of frames (a cell's events) costs one read, not two per frame
+        self._reader = sock.makefile("rb", buffering=1 << 16)
 
     @classmethod
     def from_fd(cls, fd: int) -> "Channel":
@@ -105,14 +107,10 @@ class Channel:
             self.sock.sendall(frame)
 
     def _read_exact(self, size: int) -> bytes | None:
-        chunks = []
-        while size:
-            chunk = self.sock.recv(min(size, 1 << 20))
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
+        data = self._reader.read(size)
+        if data is None or len(data) < size:  # end of stream mid-frame: the peer is gone
+            return None
+        return data
 
     def recv(self) -> dict | None:
         """The next message, or ``None`` at end of stream."""
@@ -141,4 +139,5 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._reader.close()
         self.sock.close()

@@ -324,6 +324,9 @@ class ProcessSession:
         self.worker.kill()
 
     def _done(self, message: dict) -> None:
+        finished = message.get("finished")
+        if isinstance(finished, dict):
+            self._forward(finished)
         with self._lock:
             running = self._running
             if running is None or message.get("execution_id") != running.job.execution_id:

@@ -130,6 +130,9 @@ class WorkerHost:
         self._ids = itertools.count(1)
         self._pending: dict[int, list] = {}
         self._pending_lock = threading.Lock()
+        # an execution's ``finished`` event waits for its ``done`` (one write for both)
+        self._finished: dict | None = None
+        self._pending_finished: dict | None = None
 
     # -- to the parent ---------------------------------------------------------
     def send(self, message: dict) -> None:
@@ -143,16 +146,27 @@ class WorkerHost:
             os._exit(0)
 
     def on_event(self, event: dict) -> None:
+        if event.get("type") == "finished":
+            # the last event goes out with the outcome, in one write (see on_done)
+            self._finished = event
+            return
         self.send({"op": "event", "event": event})
 
     def on_done(self, execution_id: str, handle: Any) -> None:
         from ..extension import classify_error
 
+        finished, self._finished = self._finished, None
+        if finished is not None and finished.get("execution_id") != execution_id:
+            self.send({"op": "event", "event": finished})  # not this execution's: as is
+            finished = None
+        if finished is not None:
+            self._pending_finished = finished
+
         try:
             result = handle.result(0)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             self.send({"op": "done", "execution_id": execution_id, "status": "error",
-                       "execution_count": None,
+                       "execution_count": None, "finished": self._take_finished(),
                        "error": {"ename": type(exc).__name__, "evalue": str(exc),
                                  "kind": "exception"}})
             return
@@ -164,7 +178,12 @@ class WorkerHost:
             described = {"ename": type(error).__name__, "evalue": str(error), "kind": kind,
                          "before_exec": result.error_before_exec is not None}
         self.send({"op": "done", "execution_id": execution_id, "status": status,
-                   "execution_count": result.execution_count, "error": described})
+                   "execution_count": result.execution_count, "error": described,
+                   "finished": self._take_finished()})
+
+    def _take_finished(self) -> dict | None:
+        finished, self._pending_finished = self._pending_finished, None
+        return finished
 
     def call_parent(self, capability: str, method: str, args: list, kwargs: dict) -> Any:
         """Ask the parent to run a capability method; its answer or its error."""
