@@ -644,3 +644,17 @@ def test_the_operators_limits_are_defaults_and_ceilings():
                 await client.create_session("e", limits={"ram": 1})
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_an_ignored_timeout_kills_even_under_a_longer_cell_time_limit(engine):
+    s = engine.create_session(isolation="process", limits={"cell_seconds": 60},
+                              kill_grace=0.5)
+    try:
+        start = time.monotonic()
+        result = s.execute("while True:\n    try:\n        import time; time.sleep(10)\n"
+                           "    except BaseException:\n        pass", timeout=0.3)
+        assert time.monotonic() - start < 30  # not the 60 s limit
+        assert isinstance(result.error_in_exec, SessionLost)
+        assert s.lost["kind"] == "killed" and "ignored its timeout" in s.lost["message"]
+    finally:
+        s.close()

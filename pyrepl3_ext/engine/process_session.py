@@ -91,7 +91,7 @@ class _Running:
     """The parent's record of the execution now in the worker."""
 
     __slots__ = ("job", "result", "on_event", "last_seq", "started_at", "cancelled",
-                 "kill_timer", "wall_timer")
+                 "timers")
 
     def __init__(self, job: Job, result: ProcessExecutionResult,
                  on_event: Callable[[dict], None] | None):
@@ -101,8 +101,8 @@ class _Running:
         self.last_seq = -1
         self.started_at: float | None = None
         self.cancelled: str | None = None
-        self.kill_timer: int | None = None
-        self.wall_timer: int | None = None
+        #: the supervisor's deadlines armed for this execution (cancelled when it ends)
+        self.timers: list[int] = []
 
 
 class ProcessSession:
@@ -283,24 +283,22 @@ class ProcessSession:
                 self.engine._log(f"on_event callback of session {self.id!r} failed: {exc!r}")
 
     def _arm_wall_clock(self, running: _Running) -> None:
-        # the cooperative timeout runs in the worker; if the cell ignores it,
-        # the process goes ``kill_grace`` later
-        deadlines = []
-        if running.job.timeout is not None:
-            deadlines.append(running.job.timeout + self.kill_grace)
-        cell_seconds = getattr(self.limits, "cell_seconds", None)
-        if cell_seconds is not None:
-            deadlines.append(cell_seconds)
-            running.wall_timer = self._supervisor.timers.call_at(
-                time.monotonic() + cell_seconds,
-                lambda: self._hard_deadline(running, cell_seconds))
-            return
-        if deadlines:
-            running.wall_timer = self._supervisor.timers.call_at(
-                time.monotonic() + min(deadlines),
+        """The deadlines that do not trust the worker, from the cell's start."""
+        timers = self._supervisor.timers
+        now = time.monotonic()
+        timeout = running.job.timeout
+        if timeout is not None:
+            # the cooperative timeout runs in the worker; a cell that ignores
+            # it loses its process ``kill_grace`` later
+            running.timers.append(timers.call_at(
+                now + timeout + self.kill_grace,
                 lambda: self._kill_running(running, "killed",
-                                           f"the cell ignored its timeout of "
-                                           f"{running.job.timeout} s for {self.kill_grace} s"))
+                                           f"the cell ignored its timeout of {timeout} s "
+                                           f"for {self.kill_grace} s")))
+        cell_seconds = self.limits.cell_seconds
+        if cell_seconds is not None:
+            running.timers.append(timers.call_at(
+                now + cell_seconds, lambda: self._hard_deadline(running, cell_seconds)))
 
     def _hard_deadline(self, running: _Running, seconds: float) -> None:
         with self._lock:
@@ -308,11 +306,11 @@ class ProcessSession:
                 return
         self._send({"op": "cancel", "execution_id": running.job.execution_id,
                     "reason": f"the session's cell time limit ({seconds} s)"})
-        running.kill_timer = self._supervisor.timers.call_at(
+        running.timers.append(self._supervisor.timers.call_at(
             time.monotonic() + self.kill_grace,
             lambda: self._kill_running(running, "cell_timeout",
                                        f"the cell passed the session's cell time limit "
-                                       f"of {seconds} s"))
+                                       f"of {seconds} s")))
 
     def _kill_running(self, running: _Running, kind: str, message: str) -> None:
         """The cell did not stop when asked: the process goes, ``kind`` says why."""
@@ -333,8 +331,7 @@ class ProcessSession:
                 return
             self._running = None
             result = running.result
-        self._supervisor.timers.cancel(running.kill_timer)
-        self._supervisor.timers.cancel(running.wall_timer)
+        self._disarm(running)
         result.execution_count = message.get("execution_count")
         if isinstance(result.execution_count, int):
             # the shell's count after a stored cell is one more than the cell's
@@ -352,11 +349,13 @@ class ProcessSession:
         self._settle(running.job, result)
         self._next()
 
+    def _disarm(self, running: _Running) -> None:
+        for timer in running.timers:
+            self._supervisor.timers.cancel(timer)
+
     def _settle(self, job: Job, result: Any = None, exc: BaseException | None = None) -> None:
         from .executor import _settle
 
-        if not job.future.done() and job.future.set_running_or_notify_cancel():
-            pass
         _settle(job.future, result, exc)
 
     def _next(self) -> None:
@@ -438,8 +437,7 @@ class ProcessSession:
             queued = list(self._queue)
             self._queue.clear()
         if running is not None:
-            self._supervisor.timers.cancel(running.kill_timer)
-            self._supervisor.timers.cancel(running.wall_timer)
+            self._disarm(running)
             result = running.result
             if running.job.started:
                 result.error_in_exec = error
@@ -630,11 +628,11 @@ class ProcessSession:
             if running is not None and running.job.execution_id == execution_id:
                 if running.cancelled is None:
                     running.cancelled = reason
-                    running.kill_timer = self._supervisor.timers.call_at(
+                    running.timers.append(self._supervisor.timers.call_at(
                         time.monotonic() + self.kill_grace,
                         lambda: self._kill_running(
                             running, "killed",
-                            f"the cell ignored a cancel for {self.kill_grace} s"))
+                            f"the cell ignored a cancel for {self.kill_grace} s")))
                 found = "running"
             else:
                 found = None

@@ -160,19 +160,24 @@ class WorkerProcess:
 
 
 class _Timers:
-    """One thread for every deadline the supervisor keeps (kill after grace, hard wall time)."""
+    """One thread for every deadline the supervisor keeps (kill after grace, hard wall time).
+
+    A timer is *live* from ``call_at`` until it fires or is cancelled; only
+    live timers fire, and nothing is kept for a timer once it is not live.
+    """
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._live: set[int] = set()
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        self._cancelled: set[int] = set()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> int:
         with self._cond:
             timer_id = next(self._ids)
             heapq.heappush(self._heap, (when, timer_id, callback))
+            self._live.add(timer_id)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="pyrepl3-supervisor-timers")
@@ -180,11 +185,9 @@ class _Timers:
             self._cond.notify()
             return timer_id
 
-    def cancel(self, timer_id: int | None) -> None:
-        if timer_id is None:
-            return
+    def cancel(self, timer_id: int) -> None:
         with self._cond:
-            self._cancelled.add(timer_id)
+            self._live.discard(timer_id)
 
     def _run(self) -> None:
         while True:
@@ -193,10 +196,10 @@ class _Timers:
                     now = time.monotonic()
                     if self._heap and self._heap[0][0] <= now:
                         _when, timer_id, callback = heapq.heappop(self._heap)
-                        if timer_id in self._cancelled:
-                            self._cancelled.discard(timer_id)
-                            continue
-                        break
+                        if timer_id in self._live:
+                            self._live.discard(timer_id)
+                            break
+                        continue
                     self._cond.wait(None if not self._heap else self._heap[0][0] - now)
             try:
                 callback()
