@@ -298,6 +298,8 @@ def _session_errors(call: Callable[[], Any]) -> Any:
         raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
     except SessionLost as exc:
         raise P.RPCError(P.SESSION_LOST, str(exc), {"kind": exc.kind}) from None
+    except ValueError as exc:  # the host API's word for a request that cannot apply
+        raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -497,28 +499,15 @@ class Server:
             raise P.RPCError(P.INVALID_PARAMS, f"session {session.id!r} lives in the server's "
                                                f"process: there is nothing to restart")
 
-        def restart() -> None:
-            from .errors import SnapshotNotFound
-
-            try:
-                restored = session.restart(from_snapshot=request.params.get("snapshot"))
-                answer = {"session": session.id}
-                if restored is not None:
-                    answer["restored"] = _jsonable(restored)
-                message = P.response(request.id, answer)
-            except SessionClosed as exc:
-                message = P.error_response(request.id, P.RPCError(P.SESSION_CLOSED, str(exc)))
-            except SnapshotNotFound as exc:
-                message = P.error_response(request.id, P.RPCError(P.UNKNOWN_NAME, str(exc)))
-            except Exception as exc:  # noqa: BLE001 - one response per request, always
-                message = P.error_response(request.id, P.RPCError(
-                    P.INVALID_PARAMS, f"{type(exc).__name__}: {exc}"))
-            if not request.is_notification:
-                conn.send_threadsafe(message, wait_writable=False)
+        def restart() -> dict:
+            restored = session.restart(from_snapshot=request.params.get("snapshot"))
+            answer = {"session": session.id}
+            if restored is not None:
+                answer["restored"] = _jsonable(restored)
+            return answer
 
         # starting a process takes milliseconds, but never on the loop
-        threading.Thread(target=restart, name="pyrepl3-session-restart", daemon=True).start()
-        return _DEFERRED
+        return self._session_call(conn, request, session, restart, off_loop=True)
 
     def _grant(self, session: Any, cap: dict) -> None:
         """Grant one requested capability (validated by the schema) to ``session``."""

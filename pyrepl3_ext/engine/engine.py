@@ -89,11 +89,95 @@ class ExecutionHandle:
         return f"<ExecutionHandle {self.execution_id!r} {state}>"
 
 
-class Session:
+class SessionBase:
+    """What both kinds of session share: the ``execute`` family and context
+    management.  A kind supplies ``_submit`` (queue a ``Job``, return its
+    ``ExecutionHandle``), ``cancel``, ``close`` and ``aclose``."""
+
+    #: where the session lives (``Engine.create_session(isolation=...)``)
+    isolation = ""
+
+    def _check_can_wait(self) -> None:
+        """Refuse a blocking ``execute`` that could only wait for itself."""
+
+    def execute(self, code: str, *, execution_id: str | None = None,
+                timeout: float | None = None, transaction: bool | None = None,
+                on_event: Callable[[dict], None] | None = None, wait: bool = True,
+                queue: bool | None = None, store_history: bool = True,
+                silent: bool = False) -> Any:
+        """Run ``code`` in this session and return its ``ExecutionResult``.
+
+        Thread-safe.  ``on_event(event)`` receives this execution's events
+        (in the thread that produced them).  ``wait=False`` returns an
+        :class:`ExecutionHandle` at once.  ``queue`` (default: the engine's)
+        says what happens while the session is busy: wait in line, or raise
+        ``SessionBusy``.  ``timeout`` counts from the moment the cell starts.
+        A caller interrupted while waiting (``KeyboardInterrupt``) cancels it.
+        """
+        if wait:
+            self._check_can_wait()
+        handle = self._submit(code, execution_id, timeout, transaction, on_event,
+                              queue, store_history, silent, host_loop=None)
+        if not wait:
+            return handle
+        try:
+            return handle._future.result()
+        except BaseException:
+            if not handle.done():
+                self.cancel(handle.execution_id, "the caller stopped waiting")
+            raise
+
+    def submit(self, code: str, **options: Any) -> ExecutionHandle:
+        """``execute(code, wait=False, **options)``."""
+        return self.execute(code, wait=False, **options)
+
+    async def execute_async(self, code: str, *, execution_id: str | None = None,
+                            timeout: float | None = None, transaction: bool | None = None,
+                            on_event: Callable[[dict], None] | None = None,
+                            queue: bool | None = None, store_history: bool = True,
+                            silent: bool = False, async_on_host: bool = True) -> Any:
+        """The coroutine form of :meth:`execute`, for hosts with an asyncio loop.
+
+        Sync cells run on the session's worker thread while the loop goes
+        on; a top-level-``await`` cell runs on the calling loop in a task of
+        its own (``async_on_host=False``: on the session's loop instead; a
+        process session always uses its own loop, in its process).
+        Cancelling the awaiting task cancels the execution.
+        """
+        loop = asyncio.get_running_loop()
+        handle = self._submit(code, execution_id, timeout, transaction, on_event,
+                              queue, store_history, silent,
+                              host_loop=loop if async_on_host else None)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(handle._future))
+        except asyncio.CancelledError:
+            self.cancel(handle.execution_id, "the caller stopped waiting")
+            raise
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class Session(SessionBase):
     """One isolated IPython shell with pyrepl3_ext loaded; create it with
     :meth:`Engine.create_session`."""
 
     isolation = "in-process"
+
+    def _check_can_wait(self) -> None:
+        if threading.current_thread() is self._executor.thread:
+            raise RuntimeError(
+                "a cell cannot wait for another cell of its own session (it would "
+                "wait for itself); use wait=False")
 
     def __init__(self, engine: "Engine", session_id: str | None, config: Any):
         from traitlets.config import Config
@@ -177,61 +261,6 @@ class Session:
         return f"<Session {self.id!r} {state}>"
 
     # -- executing --------------------------------------------------------------
-    def execute(self, code: str, *, execution_id: str | None = None,
-                timeout: float | None = None, transaction: bool | None = None,
-                on_event: Callable[[dict], None] | None = None, wait: bool = True,
-                queue: bool | None = None, store_history: bool = True,
-                silent: bool = False) -> Any:
-        """Run ``code`` in this session and return its ``ExecutionResult``.
-
-        Thread-safe.  ``on_event(event)`` receives this execution's events
-        (in the thread that produced them).  ``wait=False`` returns an
-        :class:`ExecutionHandle` at once.  ``queue`` (default: the engine's)
-        says what happens while the session is busy: wait in line, or raise
-        ``SessionBusy``.  ``timeout`` counts from the moment the cell starts.
-        A caller interrupted while waiting (``KeyboardInterrupt``) cancels it.
-        """
-        if wait and threading.current_thread() is self._executor.thread:
-            raise RuntimeError(
-                "a cell cannot wait for another cell of its own session (it would "
-                "wait for itself); use wait=False")
-        handle = self._submit(code, execution_id, timeout, transaction, on_event,
-                              queue, store_history, silent, host_loop=None)
-        if not wait:
-            return handle
-        try:
-            return handle._future.result()
-        except BaseException:
-            if not handle.done():
-                self.cancel(handle.execution_id, "the caller stopped waiting")
-            raise
-
-    def submit(self, code: str, **options: Any) -> ExecutionHandle:
-        """``execute(code, wait=False, **options)``."""
-        return self.execute(code, wait=False, **options)
-
-    async def execute_async(self, code: str, *, execution_id: str | None = None,
-                            timeout: float | None = None, transaction: bool | None = None,
-                            on_event: Callable[[dict], None] | None = None,
-                            queue: bool | None = None, store_history: bool = True,
-                            silent: bool = False, async_on_host: bool = True) -> Any:
-        """The coroutine form of :meth:`execute`, for hosts with an asyncio loop.
-
-        Sync cells run on the session's worker thread while the loop goes
-        on; a top-level-``await`` cell runs on the calling loop in a task of
-        its own (``async_on_host=False``: on the session's loop instead).
-        Cancelling the awaiting task cancels the execution.
-        """
-        loop = asyncio.get_running_loop()
-        handle = self._submit(code, execution_id, timeout, transaction, on_event,
-                              queue, store_history, silent,
-                              host_loop=loop if async_on_host else None)
-        try:
-            return await asyncio.shield(asyncio.wrap_future(handle._future))
-        except asyncio.CancelledError:
-            self.cancel(handle.execution_id, "the caller stopped waiting")
-            raise
-
     def _submit(self, code: str, execution_id: str | None, timeout: float | None,
                 transaction: bool | None, on_event: Callable[[dict], None] | None,
                 queue: bool | None, store_history: bool, silent: bool,
@@ -516,18 +545,6 @@ class Session:
                 _gate_owner = None
         self._executor.shell = None
         self._shell = None
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    async def __aenter__(self) -> "Session":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
 
 def _positive(name: str, value: Any) -> float:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 from ..errors import (CellCancelled, CellError, CellTimeout, SessionBusy, SessionClosed,
                       SessionLost)
 from .channel import ChannelError
-from .engine import ExecutionHandle
+from .engine import ExecutionHandle, SessionBase
 from .executor import Job
 from .worker import describe_error, rebuild_error
 
@@ -105,7 +105,7 @@ class _Running:
         self.timers: list[int] = []
 
 
-class ProcessSession:
+class ProcessSession(SessionBase):
     """One session in a supervised process of its own; create it with
     ``Engine.create_session(..., isolation="process")``."""
 
@@ -496,8 +496,8 @@ class ProcessSession:
             if self._closed:
                 raise SessionClosed(f"session {self.id!r} is closed")
             if self.lost is None:
-                raise RuntimeError(f"session {self.id!r} is not lost: close it, or cancel "
-                                   f"its cell, instead of restarting it")
+                raise ValueError(f"session {self.id!r} is not lost: close it, or cancel "
+                                 f"its cell, instead of restarting it")
         old = self.worker
         if old is not None:
             old.channel.close()
@@ -543,45 +543,12 @@ class ProcessSession:
         return f"<ProcessSession {self.id!r} pid={self.pid} {state}>"
 
     # -- executing ------------------------------------------------------------------
-    def execute(self, code: str, *, execution_id: str | None = None,
-                timeout: float | None = None, transaction: bool | None = None,
-                on_event: Callable[[dict], None] | None = None, wait: bool = True,
-                queue: bool | None = None, store_history: bool = True,
-                silent: bool = False) -> Any:
-        """Run ``code`` in the session's process (see ``Session.execute``)."""
-        handle = self._submit(code, execution_id, timeout, transaction, on_event, queue,
-                              store_history, silent)
-        if not wait:
-            return handle
-        try:
-            return handle._future.result()
-        except BaseException:
-            if not handle.done():
-                self.cancel(handle.execution_id, "the caller stopped waiting")
-            raise
-
-    def submit(self, code: str, **options: Any) -> ExecutionHandle:
-        return self.execute(code, wait=False, **options)
-
-    async def execute_async(self, code: str, *, execution_id: str | None = None,
-                            timeout: float | None = None, transaction: bool | None = None,
-                            on_event: Callable[[dict], None] | None = None,
-                            queue: bool | None = None, store_history: bool = True,
-                            silent: bool = False, async_on_host: bool = True) -> Any:
-        """The coroutine form of :meth:`execute`.  An await cell runs on the
-        session process's own loop (``async_on_host`` cannot apply: the
-        host's loop is in another process)."""
-        handle = self._submit(code, execution_id, timeout, transaction, on_event, queue,
-                              store_history, silent)
-        try:
-            return await asyncio.shield(asyncio.wrap_future(handle._future))
-        except asyncio.CancelledError:
-            self.cancel(handle.execution_id, "the caller stopped waiting")
-            raise
-
     def _submit(self, code: str, execution_id: str | None, timeout: float | None,
                 transaction: bool | None, on_event: Callable[[dict], None] | None,
-                queue: bool | None, store_history: bool, silent: bool) -> ExecutionHandle:
+                queue: bool | None, store_history: bool, silent: bool,
+                host_loop: Any = None) -> ExecutionHandle:
+        # host_loop is ignored: the host's event loop is in another process, so
+        # an await cell runs on the session process's own loop (mode "async")
         from .. import _options
 
         if not isinstance(code, str):
@@ -829,18 +796,6 @@ class ProcessSession:
 
     def _finish_close(self, timeout: float | None) -> bool:
         return self.close(timeout)
-
-    def __enter__(self) -> "ProcessSession":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    async def __aenter__(self) -> "ProcessSession":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
 
 #: What ``confine=`` may say beyond True/False (``confine.ConfineSpec``'s fields).

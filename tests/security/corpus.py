@@ -56,10 +56,9 @@ def _new_shell():
     return InteractiveShell.instance(config=config)
 
 
-def _escape_child(payload: dict, mode: str, workdir: str) -> dict:
-    import pyrepl3_ext
-    from pyrepl3_ext.security import FilesCapability
-
+def _plant(payload: dict, workdir: str) -> tuple[str, str, str, str]:
+    """The canary (a fresh secret outside every granted root), the marker a
+    command would create, the files root, and the payload's code filled in."""
     canary = os.path.join(workdir, "canary")
     root = os.path.join(workdir, "root")
     os.makedirs(canary)
@@ -72,6 +71,14 @@ def _escape_child(payload: dict, mode: str, workdir: str) -> dict:
     cmd = f"cat {secret}; touch {marker}"
     code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
             .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+    return token, marker, root, code
+
+
+def _escape_child(payload: dict, mode: str, workdir: str) -> dict:
+    import pyrepl3_ext
+    from pyrepl3_ext.security import FilesCapability
+
+    token, marker, root, code = _plant(payload, workdir)
 
     shell = _new_shell()
     pyrepl3_ext.load_ipython_extension(shell)
@@ -273,18 +280,7 @@ def run_escapes_in_processes(policy: str, confine: bool = True) -> list[dict]:
 
 
 def _escape_in_process(engine, payload, policy, confine, workdir, Config, FilesCapability):
-    canary = os.path.join(workdir, "canary")
-    root = os.path.join(workdir, "root")
-    os.makedirs(canary)
-    os.makedirs(root)
-    token = secrets.token_hex(16)
-    secret = os.path.join(canary, "secret")
-    with open(secret, "w") as f:
-        f.write(token + "\n")
-    marker = os.path.join(canary, "ran")
-    cmd = f"cat {secret}; touch {marker}"
-    code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
-            .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+    token, marker, root, code = _plant(payload, workdir)
     config = Config()
     config.PyREPL3.security_policy = policy
     config.InteractiveShell.xmode = "Plain"
