@@ -458,7 +458,7 @@ def test_a_memory_bomb_fails_alone_and_neighbours_allocate(engine):
     neighbours = [engine.create_session(isolation="process", limits={"memory": "400M"})
                   for _ in range(4)]
     try:
-        assert victim.worker.cgroup is not None and victim.worker.cgroup.has_memory
+        assert victim._cgroup is not None and victim._cgroup.has_memory
         bomb = victim.execute("hoard = []\nwhile True:\n    hoard.append(b'x' * 10**7)",
                               wait=False)
         allocations = [n.execute("block = b'y' * (100 * 2**20)\nlen(block) // 2**20",
@@ -550,7 +550,6 @@ def test_a_confined_session_reaches_nothing_of_the_host(engine, tmp_path):
             "read": f"open({str(secret)!r}).read()",
             "exec": "import os; os.execv('/bin/sh', ['sh', '-c', 'true'])",
             "subprocess": "import subprocess; subprocess.run(['true'])",
-            "fork": "import os; os.fork()",
             "socket": "import socket; socket.socket()",
             "signal": f"import os, signal; os.kill({os.getpid()}, signal.SIGTERM)",
         }
@@ -559,6 +558,18 @@ def test_a_confined_session_reaches_nothing_of_the_host(engine, tmp_path):
             assert isinstance(result.error_in_exec, CellError), (name, result)
             assert result.error_in_exec.ename in ("PermissionError", "OSError"), (name, result)
         assert s.execute("import os; os.environ.get('PYREPL3_TEST_SECRET')").data is None
+        # a copy of the process (what checkpoints are made of, allowed where a
+        # pids cgroup bounds it) is exactly as confined: no read, no exec
+        result = s.execute(
+            "import os\npid = os.fork()\nif pid == 0:\n    code = 0\n    try:\n"
+            f"        open({str(secret)!r}).read()\n    except PermissionError:\n"
+            "        code |= 1\n    try:\n        os.execv('/bin/true', ['true'])\n"
+            "    except PermissionError:\n        code |= 2\n    os._exit(code)\n"
+            "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])")
+        if result.success:  # fork allowed: the copy must be refused both
+            assert result.data == {"text/plain": "3"}, result.data
+        else:  # no pids cgroup here: fork itself is refused
+            assert result.error_in_exec.ename == "PermissionError"
         # what it may do: its scratch directory, threads, an event loop, the parent's files
         assert s.execute("import tempfile\nwith tempfile.TemporaryFile() as f:\n"
                          "    f.write(b'ok')").success

@@ -21,17 +21,22 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import base64
 import json
+import os
 import socket
 import struct
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 #: The largest frame either side accepts (an event is cut long before this).
 MAX_FRAME = 64 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")
+#: The most descriptors held for messages that have not claimed them yet.
+MAX_PENDING_FDS = 8
+_ANCILLARY = socket.CMSG_SPACE(MAX_PENDING_FDS * array.array("i").itemsize)
 
 
 class ChannelError(Exception):
@@ -78,7 +83,14 @@ def decode(body: bytes) -> dict:
 
 
 class Channel:
-    """One end of a session channel (thread-safe sends, one reader)."""
+    """One end of a session channel (thread-safe sends, one reader).
+
+    A message may carry file descriptors (a checkpoint's channel): the
+    sender names how many in ``"fds"``, they travel as ``SCM_RIGHTS`` with
+    its frame, and :meth:`recv` hands them over in ``message["fds"]``.  The
+    reader keeps at most :data:`MAX_PENDING_FDS` descriptors nobody has
+    claimed (a peer that sends more has the extra ones closed).
+    """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = MAX_FRAME):
         self.sock = sock
@@ -86,7 +98,8 @@ class Channel:
         self._send_lock = threading.Lock()
         self._closed = False
         # buffered: a burst of frames (a cell's events) costs one read, not two per frame
-        self._reader = sock.makefile("rb", buffering=1 << 16)
+        self._buffer = bytearray()
+        self._fds: list[int] = []
 
     @classmethod
     def from_fd(cls, fd: int) -> "Channel":
@@ -100,36 +113,58 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, message: dict) -> None:
-        """Send one message; ``OSError`` when the other end is gone."""
+    def send(self, message: dict, fds: Sequence[int] = ()) -> None:
+        """Send one message (with ``fds``, if any); ``OSError`` when the other end is gone."""
+        if fds:
+            message = {**message, "fds": len(fds)}
         frame = encode(message)
         with self._send_lock:
-            self.sock.sendall(frame)
+            if fds:
+                sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                    array.array("i", fds))])
+                if sent < len(frame):
+                    self.sock.sendall(frame[sent:])
+            else:
+                self.sock.sendall(frame)
 
-    def _read_exact(self, size: int) -> bytes | None:
-        data = self._reader.read(size)
-        if data is None or len(data) < size:  # end of stream mid-frame: the peer is gone
-            return None
-        return data
+    def _fill(self) -> bool:
+        """Read what is there (at least one byte); False at end of stream."""
+        data, ancillary, _flags, _addr = self.sock.recvmsg(1 << 16, _ANCILLARY)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self._fds.extend(fds)
+        while len(self._fds) > MAX_PENDING_FDS:  # unclaimed: never let a peer fill our table
+            os.close(self._fds.pop(0))
+        if not data:
+            return False
+        self._buffer += data
+        return True
 
     def recv(self) -> dict | None:
         """The next message, or ``None`` at end of stream."""
         try:
-            header = self._read_exact(_HEADER.size)
+            while len(self._buffer) < _HEADER.size:
+                if not self._fill():
+                    return None
+            (size,) = _HEADER.unpack_from(self._buffer)
+            if size > self.max_frame:
+                raise ChannelError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+            end = _HEADER.size + size
+            while len(self._buffer) < end:
+                if not self._fill():
+                    return None
         except (ConnectionResetError, OSError):
             return None
-        if header is None:
-            return None
-        (size,) = _HEADER.unpack(header)
-        if size > self.max_frame:
-            raise ChannelError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
-        try:
-            body = self._read_exact(size)
-        except (ConnectionResetError, OSError):
-            return None
-        if body is None:
-            return None
-        return decode(body)
+        body = bytes(self._buffer[_HEADER.size:end])
+        del self._buffer[:end]
+        message = decode(body)
+        wanted = message.get("fds")
+        if wanted:
+            count = wanted if isinstance(wanted, int) and 0 < wanted <= MAX_PENDING_FDS else 0
+            message["fds"], self._fds = self._fds[:count], self._fds[count:]
+        return message
 
     def close(self) -> None:
         if self._closed:
@@ -139,5 +174,13 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._reader.close()
+        self.sock.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def detach(self) -> None:
+        """Forget the socket without touching it (a forked copy that must leave
+        its parent's connection alone: no shutdown, only its own descriptor)."""
+        self._closed = True
         self.sock.close()

@@ -72,6 +72,10 @@ class ConfineSpec:
     readable: tuple[str, ...] = ()
     network: bool = False
     subprocesses: bool = False
+    #: may fork copies of itself (checkpoints), never exec: copies inherit every
+    #: layer; bound them with a pids limit.  Signals are then scoped by Landlock
+    #: (ABI 6+), since a copy has a pid of its own the seccomp fence cannot name.
+    fork: bool = False
     required: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
@@ -523,9 +527,10 @@ def _landlock(spec: ConfineSpec, abi: int, read_paths: list[str]) -> tuple[dict,
         if spec.network:
             gaps.append(f"Landlock ABI {abi} < 6: abstract unix sockets of the host are reachable "
                         "(network=True keeps the host's network namespace)")
-        if spec.subprocesses:
+        if spec.subprocesses or spec.fork:
             gaps.append(f"Landlock ABI {abi} < 6: signals to processes outside the sandbox are "
-                        "not scoped, and seccomp's signal fence is off with subprocesses=True")
+                        "not scoped, and seccomp's signal fence is off with "
+                        f"{'subprocesses' if spec.subprocesses else 'fork'}=True")
     if abi < 3:
         gaps.append(f"Landlock ABI {abi} < 3: truncate() is not controlled; files the process "
                     "owns (uid 0: all root files) can be truncated")
@@ -788,7 +793,8 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
     table = _SYSCALLS[arch]
     denied = list(_DENIED_ALWAYS)
     if not spec.subprocesses:
-        denied += _DENIED_WITHOUT_SUBPROCESSES
+        denied += [name for name in _DENIED_WITHOUT_SUBPROCESSES
+                   if not (spec.fork and name in ("fork", "vfork"))]
     if not spec.network:
         denied.append("socket")
     if uid0:
@@ -802,12 +808,13 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
     p += [("jeq", table["clone3"], "enosys", None), ("jeq", table["clone"], "clone", None),
           ("jeq", table["personality"], "personality", None),
           ("jeq", table["ioctl"], "ioctl", None)]
-    if not spec.subprocesses:
+    fence = not spec.subprocesses and not spec.fork
+    if fence:
         p += [("jeq", table[name], "own_pid", None) for name in _SIGNAL_OWN_PID]
     p += [("ret", SECCOMP_RET_ALLOW)]
-    # clone: never new namespaces; without subprocesses only threads (CLONE_THREAD set)
+    # clone: never new namespaces; without subprocesses or fork only threads (CLONE_THREAD set)
     p += [("label", "clone"), ("ld", _OFF_ARG0), ("jset", _CLONE_NS_FLAGS, "eperm", None)]
-    if not spec.subprocesses:
+    if not spec.subprocesses and not spec.fork:
         p += [("jset", CLONE_THREAD, "allow", "eperm")]
     p += [("ret", SECCOMP_RET_ALLOW)]
     # personality: only the query and the default persona (no ASLR switch-off, no READ_IMPLIES_EXEC)
@@ -818,7 +825,7 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
     if uid0:
         p += [("jeq", FS_IOC_SETFLAGS, "eperm", None), ("jeq", FS_IOC_FSSETXATTR, "eperm", None)]
     p += [("jeq", TIOCLINUX, "eperm", "allow")]
-    if not spec.subprocesses:
+    if fence:
         p += [("label", "own_pid"), ("ld", _OFF_ARG0), ("jeq", pid, "allow", "eperm")]
     p += [("label", "eperm"), ("ret", SECCOMP_RET_ERRNO | errno.EPERM),
           ("label", "enosys"), ("ret", SECCOMP_RET_ERRNO | errno.ENOSYS),
@@ -829,8 +836,10 @@ def _seccomp_program(spec: ConfineSpec, arch: str, pid: int, uid0: bool) -> tupl
         "enosys": ["clone3", f"every number above {_HIGHEST_REVIEWED}"],
         "ioctl": ["TIOCSTI", "TIOCLINUX"] + (["FS_IOC_SETFLAGS", "FS_IOC_FSSETXATTR"] if uid0
                                              else []),
-        "clone": "threads only" if not spec.subprocesses else "no namespaces",
-        "signals": f"own pid {pid} only" if not spec.subprocesses else "unrestricted",
+        "clone": ("no namespaces" if spec.subprocesses else
+                  "threads and copies of the process, no namespaces, no exec" if spec.fork
+                  else "threads only"),
+        "signals": f"own pid {pid} only" if fence else "scoped by Landlock",
         "foreign_arch": "kill",
     }
     return _assemble(p), summary

@@ -387,6 +387,11 @@ class Session(SessionBase):
 
         return manager(self.shell).restore_snapshot(name)
 
+    def delete_snapshot(self, name: str) -> None:
+        from ..namespace import manager
+
+        manager(self.shell).delete_snapshot(name)
+
     def reply_input(self, input_id: str, text: str | None) -> bool:
         """Answer an ``input_requested`` event of this session (None: end of input)."""
         from .. import reply_input

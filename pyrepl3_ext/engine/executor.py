@@ -232,6 +232,17 @@ class SessionExecutor:
                 raise RuntimeError(f"session {self.name!r} already has a worker thread")
             self._thread = threading.current_thread()
 
+    def adopt_after_fork(self) -> None:
+        """In a forked copy of the session's process (a checkpoint resumed):
+        the calling thread, the copy's only one, becomes the worker.  The
+        condition is made anew: the dead worker's waiter is still queued in
+        the old one, and a notify would go to it instead of to us."""
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = threading.current_thread()
+        self._idle_waiter = None
+        self._exited = False
+        self._after_exit = []
+
     def serve(self) -> None:
         """Run jobs in the adopted thread until :meth:`shutdown`."""
         if self._thread is not threading.current_thread():

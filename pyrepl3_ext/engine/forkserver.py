@@ -14,7 +14,9 @@ Invariants:
 * the template process has exactly one thread when it forks (asserted at
   start), so no lock can be inherited held and every thread a session
   needs is started in the session itself;
-* it is the parent of every session process, so it alone can reap them:
+* it is the parent of every session process (and, as a subreaper, adopts
+  the checkpoints and resumed workers whose parent died), so it alone can
+  reap them:
   each exit is reported to the supervisor as ``{"op": "exited", "pid",
   "status", "cpu_seconds"}`` (a ``waitpid`` status and the CPU time used);
 * when the supervisor goes away (its end of the control socket closes),
@@ -74,7 +76,9 @@ def _template(config: dict) -> Any:
 
 
 def _reap(ctl: socket.socket, children: set[int]) -> None:
-    while children:
+    # every child: the ones forked here and the orphans adopted as subreaper
+    # (checkpoints whose worker died, workers resumed from a checkpoint)
+    while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
@@ -89,13 +93,50 @@ def _reap(ctl: socket.socket, children: set[int]) -> None:
             return
 
 
+def _own_children() -> set[int]:
+    """Every live child of this process, adopted ones included (from /proc)."""
+    me = os.getpid()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
 def _kill_all(children: set[int]) -> None:
-    for pid in children:
-        for kill in (os.killpg, os.kill):
+    """Kill every session process, and what is adopted while doing it."""
+    for _ in range(10):  # a killed worker's checkpoints are adopted next round
+        pids = children | _own_children()
+        if not pids:
+            return
+        for pid in pids:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        children.clear()
+        for pid in pids:
             try:
-                kill(pid, signal.SIGKILL)
-            except OSError:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
                 pass
+
+
+def _set_child_subreaper() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):  # not Linux: checkpoints are not offered there
+        pass
 
 
 def serve(ctl: socket.socket) -> None:
@@ -110,6 +151,9 @@ def serve(ctl: socket.socket) -> None:
         send(ctl, {"op": "failed", "error": f"the template process has threads {names}: "
                                             f"forking it would copy their locks"})
         return
+    # orphaned session processes (a checkpoint whose worker is gone, a worker
+    # resumed from a checkpoint) are adopted here, so their ends are reported
+    _set_child_subreaper()
     # SIGCHLD wakes the select below through this pipe
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)

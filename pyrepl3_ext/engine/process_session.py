@@ -91,7 +91,7 @@ class _Running:
     """The parent's record of the execution now in the worker."""
 
     __slots__ = ("job", "result", "on_event", "last_seq", "started_at", "cancelled",
-                 "timers")
+                 "timers", "transaction")
 
     def __init__(self, job: Job, result: ProcessExecutionResult,
                  on_event: Callable[[dict], None] | None):
@@ -103,6 +103,9 @@ class _Running:
         self.cancelled: str | None = None
         #: the supervisor's deadlines armed for this execution (cancelled when it ends)
         self.timers: list[int] = []
+        #: a transaction cell's checkpoint request: its reply slot, answered
+        #: before the cell's first event (the worker reads requests in order)
+        self.transaction: list | None = None
 
 
 class ProcessSession(SessionBase):
@@ -147,12 +150,29 @@ class ProcessSession(SessionBase):
         self._kill_reason: tuple[str, str] | None = None
         self._closing_cleanly = False
         self._said_no_cgroup = False
+        #: the session's cgroup: its worker, the worker's children and its
+        #: checkpoints (one lineage; a fresh start makes a new one)
+        self._cgroup: Any = None
+        self._oom_base = 0
+        #: checkpoints: name -> the paused fork's WorkerProcess
+        self._checkpoints: dict[str, Any] = {}
         self.worker: Any = None
         self.pid: int | None = None
         self._start_worker()
 
     # -- the process ------------------------------------------------------------
-    def _confine_request(self) -> dict | None:
+    def _release_cgroup(self) -> None:
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            try:
+                cgroup.kill_all()
+                cgroup.remove()
+            except Exception as exc:  # noqa: BLE001
+                self.engine._log(f"session {self.id!r}: removing its cgroup: {exc!r}")
+
+    def _confine_request(self, *, fork: bool = False) -> dict | None:
+        """What the worker confines itself to.  ``fork``: it may fork copies of
+        itself (checkpoints), offered only where a pids cgroup bounds them."""
         if self.confine is None:
             return None
         import shutil
@@ -161,7 +181,7 @@ class ProcessSession(SessionBase):
         if self._scratch is not None:  # a restart: the new process starts clean
             shutil.rmtree(self._scratch, ignore_errors=True)
         self._scratch = tempfile.mkdtemp(prefix=f"pyrepl3-{_safe_name(self.id)}-")
-        return {**self.confine, "scratch": self._scratch,
+        return {**self.confine, "scratch": self._scratch, "fork": fork,
                 "writable": [self._scratch, *self.confine.get("writable", ())]}
 
     def _start_worker(self) -> None:
@@ -173,7 +193,8 @@ class ProcessSession(SessionBase):
             cgroup = SessionCgroup.create(f"{self.id}-{worker.pid}", self.limits)
             if cgroup is not None:
                 cgroup.add(worker.pid)
-                worker.cgroup = cgroup
+                self._cgroup = cgroup
+                self._oom_base = cgroup.oom_kills()
             elif not self._said_no_cgroup:
                 self._said_no_cgroup = True
                 self.engine._log(f"session {self.id!r}: no cgroup ({SessionCgroup.last_reason}); "
@@ -186,7 +207,8 @@ class ProcessSession(SessionBase):
             worker.channel.send({"op": "assign", "session_id": self.id, "config": config,
                                  "limits": self.limits.as_dict(),
                                  "memory_fallback": cgroup is None or not cgroup.has_memory,
-                                 "confine": self._confine_request()})
+                                 "confine": self._confine_request(
+                                     fork=cgroup is not None and "pids" in cgroup.controllers)})
             worker.channel.sock.settimeout(self.spawn_timeout)
             try:
                 reply = worker.channel.recv()
@@ -202,7 +224,7 @@ class ProcessSession(SessionBase):
                                             f"{rebuild_error(detail) if detail else 'it exited'}")
         except BaseException:
             worker.kill()
-            worker.release()
+            self._release_cgroup()
             raise
         self.worker = worker
         self.pid = worker.pid
@@ -332,6 +354,12 @@ class ProcessSession(SessionBase):
             self._running = None
             result = running.result
         self._disarm(running)
+        checkpoint = self._transaction_checkpoint(running)
+        if checkpoint is not None:
+            if message.get("status") == "ok":
+                self._end_checkpoint(checkpoint)
+            else:
+                self._roll_back(checkpoint)
         result.execution_count = message.get("execution_count")
         if isinstance(result.execution_count, int):
             # the shell's count after a stored cell is one more than the cell's
@@ -374,10 +402,13 @@ class ProcessSession(SessionBase):
             self._settle(job, result)
             self._next()
             return
+        if self._wants_transaction(job):
+            # a checkpoint first, pipelined: the worker forks before it reads
+            # the execute, and the parent never waits for it on this thread
+            running.transaction = self._ask({"op": "checkpoint"})
         self._send({"op": "execute", "execution_id": job.execution_id, "code": job.code,
                     "timeout": job.timeout, "transaction": job.transaction,
                     "store_history": job.store_history, "silent": job.silent})
-        del running
 
     def _send(self, message: dict) -> bool:
         worker = self.worker
@@ -398,6 +429,23 @@ class ProcessSession(SessionBase):
             return
         kind, message = self._cause(status)
         lost = {"kind": kind, "message": message, "status": status}
+        running = self._running
+        checkpoint = self._transaction_checkpoint(running) if running is not None else None
+        if checkpoint is not None:
+            # a transaction cell's process died: the session goes on from the
+            # checkpoint taken before the cell; only the cell is lost
+            rolled = {**lost, "message": f"{message}; the session was rolled back to "
+                                         f"before the cell"}
+            try:
+                self._roll_back(checkpoint)
+            except Exception as exc:  # noqa: BLE001 - then the session is lost after all
+                self.engine._log(f"session {self.id!r}: the transaction's checkpoint did "
+                                 f"not resume: {exc!r}")
+            else:
+                self.engine._log(f"session {self.id!r}: {rolled['message']}")
+                self._fail_running(SessionLost(kind, rolled["message"]), rolled)
+                self._next()
+                return
         with self._lock:
             self.lost = lost
             callbacks = list(self._lost_callbacks)
@@ -418,11 +466,11 @@ class ProcessSession(SessionBase):
             return "exited", "the fork server ended, and every session process with it"
         from .limits import explain_exit
 
-        cgroup = self.worker.cgroup
+        cgroup = self._cgroup
         oom_kills = 0
         if cgroup is not None:
             try:
-                oom_kills = cgroup.oom_kills()
+                oom_kills = cgroup.oom_kills() - self._oom_base
             except OSError:
                 pass
         used = self.worker.cpu_seconds
@@ -432,20 +480,10 @@ class ProcessSession(SessionBase):
                             cpu_limited=cpu_limited)
 
     def _fail_all(self, error: BaseException, lost: dict | None) -> None:
+        self._fail_running(error, lost)
         with self._lock:
-            running, self._running = self._running, None
             queued = list(self._queue)
             self._queue.clear()
-        if running is not None:
-            self._disarm(running)
-            result = running.result
-            if running.job.started:
-                result.error_in_exec = error
-                if lost is not None:
-                    self._report_lost(running, lost)
-            else:
-                result.error_before_exec = error
-            self._settle(running.job, result)
         for job, _on_event in queued:
             result = ProcessExecutionResult(job.code, job.execution_id,
                                             store_history=job.store_history, silent=job.silent)
@@ -458,6 +496,20 @@ class ProcessSession(SessionBase):
             slot[1] = {"error": {"type": "SessionClosed" if lost is None else "RuntimeError",
                                  "message": error.args[-1] if error.args else str(error)}}
             slot[0].set()
+
+    def _fail_running(self, error: BaseException, lost: dict | None) -> None:
+        with self._lock:
+            running, self._running = self._running, None
+        if running is not None:
+            self._disarm(running)
+            result = running.result
+            if running.job.started:
+                result.error_in_exec = error
+                if lost is not None:
+                    self._report_lost(running, lost)
+            else:
+                result.error_before_exec = error
+            self._settle(running.job, result)
 
     def _report_lost(self, running: _Running, lost: dict) -> None:
         """The worker cannot say how its cell ended: the parent says it, once."""
@@ -487,7 +539,8 @@ class ProcessSession(SessionBase):
         """Give a lost session a fresh process (same id, settings, policy and
         grants; an empty namespace, or the durable snapshot ``from_snapshot``
         restored into it, whose ``{"restored", "removed"}`` is returned)."""
-        if from_snapshot is not None and from_snapshot not in self._durable:
+        if from_snapshot is not None and from_snapshot not in self._durable \
+                and from_snapshot not in self._checkpoints:
             from ..errors import SnapshotNotFound
 
             raise SnapshotNotFound(f"session {self.id!r} has no durable snapshot "
@@ -501,7 +554,15 @@ class ProcessSession(SessionBase):
         old = self.worker
         if old is not None:
             old.channel.close()
-            old.release()
+        checkpoint = self._checkpoints.get(from_snapshot) if from_snapshot else None
+        if checkpoint is not None:
+            self._resume(checkpoint)  # the whole interpreter as it was, same lineage
+            with self._lock:
+                self.lost = None
+            self._next()
+            return {"restored": "checkpoint", "removed": []}
+        self._drop_checkpoints()
+        self._release_cgroup()
         self._start_worker()
         with self._lock:
             self.lost = None
@@ -517,6 +578,142 @@ class ProcessSession(SessionBase):
                                   data=self._durable[from_snapshot], key=self._snapshot_key)
         self._next()
         return restored
+
+    # -- checkpoints: paused forks of the worker -------------------------------------
+    #: live checkpoints a session may hold (each is a process; its memory counts)
+    max_checkpoints = 8
+
+    def _wants_transaction(self, job: Job) -> bool:
+        """A transaction cell: the job says so, a ``%%transaction`` line, or the default."""
+        if job.transaction is not None:
+            return bool(job.transaction)
+        if "%%transaction" in job.code:
+            from ..extension import parse_directives
+
+            try:
+                return bool(parse_directives(job.code)[0].get("transaction"))
+            except ValueError:  # a malformed directive: the worker reports it
+                return False
+        return bool((self._config.get("PyREPL3") or {}).get("transactions"))
+
+    def _adopt_checkpoint(self, reply: dict) -> Any:
+        import socket
+
+        fds = list(reply.get("fds") or [])
+        pid = (reply.get("result") or {}).get("pid")
+        if not fds or not isinstance(pid, int):
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"session {self.id!r} sent a malformed checkpoint")
+        for extra in fds[1:]:
+            os.close(extra)
+        from .channel import Channel
+
+        return self._supervisor.adopt(pid, Channel(socket.socket(fileno=fds[0])))
+
+    def _transaction_checkpoint(self, running: _Running) -> Any:
+        """The checkpoint taken before a transaction cell, or None (and why, logged)."""
+        slot, running.transaction = running.transaction, None
+        if slot is None:
+            return None
+        reply = slot[1] if slot[0].is_set() else None
+        with self._lock:
+            for call_id, pending in list(self._calls.items()):
+                if pending is slot:
+                    del self._calls[call_id]
+        if reply is None or "error" in reply:
+            if reply is not None:
+                _close_fds(reply)
+            detail = reply["error"].get("message") if reply else "no answer"
+            self.engine._log(f"session {self.id!r}: no checkpoint for a transaction cell "
+                             f"({detail}); its rollback covers names only")
+            return None
+        try:
+            return self._adopt_checkpoint(reply)
+        except RuntimeError as exc:
+            self.engine._log(str(exc))
+            return None
+
+    def _end_checkpoint(self, checkpoint: Any) -> None:
+        checkpoint.kill()
+        checkpoint.channel.close()
+
+    def _drop_checkpoints(self) -> None:
+        with self._lock:
+            checkpoints = list(self._checkpoints.values())
+            self._checkpoints.clear()
+        for checkpoint in checkpoints:
+            self._end_checkpoint(checkpoint)
+
+    def _roll_back(self, checkpoint: Any) -> None:
+        """A transaction's checkpoint becomes the worker, then goes (it served once)."""
+        try:
+            self._resume(checkpoint)
+        finally:
+            self._end_checkpoint(checkpoint)
+
+    def _resume(self, checkpoint: Any) -> None:
+        """A fresh copy of ``checkpoint`` becomes the session's worker; the
+        checkpoint stays, to be resumed again.  The old worker is killed."""
+        import socket
+
+        from .channel import Channel
+
+        control = checkpoint.channel
+        control.send({"op": "resume"})
+        control.sock.settimeout(self.spawn_timeout)
+        try:
+            reply = control.recv()
+        finally:
+            control.sock.settimeout(None)
+        fds = (reply or {}).get("fds") or []
+        if not reply or reply.get("op") != "resumed" or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise SessionLost("failed", f"session {self.id!r}: the checkpoint did not resume")
+        for extra in fds[1:]:
+            os.close(extra)
+        channel = Channel(socket.socket(fileno=fds[0]))
+        channel.sock.settimeout(self.spawn_timeout)
+        try:
+            ready = channel.recv()
+        finally:
+            channel.sock.settimeout(None)
+        if not ready or ready.get("op") != "ready" or not isinstance(ready.get("pid"), int):
+            channel.close()
+            raise SessionLost("failed", f"session {self.id!r}: the resumed copy did not start")
+        worker = self._supervisor.adopt(ready["pid"], channel)
+        old, self.worker = self.worker, worker  # from now on the old one's end is no death
+        self.pid = worker.pid
+        self._execution_count = ready.get("execution_count")
+        if self._cgroup is not None:
+            try:
+                self._oom_base = self._cgroup.oom_kills()
+            except OSError:
+                pass
+        if old is not None:
+            old.kill()
+        threading.Thread(target=self._read, args=(worker,), daemon=True,
+                         name=f"pyrepl3-process-{self.id}").start()
+        worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
+
+    def _take_checkpoint(self, name: str) -> dict:
+        with self._lock:
+            if self.busy:
+                raise RuntimeError(f"session {self.id!r} is running a cell: a checkpoint is "
+                                   f"taken between cells")
+            if name not in self._checkpoints and len(self._checkpoints) >= self.max_checkpoints:
+                raise RuntimeError(f"session {self.id!r} holds {self.max_checkpoints} "
+                                   f"checkpoints, the most it may; delete one first")
+        reply = self._answer(self._ask({"op": "checkpoint"}), "checkpoint", 60.0)
+        checkpoint = self._adopt_checkpoint(reply)
+        with self._lock:
+            replaced = self._checkpoints.pop(name, None)
+            self._checkpoints[name] = checkpoint
+        if replaced is not None:
+            self._end_checkpoint(replaced)
+        return {"name": name, "kind": "checkpoint", "pid": checkpoint.pid,
+                "created": time.time()}
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -620,7 +817,9 @@ class ProcessSession(SessionBase):
         return True
 
     # -- host API calls (answered by the worker) ------------------------------------
-    def _call(self, method: str, timeout: float | None = 60.0, **params: Any) -> Any:
+    def _ask(self, message: dict) -> list:
+        """Send a request the worker answers with ``reply``; its slot
+        ``[event, reply]`` (``reply`` set, event set, when it comes)."""
         with self._lock:
             if self._closed:
                 raise SessionClosed(f"session {self.id!r} is closed")
@@ -630,18 +829,24 @@ class ProcessSession(SessionBase):
             call_id = next(self._call_ids)
             slot: list = [threading.Event(), None]
             self._calls[call_id] = slot
-        if not self._send({"op": "call", "id": call_id, "method": method, "params": params}):
+        if not self._send({**message, "id": call_id}):
             with self._lock:
                 self._calls.pop(call_id, None)
             raise SessionLost("exited", f"session {self.id!r}: its process is gone")
+        return slot
+
+    def _answer(self, slot: list, what: str, timeout: float | None) -> dict:
         if not slot[0].wait(timeout):
-            with self._lock:
-                self._calls.pop(call_id, None)
-            raise TimeoutError(f"session {self.id!r} did not answer {method} in {timeout} s")
+            raise TimeoutError(f"session {self.id!r} did not answer {what} in {timeout} s")
         reply = slot[1]
         if "error" in reply:
+            _close_fds(reply)
             raise rebuild_error(reply["error"])
-        return reply.get("result")
+        return reply
+
+    def _call(self, method: str, timeout: float | None = 60.0, **params: Any) -> Any:
+        slot = self._ask({"op": "call", "method": method, "params": params})
+        return self._answer(slot, method, timeout).get("result")
 
     def variables(self, *, max_repr: int = 100) -> list[dict]:
         return self._call("variables", max_repr=max_repr)
@@ -658,11 +863,19 @@ class ProcessSession(SessionBase):
         self._call("delete_variable", name=name)
 
     def take_snapshot(self, name: str, *, durable: bool = False) -> dict:
-        """Snapshot the namespace in the session's process.  ``durable`` also
-        keeps a signed copy here, which survives the process:
-        ``restart(from_snapshot=name)`` restores it into the new one.  The
-        copy is opaque bytes to the parent (never unpickled here); values
-        that cannot be pickled are left out (``info["skipped"]``)."""
+        """A checkpoint of the whole interpreter: a paused ``fork()`` of the
+        session's process (every object, every in-place mutation, nothing
+        pickled; pages shared copy-on-write).  ``restore_snapshot(name)``
+        continues from it, as often as wanted; it also survives the
+        worker's death (``restart(from_snapshot=name)``).
+
+        ``durable=True`` takes a pickled snapshot instead and keeps a signed
+        copy here, for saving or a restart without the checkpoint (opaque
+        bytes to the parent, never unpickled here; values that cannot be
+        pickled are left out: ``info["skipped"]``).
+        """
+        if not durable:
+            return self._take_checkpoint(name)
         info = self._call("take_snapshot", timeout=None, name=name)
         if durable:
             data = self._call("export_snapshot", timeout=None, name=name,
@@ -674,7 +887,26 @@ class ProcessSession(SessionBase):
         return info
 
     def restore_snapshot(self, name: str) -> dict:
-        return self._call("restore_snapshot", timeout=None, name=name)
+        """Continue from checkpoint ``name`` (the current process is replaced by
+        a fresh copy of it), or restore the pickled snapshot ``name``."""
+        checkpoint = self._checkpoints.get(name)
+        if checkpoint is None:
+            return self._call("restore_snapshot", timeout=None, name=name)
+        with self._lock:
+            if self.busy:
+                raise RuntimeError(f"session {self.id!r} is running a cell: cancel it or "
+                                   f"wait before restoring a checkpoint")
+        self._resume(checkpoint)
+        return {"name": name, "kind": "checkpoint", "pid": self.pid}
+
+    def delete_snapshot(self, name: str) -> None:
+        with self._lock:
+            checkpoint = self._checkpoints.pop(name, None)
+        if checkpoint is not None:
+            self._end_checkpoint(checkpoint)
+            return
+        self._durable.pop(name, None)
+        self._call("delete_snapshot", name=name)
 
     def reply_input(self, input_id: str, text: str | None) -> bool:
         return bool(self._call("reply_input", input_id=input_id, text=text))
@@ -768,7 +1000,8 @@ class ProcessSession(SessionBase):
         if worker is not None:
             worker.kill()  # what its cells started ends with it
             worker.channel.close()
-            worker.release()
+        self._drop_checkpoints()
+        self._release_cgroup()
         self.engine._forget(self)
         if self._scratch is not None:
             import shutil
@@ -800,6 +1033,12 @@ class ProcessSession(SessionBase):
 
 #: What ``confine=`` may say beyond True/False (``confine.ConfineSpec``'s fields).
 CONFINE_KEYS = ("network", "subprocesses", "readable", "writable", "required")
+
+
+def _close_fds(reply: dict) -> None:
+    for fd in reply.get("fds") or ():
+        if isinstance(fd, int):
+            os.close(fd)
 
 
 def confine_request(confine: Any, policy: str | None) -> dict | None:

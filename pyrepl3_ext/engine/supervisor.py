@@ -10,8 +10,8 @@ Invariants:
 
 * a session process is killed through its pidfd where the kernel has them
   (a pid can be reused once the fork server has reaped it; a pidfd cannot),
-  and its process group and session cgroup go with it, so what a cell
-  started ends too;
+  and its process group goes with it, so what a cell started ends too
+  (the session's cgroup catches the rest when the session closes);
 * every worker's end is observed exactly once: ``exited`` from the fork
   server sets :attr:`WorkerProcess.status` and fires its callbacks;
 * the fork server never outlives the supervisor: closing the control
@@ -81,7 +81,6 @@ class WorkerProcess:
         self.exited = threading.Event()
         self._on_exit: list[Callable[[int], None]] = []
         self._lock = threading.Lock()
-        self.cgroup: Any = None
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -119,13 +118,18 @@ class WorkerProcess:
                                     f"failed: {exc!r}")
 
     def kill(self) -> None:
-        """SIGKILL the process, its process group and its cgroup (idempotent)."""
+        """SIGKILL the process and its process group (idempotent).
+
+        The session's cgroup, shared with the session's checkpoints, is the
+        session's to kill (``ProcessSession``), not one process's.
+        """
         with self._lock:
             alive = self.status is None
             pidfd = self._pidfd
-        # the group first (pgid == pid after setsid): what the cells started.
-        # It outlives a worker that exited; its id can only be taken again
-        # by a new session leader given the same pid, never by a plain process.
+        # the group first (pgid == pid: every session process leads its own
+        # group): what the cells started.  It outlives a worker that exited;
+        # its id can only be taken again by a new group leader given the same
+        # pid, never by a plain process.
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except OSError:
@@ -138,21 +142,6 @@ class WorkerProcess:
                     os.kill(self.pid, signal.SIGKILL)
             except OSError:
                 pass
-        if self.cgroup is not None:
-            try:
-                self.cgroup.kill_all()
-            except Exception as exc:  # noqa: BLE001
-                self.supervisor.log(f"killing cgroup of {self.pid}: {exc!r}")
-
-    def release(self) -> None:
-        """Give back what the process held beyond itself (its cgroup)."""
-        cgroup, self.cgroup = self.cgroup, None
-        if cgroup is not None:
-            try:
-                cgroup.kill_all()
-                cgroup.remove()
-            except Exception as exc:  # noqa: BLE001
-                self.supervisor.log(f"removing the cgroup of {self.pid}: {exc!r}")
 
     def wait(self, timeout: float | None = None) -> int | None:
         self.exited.wait(timeout)
@@ -317,7 +306,11 @@ class Supervisor:
                         self._workers[pid].cpu_seconds = message.get("cpu_seconds")
                     worker = self._workers.pop(pid, None)
                     if worker is None:
+                        # a process not (yet) known: one being adopted right now,
+                        # or a process a cell forked; keep the last few only
                         self._early_exits[pid] = status
+                        while len(self._early_exits) > 256:
+                            self._early_exits.pop(next(iter(self._early_exits)))
                 if worker is not None:
                     worker._exited(status)
         # the fork server is gone: so is every session process
@@ -351,7 +344,12 @@ class Supervisor:
                 self._spawns.pop(tag, None)
             raise SupervisorError("the fork server did not fork a session process")
         pid, fd = slot[1]
-        worker = WorkerProcess(self, pid, Channel(socket.socket(fileno=fd)))
+        return self.adopt(pid, Channel(socket.socket(fileno=fd)))
+
+    def adopt(self, pid: int, channel: Channel) -> WorkerProcess:
+        """Watch a session process forked elsewhere (a checkpoint, a worker
+        resumed from one): the fork server reaps it, as their subreaper."""
+        worker = WorkerProcess(self, pid, channel)
         with self._lock:
             early = self._early_exits.pop(pid, None)
             if early is None:

@@ -27,6 +27,7 @@ no host object, grant or root descriptor exists in this process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -47,6 +48,7 @@ CALLS = {
     "delete_variable": ("name",),
     "take_snapshot": ("name",),
     "restore_snapshot": ("name",),
+    "delete_snapshot": ("name",),
     "reply_input": ("input_id", "text"),
     "set_policy": ("policy",),
     "grant_input": (),
@@ -237,6 +239,10 @@ class WorkerHost:
                 slot[0].set()
         elif op == "grant":
             self._grant(message)
+        elif op == "checkpoint":
+            # on this (the reader) thread: while it forks, no other request
+            # is read, so no other thread of ours holds a lock the copy needs
+            self._checkpoint(message)
         elif op == "close":
             self.session._executor.shutdown(str(message.get("reason") or "session closed"))
             running = self.session.running
@@ -304,6 +310,93 @@ class WorkerHost:
             names.load_snapshot(path, name=name, key=key)
         return names.restore_snapshot(name)
 
+    # -- checkpoints: a paused fork of this process ---------------------------------
+    def _checkpoint(self, message: dict) -> None:
+        reply: dict = {"op": "reply", "id": message.get("id")}
+        try:
+            _check_forkable(self.session)
+        except RuntimeError as exc:
+            reply["error"] = describe_error(exc)
+            self.send(reply)
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _quiet_background():
+                pid = os.fork()
+        except OSError as exc:  # confined without fork: no pids limit to bound copies
+            ours.close()
+            theirs.close()
+            reply["error"] = describe_error(RuntimeError(
+                f"this session cannot fork a checkpoint ({exc.strerror}): its confinement "
+                f"allows fork only where a pids cgroup bounds the copies"))
+            self.send(reply)
+            return
+        if pid == 0:  # the checkpoint: this thread is all it has
+            code = 1
+            try:
+                ours.close()
+                code = self._wait_as_checkpoint(Channel(theirs))
+            finally:
+                os._exit(code)
+        theirs.close()
+        reply["result"] = {"pid": pid}
+        try:
+            self.channel.send(reply, fds=[ours.fileno()])
+        except OSError:
+            os._exit(0)
+        finally:
+            ours.close()
+
+    def _wait_as_checkpoint(self, channel: Channel) -> int:
+        """Hold this copy of the session until the parent resumes or drops it."""
+        os.setpgid(0, 0)  # its own group: killing the live worker's group spares it
+        self.channel.detach()  # the live worker's connection is not ours
+        while True:
+            try:
+                message = channel.recv()
+            except ChannelError:
+                return 1
+            if message is None or message.get("op") != "resume":
+                return 0
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            middle = os.fork()
+            if middle == 0:
+                # double fork: the new worker is orphaned at once, so the fork
+                # server (a subreaper) reaps it and reports how it ended
+                if os.fork() == 0:
+                    ours.close()
+                    channel.detach()
+                    self._serve_as_worker(Channel(theirs))
+                os._exit(0)
+            os.waitpid(middle, 0)
+            theirs.close()
+            try:
+                channel.send({"op": "resumed"}, fds=[ours.fileno()])
+            except OSError:
+                return 0
+            finally:
+                ours.close()
+
+    def _serve_as_worker(self, channel: Channel) -> None:
+        """A fresh copy of the checkpoint becomes the session's worker; never returns."""
+        code = 1
+        try:
+            # its own group; no parent-death signal: its parent (the double
+            # fork's middle) is gone already, and the end of its channel is
+            # what ends it when the host goes (the fork server kills it too)
+            os.setpgid(0, 0)
+            self.channel = channel
+            self._pending.clear()
+            executor = self.session._executor
+            executor.adopt_after_fork()
+            self.send({"op": "ready", "pid": os.getpid(),
+                       "execution_count": self.session.execution_count})
+            threading.Thread(target=self.serve, name="pyrepl3-channel", daemon=True).start()
+            executor.serve()
+            code = 0
+        finally:
+            os._exit(code)
+
     def _grant(self, message: dict) -> None:
         name = str(message.get("name"))
         methods = [str(m) for m in message.get("methods") or []]
@@ -335,8 +428,61 @@ def _confine(assign: dict, channel: Channel) -> dict | None:
                        readable=tuple(wanted.get("readable") or ()),
                        network=bool(wanted.get("network", False)),
                        subprocesses=bool(wanted.get("subprocesses", False)),
+                       fork=bool(wanted.get("fork", False)),
                        required=frozenset(wanted.get("required") or ()))
     return apply(spec, keep_fds=[channel.fileno()])
+
+
+@contextlib.contextmanager
+def _quiet_background() -> Any:
+    """Hold, across a fork, the locks our own background thread takes.
+
+    The cancellation timer thread is the one thread of ours besides the
+    reader and the worker that may run between cells; a fork while it held
+    its lock or the cancellation lock would leave that lock held for ever
+    in the copy.  Holding both while forking means neither is held by
+    anyone else when the copy starts, and the copy gets a fresh timer
+    (its thread is not in the copy).
+    """
+    from .. import cancellation
+
+    timer = getattr(cancellation, "_TIMER", None)
+    locks = [lock for lock in (getattr(cancellation, "_lock", None),
+                               getattr(timer, "_cond", None)) if lock is not None]
+    for lock in locks:
+        lock.acquire()
+    pid = os.getpid()
+    try:
+        yield
+    finally:
+        if os.getpid() != pid and timer is not None:  # the copy: a timer of its own
+            cancellation._TIMER = type(timer)()
+        for lock in reversed(locks):
+            lock.release()
+
+
+def _check_forkable(session: Any) -> None:
+    """Refuse a checkpoint that could not hold the whole session.
+
+    A fork keeps only the thread that forks: threads a cell started would
+    be missing in the copy (and any lock they held would stay held), and an
+    event loop with pending tasks would resume without its thread.
+    """
+    if session.running is not None:
+        raise RuntimeError("a checkpoint is taken between cells, and a cell is running")
+    ours = {threading.main_thread(), threading.current_thread()}
+    others = [t.name for t in threading.enumerate()
+              if t not in ours and t.name != "pyrepl3-cancel-timer"]
+    if others:
+        raise RuntimeError(f"the session has threads a checkpoint cannot copy (a fork keeps "
+                           f"only one thread): {', '.join(others)}; end them first")
+    loop = session._executor._loop
+    if loop is not None:
+        import asyncio
+
+        if asyncio.all_tasks(loop):
+            raise RuntimeError("the session has pending asyncio tasks, which a checkpoint "
+                               "cannot copy; let them finish or cancel them first")
 
 
 def _configure(session: Any, assign: dict) -> None:
