@@ -470,6 +470,11 @@ def _check_forkable(session: Any) -> None:
     """
     if session.running is not None:
         raise RuntimeError("a checkpoint is taken between cells, and a cell is running")
+    for thread in threading.enumerate():
+        # a host call just answered may still be returning; no new one starts
+        # meanwhile (the reader thread, which starts them, is the one forking)
+        if thread.name == "pyrepl3-call":
+            thread.join(2.0)
     ours = {threading.main_thread(), threading.current_thread()}
     others = [t.name for t in threading.enumerate()
               if t not in ours and t.name != "pyrepl3-cancel-timer"]
