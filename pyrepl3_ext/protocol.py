@@ -232,16 +232,24 @@ METHODS: dict[str, dict] = {
         "result": {"type": "object"},
     },
     "snapshot.take": {
-        "description": "Take a named in-memory snapshot of the namespace.",
+        "description": ("Take a named snapshot: in a process session a checkpoint (a paused "
+                        "fork of the whole interpreter), in an in-process session a deep "
+                        "copy of the namespace."),
         "params": _params({**_SESSION, "name": _NAME, "durable": {
             "type": "boolean",
-            "description": "process sessions: also keep a copy in the server that "
-                           "survives the session's process (session.restart snapshot)"}},
+            "description": "process sessions: a pickled snapshot instead of a checkpoint, "
+                           "with a copy kept in the server (session.restart snapshot)"}},
                           ("session", "name")),
         "result": {"type": "object"},
     },
     "snapshot.restore": {
-        "description": "Restore the namespace to a named snapshot.",
+        "description": ("Restore a named snapshot (a checkpoint: the session continues from "
+                        "a fresh copy of it, which can be restored again)."),
+        "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "snapshot.delete": {
+        "description": "Delete a named snapshot (a checkpoint's process ends).",
         "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
         "result": {"type": "object"},
     },

@@ -355,6 +355,7 @@ class Server:
             "namespace.get": self._namespace, "namespace.set": self._namespace,
             "namespace.delete": self._namespace, "namespace.list": self._namespace,
             "snapshot.take": self._snapshot, "snapshot.restore": self._snapshot,
+            "snapshot.delete": self._snapshot,
         }
         missing = set(P.METHODS) - set(self.handlers)
         assert not missing, f"methods without a handler: {missing}"
@@ -683,6 +684,9 @@ class Server:
             if request.method == "snapshot.take":
                 info = session.take_snapshot(name,
                                              durable=bool(request.params.get("durable")))
+            elif request.method == "snapshot.delete":
+                session.delete_snapshot(name)
+                info = {"name": name, "deleted": True}
             else:
                 info = session.restore_snapshot(name)
             return {"snapshot": _jsonable(info)}

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pyrepl3_ext import CellCancelled, Engine
-from pyrepl3_ext.errors import CellError, SessionLost
+from pyrepl3_ext.errors import CellError, SessionLost, SnapshotRefused
 
 WAIT = 30
 
@@ -123,16 +123,16 @@ def test_a_checkpoint_survives_its_worker_and_restarts_the_session(session):
 def test_checkpoints_refuse_what_they_cannot_copy(session):
     session.execute("import threading\nstop = threading.Event()\n"
                     "t = threading.Thread(target=stop.wait, name='helper')\nt.start()")
-    with pytest.raises(RuntimeError, match="helper"):
+    with pytest.raises(SnapshotRefused, match="helper"):
         session.take_snapshot("c")
     session.execute("stop.set(); t.join()")
     assert session.take_snapshot("c")["kind"] == "checkpoint"
     session.max_checkpoints = 1
-    with pytest.raises(RuntimeError, match="the most it may"):
+    with pytest.raises(SnapshotRefused, match="the most it may"):
         session.take_snapshot("d")
     session.take_snapshot("c")  # replacing one is fine
     handle = session.execute("import time; time.sleep(0.5)", wait=False)
-    with pytest.raises(RuntimeError, match="between cells"):
+    with pytest.raises(SnapshotRefused, match="between cells"):
         session.take_snapshot("e")
     handle.result(WAIT)
 

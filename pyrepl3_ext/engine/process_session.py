@@ -39,7 +39,7 @@ import types
 from typing import Any, Callable
 
 from ..errors import (CellCancelled, CellError, CellTimeout, SessionBusy, SessionClosed,
-                      SessionLost)
+                      SessionLost, SnapshotRefused)
 from .channel import ChannelError
 from .engine import ExecutionHandle, SessionBase
 from .executor import Job
@@ -700,10 +700,10 @@ class ProcessSession(SessionBase):
     def _take_checkpoint(self, name: str) -> dict:
         with self._lock:
             if self.busy:
-                raise RuntimeError(f"session {self.id!r} is running a cell: a checkpoint is "
+                raise SnapshotRefused(f"session {self.id!r} is running a cell: a checkpoint is "
                                    f"taken between cells")
             if name not in self._checkpoints and len(self._checkpoints) >= self.max_checkpoints:
-                raise RuntimeError(f"session {self.id!r} holds {self.max_checkpoints} "
+                raise SnapshotRefused(f"session {self.id!r} holds {self.max_checkpoints} "
                                    f"checkpoints, the most it may; delete one first")
         reply = self._answer(self._ask({"op": "checkpoint"}), "checkpoint", 60.0)
         checkpoint = self._adopt_checkpoint(reply)
@@ -894,7 +894,7 @@ class ProcessSession(SessionBase):
             return self._call("restore_snapshot", timeout=None, name=name)
         with self._lock:
             if self.busy:
-                raise RuntimeError(f"session {self.id!r} is running a cell: cancel it or "
+                raise SnapshotRefused(f"session {self.id!r} is running a cell: cancel it or "
                                    f"wait before restoring a checkpoint")
         self._resume(checkpoint)
         return {"name": name, "kind": "checkpoint", "pid": self.pid}

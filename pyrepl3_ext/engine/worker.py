@@ -313,9 +313,11 @@ class WorkerHost:
     # -- checkpoints: a paused fork of this process ---------------------------------
     def _checkpoint(self, message: dict) -> None:
         reply: dict = {"op": "reply", "id": message.get("id")}
+        from ..errors import SnapshotRefused
+
         try:
             _check_forkable(self.session)
-        except RuntimeError as exc:
+        except SnapshotRefused as exc:
             reply["error"] = describe_error(exc)
             self.send(reply)
             return
@@ -326,7 +328,7 @@ class WorkerHost:
         except OSError as exc:  # confined without fork: no pids limit to bound copies
             ours.close()
             theirs.close()
-            reply["error"] = describe_error(RuntimeError(
+            reply["error"] = describe_error(SnapshotRefused(
                 f"this session cannot fork a checkpoint ({exc.strerror}): its confinement "
                 f"allows fork only where a pids cgroup bounds the copies"))
             self.send(reply)
@@ -462,14 +464,16 @@ def _quiet_background() -> Any:
 
 
 def _check_forkable(session: Any) -> None:
-    """Refuse a checkpoint that could not hold the whole session.
+    """Refuse (``SnapshotRefused``) a checkpoint that could not hold the whole session.
 
     A fork keeps only the thread that forks: threads a cell started would
     be missing in the copy (and any lock they held would stay held), and an
     event loop with pending tasks would resume without its thread.
     """
+    from ..errors import SnapshotRefused
+
     if session.running is not None:
-        raise RuntimeError("a checkpoint is taken between cells, and a cell is running")
+        raise SnapshotRefused("a checkpoint is taken between cells, and a cell is running")
     for thread in threading.enumerate():
         # a host call just answered may still be returning; no new one starts
         # meanwhile (the reader thread, which starts them, is the one forking)
@@ -479,14 +483,14 @@ def _check_forkable(session: Any) -> None:
     others = [t.name for t in threading.enumerate()
               if t not in ours and t.name != "pyrepl3-cancel-timer"]
     if others:
-        raise RuntimeError(f"the session has threads a checkpoint cannot copy (a fork keeps "
+        raise SnapshotRefused(f"the session has threads a checkpoint cannot copy (a fork keeps "
                            f"only one thread): {', '.join(others)}; end them first")
     loop = session._executor._loop
     if loop is not None:
         import asyncio
 
         if asyncio.all_tasks(loop):
-            raise RuntimeError("the session has pending asyncio tasks, which a checkpoint "
+            raise SnapshotRefused("the session has pending asyncio tasks, which a checkpoint "
                                "cannot copy; let them finish or cancel them first")
 
 
