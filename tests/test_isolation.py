@@ -413,8 +413,8 @@ def test_the_server_runs_process_sessions_and_reports_their_death():
             assert taken["snapshot"]["kind"] == "checkpoint"
             await client.run(sid, "box.append(2)")
             await client.call("snapshot.restore", session=sid, name="cp")
-            response, events = await client.run(sid, "box")
-            assert events[1]["data"]["text/plain"] == "[1]"
+            _, boxed = await client.run(sid, "box")
+            assert boxed[1]["data"]["text/plain"] == "[1]"
             await client.call("snapshot.delete", session=sid, name="cp")
             with pytest.raises(ClientError) as caught:
                 await client.call("snapshot.restore", session=sid, name="cp")
