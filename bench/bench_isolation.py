@@ -16,7 +16,11 @@ one run, variants interleaved, so the ratios hold on a noisy machine:
   shared copy-on-write with the fork server in every worker, PSS splits
   them among the sharers, USS is what closing the session gives back;
 * **cancel latency** in a process session, ``cancel()`` to result, for
-  every blocking call the worker's main thread can be in.
+  every blocking call the worker's main thread can be in;
+* **checkpoints**: take and restore time for namespaces of 1 MiB, 100 MiB
+  and 1 GiB, a checkpoint's extra memory (PSS) right after it is taken and
+  after the session rewrites 10 % of its data, and what a transaction cell
+  adds to ``x = 1``.
 
 Writes JSON to ``bench/results/``.
 """
@@ -176,6 +180,61 @@ def cancel_latency(samples: int) -> dict:
     return {k: summary(v) for k, v in times.items()}
 
 
+def _pss(pid: int) -> int:
+    return _memory(pid)["pss"]
+
+
+def checkpoints(sizes_mib: list[int], rounds: int) -> dict:
+    """Checkpoint and restore time by namespace size; a checkpoint's extra
+    memory right after it is taken and after the session rewrites 10 % of
+    its data (PSS of worker + checkpoint, so shared pages count once)."""
+    engine = Engine()
+    out: dict = {}
+    for mib in sizes_mib:
+        session = engine.create_session(isolation="process",
+                                        limits={"memory": f"{3 * mib + 512}M"})
+        session.execute(f"data = bytearray(b'x') * ({mib} * 2**20)")
+        take, restore = [], []
+        for i in range(rounds):
+            t0 = time.perf_counter()
+            session.take_snapshot("c")
+            take.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            session.restore_snapshot("c")
+            restore.append(time.perf_counter() - t0)
+        session.delete_snapshot("c")  # its pages would be shared three ways below
+        time.sleep(0.1)
+        before = _pss(session.pid)
+        session.take_snapshot("m")
+        checkpoint_pid = session._checkpoints["m"].pid
+        time.sleep(0.1)
+        after_take = _pss(session.pid) + _pss(checkpoint_pid) - before
+        session.execute(f"n = len(data) // 10\ndata[:n] = b'y' * n")
+        time.sleep(0.1)
+        after_write = _pss(session.pid) + _pss(checkpoint_pid) - before
+        out[f"{mib} MiB"] = {"take": summary(take), "restore": summary(restore),
+                             "extra_mib_after_take": after_take / 2**20,
+                             "extra_mib_after_10pct_rewrite": after_write / 2**20}
+        session.close()
+    # a transaction cell's added latency: x = 1 with and without, interleaved
+    session = engine.create_session(isolation="process")
+    plain, transaction = [], []
+    for _ in range(10):
+        session.execute("x = 1")
+        session.execute("x = 1", transaction=True)
+    for _ in range(rounds * 10):
+        for variant, bucket in random.sample([(False, plain), (True, transaction)], 2):
+            t0 = time.perf_counter()
+            session.execute("x = 1", transaction=variant)
+            bucket.append(time.perf_counter() - t0)
+    out["transaction x = 1"] = summary(transaction)
+    out["plain x = 1"] = summary(plain)
+    out["transaction added, p50 ms"] = (statistics.median(transaction)
+                                        - statistics.median(plain)) * 1e3
+    engine.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples")
@@ -186,6 +245,7 @@ def main() -> None:
         "round_trip": asyncio.run(_round_trips(100 if quick else 400)),
         "idle_memory": idle_memory(5 if quick else 10),
         "cancel": cancel_latency(10 if quick else 40),
+        "checkpoints": checkpoints([1, 100] if quick else [1, 100, 1024], 5 if quick else 15),
     }
     print("session creation (ms)")
     for name, s in results["creation"].items():
@@ -207,6 +267,16 @@ def main() -> None:
     for name, s in results["cancel"].items():
         print(f"  {name:<16} p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f}  "
               f"max {s['max_ms']:7.2f}")
+    print("checkpoints (ms; extra memory in MiB, PSS of worker + checkpoint)")
+    for name, c in results["checkpoints"].items():
+        if name.endswith("MiB"):
+            print(f"  {name:>9}: take p50 {c['take']['p50_ms']:6.2f}  restore p50 "
+                  f"{c['restore']['p50_ms']:6.2f}  extra after take "
+                  f"{c['extra_mib_after_take']:7.1f}  after 10% rewrite "
+                  f"{c['extra_mib_after_10pct_rewrite']:7.1f}")
+    c = results["checkpoints"]
+    print(f"  transaction cell x = 1: p50 {c['transaction x = 1']['p50_ms']:.2f} vs "
+          f"{c['plain x = 1']['p50_ms']:.2f} ms plain (+{c['transaction added, p50 ms']:.2f} ms)")
     print(f"results: {write_results('isolation', results)}")
 
 
