@@ -155,3 +155,20 @@ def test_a_confined_session_checkpoints_too(engine):
             == "PermissionError"
     finally:
         s.close()
+
+
+def test_the_transactions_setting_makes_every_cell_a_transaction(engine):
+    from traitlets.config import Config
+
+    config = Config()
+    config.PyREPL3.transactions = True
+    s = engine.create_session(isolation="process", config=config)
+    try:
+        s.execute(STATE)
+        s.execute(MUTATE + "raise KeyError('x')")
+        assert _plain(s, CHECK) == BEFORE
+        # and a cell may opt out
+        s.execute(MUTATE + "raise KeyError('x')", transaction=False)
+        assert _plain(s, CHECK) != BEFORE
+    finally:
+        s.close()

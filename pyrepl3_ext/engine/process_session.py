@@ -594,7 +594,7 @@ class ProcessSession(SessionBase):
                 return bool(parse_directives(job.code)[0].get("transaction"))
             except ValueError:  # a malformed directive: the worker reports it
                 return False
-        return bool((self._config.get("PyREPL3") or {}).get("transactions"))
+        return bool(_setting("transactions", self.engine.config, self._config))
 
     def _adopt_checkpoint(self, reply: dict) -> Any:
         import socket
@@ -1083,16 +1083,15 @@ def _safe_name(session_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", session_id)[:40]
 
 
-def _policy_of(*configs: Any) -> str | None:
-    policy = None
+def _setting(name: str, *configs: Any) -> Any:
+    """``PyREPL3.<name>`` as the last of ``configs`` that sets it says (None: none does)."""
+    found = None
     for config in configs:
         try:
-            value = config["PyREPL3"]["security_policy"]
+            found = config["PyREPL3"][name]
         except (KeyError, TypeError):
             continue
-        if isinstance(value, str):
-            policy = value
-    return policy
+    return found
 
 
 def create(engine: Any, session_id: str | None, config: Any, *, limits: Any,
@@ -1107,6 +1106,7 @@ def create(engine: Any, session_id: str | None, config: Any, *, limits: Any,
     except (TypeError, ValueError) as exc:
         raise ValueError(f"a process session's config must hold plain data (it is sent "
                          f"to its process): {exc}") from None
-    request = confine_request(confine, _policy_of(engine.config, data))
+    policy = _setting("security_policy", engine.config, data)
+    request = confine_request(confine, policy if isinstance(policy, str) else None)
     return ProcessSession(engine, session_id, data, limits=limits, confine=request,
                           kill_grace=kill_grace)
