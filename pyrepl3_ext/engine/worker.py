@@ -135,6 +135,9 @@ class WorkerHost:
         # an execution's ``finished`` event waits for its ``done`` (one write for both)
         self._finished: dict | None = None
         self._pending_finished: dict | None = None
+        #: checkpoints this process forked and has not reaped (each one the
+        #: parent drops would stay a zombie, holding a pid, until we exit)
+        self._checkpoint_pids: set[int] = set()
 
     # -- to the parent ---------------------------------------------------------
     def send(self, message: dict) -> None:
@@ -249,7 +252,20 @@ class WorkerHost:
             if running is not None:
                 self.session.cancel(running, "session closed")
 
+    def _reap_checkpoints(self) -> None:
+        """Reap the checkpoints that ended (only ours: a cell's own children
+        are its ``subprocess``'s to wait for)."""
+        for pid in list(self._checkpoint_pids):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._checkpoint_pids.discard(pid)
+
     def _execute(self, message: dict) -> None:
+        if self._checkpoint_pids:
+            self._reap_checkpoints()
         execution_id = str(message.get("execution_id"))
         try:
             handle = self.session.execute(
@@ -341,6 +357,8 @@ class WorkerHost:
             finally:
                 os._exit(code)
         theirs.close()
+        self._reap_checkpoints()
+        self._checkpoint_pids.add(pid)
         reply["result"] = {"pid": pid}
         try:
             self.channel.send(reply, fds=[ours.fileno()])
@@ -353,6 +371,7 @@ class WorkerHost:
         """Hold this copy of the session until the parent resumes or drops it."""
         os.setpgid(0, 0)  # its own group: killing the live worker's group spares it
         self.channel.detach()  # the live worker's connection is not ours
+        self._checkpoint_pids.clear()  # its siblings: not its children
         while True:
             try:
                 message = channel.recv()
