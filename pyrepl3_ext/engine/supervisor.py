@@ -161,6 +161,14 @@ class _Timers:
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop the thread (timers not yet due never fire)."""
+        with self._cond:
+            self._closed = True
+            self._live.clear()
+            self._cond.notify()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> int:
         with self._cond:
@@ -182,6 +190,8 @@ class _Timers:
         while True:
             with self._cond:
                 while True:
+                    if self._closed:
+                        return
                     now = time.monotonic()
                     if self._heap and self._heap[0][0] <= now:
                         _when, timer_id, callback = heapq.heappop(self._heap)
@@ -363,6 +373,7 @@ class Supervisor:
         with self._lock:
             self._closed = True
             workers = list(self._workers.values())
+        self.timers.close()
         for worker in workers:
             worker.kill()
         if self._ctl is not None:
