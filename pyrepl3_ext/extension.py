@@ -438,6 +438,12 @@ class ShellState:
             _, consumed = parse_directives("".join(lines))
         except ValueError:
             return lines  # left in place: the magic itself reports the error
+        if all(not line.strip() for line in lines[consumed:]):
+            # Nothing after the directives (yet): left in place, so IPython's
+            # completeness check sees a cell magic ("incomplete" until a blank
+            # line) instead of an empty list it cannot index, and running it
+            # runs the magic on an empty body.
+            return lines
         return lines[consumed:]
 
     def _cell_options(self, info: Any, raw: str) -> Mapping[str, Any]:

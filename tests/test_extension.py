@@ -456,3 +456,32 @@ def test_subscribers_see_events_in_seq_order_across_threads(ip):
             ex2.emit("error", ename="X")
         finally:
             seen2()
+
+
+# -- directives and IPython's completeness check (terminal Enter, Jupyter is_complete) --
+
+@pytest.mark.parametrize("text, expected", [
+    ("%%timeout 5", "incomplete"),            # Enter after the directive: keep typing
+    ("%%timeout 5\n", "incomplete"),
+    ("%%transaction", "incomplete"),
+    ("%%timeout 5\n%%transaction\n", "incomplete"),
+    ("  %%transaction  \n", "incomplete"),
+    ("%%timeout 5\nfor i in range(3):\n", "incomplete"),
+    ("%%timeout 5\nx = 1\n", "complete"),
+    ("%%timeout 5\ndef f(:\n", "invalid"),
+])
+def test_check_complete_with_directives(ip, text, expected):
+    """IPython's own ``check_complete`` (the terminal's Enter, ipykernel's
+    ``is_complete``) on a cell that opens with a directive never raises."""
+    status, _indent = ip.check_complete(text)
+    assert status == expected
+    status, _indent = ip.input_transformer_manager.check_complete(text)
+    assert status == expected
+
+
+def test_directive_only_cell_is_a_usage_error(ip, events, capsys):
+    """A directive with no body is IPython's empty-cell-magic error, not a crash."""
+    result = run(ip, "%%timeout 5\n", execution_id="only")
+    assert "cell body is empty" in capsys.readouterr().err
+    assert type(result.error_in_exec or result.error_before_exec).__name__ == "UsageError"
+    assert by_execution(events, "only")[-1]["status"] == "error"

@@ -125,3 +125,18 @@ def test_output_and_display_in_a_real_kernel(tmp_path):
         == ["to stderr\n"]
     shown = [e for e in run if e["type"] == "display"]
     assert len(shown) == 1 and shown[0]["data"]["text/html"] == "<i>shown</i>"
+
+
+def test_is_complete_on_directive_cells():
+    """jupyter console sends ``is_complete`` on every Enter: a cell that opens
+    with a directive gets a reply (it used to get none: IndexError in the kernel)."""
+    with running_kernel() as client:
+        assert _execute(client, "%load_ext pyrepl3_ext")["reply"]["status"] == "ok"
+        for code, expected in (("%%timeout 5", "incomplete"), ("%%transaction\n", "incomplete"),
+                               ("%%timeout 5\nx = 1\n", "complete")):
+            msg_id = client.is_complete(code)
+            reply = client.get_shell_msg(timeout=30)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = client.get_shell_msg(timeout=30)
+            assert reply["msg_type"] == "is_complete_reply"
+            assert reply["content"]["status"] == expected, (code, reply["content"])
