@@ -140,3 +140,19 @@ def test_is_complete_on_directive_cells():
                 reply = client.get_shell_msg(timeout=30)
             assert reply["msg_type"] == "is_complete_reply"
             assert reply["content"]["status"] == expected, (code, reply["content"])
+
+
+def test_silent_execute_refuses_a_directive():
+    """Jupyter ``silent: true`` runs no pre_run_cell: a directive there is
+    refused with an error reply instead of being dropped without a word."""
+    with running_kernel() as client:
+        assert _execute(client, "%load_ext pyrepl3_ext")["reply"]["status"] == "ok"
+        msg_id = client.execute("%%timeout 5\nquietly = 1", silent=True)
+        reply = client.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = client.get_shell_msg(timeout=60)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "DirectiveNotApplied"
+        check = _execute(client, "'quietly' in dir()")
+        result = [m for m in check["iopub"] if m["msg_type"] == "execute_result"]
+        assert result[0]["content"]["data"]["text/plain"] == "False"
