@@ -543,3 +543,15 @@ def test_syntax_error_line_counts_the_directive(ip, events):
     assert isinstance(result.error_before_exec, SyntaxError)
     error = by_execution(events, "syn")[-2]
     assert "line 3" in "".join(error["traceback"]), error["traceback"]
+
+
+def test_event_log_switched_on_by_a_cell_starts_with_started(ip, tmp_path):
+    """The cell that switches the log on began before the log existed: none
+    of its events are logged (the log used to open with its bare finished)."""
+    log = tmp_path / "late.jsonl"
+    run(ip, f"%config PyREPL3.event_log = {str(log)!r}", execution_id="switch")
+    run(ip, "1 + 1", execution_id="after")
+    ip.run_line_magic("config", "PyREPL3.event_log = ''")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["execution_id"] for e in events] == ["after"] * 3
+    assert_well_formed(events)
