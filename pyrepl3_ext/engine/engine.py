@@ -106,6 +106,10 @@ class Session:
         # the history database is written from the worker thread and closed
         # from whichever thread closes the session (IPython 9 sets this too)
         cfg.HistoryManager.connection_options = {"check_same_thread": False}
+        # an embedded engine reports output through events and results: it does
+        # not echo Out[n], tracebacks and listened-to output on the host's
+        # stdout (the host's config may turn the tee back on)
+        cfg.PyREPL3.output_tee = False
         for extra in (engine.config, config):
             if extra is not None:
                 cfg.merge(extra)
