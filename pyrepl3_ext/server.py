@@ -103,6 +103,9 @@ class Connection:
         self.writable = threading.Event()
         self.writable.set()
         self._draining = False
+        #: the loop's view of ``writable``: request reading waits on it
+        self._drained = asyncio.Event()
+        self._drained.set()
         #: execution_id -> (session, handle) of this client's unfinished executions
         self.executions: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
@@ -125,6 +128,7 @@ class Connection:
         if transport.get_write_buffer_size() > self.server.limits.max_buffer_bytes \
                 and not self._draining:
             self.writable.clear()
+            self._drained.clear()
             self._draining = True
             task = self.loop.create_task(self._drain())
             self._tasks.add(task)
@@ -138,6 +142,7 @@ class Connection:
         finally:
             self._draining = False
             self.writable.set()
+            self._drained.set()
 
     def send(self, message: dict) -> None:
         """Send from the loop's thread."""
@@ -173,6 +178,7 @@ class Connection:
         if not self.closed:
             self.closed = True
             self.writable.set()
+            self._drained.set()
             self.cancel_executions("the client disconnected")
 
     def cancel_executions(self, reason: str) -> None:
@@ -197,7 +203,8 @@ class Connection:
                     eof = True
                     break
                 start = 0
-                while True:
+                # a line read before the client went away is not handled after
+                while not self.closed:
                     newline = chunk.find(b"\n", start)
                     if newline < 0:
                         if not discarding:
@@ -215,6 +222,11 @@ class Connection:
                             self._too_large()
                         elif buffer.strip():
                             self.handle_line(bytes(buffer))
+                            if self._draining:
+                                # backpressure for the server's own replies: a
+                                # client that does not read gets no new requests
+                                # handled until its backlog drains
+                                await self._drained.wait()
                         buffer.clear()
                     start = newline + 1
                 if self.auth_failures >= self.server.limits.max_auth_failures:
@@ -242,6 +254,8 @@ class Connection:
             {"limit": limit})))
 
     def handle_line(self, line: bytes) -> None:
+        if self.closed:
+            return  # the client is gone: nothing it sent runs any more
         try:
             request = P.parse(line)
         except P.RPCError as exc:
@@ -617,6 +631,8 @@ class Server:
         execution_id = handle.execution_id
         with conn._lock:
             conn.executions[execution_id] = (session, handle)
+        if conn.closed:  # lost while it was being submitted: it must not run
+            session.cancel(execution_id, "the client disconnected")
 
         def done(handle: Any) -> None:
             with conn._lock:

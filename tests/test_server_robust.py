@@ -1,0 +1,158 @@
+"""The server's connection handling against clients that misbehave: dropped
+mid-stream, never reading, hostile ids, notifications, no authentication.
+
+Most tests drive a real ``Server`` and ``Connection`` in this process with a
+stand-in transport (so a "disconnect" or "never reads" happens at an exact
+point); the ones about processes use a real ``pyrepl3 serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from pyrepl3_ext import protocol as P
+from pyrepl3_ext.engine import Engine
+from pyrepl3_ext.server import Connection, Limits, Server
+
+WAIT = 60
+
+
+class Transport:
+    """A StreamWriter stand-in: keeps what the server writes; a client that
+    does not read is one whose bytes are never taken out of the buffer."""
+
+    def __init__(self, *, reads: bool = True, fail_after: int | None = None):
+        self.lines: list[bytes] = []
+        self.buffered = 0
+        self.reads = reads
+        #: writes after this many raise ConnectionResetError (the peer is gone)
+        self.fail_after = fail_after
+        self.gone = asyncio.Event()
+        self.transport = self
+
+    def write(self, data: bytes) -> None:
+        if self.fail_after is not None and len(self.lines) >= self.fail_after:
+            raise ConnectionResetError("the peer went away")
+        self.lines.append(data)
+        if not self.reads:
+            self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    async def drain(self) -> None:
+        if self.buffered:
+            await self.gone.wait()  # never read: drained only by the disconnect
+            raise ConnectionResetError("the peer went away")
+
+    def close(self) -> None:
+        pass
+
+    def messages(self) -> list[dict]:
+        return [json.loads(line) for data in self.lines for line in data.splitlines()]
+
+
+def request(id_, method, **params) -> bytes:
+    message = {"jsonrpc": "2.0", "method": method, "params": params}
+    if id_ is not None:
+        message["id"] = id_
+    return json.dumps(message).encode() + b"\n"
+
+
+@pytest.fixture
+def engine():
+    eng = Engine()
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+def serve(server: Server, data: bytes, transport: Transport, *, until=None,
+          require_auth: bool = False) -> asyncio.Task:
+    """Feed ``data`` to a new connection (then EOF unless ``until``)."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if until is None:
+        reader.feed_eof()
+    return asyncio.get_running_loop().create_task(
+        server.handle(reader, transport, require_auth=require_auth, name="test"))
+
+
+# -- item 6: a dropped client's queued executions do not run -----------------------
+
+def test_lines_after_a_drop_are_not_run(engine):
+    """The client vanishes while the server works through one read of its
+    requests (the reply to the first cannot be written): no execute that
+    followed it runs, and none of those already queued either."""
+    session = engine.create_session("drop")
+    session.set_variable("ran", 0)
+    server = Server(engine)
+    lines = [request(0, "no.such.method")]  # its error reply finds the peer gone
+    lines += [request(i, "execute", session="drop", code="ran += 1") for i in range(1, 200)]
+
+    async def main():
+        transport = Transport(fail_after=0)
+        await asyncio.wait_for(serve(server, b"".join(lines), transport), WAIT)
+
+    asyncio.run(main())
+    session.execute("pass")  # whatever was queued before has been dealt with
+    assert session.variable("ran")["value"] == 0
+
+
+def test_a_drop_cancels_what_was_queued(engine):
+    session = engine.create_session("queued")
+    session.set_variable("ran", 0)
+    gate = threading.Event()
+    session.shell.user_ns["gate"] = gate
+    server = Server(engine)
+    lines = [request(0, "execute", session="queued", code="gate.wait(60)")]
+    lines += [request(i, "execute", session="queued", code="ran += 1") for i in range(1, 100)]
+
+    async def main():
+        transport = Transport()
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join(lines))
+        task = asyncio.get_running_loop().create_task(
+            server.handle(reader, transport, require_auth=False, name="test"))
+        deadline = time.monotonic() + WAIT
+        while len(session._executor._jobs) < 99:  # all submitted, the first running
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        reader.feed_eof()  # the client went away (a socket, not stdio)
+        await asyncio.wait_for(task, WAIT)
+
+    asyncio.run(main())
+    gate.set()
+    session.execute("pass")
+    assert session.variable("ran")["value"] == 0
+
+
+# -- item 7: the server's own replies are bounded per connection --------------------
+
+def test_replies_to_a_client_that_never_reads_are_bounded(engine):
+    """20,000 ``server.schema`` requests from a client that reads nothing:
+    the server stops taking requests once its backlog passes the limit."""
+    limit = 64 * 1024
+    server = Server(engine, limits=Limits(max_buffer_bytes=limit))
+    schema_reply = len(P.encode(P.response(1, P.schema())))
+    data = b"".join(request(i, "server.schema") for i in range(20000))
+
+    async def main():
+        transport = Transport(reads=False)
+        task = serve(server, data, transport)
+        await asyncio.sleep(0.5)
+        assert not task.done()  # waiting for the client to read
+        backlog = transport.buffered
+        transport.gone.set()  # now it disconnects
+        await asyncio.wait_for(task, WAIT)
+        return backlog, len(transport.lines)
+
+    backlog, replies = asyncio.run(main())
+    assert backlog <= limit + schema_reply
+    assert replies < 20000
