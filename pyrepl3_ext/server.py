@@ -38,6 +38,10 @@ from . import protocol as P
 from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed, SessionLost
 
 MiB = 1024 * 1024
+#: a connection's StreamReader stops reading from the socket past twice this
+#: many unread bytes (``Connection.serve`` reads chunks, never whole lines
+#: through the reader, so this bounds input memory, not the message size)
+_READ_AHEAD = 256 * 1024
 
 
 class Limits:
@@ -765,7 +769,7 @@ class Server:
         os.dup2(devnull, 0)
         os.close(devnull)
         sys.stdout = sys.stderr
-        reader = asyncio.StreamReader(limit=2 ** 31 - 1)
+        reader = asyncio.StreamReader(limit=_READ_AHEAD)
         in_file = os.fdopen(proto_in, "rb", buffering=0)
         out_file = os.fdopen(proto_out, "wb", buffering=0)
         try:
@@ -791,7 +795,7 @@ class Server:
             peer = writer.get_extra_info("peername")
             await self.handle(reader, writer, require_auth=True, name=f"tcp:{peer}")
 
-        server = await asyncio.start_server(on_client, host, port, limit=2 ** 31 - 1)
+        server = await asyncio.start_server(on_client, host, port, limit=_READ_AHEAD)
         bound = server.sockets[0].getsockname()
         if ready is not None:
             ready(bound[0], bound[1])
@@ -810,7 +814,7 @@ class Server:
 
         old = os.umask(0o177)  # created owner-only: no window with wider permissions
         try:
-            server = await asyncio.start_unix_server(on_client, path, limit=2 ** 31 - 1)
+            server = await asyncio.start_unix_server(on_client, path, limit=_READ_AHEAD)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

@@ -156,3 +156,33 @@ def test_replies_to_a_client_that_never_reads_are_bounded(engine):
     backlog, replies = asyncio.run(main())
     assert backlog <= limit + schema_reply
     assert replies < 20000
+
+
+def test_a_real_server_stops_reading_from_a_client_that_never_reads(tmp_path):
+    """End to end over a unix socket: a client writes requests as fast as it
+    can and reads nothing.  The server takes a bounded amount (its read-ahead,
+    its reply backlog, the socket buffers), then stops reading; its memory
+    does not follow the client's 64 MiB."""
+    import socket
+
+    from pyrepl3_ext.client import ServerProcess
+
+    path = str(tmp_path / "s.sock")
+    line = request(1, "server.schema")
+    total = 64 * 1024 * 1024
+    data = line * (total // len(line))
+    with ServerProcess("--unix", path) as server:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.settimeout(3)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += sock.send(data[sent:sent + 65536])
+        except socket.timeout:
+            pass
+        with open(f"/proc/{server.process.pid}/status") as status:
+            rss = next(int(x.split()[1]) for x in status if x.startswith("VmRSS")) * 1024
+        sock.close()
+    assert sent < total // 4, f"the server accepted {sent} bytes"
+    assert rss < 200 * 1024 * 1024
