@@ -360,6 +360,11 @@ def parse(line: bytes | str) -> Request:
             or (isinstance(id_, (int, float)) and not isinstance(id_, bool))):
         raise _with_id(RPCError(INVALID_REQUEST, "id must be a string, a number or absent"),
                        None)
+    if id_ is not None and not valid_id(id_):
+        # not echoed: NaN/Infinity are not JSON, and an id is not a payload
+        raise _with_id(RPCError(INVALID_REQUEST, f"id must be a string of at most "
+                                                 f"{MAX_ID_LENGTH} characters or a finite "
+                                                 f"number (at most 30 digits)"), None)
     if message.get("jsonrpc") != JSONRPC:
         raise _with_id(RPCError(INVALID_REQUEST, 'jsonrpc must be "2.0"'), id_)
     method = message.get("method")
@@ -380,6 +385,63 @@ def parse(line: bytes | str) -> Request:
     except RPCError as exc:
         raise _with_id(exc, id_) from None
     return Request(id_, method, params)
+
+
+def leading_id(prefix: bytes) -> Any:
+    """The ``id`` of a request that is too long to parse, read from its start.
+
+    Members are read in order from the top-level object until ``id``, a
+    nested value or the end of ``prefix``; clients (ours included) put the
+    id before ``params``, so a refused request can still be answered with its
+    own id.  None when the prefix does not allow it.
+    """
+    text = prefix[:4096].decode("utf-8", "ignore")
+    decoder = json.JSONDecoder()
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("{", at):
+        return None
+    at += 1
+    while True:
+        at += len(text[at:]) - len(text[at:].lstrip())
+        try:
+            key, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        rest = text[at:].lstrip()
+        if not isinstance(key, str) or not rest.startswith(":"):
+            return None
+        at = len(text) - len(rest) + 1
+        at += len(text[at:]) - len(text[at:].lstrip())
+        if text[at:at + 1] in ("{", "["):
+            return None  # a nested value (params) before the id
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        rest = text[at:].lstrip()
+        if not rest.startswith((",", "}")):
+            return None  # the value may be cut short by the end of the prefix
+        if key == "id":
+            return value if valid_id(value) else None
+        if not rest.startswith(","):
+            return None
+        at = len(text) - len(rest) + 1
+
+
+def valid_id(id_: Any) -> bool:
+    """A request id the server echoes: a string of at most 200 characters or a
+    finite number (JSON has no NaN/Infinity; an id is not a payload)."""
+    if isinstance(id_, str):
+        return len(id_) <= MAX_ID_LENGTH
+    if isinstance(id_, bool):
+        return False
+    if isinstance(id_, int):
+        return abs(id_) < 10 ** 30
+    return isinstance(id_, float) and math.isfinite(id_)
+
+
+#: the longest string id the server accepts (and so echoes)
+MAX_ID_LENGTH = 200
 
 
 def _with_id(error: RPCError, id_: Any) -> RPCError:

@@ -214,16 +214,16 @@ class Connection:
                         if not discarding:
                             buffer += chunk[start:]
                             if len(buffer) > limit:
+                                self._too_large(buffer)
                                 buffer.clear()
                                 discarding = True
-                                self._too_large()
                         break
                     if discarding:
                         discarding = False
                     else:
                         buffer += chunk[start:newline]
                         if len(buffer) > limit:
-                            self._too_large()
+                            self._too_large(buffer)
                         elif buffer.strip():
                             self.handle_line(bytes(buffer))
                             if self._draining:
@@ -251,9 +251,11 @@ class Connection:
             except Exception:  # noqa: BLE001
                 pass
 
-    def _too_large(self) -> None:
+    def _too_large(self, start: bytes | bytearray) -> None:
+        """Refuse an oversize message, answering its own id when its start
+        gives it (so a client waiting for that id is not left waiting)."""
         limit = self.server.limits.max_message_bytes
-        self.send(P.error_response(None, P.RPCError(
+        self.send(P.error_response(P.leading_id(bytes(start[:4096])), P.RPCError(
             P.MESSAGE_TOO_LARGE, f"message longer than {limit} bytes: skipped",
             {"limit": limit})))
 

@@ -186,3 +186,82 @@ def test_a_real_server_stops_reading_from_a_client_that_never_reads(tmp_path):
         sock.close()
     assert sent < total // 4, f"the server accepted {sent} bytes"
     assert rss < 200 * 1024 * 1024
+
+
+# -- item 8: an oversize request is answered with its own id -------------------------
+
+def test_oversize_request_is_answered_with_its_id(engine):
+    server = Server(engine, limits=Limits(max_message_bytes=1024))
+    big = b'{"jsonrpc": "2.0", "id": 7, "method": "execute", "params": {"code": "' \
+        + b"x" * 5000 + b'"}}\n'
+    # no newline until far past the limit: the discarding path
+    endless = b'{"id": "e", "jsonrpc": "2.0", "method": "execute", "params": {"code": "' \
+        + b"y" * 200000 + b'"}}\n'
+    nested_first = b'{"params": {"id": 1, "code": "' + b"z" * 5000 + b'"}, "id": 2}\n'
+
+    async def main():
+        transport = Transport()
+        await asyncio.wait_for(serve(server, big + endless + nested_first
+                                     + request(8, "session.list"), transport), WAIT)
+        return transport.messages()
+
+    replies = asyncio.run(main())
+    assert [(r["id"], r.get("error", {}).get("code")) for r in replies] == [
+        (7, P.MESSAGE_TOO_LARGE), ("e", P.MESSAGE_TOO_LARGE),
+        (None, P.MESSAGE_TOO_LARGE),  # the id comes after params: not recoverable
+        (8, None)]
+
+
+def test_the_client_never_waits_for_ever_on_a_refused_request():
+    """The bundled client's requests put the id first: an oversize one fails
+    with -32005 instead of waiting for an answer that never names it."""
+    from pyrepl3_ext.client import Client, ClientError
+
+    async def main():
+        async with await Client.spawn_stdio("--max-message-bytes", "4096") as client:
+            session = await client.create_session("big")
+            with pytest.raises(ClientError) as refused:
+                await asyncio.wait_for(client.call("namespace.set", session=session,
+                                                   name="x", value="v" * 10000), WAIT)
+            assert refused.value.code == P.MESSAGE_TOO_LARGE
+            with pytest.raises(ClientError) as refused:
+                await asyncio.wait_for(client.run(session, "'" + "c" * 10000 + "'"), WAIT)
+            assert refused.value.code == P.MESSAGE_TOO_LARGE
+            response, _ = await asyncio.wait_for(client.run(session, "1 + 1"), WAIT)
+            assert response["status"] == "ok"
+
+    asyncio.run(main())
+
+
+# -- item 9: ids that are not JSON or not ids --------------------------------------
+
+@pytest.mark.parametrize("raw_id", [b"NaN", b"Infinity", b"-Infinity", b"1e400",
+                                    b'"' + b"i" * 1_000_000 + b'"', b"1" + b"0" * 40])
+def test_non_finite_and_oversize_ids_are_refused(engine, raw_id):
+    server = Server(engine)
+    line = b'{"jsonrpc": "2.0", "id": ' + raw_id + b', "method": "session.list"}\n'
+
+    async def main():
+        transport = Transport()
+        await asyncio.wait_for(serve(server, line, transport), WAIT)
+        return transport.lines
+
+    lines = asyncio.run(main())
+    assert len(lines) == 1 and len(lines[0]) < 1000
+    reply = json.loads(lines[0])  # strict JSON: no NaN/Infinity in what is sent
+    json.loads(lines[0], parse_constant=lambda name: pytest.fail(f"{name} sent"))
+    assert reply["id"] is None and reply["error"]["code"] == P.INVALID_REQUEST
+    assert "id must be" in reply["error"]["message"]
+
+
+def test_ordinary_ids_are_echoed(engine):
+    server = Server(engine)
+    ids = [0, -5, 2.5, "a" * 200, 10 ** 29]
+
+    async def main():
+        transport = Transport()
+        await asyncio.wait_for(serve(server, b"".join(request(i, "session.list")
+                                                      for i in ids), transport), WAIT)
+        return transport.messages()
+
+    assert [r["id"] for r in asyncio.run(main())] == ids
