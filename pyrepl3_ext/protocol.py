@@ -346,7 +346,9 @@ def parse(line: bytes | str) -> Request:
     """Parse and validate one line; raises ``RPCError`` with the id when known.
 
     The raised error carries ``.request_id`` so the caller can answer the
-    right request (None when the id itself could not be read).
+    right request (None when the id itself could not be read), and
+    ``.notification``: True when the message was a well-formed notification,
+    which gets no answer, error or not.
     """
     try:
         message = json.loads(line)
@@ -373,17 +375,22 @@ def parse(line: bytes | str) -> Request:
     extra = set(message) - {"jsonrpc", "id", "method", "params"}
     if extra:
         raise _with_id(RPCError(INVALID_REQUEST, f"unknown member(s) {sorted(extra)}"), id_)
+    # from here on the message is a well-formed request object: without an
+    # id it is a notification, and a notification is never answered, not
+    # even with an error (JSON-RPC 2.0, section 4.1)
+    notification = id_ is None
     spec = METHODS.get(method)
     if spec is None:
         raise _with_id(RPCError(METHOD_NOT_FOUND, f"unknown method {method[:100]!r}",
-                                {"methods": sorted(METHODS)}), id_)
+                                {"methods": sorted(METHODS)}), id_, notification)
     params = message.get("params", {})
     if isinstance(params, list):
-        raise _with_id(RPCError(INVALID_PARAMS, "params must be an object (by-name)"), id_)
+        raise _with_id(RPCError(INVALID_PARAMS, "params must be an object (by-name)"), id_,
+                       notification)
     try:
         check(params, spec["params"], "params")
     except RPCError as exc:
-        raise _with_id(exc, id_) from None
+        raise _with_id(exc, id_, notification) from None
     return Request(id_, method, params)
 
 
@@ -444,8 +451,10 @@ def valid_id(id_: Any) -> bool:
 MAX_ID_LENGTH = 200
 
 
-def _with_id(error: RPCError, id_: Any) -> RPCError:
+def _with_id(error: RPCError, id_: Any, notification: bool = False) -> RPCError:
     error.request_id = id_  # type: ignore[attr-defined]
+    #: the error belongs to a well-formed notification: it is not sent
+    error.notification = notification  # type: ignore[attr-defined]
     return error
 
 

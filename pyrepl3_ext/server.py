@@ -265,7 +265,8 @@ class Connection:
         try:
             request = P.parse(line)
         except P.RPCError as exc:
-            self.send(P.error_response(getattr(exc, "request_id", None), exc))
+            if not getattr(exc, "notification", False):
+                self.send(P.error_response(getattr(exc, "request_id", None), exc))
             return
         if not self.authenticated and request.method != "auth":
             self._reply(request, error=P.RPCError(P.UNAUTHORIZED, P.ERROR_CODES[P.UNAUTHORIZED]))

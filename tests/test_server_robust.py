@@ -265,3 +265,38 @@ def test_ordinary_ids_are_echoed(engine):
         return transport.messages()
 
     assert [r["id"] for r in asyncio.run(main())] == ids
+
+
+# -- item 10: notifications are never answered -------------------------------------
+
+def test_notifications_get_no_answer_even_when_wrong(engine):
+    server = Server(engine)
+    lines = [request(None, "no.such.method"),
+             request(None, "session.info"),                # missing params
+             request(None, "session.close", session="nope"),  # valid, fails: no answer
+             b'{"jsonrpc": "2.0", "method": "session.list", "params": [1]}\n',
+             request(None, "execute", session="nope", code="1"),
+             request("last", "session.list")]
+
+    async def main():
+        transport = Transport()
+        await asyncio.wait_for(serve(server, b"".join(lines), transport), WAIT)
+        return transport.messages()
+
+    assert [r["id"] for r in asyncio.run(main())] == ["last"]
+
+
+def test_malformed_messages_without_id_are_still_answered(engine):
+    """Not a request object at all: JSON-RPC answers those with id null."""
+    server = Server(engine)
+    lines = [b"not json\n", b'{"jsonrpc": "1.0", "method": "x"}\n', b'{"method": 5}\n',
+             b'{"jsonrpc": "2.0", "method": "x", "extra": 1}\n']
+
+    async def main():
+        transport = Transport()
+        await asyncio.wait_for(serve(server, b"".join(lines), transport), WAIT)
+        return transport.messages()
+
+    replies = asyncio.run(main())
+    assert [(r["id"], r["error"]["code"]) for r in replies] == [
+        (None, P.PARSE_ERROR)] + [(None, P.INVALID_REQUEST)] * 3
