@@ -64,6 +64,12 @@ def serve_parser() -> "argparse.ArgumentParser":
                         help="longest request accepted (default 16 MiB)")
     parser.add_argument("--max-event-bytes", type=int, default=4 * 1024 * 1024,
                         help="events larger than this are truncated (default 4 MiB)")
+    parser.add_argument("--auth-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close a connection that has not authenticated this long "
+                             "after it opened (TCP; a unix socket with --token; default 10)")
+    parser.add_argument("--max-unauthenticated", type=int, default=64, metavar="N",
+                        help="at most N connections may wait to authenticate at once; "
+                             "more are refused and closed (default 64)")
     parser.add_argument("--files-root", metavar="DIR", action="append", default=[],
                         help="let clients grant sessions the files capability inside DIR "
                              "(repeatable; session.create's default root is "
@@ -103,7 +109,9 @@ def serve(args: list[str]) -> int:
         return 0
     try:
         limits = server.Limits(max_message_bytes=options.max_message_bytes,
-                               max_event_bytes=options.max_event_bytes)
+                               max_event_bytes=options.max_event_bytes,
+                               auth_timeout=options.auth_timeout,
+                               max_unauthenticated=options.max_unauthenticated)
         for root in options.files_root:
             if not os.path.isdir(root):
                 raise ValueError(f"--files-root {root!r} is not a directory")

@@ -48,16 +48,27 @@ class Limits:
     """Per-connection limits (defaults suit local tool hosts)."""
 
     def __init__(self, *, max_message_bytes: int = 16 * MiB, max_event_bytes: int = 4 * MiB,
-                 max_buffer_bytes: int = 8 * MiB, max_auth_failures: int = 3):
+                 max_buffer_bytes: int = 8 * MiB, max_auth_failures: int = 3,
+                 auth_timeout: float = 10.0, max_unauthenticated: int = 64):
         for name, value in (("max_message_bytes", max_message_bytes),
                             ("max_event_bytes", max_event_bytes),
                             ("max_buffer_bytes", max_buffer_bytes)):
             if not isinstance(value, int) or value < 1024:
                 raise ValueError(f"{name} must be an integer >= 1024, got {value!r}")
+        if not isinstance(auth_timeout, (int, float)) or not auth_timeout > 0:
+            raise ValueError(f"auth_timeout must be a positive number of seconds, "
+                             f"got {auth_timeout!r}")
+        if not isinstance(max_unauthenticated, int) or max_unauthenticated < 1:
+            raise ValueError(f"max_unauthenticated must be an integer >= 1, "
+                             f"got {max_unauthenticated!r}")
         self.max_message_bytes = max_message_bytes
         self.max_event_bytes = max_event_bytes
         self.max_buffer_bytes = max_buffer_bytes
         self.max_auth_failures = max_auth_failures
+        #: a connection that has not authenticated this many seconds after it
+        #: opened is closed; at most ``max_unauthenticated`` may wait at once
+        self.auth_timeout = float(auth_timeout)
+        self.max_unauthenticated = max_unauthenticated
 
 
 def shrink_event(event: dict, limit: int) -> dict:
@@ -184,6 +195,24 @@ class Connection:
             self.writable.set()
             self._drained.set()
             self.cancel_executions("the client disconnected")
+
+    def close_transport(self) -> None:
+        """Close the socket (the read loop then ends with EOF)."""
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+    def auth_expired(self) -> None:
+        """The auth deadline passed (a loop timer): a peer that has not
+        authenticated by now is told so and disconnected."""
+        if self.authenticated or self.closed:
+            return
+        self.send(P.error_response(None, P.RPCError(
+            P.UNAUTHORIZED, f"not authenticated within {self.server.limits.auth_timeout:g} s: "
+                            f"closed")))
+        self._lost()
+        self.close_transport()
 
     def cancel_executions(self, reason: str) -> None:
         with self._lock:
@@ -364,6 +393,8 @@ class Server:
         self.log = log or (lambda text: print(f"[pyrepl3 serve] {text}", file=sys.stderr,
                                               flush=True))
         self.connections: set[Connection] = set()
+        #: connections that must authenticate and have not yet
+        self._unauthenticated: set[Connection] = set()
         self.handlers: dict[str, Callable[[Connection, P.Request], Any]] = {
             "auth": self._auth, "server.info": self._info, "server.schema": self._schema,
             "session.create": self._session_create, "session.close": self._session_close,
@@ -384,10 +415,26 @@ class Server:
                      finish_on_eof: bool = False) -> None:
         conn = Connection(self, reader, writer, require_auth=require_auth, name=name,
                           finish_on_eof=finish_on_eof)
+        deadline = None
+        if not conn.authenticated:
+            # an unauthenticated peer holds a descriptor and memory: a bounded
+            # number of them, each for a bounded time
+            if len(self._unauthenticated) >= self.limits.max_unauthenticated:
+                conn.send(P.error_response(None, P.RPCError(
+                    P.UNAUTHORIZED, f"too many connections waiting to authenticate "
+                                    f"(at most {self.limits.max_unauthenticated}): closed")))
+                conn.close_transport()
+                return
+            self._unauthenticated.add(conn)
+            deadline = asyncio.get_running_loop().call_later(
+                self.limits.auth_timeout, conn.auth_expired)
         self.connections.add(conn)
         try:
             await conn.serve()
         finally:
+            if deadline is not None:
+                deadline.cancel()
+            self._unauthenticated.discard(conn)
             self.connections.discard(conn)
 
     # -- handlers (run on the loop; never block) --------------------------------
@@ -398,6 +445,7 @@ class Server:
         given = request.params["token"].encode("utf-8", "surrogatepass")
         if hmac.compare_digest(given, self.token.encode("utf-8")):
             conn.authenticated = True
+            self._unauthenticated.discard(conn)
             return {"ok": True}
         conn.auth_failures += 1
         raise P.RPCError(P.UNAUTHORIZED, "wrong token")

@@ -300,3 +300,68 @@ def test_malformed_messages_without_id_are_still_answered(engine):
     replies = asyncio.run(main())
     assert [(r["id"], r["error"]["code"]) for r in replies] == [
         (None, P.PARSE_ERROR)] + [(None, P.INVALID_REQUEST)] * 3
+
+
+# -- item 11: unauthenticated connections are bounded in time and number -----------
+
+def _recv_until_closed(sock) -> bytes:
+    """Everything the server sends until it closes (a "must not hang" bound)."""
+    sock.settimeout(WAIT)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_unauthenticated_connections_are_closed_after_the_deadline():
+    import socket
+
+    from pyrepl3_ext.client import ServerProcess
+
+    with ServerProcess("--tcp", "127.0.0.1:0", "--token", "tok", "--auth-timeout", "1") as srv:
+        host, port = srv.address.rsplit(":", 1)
+        idle = socket.create_connection((host, int(port)))
+        said = _recv_until_closed(idle)  # closed by the server, not by this test
+        reply = json.loads(said.splitlines()[0])
+        assert reply["error"]["code"] == P.UNAUTHORIZED
+        assert "not authenticated within" in reply["error"]["message"]
+        idle.close()
+        # one that authenticates in time stays open past the deadline
+        good = socket.create_connection((host, int(port)))
+        good.sendall(request(1, "auth", token="tok"))
+        good.settimeout(WAIT)
+        assert json.loads(good.recv(65536))["result"] == {"ok": True}
+        time.sleep(1.5)
+        good.sendall(request(2, "session.list"))
+        assert "sessions" in json.loads(good.recv(65536))["result"]
+        good.close()
+
+
+def test_at_most_n_connections_wait_to_authenticate():
+    import socket
+
+    from pyrepl3_ext.client import ServerProcess
+
+    with ServerProcess("--tcp", "127.0.0.1:0", "--token", "tok",
+                       "--max-unauthenticated", "3", "--auth-timeout", "600") as srv:
+        host, port = srv.address.rsplit(":", 1)
+        waiting = [socket.create_connection((host, int(port))) for _ in range(3)]
+        for sock in waiting:  # each is being served (answers a request)
+            sock.sendall(request(0, "server.info"))
+            sock.settimeout(WAIT)
+            assert json.loads(sock.recv(65536))["error"]["code"] == P.UNAUTHORIZED
+        extra = socket.create_connection((host, int(port)))
+        reply = json.loads(_recv_until_closed(extra).splitlines()[0])
+        assert "too many connections waiting to authenticate" in reply["error"]["message"]
+        extra.close()
+        # authenticating frees a place
+        waiting[0].sendall(request(1, "auth", token="tok"))
+        assert json.loads(waiting[0].recv(65536))["result"] == {"ok": True}
+        again = socket.create_connection((host, int(port)))
+        again.sendall(request(2, "auth", token="tok"))
+        again.settimeout(WAIT)
+        assert json.loads(again.recv(65536))["result"] == {"ok": True}
+        for sock in waiting + [again]:
+            sock.close()
