@@ -85,6 +85,8 @@ class RPCError(Exception):
 _ID = {"type": "string", "minLength": 1, "maxLength": 200}
 #: what ``session.create`` can grant
 CAPABILITIES = ("files", "input")
+#: the security presets (``security.policy.PRESETS``)
+POLICIES = ("trusted", "guarded", "restricted")
 #: where a session can live (``engine.ISOLATIONS``)
 ISOLATIONS = ("in-process", "process")
 _SESSION = {"session": {**_ID, "description": "the session id (from session.create)"}}
@@ -117,7 +119,8 @@ METHODS: dict[str, dict] = {
         "description": "Create an isolated session (one IPython shell) and return its id.",
         "params": _params({
             "session_id": _ID,
-            "policy": {"type": "string", "description": "security preset name"},
+            "policy": {"type": "string", "enum": list(POLICIES),
+                       "description": "security preset name"},
             "capabilities": {
                 "type": "array",
                 "description": "capabilities granted to the session's cells: \"input\" "

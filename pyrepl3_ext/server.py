@@ -513,10 +513,12 @@ class Server:
                 raise P.RPCError(P.INVALID_PARAMS, "confine: this server confines every "
                                                    "process session (--confine on)")
             options["confine"] = params["confine"]
+        from traitlets import TraitError
+
         try:
             session = self.engine.create_session(params.get("session_id"), config=config,
                                                  isolation=isolation, **options)
-        except ValueError as exc:
+        except (ValueError, TraitError) as exc:  # a setting the shell refused
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         except SessionClosed as exc:
             raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
@@ -365,3 +366,145 @@ def test_at_most_n_connections_wait_to_authenticate():
         assert json.loads(again.recv(65536))["result"] == {"ok": True}
         for sock in waiting + [again]:
             sock.close()
+
+
+# -- item 12: invalid params are -32602, never an internal error --------------------
+
+def _schema_values(spec: dict, st, names, depth: int = 0):
+    """A hypothesis strategy for values that pass ``spec`` (the shape the
+    server's schema accepts), with the awkward ones weighted in."""
+    kinds = spec.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else \
+        ["string", "number", "boolean", "null"] + (["object", "array"] if depth < 2 else [])
+    if "enum" in spec:
+        return st.sampled_from(spec["enum"])
+    options = []
+    for kind in kinds:
+        if kind == "string":
+            low, high = spec.get("minLength", 0), spec.get("maxLength", 300)
+            options.append(st.sampled_from(names) | st.text(min_size=low,
+                                                            max_size=min(high, 40)))
+        elif kind in ("number", "integer"):
+            low = spec.get("minimum", spec.get("exclusiveMinimum"))
+            numbers = st.integers(-10, 10 ** 6) | st.sampled_from([1e308, 1e-308, 0, -1])
+            if kind == "number":
+                numbers |= st.floats(allow_nan=False, allow_infinity=False)
+            if low is not None:
+                numbers = numbers.filter(lambda v: v > low if "exclusiveMinimum" in spec
+                                         else v >= low)
+            options.append(numbers)
+        elif kind == "boolean":
+            options.append(st.booleans())
+        elif kind == "null":
+            options.append(st.none())
+        elif kind == "array":
+            options.append(st.lists(_schema_values(spec.get("items", {}), st, names,
+                                                   depth + 1), max_size=3))
+        elif kind == "object":
+            if "properties" in spec:
+                options.append(_schema_params(spec, st, names, depth + 1))
+            else:
+                options.append(st.dictionaries(st.sampled_from(names) | st.text(max_size=8),
+                                               st.none() | st.integers() | st.text(max_size=8)
+                                               | st.floats(allow_nan=False), max_size=3))
+    return st.one_of(options)
+
+
+def _schema_params(spec: dict, st, names, depth: int = 0):
+    props = spec.get("properties", {})
+    required = {k: _schema_values(props[k], st, names, depth)
+                for k in spec.get("required", ())}
+    optional = {k: _schema_values(v, st, names, depth)
+                for k, v in props.items() if k not in required}
+    return st.fixed_dictionaries(required, optional=optional)
+
+
+@pytest.mark.timeout(900)
+def test_schema_valid_params_never_cause_an_internal_error(engine, tmp_path):
+    """Every method, params that pass the schema but mean nothing sensible:
+    the answer is a result or a -32602-family error, never -32603."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    root = tmp_path / "files"
+    root.mkdir()
+    server = Server(engine, files_roots=[str(root)])
+    names = ["s", "gone", "x", "In", "__builtins__", "snap", "e1", "trusted", str(root),
+             "/etc", "input", "files", "memory", "512M", "cell_seconds"]
+    methods = sorted(m for m in P.METHODS if m != "auth")
+    found: list[dict] = []
+    loop = asyncio.new_event_loop()
+    transport = Transport()
+    reader = None
+
+    async def open_connection():
+        nonlocal reader
+        reader = asyncio.StreamReader()
+        task = loop.create_task(server.handle(reader, transport, require_auth=False,
+                                              name="audit"))
+        return task
+
+    task = loop.run_until_complete(open_connection())
+    counter = {"id": 0}
+
+    def exchange(method: str, params: dict) -> dict:
+        counter["id"] += 1
+        id_ = counter["id"]
+        reader.feed_data(request(id_, method, **params))
+
+        async def answered():
+            deadline = time.monotonic() + WAIT
+            while True:
+                for message in transport.messages():
+                    if message.get("id") == id_:
+                        return message
+                assert time.monotonic() < deadline, f"no answer to {method} {params}"
+                await asyncio.sleep(0.002)
+
+        return loop.run_until_complete(answered())
+
+    exchange("session.create", {"session_id": "s"})
+
+    @settings(max_examples=int(os.environ.get("PYREPL3_AUDIT_EXAMPLES", "400")),
+              deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(methods).flatmap(
+        lambda m: st.tuples(st.just(m), _schema_params(P.METHODS[m]["params"], st, names))))
+    def audit(call):
+        method, params = call
+        if method == "execute":
+            params["code"] = "1"  # the cell's own errors are not the point here
+            params.pop("timeout", None) if params.get("timeout", 1) > 1e6 else None
+        if method == "session.create":
+            if os.environ.get("PYREPL3_AUDIT_PROCESS") is None:
+                params.pop("isolation", None)  # process sessions: their own tests
+        reply = exchange(method, params)
+        if reply.get("error", {}).get("code") == P.INTERNAL_ERROR:
+            found.append({"method": method, "params": params, "reply": reply})
+        if method == "session.close" and params.get("session") == "s":
+            exchange("session.create", {"session_id": "s"})
+
+    try:
+        audit()
+    finally:
+        reader.feed_eof()
+        loop.run_until_complete(asyncio.wait_for(task, WAIT))
+        loop.close()
+    assert not found, json.dumps(found[:5], indent=1, default=repr)
+
+
+def test_unknown_policy_is_invalid_params_listing_the_presets(engine):
+    server = Server(engine)
+
+    async def main():
+        transport = Transport()
+        await asyncio.wait_for(serve(server, request(1, "session.create", policy="strict"),
+                                     transport), WAIT)
+        return transport.messages()
+
+    (reply,) = asyncio.run(main())
+    assert reply["error"]["code"] == P.INVALID_PARAMS
+    for preset in ("trusted", "guarded", "restricted"):
+        assert preset in reply["error"]["message"]
+    assert engine.sessions == []  # nothing half-created
+    from pyrepl3_ext.security.policy import PRESETS
+
+    assert tuple(PRESETS) == P.POLICIES  # the schema's list follows the presets
