@@ -93,6 +93,10 @@ def serve_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--kill-grace", type=float, default=3.0, metavar="SECONDS",
                         help="process sessions: how long a cell may ignore a cancel before "
                              "its process is killed (default 3)")
+    parser.add_argument("--shutdown-grace", type=float, default=None, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT or the end of stdio: how long cancelled "
+                             "executions may take to end before they are answered as "
+                             "cancelled and the server exits (default: kill grace + 2)")
     return parser
 
 
@@ -117,11 +121,14 @@ def serve(args: list[str]) -> int:
                 raise ValueError(f"--files-root {root!r} is not a directory")
         if not options.kill_grace > 0:
             raise ValueError(f"--kill-grace must be positive, got {options.kill_grace}")
+        if options.shutdown_grace is not None and not options.shutdown_grace >= 0:
+            raise ValueError(f"--shutdown-grace must be >= 0, got {options.shutdown_grace}")
         session_limits = _parse_limits(options.limits)
     except ValueError as exc:
         print(f"pyrepl3 serve: {exc}", file=sys.stderr)
         return 2
     engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace,
+                      "shutdown_grace": options.shutdown_grace,
                       "session_limits": session_limits,
                       "confine": {"auto": None, "on": True, "off": False}[options.confine]}
     token = options.token or os.environ.get("PYREPL3_TOKEN") or None

@@ -252,6 +252,12 @@ METHODS: dict[str, dict] = {
 
 #: Notifications the server sends (never requests; no response expected).
 NOTIFICATIONS: dict[str, dict] = {
+    "server.shutdown": {
+        "description": ("The server is stopping (SIGTERM/SIGINT, or the end of stdio): "
+                        "every execution in flight is cancelled and answered, new "
+                        "requests are refused (-32004), then the connection closes."),
+        "params": {"type": "object", "properties": {"reason": {"type": "string"}}},
+    },
     "session.lost": {
         "description": ("A process session's process died: kind names the cause "
                         "(crashed, oom, cpu_limit, killed, exited), message says it in "

@@ -112,6 +112,12 @@ class Connection:
         #: stdio: end of input means "no more requests", not "gone": the
         #: executions already sent run to the end and their responses go out
         self.finish_on_eof = finish_on_eof
+        #: stdio: tells whether the reader of our output is gone (the parent died)
+        self.peer_gone: Callable[[], bool] | None = None
+        #: no more requests will come (EOF): nobody can answer input() any more
+        self.input_closed = False
+        #: input_id -> (session, execution_id) of input() calls waiting for this client
+        self.inputs: dict[str, tuple[Any, str]] = {}
         self.auth_failures = 0
         self.closed = False
         #: set while the transport's buffer is below the limit (cells' threads wait on it)
@@ -196,6 +202,46 @@ class Connection:
             self._drained.set()
             self.cancel_executions("the client disconnected")
 
+    def close_input(self) -> None:
+        """End of requests: every input() waiting for this client gets EOF,
+        and so does every later one (see ``input_requested``)."""
+        self.input_closed = True
+        with self._lock:
+            waiting = list(self.inputs.items())
+            self.inputs.clear()
+        if waiting:
+            threading.Thread(target=_answer_eof, args=(waiting,), daemon=True,
+                             name="pyrepl3-input-eof").start()
+
+    def input_requested(self, session: Any, event: dict) -> None:
+        """An execution of this client waits in input() (from the cell's thread)."""
+        input_id = event.get("input_id")
+        if self.input_closed:
+            threading.Thread(target=_answer_eof, args=([(input_id, (session, ""))],),
+                             daemon=True, name="pyrepl3-input-eof").start()
+            return
+        with self._lock:
+            self.inputs[input_id] = (session, event["execution_id"])
+
+    def execution_finished(self, execution_id: str) -> None:
+        with self._lock:
+            for input_id in [k for k, (_s, e) in self.inputs.items() if e == execution_id]:
+                del self.inputs[input_id]
+
+    def answer_abandoned(self, reason: str) -> None:
+        """Answer every execution of this client still unanswered (shutdown,
+        after the drain): ``cancelled``, with ``reason``."""
+        with self._lock:
+            pending = list(self.executions.items())
+            self.executions.clear()
+        for execution_id, (_session, handle) in pending:
+            request_id = getattr(handle, "pyrepl3_request_id", None)
+            if request_id is None:
+                continue
+            self.send(P.response(request_id, {
+                "execution_id": execution_id, "status": "cancelled", "execution_count": None,
+                "error": {"ename": "CellCancelled", "evalue": reason, "kind": "cancelled"}}))
+
     def close_transport(self) -> None:
         """Close the socket (the read loop then ends with EOF)."""
         try:
@@ -265,10 +311,18 @@ class Connection:
                 if self.auth_failures >= self.server.limits.max_auth_failures:
                     break
             if eof and self.finish_on_eof:
+                # no more requests: the executions already sent run to the end,
+                # except that no input.reply can come (input() gets EOF), and
+                # all of them are cancelled if the reader of our output is gone
+                self.close_input()
                 while self.executions and not self.closed:
-                    await asyncio.sleep(0.01)
+                    if self.peer_gone is not None and self.peer_gone():
+                        self._lost()
+                        break
+                    await asyncio.sleep(0.02)
                 await asyncio.sleep(0)  # the last response's write is queued on the loop
-                await self.writer.drain()
+                if not self.closed:
+                    await self.writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -300,6 +354,10 @@ class Connection:
         if not self.authenticated and request.method != "auth":
             self._reply(request, error=P.RPCError(P.UNAUTHORIZED, P.ERROR_CODES[P.UNAUTHORIZED]))
             return
+        if self.server.shutting_down:
+            self._reply(request, error=P.RPCError(P.SESSION_CLOSED,
+                                                  "the server is shutting down"))
+            return
         handler = self.server.handlers[request.method]
         try:
             result = handler(self, request)
@@ -325,6 +383,16 @@ class Connection:
 
 #: returned by a handler whose response is sent later (``execute``)
 _DEFERRED = object()
+
+
+def _answer_eof(waiting: list) -> None:
+    """EOF to input() calls nobody can answer any more (a helper thread: a
+    process session's reply crosses its channel)."""
+    for input_id, (session, _execution_id) in waiting:
+        try:
+            session.reply_input(input_id, None)
+        except Exception:  # noqa: BLE001 - answered, cancelled or closed meanwhile
+            pass
 
 
 def _session(conn: Connection, params: dict) -> Any:
@@ -369,6 +437,10 @@ def _status(result: Any) -> tuple[str, dict | None]:
     # a process killed after a cancel or past its time ended the way it was asked to
     status = "cancelled" if kind in ("cancelled", "timeout", "killed", "cell_timeout") \
         else "error"
+    from .errors import CellError
+
+    if isinstance(error, CellError):  # a process session's: the cell's own name and message
+        return status, {"ename": error.ename, "evalue": error.evalue, "kind": kind}
     return status, {"ename": type(error).__name__, "evalue": str(error), "kind": kind}
 
 
@@ -395,6 +467,8 @@ class Server:
         self.connections: set[Connection] = set()
         #: connections that must authenticate and have not yet
         self._unauthenticated: set[Connection] = set()
+        #: set by :meth:`shutdown`: requests are refused from then on
+        self.shutting_down = False
         self.handlers: dict[str, Callable[[Connection, P.Request], Any]] = {
             "auth": self._auth, "server.info": self._info, "server.schema": self._schema,
             "session.create": self._session_create, "session.close": self._session_close,
@@ -412,9 +486,11 @@ class Server:
     # -- connections ----------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                      require_auth: bool, name: str = "client",
-                     finish_on_eof: bool = False) -> None:
+                     finish_on_eof: bool = False,
+                     peer_gone: Callable[[], bool] | None = None) -> None:
         conn = Connection(self, reader, writer, require_auth=require_auth, name=name,
                           finish_on_eof=finish_on_eof)
+        conn.peer_gone = peer_gone
         deadline = None
         if not conn.authenticated:
             # an unauthenticated peer holds a descriptor and memory: a bounded
@@ -659,6 +735,11 @@ class Server:
         session_id = session.id
 
         def on_event(event: dict) -> None:
+            kind = event.get("type")
+            if kind == "input_requested":
+                conn.input_requested(session, event)
+            elif kind == "finished" and conn.inputs:
+                conn.execution_finished(event["execution_id"])
             message = P.notification("execution.event", {
                 "session": session_id, "execution_id": event["execution_id"], "event": event})
             # the loop's own thread must never wait for itself
@@ -686,6 +767,8 @@ class Server:
         except (ValueError, TypeError) as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         execution_id = handle.execution_id
+        if not request.is_notification:
+            handle.pyrepl3_request_id = request.id  # for an answer at shutdown
         with conn._lock:
             conn.executions[execution_id] = (session, handle)
         if conn.closed:  # lost while it was being submitted: it must not run
@@ -693,9 +776,9 @@ class Server:
 
         def done(handle: Any) -> None:
             with conn._lock:
-                conn.executions.pop(execution_id, None)
-            if request.is_notification:
-                return
+                mine = conn.executions.pop(execution_id, None) is not None
+            if request.is_notification or not mine:
+                return  # a notification, or answered already (shutdown)
             try:
                 result = handle.result(0)
             except BaseException as exc:  # noqa: BLE001 - reported to the client
@@ -836,7 +919,8 @@ class Server:
             writer = asyncio.StreamWriter(transport, flow, None, loop)
         except ValueError:
             writer = _FdWriter(proto_out)
-        await self.handle(reader, writer, require_auth=False, name="stdio", finish_on_eof=True)
+        await self.handle(reader, writer, require_auth=False, name="stdio", finish_on_eof=True,
+                          peer_gone=_hung_up(proto_out))
 
     async def serve_tcp(self, host: str, port: int, *, ready: Callable[[str, int], None]
                         | None = None) -> None:
@@ -882,10 +966,51 @@ class Server:
             except OSError:
                 pass
 
-    def close(self) -> None:
+    async def shutdown(self, reason: str = "server shutdown", grace: float = 5.0) -> None:
+        """Stop serving gracefully (SIGTERM/SIGINT, end of stdio).
+
+        Every client gets a ``server.shutdown`` notification; every
+        execution in flight is cancelled with ``reason`` and answered, by
+        its own end or, past ``grace`` seconds, as ``cancelled``; what is
+        queued for the clients is written (bounded), then the connections
+        are closed.  Requests that arrive meanwhile are refused.
+        """
+        loop = asyncio.get_running_loop()
+        self.shutting_down = True
+        connections = [c for c in self.connections if not c.closed]
+        note = P.notification("server.shutdown", {"reason": reason})
+        for conn in connections:
+            if conn.authenticated:
+                conn.send(note)
+            conn.close_input()
+            conn.cancel_executions(reason)
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(c.executions and not c.closed
+                                             for c in connections):
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # responses sent from cells' threads reach the loop
+        for conn in connections:
+            if conn.closed:
+                continue
+            conn._flush()
+            conn.answer_abandoned(reason)
+            try:
+                await asyncio.wait_for(conn.writer.drain(), max(deadline - loop.time(), 1.0))
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                pass
+            conn.closed = True
+            conn.writable.set()
+            conn._drained.set()
+            conn.close_transport()
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Close the connections and the engine (its sessions, and for process
+        sessions the fork server and every session process).  False when a
+        cell did not end within ``timeout`` (an in-process cell blocked in a
+        call no cancel reaches)."""
         for conn in list(self.connections):
             conn._lost()
-        self.engine.close()
+        return bool(self.engine.close(timeout=timeout))
 
 
 class _FdReader:
@@ -951,6 +1076,23 @@ class _FdWriter:
                 self._size -= len(data)
 
 
+def _hung_up(fd: int) -> Callable[[], bool]:
+    """A check that the other end of ``fd`` (our output) is closed: a pipe
+    whose reader went away reports POLLERR, a socket POLLHUP."""
+    import select
+
+    def check() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(fd, 0)  # errors and hang-ups are always reported
+            return any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+                       for _fd, events in poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    return check
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -968,12 +1110,21 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
         limits: Limits | None = None, engine: Any = None,
         files_roots: Sequence[str] = (), isolation: str = "in-process",
         kill_grace: float = 3.0, session_limits: Any = None,
-        confine: bool | None = None) -> int:
-    """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry.
+        confine: bool | None = None, shutdown_grace: float | None = None) -> int:
+    """Run a server until EOF (stdio) or SIGINT/SIGTERM; the CLI's entry.
 
     ``isolation`` is the default of ``session.create``; with ``"process"``
     the fork server starts at once, so the first session does not wait.
+
+    Either way it ends with :meth:`Server.shutdown` (``shutdown_grace``
+    seconds, default ``kill_grace + 2`` so a process session's kill fits)
+    and closes the engine; returns 0.  If an in-process cell is still blocked
+    where no cancel reaches it (a C call) once the engine's close gave up,
+    the process leaves with ``os._exit(0)`` after flushing its streams,
+    rather than run interpreter finalization under a live cell.
     """
+    if shutdown_grace is None:
+        shutdown_grace = kill_grace + 2.0
     if engine is None:
         from .engine import Engine
 
@@ -1003,13 +1154,31 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
                 address or "", ready=lambda p: server.log(f"listening on unix {p}")))
         stopper = loop.create_task(stop.wait())
         done, _ = await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (serving, stopper):
-            task.cancel()
-        if serving in done and not serving.cancelled() and serving.exception() is not None:
-            raise serving.exception()
+        stopper.cancel()
+        failure = None
+        if serving in done and not serving.cancelled():
+            failure = serving.exception()
+        if stopper in done:
+            server.log("shutting down (signal)")
+        await server.shutdown("server shutdown", grace=shutdown_grace)
+        serving.cancel()
+        # awaited, so a cancelled connection task never reaches asyncio's logger
+        await asyncio.gather(serving, stopper, return_exceptions=True)
+        if failure is not None:
+            raise failure
 
+    closed = False
     try:
         asyncio.run(main())
     finally:
-        server.close()
+        # the grace was spent in shutdown(): what has not ended by now will not
+        closed = server.close(timeout=1.0)
+    if not closed:
+        server.log("a cell did not stop (blocked where no cancel reaches it): exiting anyway")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)
     return 0

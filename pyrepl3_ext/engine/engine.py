@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 from .. import _compat
@@ -698,8 +699,11 @@ class Engine:
         for session in sessions:
             session._begin_close("engine closed")
         ok = True
+        # one deadline for all: N stuck cells cost ``timeout``, not N times it
+        deadline = None if timeout is None else time.monotonic() + timeout
         for session in sessions:
-            ok = session._finish_close(timeout) and ok
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ok = session._finish_close(left) and ok
         self._close_supervisor()
         return ok
 
