@@ -74,6 +74,13 @@ def serve_parser() -> "argparse.ArgumentParser":
                         help="let clients grant sessions the files capability inside DIR "
                              "(repeatable; session.create's default root is "
                              "DIR/<session id>)")
+    parser.add_argument("--snapshot-dir", metavar="DIR", default=None,
+                        help="let clients save snapshots to signed files in DIR and load "
+                             "them back (snapshot.save/snapshot.load), across sessions and "
+                             "server restarts")
+    parser.add_argument("--snapshot-key-file", metavar="PATH", default=None,
+                        help="the key that signs those files (created 0600 if missing; "
+                             "default: the per-user key, <ipython_dir>/pyrepl3/snapshot.key)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow --tcp on a non-loopback address")
     parser.add_argument("--isolation", choices=("in-process", "process"),
@@ -119,6 +126,8 @@ def serve(args: list[str]) -> int:
         for root in options.files_root:
             if not os.path.isdir(root):
                 raise ValueError(f"--files-root {root!r} is not a directory")
+        if options.snapshot_dir is not None and not os.path.isdir(options.snapshot_dir):
+            raise ValueError(f"--snapshot-dir {options.snapshot_dir!r} is not a directory")
         if not options.kill_grace > 0:
             raise ValueError(f"--kill-grace must be positive, got {options.kill_grace}")
         if options.shutdown_grace is not None and not options.shutdown_grace >= 0:
@@ -129,6 +138,8 @@ def serve(args: list[str]) -> int:
         return 2
     engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace,
                       "shutdown_grace": options.shutdown_grace,
+                      "snapshot_dir": options.snapshot_dir,
+                      "snapshot_key_file": options.snapshot_key_file,
                       "session_limits": session_limits,
                       "confine": {"auto": None, "on": True, "off": False}[options.confine]}
     token = options.token or os.environ.get("PYREPL3_TOKEN") or None

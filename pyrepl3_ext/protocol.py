@@ -91,6 +91,10 @@ POLICIES = ("trusted", "guarded", "restricted")
 ISOLATIONS = ("in-process", "process")
 _SESSION = {"session": {**_ID, "description": "the session id (from session.create)"}}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+#: a snapshot file's name: letters, digits, ``._-``, not starting with a dot
+#: (checked by the server: the schema subset has no ``pattern``)
+_FILE = {"type": "string", "minLength": 1, "maxLength": 100}
+FILE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}"
 
 
 def _params(properties: dict, required: tuple[str, ...] = ()) -> dict:
@@ -246,6 +250,26 @@ METHODS: dict[str, dict] = {
     "snapshot.restore": {
         "description": "Restore the namespace to a named snapshot.",
         "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "snapshot.save": {
+        "description": "Write a snapshot (taken with snapshot.take) to a signed file in the "
+                       "server's --snapshot-dir, where it outlives the session and the "
+                       "server.",
+        "params": _params({**_SESSION, "name": _NAME, "file": {
+            **_FILE, "description": "the file's name in the snapshot directory "
+                                    "(default: the snapshot's name)"}},
+                          ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "snapshot.load": {
+        "description": "Verify a signed file of the server's --snapshot-dir and hold it as "
+                       "a snapshot of the session (then snapshot.restore, or restore: true).",
+        "params": _params({**_SESSION, "file": _FILE, "name": {
+            **_NAME, "description": "the snapshot's name (default: the one it was saved "
+                                    "under)"}, "restore": {
+            "type": "boolean", "description": "also restore it now"}},
+                          ("session", "file")),
         "result": {"type": "object"},
     },
 }

@@ -449,7 +449,8 @@ class Server:
 
     def __init__(self, engine: Any = None, *, token: str | None = None,
                  limits: Limits | None = None, log: Callable[[str], None] | None = None,
-                 files_roots: Sequence[str] = ()):
+                 files_roots: Sequence[str] = (), snapshot_dir: str | None = None,
+                 snapshot_key_file: str | None = None):
         if engine is None:
             from .engine import Engine
 
@@ -462,6 +463,12 @@ class Server:
         for root in self.files_roots:
             if not os.path.isdir(root):
                 raise ValueError(f"--files-root {root!r} is not a directory")
+        #: where snapshot.save/load keep signed files (None: not offered)
+        self.snapshot_dir = os.path.realpath(snapshot_dir) if snapshot_dir else None
+        if self.snapshot_dir is not None and not os.path.isdir(self.snapshot_dir):
+            raise ValueError(f"--snapshot-dir {snapshot_dir!r} is not a directory")
+        self._snapshot_key_file = snapshot_key_file
+        self._snapshot_key_value: bytes | None = None
         self.log = log or (lambda text: print(f"[pyrepl3 serve] {text}", file=sys.stderr,
                                               flush=True))
         self.connections: set[Connection] = set()
@@ -479,6 +486,7 @@ class Server:
             "namespace.get": self._namespace, "namespace.set": self._namespace,
             "namespace.delete": self._namespace, "namespace.list": self._namespace,
             "snapshot.take": self._snapshot, "snapshot.restore": self._snapshot,
+            "snapshot.save": self._snapshot_file, "snapshot.load": self._snapshot_file,
         }
         missing = set(P.METHODS) - set(self.handlers)
         assert not missing, f"methods without a handler: {missing}"
@@ -856,6 +864,53 @@ class Server:
 
         return self._session_call(conn, request, session, call, off_loop=True)
 
+    def _snapshot_key(self) -> bytes:
+        """The key that signs the snapshot directory's files (read once; created
+        owner-only if missing): ``--snapshot-key-file``, else the per-user key."""
+        if self._snapshot_key_value is None:
+            from .namespace import default_key_file, load_or_create_key
+
+            path = os.path.expanduser(self._snapshot_key_file or default_key_file())
+            self._snapshot_key_value = load_or_create_key(path)
+        return self._snapshot_key_value
+
+    def _snapshot_file(self, conn: Connection, request: P.Request) -> Any:
+        """snapshot.save/load: signed files in the operator's directory, written
+        and read by this process for both kinds of session."""
+        session = _session(conn, request.params)
+        params = request.params
+        if self.snapshot_dir is None:
+            raise P.RPCError(P.NOT_AVAILABLE, "snapshot files are not offered by this server "
+                                              "(start it with --snapshot-dir DIR)")
+        file = params.get("file") or params["name"]
+        if not re.fullmatch(P.FILE_NAME, file):
+            raise P.RPCError(P.INVALID_PARAMS, f"file must be a plain name (letters, digits, "
+                                               f"'.', '_', '-'; not starting with '.'), "
+                                               f"got {file!r}")
+        path = os.path.join(self.snapshot_dir, file + ".snapshot")
+        if request.method == "snapshot.load" and not os.path.isfile(path):
+            raise P.RPCError(P.UNKNOWN_NAME, f"no snapshot file {file!r} in the server's "
+                                             f"snapshot directory")
+
+        def call() -> dict:
+            from .errors import NamespaceError
+
+            try:
+                key = self._snapshot_key()
+            except NamespaceError as exc:
+                raise P.RPCError(P.NOT_AVAILABLE, f"snapshot key: {exc}") from None
+            if request.method == "snapshot.save":
+                info = session.save_snapshot(params["name"], path, key=key)
+            else:
+                info = session.load_snapshot(path, name=params.get("name"), key=key,
+                                             restore=bool(params.get("restore")))
+            info = dict(info)
+            info.pop("path", None)  # the server's directory is not the client's business
+            info.pop("source", None)
+            return {"snapshot": _jsonable(info), "file": file}
+
+        return self._session_call(conn, request, session, call, off_loop=True)
+
     def _session_call(self, conn: Connection, request: P.Request, session: Any,
                       call: Callable[[], Any], *, off_loop: bool = False) -> Any:
         """Run one host-API call of a session and answer with its result.
@@ -1110,7 +1165,8 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
         limits: Limits | None = None, engine: Any = None,
         files_roots: Sequence[str] = (), isolation: str = "in-process",
         kill_grace: float = 3.0, session_limits: Any = None,
-        confine: bool | None = None, shutdown_grace: float | None = None) -> int:
+        confine: bool | None = None, shutdown_grace: float | None = None,
+        snapshot_dir: str | None = None, snapshot_key_file: str | None = None) -> int:
     """Run a server until EOF (stdio) or SIGINT/SIGTERM; the CLI's entry.
 
     ``isolation`` is the default of ``session.create``; with ``"process"``
@@ -1132,7 +1188,8 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
                         confine=confine)
         if isolation == "process":
             engine.warm_up()
-    server = Server(engine, token=token, limits=limits, files_roots=files_roots)
+    server = Server(engine, token=token, limits=limits, files_roots=files_roots,
+                    snapshot_dir=snapshot_dir, snapshot_key_file=snapshot_key_file)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -427,7 +427,10 @@ def test_schema_valid_params_never_cause_an_internal_error(engine, tmp_path):
 
     root = tmp_path / "files"
     root.mkdir()
-    server = Server(engine, files_roots=[str(root)])
+    snapdir = tmp_path / "snapshots"
+    snapdir.mkdir()
+    server = Server(engine, files_roots=[str(root)], snapshot_dir=str(snapdir),
+                    snapshot_key_file=str(tmp_path / "snapshot.key"))
     names = ["s", "gone", "x", "In", "__builtins__", "snap", "e1", "trusted", str(root),
              "/etc", "input", "files", "memory", "512M", "cell_seconds"]
     methods = sorted(m for m in P.METHODS if m != "auth")

@@ -363,6 +363,23 @@ class Session:
 
         return manager(self.shell).restore_snapshot(name)
 
+    def save_snapshot(self, name: str, path: str, *, key: bytes | None = None) -> dict:
+        """Write snapshot ``name`` to the signed file ``path`` (``key``: the
+        signing key; None: the per-user key file)."""
+        from ..namespace import manager
+
+        return manager(self.shell).save_snapshot(name, path, key=key)
+
+    def load_snapshot(self, path: str, *, name: str | None = None, key: bytes | None = None,
+                      restore: bool = False) -> dict:
+        """Verify the signed file ``path`` and hold it as snapshot ``name``
+        (default: the name it was saved under); ``restore`` applies it too."""
+        from ..namespace import manager
+
+        names = manager(self.shell)
+        info = names.load_snapshot(path, name=name, key=key)
+        return names.restore_snapshot(info["name"]) if restore else info
+
     def reply_input(self, input_id: str, text: str | None) -> bool:
         """Answer an ``input_requested`` event of this session (None: end of input)."""
         from .. import reply_input

@@ -52,7 +52,7 @@ CALLS = {
     "grant_input": (),
     "execution_count": (),
     "export_snapshot": ("name", "key"),
-    "import_snapshot": ("name", "data", "key"),
+    "import_snapshot": ("name", "data", "key", "restore"),
 }
 
 #: Exception types a call may report back by name (anything else: RuntimeError).
@@ -279,19 +279,17 @@ class WorkerHost:
         self.send(reply)
 
     def _export_snapshot(self, name: str, key: bytes) -> bytes:
-        """Snapshot ``name`` as a signed file's bytes, for the parent to keep."""
-        import tempfile
-
+        """Snapshot ``name`` as a signed file's bytes, for the parent to keep
+        or write (a confined worker may write only its scratch directory)."""
         from ..namespace import manager
 
-        with tempfile.TemporaryDirectory(prefix="pyrepl3-snapshot-") as tmp:
-            path = os.path.join(tmp, "snapshot")
-            manager(self.session.shell).save_snapshot(name, path, key=key)
-            with open(path, "rb") as f:
-                return f.read()
+        return manager(self.session.shell).snapshot_bytes(name, key=key)[0]
 
-    def _import_snapshot(self, name: str, data: bytes, key: bytes) -> dict:
-        """Load bytes :meth:`_export_snapshot` made (checked against ``key``) and restore them."""
+    def _import_snapshot(self, name: str | None, data: bytes, key: bytes,
+                         restore: bool = True) -> dict:
+        """Load bytes :meth:`_export_snapshot` made (checked against ``key``)
+        as snapshot ``name`` (None: the name they carry); restore them unless
+        ``restore`` is False."""
         import tempfile
 
         from ..namespace import manager
@@ -301,8 +299,9 @@ class WorkerHost:
             path = os.path.join(tmp, "snapshot")
             with open(path, "wb") as f:
                 f.write(data)
-            names.load_snapshot(path, name=name, key=key)
-        return names.restore_snapshot(name)
+            info = names.load_snapshot(path, name=name, key=key)
+        info.pop("source", None)
+        return names.restore_snapshot(info["name"]) if restore else info
 
     def _grant(self, message: dict) -> None:
         name = str(message.get("name"))
