@@ -497,7 +497,9 @@ def cmd_install(args: argparse.Namespace) -> None:
         raise UpstreamError(f"{python} imports IPython {check.stdout.strip() or '?'} "
                             f"instead of {version}: another IPython shadows it "
                             f"({check.stderr.strip()[-300:]})")
-    print(f"installed IPython {version} (patched) and pyrepl3: run `pyrepl3`")
+    command = Path(python).parent / "pyrepl3"  # the script pip put beside that python
+    print(f"installed IPython {version} (patched) and pyrepl3: run "
+          f"{command if command.exists() else 'pyrepl3'}")
 
 
 def _failed_hunks(patch_output: str) -> str:
