@@ -10,15 +10,22 @@ threads, never on the loop).  Invariants:
   then the ``execute`` response (both are sent from the cell's thread, in
   order, through the loop's FIFO);
 * bounded memory per connection: a message longer than
-  ``max_message_bytes`` is refused and skipped; when a client reads slower
-  than its cells print, the cells' threads wait (backpressure) instead of
-  the server buffering without bound; an event larger than
+  ``max_message_bytes`` is refused and skipped (answered with its id when
+  the line's start gives it); when a client reads slower than its cells
+  print, the cells' threads wait (backpressure) instead of the server
+  buffering without bound, and past the same limit no further request of
+  that client is read, so the server's own replies are bounded too; the
+  read-ahead of requests is bounded; an event larger than
   ``max_event_bytes`` is truncated and says so (``"truncated": true``);
 * a client that disconnects has its queued and running executions
-  cancelled; its sessions stay open for other clients;
+  cancelled, and nothing it sent that was not yet handled runs; its
+  sessions stay open for other clients;
 * TCP needs the token (``auth`` first, compared in constant time) and
-  binds to loopback unless told otherwise; a unix socket is created
-  owner-only (0600).
+  binds to loopback unless told otherwise; an unauthenticated connection
+  has a deadline, and only so many may wait; a unix socket is created
+  owner-only (0600);
+* shutdown (a signal, the end of stdio) answers every execution in flight
+  within a grace period, then closes the engine and its processes.
 """
 
 from __future__ import annotations
@@ -127,8 +134,9 @@ class Connection:
         #: the loop's view of ``writable``: request reading waits on it
         self._drained = asyncio.Event()
         self._drained.set()
-        #: execution_id -> (session, handle) of this client's unfinished executions
-        self.executions: dict[str, tuple[Any, Any]] = {}
+        #: execution_id -> (session, handle, request id or None) of this client's
+        #: unanswered executions
+        self.executions: dict[str, tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
         # messages from other threads, written by one loop callback per batch
@@ -234,10 +242,9 @@ class Connection:
         with self._lock:
             pending = list(self.executions.items())
             self.executions.clear()
-        for execution_id, (_session, handle) in pending:
-            request_id = getattr(handle, "pyrepl3_request_id", None)
+        for execution_id, (_session, _handle, request_id) in pending:
             if request_id is None:
-                continue
+                continue  # a notification
             self.send(P.response(request_id, {
                 "execution_id": execution_id, "status": "cancelled", "execution_count": None,
                 "error": {"ename": "CellCancelled", "evalue": reason, "kind": "cancelled"}}))
@@ -263,7 +270,7 @@ class Connection:
     def cancel_executions(self, reason: str) -> None:
         with self._lock:
             pending = list(self.executions.items())
-        for execution_id, (session, _handle) in pending:
+        for execution_id, (session, _handle, _request_id) in pending:
             try:
                 session.cancel(execution_id, reason)
             except Exception:  # noqa: BLE001 - the session may be closing
@@ -775,10 +782,8 @@ class Server:
         except (ValueError, TypeError) as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         execution_id = handle.execution_id
-        if not request.is_notification:
-            handle.pyrepl3_request_id = request.id  # for an answer at shutdown
-        with conn._lock:
-            conn.executions[execution_id] = (session, handle)
+        with conn._lock:  # the request id: for an answer at shutdown
+            conn.executions[execution_id] = (session, handle, request.id)
         if conn.closed:  # lost while it was being submitted: it must not run
             session.cancel(execution_id, "the client disconnected")
 
