@@ -268,8 +268,14 @@ class Connection:
         self.close_transport()
 
     def cancel_executions(self, reason: str) -> None:
+        """Cancel every execution of this client: the queued ones first, in
+        order, then the running ones.  Cancelling a running cell ends it, and
+        its session would start the next queued cell at once; with the running
+        one first, queued cells ran in the window before their own cancel."""
         with self._lock:
             pending = list(self.executions.items())
+        running = [p for p in pending if getattr(p[1][0], "running", None) == p[0]]
+        pending = [p for p in pending if p not in running] + running
         for execution_id, (session, _handle, _request_id) in pending:
             try:
                 session.cancel(execution_id, reason)

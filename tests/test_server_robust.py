@@ -107,12 +107,15 @@ def test_lines_after_a_drop_are_not_run(engine):
 
 
 def test_a_drop_cancels_what_was_queued(engine):
+    """The running cell ends as soon as it is cancelled (a Python loop), so
+    its session would start the next queued cell at once: the queued ones
+    must be cancelled before it (cancelled after, up to all of them ran)."""
     session = engine.create_session("queued")
     session.set_variable("ran", 0)
     gate = threading.Event()
     session.shell.user_ns["gate"] = gate
     server = Server(engine)
-    lines = [request(0, "execute", session="queued", code="gate.wait(60)")]
+    lines = [request(0, "execute", session="queued", code="while not gate.is_set():\n    pass")]
     lines += [request(i, "execute", session="queued", code="ran += 1") for i in range(1, 100)]
 
     async def main():
