@@ -106,10 +106,10 @@ class _DirectiveCheck:
         state = self._state()
         execution = state.current_execution() if state is not None else None
         if execution is None or not execution.__dict__.pop("directives_pending", False):
-            raise DirectiveNotApplied("%%timeout and %%transaction do not apply to a silent cell "
-                        "(IPython runs no pre_run_cell hook for it): run it without "
-                        "silent=True, or pass timeout=/transaction= to "
-                        "pyrepl3_ext.run_cell")
+            raise DirectiveNotApplied(
+                "%%timeout and %%transaction do not apply to a silent cell (IPython runs "
+                "no pre_run_cell hook for it): run it without silent=True, or pass "
+                "timeout=/transaction= to pyrepl3_ext.run_cell")
         del body[:marks]
         return tree
 
