@@ -64,10 +64,23 @@ def serve_parser() -> "argparse.ArgumentParser":
                         help="longest request accepted (default 16 MiB)")
     parser.add_argument("--max-event-bytes", type=int, default=4 * 1024 * 1024,
                         help="events larger than this are truncated (default 4 MiB)")
+    parser.add_argument("--auth-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close a connection that has not authenticated this long "
+                             "after it opened (TCP; a unix socket with --token; default 10)")
+    parser.add_argument("--max-unauthenticated", type=int, default=64, metavar="N",
+                        help="at most N connections may wait to authenticate at once; "
+                             "more are refused and closed (default 64)")
     parser.add_argument("--files-root", metavar="DIR", action="append", default=[],
                         help="let clients grant sessions the files capability inside DIR "
                              "(repeatable; session.create's default root is "
                              "DIR/<session id>)")
+    parser.add_argument("--snapshot-dir", metavar="DIR", default=None,
+                        help="let clients save snapshots to signed files in DIR and load "
+                             "them back (snapshot.save/snapshot.load), across sessions and "
+                             "server restarts")
+    parser.add_argument("--snapshot-key-file", metavar="PATH", default=None,
+                        help="the key that signs those files (created 0600 if missing; "
+                             "default: the per-user key, <ipython_dir>/pyrepl3/snapshot.key)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow --tcp on a non-loopback address")
     parser.add_argument("--isolation", choices=("in-process", "process"),
@@ -87,6 +100,10 @@ def serve_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--kill-grace", type=float, default=3.0, metavar="SECONDS",
                         help="process sessions: how long a cell may ignore a cancel before "
                              "its process is killed (default 3)")
+    parser.add_argument("--shutdown-grace", type=float, default=None, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT or the end of stdio: how long cancelled "
+                             "executions may take to end before they are answered as "
+                             "cancelled and the server exits (default: kill grace + 2)")
     return parser
 
 
@@ -103,17 +120,26 @@ def serve(args: list[str]) -> int:
         return 0
     try:
         limits = server.Limits(max_message_bytes=options.max_message_bytes,
-                               max_event_bytes=options.max_event_bytes)
+                               max_event_bytes=options.max_event_bytes,
+                               auth_timeout=options.auth_timeout,
+                               max_unauthenticated=options.max_unauthenticated)
         for root in options.files_root:
             if not os.path.isdir(root):
                 raise ValueError(f"--files-root {root!r} is not a directory")
+        if options.snapshot_dir is not None and not os.path.isdir(options.snapshot_dir):
+            raise ValueError(f"--snapshot-dir {options.snapshot_dir!r} is not a directory")
         if not options.kill_grace > 0:
             raise ValueError(f"--kill-grace must be positive, got {options.kill_grace}")
+        if options.shutdown_grace is not None and not options.shutdown_grace >= 0:
+            raise ValueError(f"--shutdown-grace must be >= 0, got {options.shutdown_grace}")
         session_limits = _parse_limits(options.limits)
     except ValueError as exc:
         print(f"pyrepl3 serve: {exc}", file=sys.stderr)
         return 2
     engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace,
+                      "shutdown_grace": options.shutdown_grace,
+                      "snapshot_dir": options.snapshot_dir,
+                      "snapshot_key_file": options.snapshot_key_file,
                       "session_limits": session_limits,
                       "confine": {"auto": None, "on": True, "off": False}[options.confine]}
     token = options.token or os.environ.get("PYREPL3_TOKEN") or None

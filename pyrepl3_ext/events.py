@@ -190,11 +190,17 @@ class JSONLinesSink:
 
     ``target`` is a path, ``fd:N`` or ``stderr``.  Lines are written whole
     under a lock and flushed, so concurrent sessions never interleave.
+
+    Only whole executions are logged: one already running when the sink
+    subscribed (the cell that switched the log on) is skipped, so every
+    execution in the log begins with ``started``.
     """
 
     def __init__(self, target: str):
         self.target = target
         self._lock = threading.Lock()
+        #: executions whose ``started`` this sink wrote and whose ``finished`` it has not
+        self._open: set[str] = set()
         if target == "stderr":
             self._stream = sys.__stderr__
             self._owns = False
@@ -211,6 +217,14 @@ class JSONLinesSink:
             self._owns = True
 
     def __call__(self, event: dict) -> None:
+        kind, execution_id = event.get("type"), event.get("execution_id")
+        with self._lock:
+            if kind == "started":
+                self._open.add(execution_id)
+            elif execution_id not in self._open:
+                return  # began before this sink existed
+            elif kind == "finished":
+                self._open.discard(execution_id)
         line = dumps(event) + "\n"
         with self._lock:
             self._stream.write(line)

@@ -29,6 +29,8 @@ import types
 import weakref
 from typing import Any, Callable, Iterator, Mapping
 
+from IPython.core.error import InputRejected
+
 from . import _compat
 from .config import PyREPL3
 from .errors import CellCancelled, CellError, SecurityError, SessionLost
@@ -58,6 +60,58 @@ _MAGIC_DIRECTIVES = ("%%timeout", "%%transaction")
 #: ``Execution.options`` of a cell that has none (shared: never mutated)
 _NO_OPTIONS: "types.MappingProxyType[str, Any]" = types.MappingProxyType({})
 _DIRECTIVE_RE = re.compile(r"\s*%%(?:timeout|transaction)\b")
+#: appended to a directive's text in the marker statement left on its line
+_DIRECTIVE_MARK = "  [pyrepl3 directive]"
+
+
+class DirectiveNotApplied(InputRejected):
+    """A silent cell opened with a directive: IPython runs no ``pre_run_cell``
+    for it, so the directive could not apply and the cell was not run."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython's hook: the message alone, no frame of ours
+        return [f"{type(self).__name__}: {self}"]
+
+
+class _DirectiveCheck:
+    """In ``shell.ast_transformers`` (IPython calls ``visit(tree)``) once a
+    cell used a directive: removes the marker statements the input
+    transformer left, and refuses the cell when its directive cannot apply.
+
+    IPython fires no ``pre_run_cell`` for a silent cell, so its options are
+    never read: running it would ignore a ``%%timeout`` without a word.
+    Only the first statements are looked at (no tree walk).
+    """
+
+    def __init__(self, state: "ShellState"):
+        self._state = weakref.ref(state)
+
+    def visit(self, tree: Any) -> Any:
+        import ast
+
+        body = getattr(tree, "body", None)
+        if not body:
+            return tree
+        marks = 0
+        for node in body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+                    and isinstance(node.value.value, str) \
+                    and node.value.value.endswith(_DIRECTIVE_MARK) \
+                    and _DIRECTIVE_RE.match(node.value.value) and node.lineno == marks + 1:
+                marks += 1
+            else:
+                break
+        if not marks:
+            return tree
+        state = self._state()
+        execution = state.current_execution() if state is not None else None
+        if execution is None or not execution.__dict__.pop("directives_pending", False):
+            raise DirectiveNotApplied(
+                "%%timeout and %%transaction do not apply to a silent cell (IPython runs "
+                "no pre_run_cell hook for it): run it without silent=True, or pass "
+                "timeout=/transaction= to pyrepl3_ext.run_cell")
+        del body[:marks]
+        return tree
 
 
 class Component:
@@ -245,6 +299,7 @@ class ShellState:
         self._saved_magics: dict[tuple[str, str], Any] = {}
         self._attached_events: list[tuple[str, Any]] = []
         self._transformer_installed = False
+        self._directive_check: "_DirectiveCheck | None" = None
 
     @property
     def shell(self) -> Any:
@@ -365,6 +420,12 @@ class ShellState:
             except ValueError:
                 pass
             self._transformer_installed = False
+        if self._directive_check is not None:
+            try:
+                shell.ast_transformers.remove(self._directive_check)
+            except ValueError:
+                pass
+            self._directive_check = None
         if self._magics is not None:
             manager = shell.magics_manager
             for kind, names in self._magics.magics.items():
@@ -438,7 +499,26 @@ class ShellState:
             _, consumed = parse_directives("".join(lines))
         except ValueError:
             return lines  # left in place: the magic itself reports the error
-        return lines[consumed:]
+        body = lines[consumed:]
+        if all(not line.strip() for line in body):
+            # Nothing after the directives (yet): left in place, so IPython's
+            # completeness check sees a cell magic ("incomplete" until a blank
+            # line) instead of an empty list it cannot index, and running it
+            # runs the magic on an empty body.
+            return lines
+        if body[0].lstrip().startswith("%%"):
+            return body  # a cell magic must open the cell; its body is not Python
+        # Each directive line becomes a marker statement on the same line, so
+        # line numbers in tracebacks are those the user typed, and the AST
+        # check can tell a directive that pre_run_cell never saw (a silent
+        # cell) from one that applies.
+        self._install_directive_check()
+        return [f"{line.strip() + _DIRECTIVE_MARK!r}\n" for line in lines[:consumed]] + body
+
+    def _install_directive_check(self) -> None:
+        if self._directive_check is None:
+            self._directive_check = _DirectiveCheck(self)
+            self.shell.ast_transformers.append(self._directive_check)
 
     def _cell_options(self, info: Any, raw: str) -> Mapping[str, Any]:
         """The options of a cell: from ``run_cell``/``execute`` (the pending
@@ -499,12 +579,15 @@ class ShellState:
         options = self._cell_options(info, raw)
         mode = options.get("mode") or \
             (self._sniff_mode(info) if "await" in raw or "async" in raw else "sync")
-        return Execution(
+        execution = Execution(
             options.get("execution_id") or self.new_execution_id(), self.session_id, raw, mode,
             # the count is for the events: not looked up when nobody listens
             _compat.execution_count_in_pre_run_cell(self._shell_ref(), info)
             if listened else None,
             options, self.bus)
+        if "%%" in raw and _DIRECTIVE_RE.match(raw):
+            execution.directives_pending = True  # consumed by _DirectiveCheck
+        return execution
 
     def _announce(self, execution: Execution, listened: Any) -> tuple:
         """After the push, for a cell with options or listeners: ``started``
@@ -610,8 +693,8 @@ def classify_error(error: BaseException, *, before_exec: bool) -> str:
         return error.kind
     if isinstance(error, SecurityError):
         return "security"
-    from IPython.core.error import InputRejected
-
+    if isinstance(error, DirectiveNotApplied):
+        return "exception"
     if isinstance(error, InputRejected):  # also from %time/%timeit's AST pass
         return "security"
     if before_exec:
@@ -638,9 +721,19 @@ def format_traceback(error: BaseException) -> list[str]:
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_IPYTHON_DIR) \
             and tb.tb_next is not None:
         tb = tb.tb_next
-    exc = traceback.TracebackException(type(error), error, tb)
-    exc.stack = traceback.StackSummary.from_list(
-        [f for f in exc.stack if not f.filename.startswith(_PKG_DIR)])
+    etype = type(error)
+    if isinstance(error, CellCancelled):
+        # the engine's private subclasses are shown as the public class a cell can catch
+        while etype.__name__.startswith("_") and etype.__base__ is not BaseException:
+            etype = etype.__base__
+    exc = traceback.TracebackException(etype, error, tb)
+    seen: set[int] = set()
+    part: Any = exc
+    while part is not None and id(part) not in seen:  # the chained ones too
+        seen.add(id(part))
+        part.stack = traceback.StackSummary.from_list(
+            [f for f in part.stack if not f.filename.startswith(_PKG_DIR)])
+        part = part.__cause__ or part.__context__
     return list(exc.format())
 
 

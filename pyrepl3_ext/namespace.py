@@ -492,9 +492,7 @@ class NamespaceManager(Component):
         configured = self.state.config.snapshot_key_file
         if configured:
             return os.path.expanduser(configured)
-        from IPython.paths import get_ipython_dir
-
-        return os.path.join(get_ipython_dir(), "pyrepl3", "snapshot.key")
+        return default_key_file()
 
     def save_snapshot(self, name: str, path: str | os.PathLike, *,
                       key: bytes | str | None = None) -> dict:
@@ -529,6 +527,20 @@ class NamespaceManager(Component):
         return {"name": snap.name, "path": os.fspath(path), "names": sorted(values),
                 "skipped": skipped}
 
+    def snapshot_bytes(self, name: str, *, key: bytes | str | None = None) -> tuple[bytes, dict]:
+        """Snapshot ``name`` as a signed file's bytes (what :meth:`save_snapshot`
+        writes), for a host that stores them itself (a session process's
+        parent, which alone may write the operator's snapshot directory)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="pyrepl3-snapshot-") as tmp:
+            path = os.path.join(tmp, "snapshot")
+            info = self.save_snapshot(name, path, key=key)
+            with open(path, "rb") as f:
+                data = f.read()
+        info.pop("path", None)
+        return data, info
+
     def load_snapshot(self, path: str | os.PathLike, *, name: str | None = None,
                       key: bytes | str | None = None) -> dict:
         """Verify and read a snapshot file into memory (restore it separately).
@@ -543,14 +555,7 @@ class NamespaceManager(Component):
                 data = f.read()
         except OSError as exc:
             raise NamespaceError(f"cannot read snapshot file {path!r}: {exc}") from exc
-        if not data.startswith(_FILE_MAGIC):
-            raise SnapshotRefused(f"{path!r} is not a pyrepl3 snapshot file; not loaded")
-        mac, sep, payload = data[len(_FILE_MAGIC):].partition(b"\n")
-        expected = hmac.new(secret, _FILE_MAGIC + payload, hashlib.sha256).hexdigest()
-        if not sep or not hmac.compare_digest(mac, expected.encode("ascii")):
-            raise SnapshotRefused(
-                f"snapshot file {path!r} failed verification (modified, or signed "
-                f"with another key); it was not unpickled")
+        payload = verify_snapshot(data, secret, path)
         # Verified: this key wrote it, so unpickling runs only what we pickled.
         record = pickle.loads(payload)  # noqa: S301
         if not isinstance(record, dict) or record.get("format") != SNAPSHOT_FORMAT:
@@ -564,6 +569,33 @@ class NamespaceManager(Component):
         info = snap.info()
         info["skipped"] = list(record.get("skipped", []))
         return info
+
+
+def verify_snapshot(data: bytes, key: bytes, where: str) -> bytes:
+    """The payload of a snapshot file's bytes once its signature checks out
+    against ``key``; ``SnapshotRefused`` otherwise.  Reads nothing else, so
+    a host that must not unpickle (a session process's parent) can use it."""
+    if not data.startswith(_FILE_MAGIC):
+        raise SnapshotRefused(f"{where!r} is not a pyrepl3 snapshot file; not loaded")
+    mac, sep, payload = data[len(_FILE_MAGIC):].partition(b"\n")
+    expected = hmac.new(key, _FILE_MAGIC + payload, hashlib.sha256).hexdigest()
+    if not sep or not hmac.compare_digest(mac, expected.encode("ascii")):
+        raise SnapshotRefused(
+            f"snapshot file {where!r} failed verification (modified, or signed "
+            f"with another key); it was not unpickled")
+    return payload
+
+
+def default_key_file() -> str:
+    """The per-user signing key file when ``c.PyREPL3.snapshot_key_file`` is empty."""
+    from IPython.paths import get_ipython_dir
+
+    return os.path.join(get_ipython_dir(), "pyrepl3", "snapshot.key")
+
+
+def write_snapshot_file(path: str, data: bytes) -> None:
+    """Write a snapshot file's bytes, owner-only (what ``save_snapshot`` does)."""
+    _write_private(path, data)
 
 
 def load_or_create_key(path: str) -> bytes:

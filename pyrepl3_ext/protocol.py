@@ -85,10 +85,16 @@ class RPCError(Exception):
 _ID = {"type": "string", "minLength": 1, "maxLength": 200}
 #: what ``session.create`` can grant
 CAPABILITIES = ("files", "input")
+#: the security presets (``security.policy.PRESETS``)
+POLICIES = ("trusted", "guarded", "restricted")
 #: where a session can live (``engine.ISOLATIONS``)
 ISOLATIONS = ("in-process", "process")
 _SESSION = {"session": {**_ID, "description": "the session id (from session.create)"}}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+#: a snapshot file's name: letters, digits, ``._-``, not starting with a dot
+#: (checked by the server: the schema subset has no ``pattern``)
+_FILE = {"type": "string", "minLength": 1, "maxLength": 100}
+FILE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}"
 
 
 def _params(properties: dict, required: tuple[str, ...] = ()) -> dict:
@@ -117,7 +123,8 @@ METHODS: dict[str, dict] = {
         "description": "Create an isolated session (one IPython shell) and return its id.",
         "params": _params({
             "session_id": _ID,
-            "policy": {"type": "string", "description": "security preset name"},
+            "policy": {"type": "string", "enum": list(POLICIES),
+                       "description": "security preset name"},
             "capabilities": {
                 "type": "array",
                 "description": "capabilities granted to the session's cells: \"input\" "
@@ -253,10 +260,36 @@ METHODS: dict[str, dict] = {
         "params": _params({**_SESSION, "name": _NAME}, ("session", "name")),
         "result": {"type": "object"},
     },
+    "snapshot.save": {
+        "description": "Write a snapshot (taken with snapshot.take) to a signed file in the "
+                       "server's --snapshot-dir, where it outlives the session and the "
+                       "server.",
+        "params": _params({**_SESSION, "name": _NAME, "file": {
+            **_FILE, "description": "the file's name in the snapshot directory "
+                                    "(default: the snapshot's name)"}},
+                          ("session", "name")),
+        "result": {"type": "object"},
+    },
+    "snapshot.load": {
+        "description": "Verify a signed file of the server's --snapshot-dir and hold it as "
+                       "a snapshot of the session (then snapshot.restore, or restore: true).",
+        "params": _params({**_SESSION, "file": _FILE, "name": {
+            **_NAME, "description": "the snapshot's name (default: the one it was saved "
+                                    "under)"}, "restore": {
+            "type": "boolean", "description": "also restore it now"}},
+                          ("session", "file")),
+        "result": {"type": "object"},
+    },
 }
 
 #: Notifications the server sends (never requests; no response expected).
 NOTIFICATIONS: dict[str, dict] = {
+    "server.shutdown": {
+        "description": ("The server is stopping (SIGTERM/SIGINT, or the end of stdio): "
+                        "every execution in flight is cancelled and answered, new "
+                        "requests are refused (-32004), then the connection closes."),
+        "params": {"type": "object", "properties": {"reason": {"type": "string"}}},
+    },
     "session.lost": {
         "description": ("A process session's process died: kind names the cause "
                         "(crashed, oom, cpu_limit, killed, exited), message says it in "
@@ -354,7 +387,9 @@ def parse(line: bytes | str) -> Request:
     """Parse and validate one line; raises ``RPCError`` with the id when known.
 
     The raised error carries ``.request_id`` so the caller can answer the
-    right request (None when the id itself could not be read).
+    right request (None when the id itself could not be read), and
+    ``.notification``: True when the message was a well-formed notification,
+    which gets no answer, error or not.
     """
     try:
         message = json.loads(line)
@@ -368,6 +403,11 @@ def parse(line: bytes | str) -> Request:
             or (isinstance(id_, (int, float)) and not isinstance(id_, bool))):
         raise _with_id(RPCError(INVALID_REQUEST, "id must be a string, a number or absent"),
                        None)
+    if id_ is not None and not valid_id(id_):
+        # not echoed: NaN/Infinity are not JSON, and an id is not a payload
+        raise _with_id(RPCError(INVALID_REQUEST, f"id must be a string of at most "
+                                                 f"{MAX_ID_LENGTH} characters or a finite "
+                                                 f"number (at most 30 digits)"), None)
     if message.get("jsonrpc") != JSONRPC:
         raise _with_id(RPCError(INVALID_REQUEST, 'jsonrpc must be "2.0"'), id_)
     method = message.get("method")
@@ -376,22 +416,86 @@ def parse(line: bytes | str) -> Request:
     extra = set(message) - {"jsonrpc", "id", "method", "params"}
     if extra:
         raise _with_id(RPCError(INVALID_REQUEST, f"unknown member(s) {sorted(extra)}"), id_)
+    # from here on the message is a well-formed request object: without an
+    # id it is a notification, and a notification is never answered, not
+    # even with an error (JSON-RPC 2.0, section 4.1)
+    notification = id_ is None
     spec = METHODS.get(method)
     if spec is None:
         raise _with_id(RPCError(METHOD_NOT_FOUND, f"unknown method {method[:100]!r}",
-                                {"methods": sorted(METHODS)}), id_)
+                                {"methods": sorted(METHODS)}), id_, notification)
     params = message.get("params", {})
     if isinstance(params, list):
-        raise _with_id(RPCError(INVALID_PARAMS, "params must be an object (by-name)"), id_)
+        raise _with_id(RPCError(INVALID_PARAMS, "params must be an object (by-name)"), id_,
+                       notification)
     try:
         check(params, spec["params"], "params")
     except RPCError as exc:
-        raise _with_id(exc, id_) from None
+        raise _with_id(exc, id_, notification) from None
     return Request(id_, method, params)
 
 
-def _with_id(error: RPCError, id_: Any) -> RPCError:
+def leading_id(prefix: bytes) -> Any:
+    """The ``id`` of a request that is too long to parse, read from its start.
+
+    Members are read in order from the top-level object until ``id``, a
+    nested value or the end of ``prefix``; clients (ours included) put the
+    id before ``params``, so a refused request can still be answered with its
+    own id.  None when the prefix does not allow it.
+    """
+    text = prefix[:4096].decode("utf-8", "ignore")
+    decoder = json.JSONDecoder()
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("{", at):
+        return None
+    at += 1
+    while True:
+        at += len(text[at:]) - len(text[at:].lstrip())
+        try:
+            key, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        rest = text[at:].lstrip()
+        if not isinstance(key, str) or not rest.startswith(":"):
+            return None
+        at = len(text) - len(rest) + 1
+        at += len(text[at:]) - len(text[at:].lstrip())
+        if text[at:at + 1] in ("{", "["):
+            return None  # a nested value (params) before the id
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        rest = text[at:].lstrip()
+        if not rest.startswith((",", "}")):
+            return None  # the value may be cut short by the end of the prefix
+        if key == "id":
+            return value if valid_id(value) else None
+        if not rest.startswith(","):
+            return None
+        at = len(text) - len(rest) + 1
+
+
+def valid_id(id_: Any) -> bool:
+    """A request id the server echoes: a string of at most 200 characters or a
+    finite number (JSON has no NaN/Infinity; an id is not a payload)."""
+    if isinstance(id_, str):
+        return len(id_) <= MAX_ID_LENGTH
+    if isinstance(id_, bool):
+        return False
+    if isinstance(id_, int):
+        return abs(id_) < 10 ** 30
+    return isinstance(id_, float) and math.isfinite(id_)
+
+
+#: the longest string id the server accepts (and so echoes)
+MAX_ID_LENGTH = 200
+
+
+def _with_id(error: RPCError, id_: Any, notification: bool = False) -> RPCError:
     error.request_id = id_  # type: ignore[attr-defined]
+    #: the error belongs to a well-formed notification: it is not sent
+    error.notification = notification  # type: ignore[attr-defined]
     return error
 
 

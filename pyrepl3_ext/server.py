@@ -10,15 +10,22 @@ threads, never on the loop).  Invariants:
   then the ``execute`` response (both are sent from the cell's thread, in
   order, through the loop's FIFO);
 * bounded memory per connection: a message longer than
-  ``max_message_bytes`` is refused and skipped; when a client reads slower
-  than its cells print, the cells' threads wait (backpressure) instead of
-  the server buffering without bound; an event larger than
+  ``max_message_bytes`` is refused and skipped (answered with its id when
+  the line's start gives it); when a client reads slower than its cells
+  print, the cells' threads wait (backpressure) instead of the server
+  buffering without bound, and past the same limit no further request of
+  that client is read, so the server's own replies are bounded too; the
+  read-ahead of requests is bounded; an event larger than
   ``max_event_bytes`` is truncated and says so (``"truncated": true``);
 * a client that disconnects has its queued and running executions
-  cancelled; its sessions stay open for other clients;
+  cancelled, and nothing it sent that was not yet handled runs; its
+  sessions stay open for other clients;
 * TCP needs the token (``auth`` first, compared in constant time) and
-  binds to loopback unless told otherwise; a unix socket is created
-  owner-only (0600).
+  binds to loopback unless told otherwise; an unauthenticated connection
+  has a deadline, and only so many may wait; a unix socket is created
+  owner-only (0600);
+* shutdown (a signal, the end of stdio) answers every execution in flight
+  within a grace period, then closes the engine and its processes.
 """
 
 from __future__ import annotations
@@ -38,22 +45,37 @@ from . import protocol as P
 from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed, SessionLost
 
 MiB = 1024 * 1024
+#: a connection's StreamReader stops reading from the socket past twice this
+#: many unread bytes (``Connection.serve`` reads chunks, never whole lines
+#: through the reader, so this bounds input memory, not the message size)
+_READ_AHEAD = 256 * 1024
 
 
 class Limits:
     """Per-connection limits (defaults suit local tool hosts)."""
 
     def __init__(self, *, max_message_bytes: int = 16 * MiB, max_event_bytes: int = 4 * MiB,
-                 max_buffer_bytes: int = 8 * MiB, max_auth_failures: int = 3):
+                 max_buffer_bytes: int = 8 * MiB, max_auth_failures: int = 3,
+                 auth_timeout: float = 10.0, max_unauthenticated: int = 64):
         for name, value in (("max_message_bytes", max_message_bytes),
                             ("max_event_bytes", max_event_bytes),
                             ("max_buffer_bytes", max_buffer_bytes)):
             if not isinstance(value, int) or value < 1024:
                 raise ValueError(f"{name} must be an integer >= 1024, got {value!r}")
+        if not isinstance(auth_timeout, (int, float)) or not auth_timeout > 0:
+            raise ValueError(f"auth_timeout must be a positive number of seconds, "
+                             f"got {auth_timeout!r}")
+        if not isinstance(max_unauthenticated, int) or max_unauthenticated < 1:
+            raise ValueError(f"max_unauthenticated must be an integer >= 1, "
+                             f"got {max_unauthenticated!r}")
         self.max_message_bytes = max_message_bytes
         self.max_event_bytes = max_event_bytes
         self.max_buffer_bytes = max_buffer_bytes
         self.max_auth_failures = max_auth_failures
+        #: a connection that has not authenticated this many seconds after it
+        #: opened is closed; at most ``max_unauthenticated`` may wait at once
+        self.auth_timeout = float(auth_timeout)
+        self.max_unauthenticated = max_unauthenticated
 
 
 def shrink_event(event: dict, limit: int) -> dict:
@@ -97,14 +119,24 @@ class Connection:
         #: stdio: end of input means "no more requests", not "gone": the
         #: executions already sent run to the end and their responses go out
         self.finish_on_eof = finish_on_eof
+        #: stdio: tells whether the reader of our output is gone (the parent died)
+        self.peer_gone: Callable[[], bool] | None = None
+        #: no more requests will come (EOF): nobody can answer input() any more
+        self.input_closed = False
+        #: input_id -> (session, execution_id) of input() calls waiting for this client
+        self.inputs: dict[str, tuple[Any, str]] = {}
         self.auth_failures = 0
         self.closed = False
         #: set while the transport's buffer is below the limit (cells' threads wait on it)
         self.writable = threading.Event()
         self.writable.set()
         self._draining = False
-        #: execution_id -> (session, handle) of this client's unfinished executions
-        self.executions: dict[str, tuple[Any, Any]] = {}
+        #: the loop's view of ``writable``: request reading waits on it
+        self._drained = asyncio.Event()
+        self._drained.set()
+        #: execution_id -> (session, handle, request id or None) of this client's
+        #: unanswered executions
+        self.executions: dict[str, tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
         # messages from other threads, written by one loop callback per batch
@@ -125,6 +157,7 @@ class Connection:
         if transport.get_write_buffer_size() > self.server.limits.max_buffer_bytes \
                 and not self._draining:
             self.writable.clear()
+            self._drained.clear()
             self._draining = True
             task = self.loop.create_task(self._drain())
             self._tasks.add(task)
@@ -138,6 +171,7 @@ class Connection:
         finally:
             self._draining = False
             self.writable.set()
+            self._drained.set()
 
     def send(self, message: dict) -> None:
         """Send from the loop's thread."""
@@ -173,12 +207,76 @@ class Connection:
         if not self.closed:
             self.closed = True
             self.writable.set()
+            self._drained.set()
             self.cancel_executions("the client disconnected")
 
-    def cancel_executions(self, reason: str) -> None:
+    def close_input(self) -> None:
+        """End of requests: every input() waiting for this client gets EOF,
+        and so does every later one (see ``input_requested``)."""
+        self.input_closed = True
+        with self._lock:
+            waiting = list(self.inputs.items())
+            self.inputs.clear()
+        if waiting:
+            threading.Thread(target=_answer_eof, args=(waiting,), daemon=True,
+                             name="pyrepl3-input-eof").start()
+
+    def input_requested(self, session: Any, event: dict) -> None:
+        """An execution of this client waits in input() (from the cell's thread)."""
+        input_id = event.get("input_id")
+        if self.input_closed:
+            threading.Thread(target=_answer_eof, args=([(input_id, (session, ""))],),
+                             daemon=True, name="pyrepl3-input-eof").start()
+            return
+        with self._lock:
+            self.inputs[input_id] = (session, event["execution_id"])
+
+    def execution_finished(self, execution_id: str) -> None:
+        with self._lock:
+            for input_id in [k for k, (_s, e) in self.inputs.items() if e == execution_id]:
+                del self.inputs[input_id]
+
+    def answer_abandoned(self, reason: str) -> None:
+        """Answer every execution of this client still unanswered (shutdown,
+        after the drain): ``cancelled``, with ``reason``."""
         with self._lock:
             pending = list(self.executions.items())
-        for execution_id, (session, _handle) in pending:
+            self.executions.clear()
+        for execution_id, (_session, _handle, request_id) in pending:
+            if request_id is None:
+                continue  # a notification
+            self.send(P.response(request_id, {
+                "execution_id": execution_id, "status": "cancelled", "execution_count": None,
+                "error": {"ename": "CellCancelled", "evalue": reason, "kind": "cancelled"}}))
+
+    def close_transport(self) -> None:
+        """Close the socket (the read loop then ends with EOF)."""
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+    def auth_expired(self) -> None:
+        """The auth deadline passed (a loop timer): a peer that has not
+        authenticated by now is told so and disconnected."""
+        if self.authenticated or self.closed:
+            return
+        self.send(P.error_response(None, P.RPCError(
+            P.UNAUTHORIZED, f"not authenticated within {self.server.limits.auth_timeout:g} s: "
+                            f"closed")))
+        self._lost()
+        self.close_transport()
+
+    def cancel_executions(self, reason: str) -> None:
+        """Cancel every execution of this client: the queued ones first, in
+        order, then the running ones.  Cancelling a running cell ends it, and
+        its session would start the next queued cell at once; with the running
+        one first, queued cells ran in the window before their own cancel."""
+        with self._lock:
+            pending = list(self.executions.items())
+        running = [p for p in pending if getattr(p[1][0], "running", None) == p[0]]
+        pending = [p for p in pending if p not in running] + running
+        for execution_id, (session, _handle, _request_id) in pending:
             try:
                 session.cancel(execution_id, reason)
             except Exception:  # noqa: BLE001 - the session may be closing
@@ -197,33 +295,47 @@ class Connection:
                     eof = True
                     break
                 start = 0
-                while True:
+                # a line read before the client went away is not handled after
+                while not self.closed:
                     newline = chunk.find(b"\n", start)
                     if newline < 0:
                         if not discarding:
                             buffer += chunk[start:]
                             if len(buffer) > limit:
+                                self._too_large(buffer)
                                 buffer.clear()
                                 discarding = True
-                                self._too_large()
                         break
                     if discarding:
                         discarding = False
                     else:
                         buffer += chunk[start:newline]
                         if len(buffer) > limit:
-                            self._too_large()
+                            self._too_large(buffer)
                         elif buffer.strip():
                             self.handle_line(bytes(buffer))
+                            if self._draining:
+                                # backpressure for the server's own replies: a
+                                # client that does not read gets no new requests
+                                # handled until its backlog drains
+                                await self._drained.wait()
                         buffer.clear()
                     start = newline + 1
                 if self.auth_failures >= self.server.limits.max_auth_failures:
                     break
             if eof and self.finish_on_eof:
+                # no more requests: the executions already sent run to the end,
+                # except that no input.reply can come (input() gets EOF), and
+                # all of them are cancelled if the reader of our output is gone
+                self.close_input()
                 while self.executions and not self.closed:
-                    await asyncio.sleep(0.01)
+                    if self.peer_gone is not None and self.peer_gone():
+                        self._lost()
+                        break
+                    await asyncio.sleep(0.02)
                 await asyncio.sleep(0)  # the last response's write is queued on the loop
-                await self.writer.drain()
+                if not self.closed:
+                    await self.writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -235,20 +347,29 @@ class Connection:
             except Exception:  # noqa: BLE001
                 pass
 
-    def _too_large(self) -> None:
+    def _too_large(self, start: bytes | bytearray) -> None:
+        """Refuse an oversize message, answering its own id when its start
+        gives it (so a client waiting for that id is not left waiting)."""
         limit = self.server.limits.max_message_bytes
-        self.send(P.error_response(None, P.RPCError(
+        self.send(P.error_response(P.leading_id(bytes(start[:4096])), P.RPCError(
             P.MESSAGE_TOO_LARGE, f"message longer than {limit} bytes: skipped",
             {"limit": limit})))
 
     def handle_line(self, line: bytes) -> None:
+        if self.closed:
+            return  # the client is gone: nothing it sent runs any more
         try:
             request = P.parse(line)
         except P.RPCError as exc:
-            self.send(P.error_response(getattr(exc, "request_id", None), exc))
+            if not getattr(exc, "notification", False):
+                self.send(P.error_response(getattr(exc, "request_id", None), exc))
             return
         if not self.authenticated and request.method != "auth":
             self._reply(request, error=P.RPCError(P.UNAUTHORIZED, P.ERROR_CODES[P.UNAUTHORIZED]))
+            return
+        if self.server.shutting_down:
+            self._reply(request, error=P.RPCError(P.SESSION_CLOSED,
+                                                  "the server is shutting down"))
             return
         handler = self.server.handlers[request.method]
         try:
@@ -275,6 +396,16 @@ class Connection:
 
 #: returned by a handler whose response is sent later (``execute``)
 _DEFERRED = object()
+
+
+def _answer_eof(waiting: list) -> None:
+    """EOF to input() calls nobody can answer any more (a helper thread: a
+    process session's reply crosses its channel)."""
+    for input_id, (session, _execution_id) in waiting:
+        try:
+            session.reply_input(input_id, None)
+        except Exception:  # noqa: BLE001 - answered, cancelled or closed meanwhile
+            pass
 
 
 def _session(conn: Connection, params: dict) -> Any:
@@ -321,6 +452,10 @@ def _status(result: Any) -> tuple[str, dict | None]:
     # a process killed after a cancel or past its time ended the way it was asked to
     status = "cancelled" if kind in ("cancelled", "timeout", "killed", "cell_timeout") \
         else "error"
+    from .errors import CellError
+
+    if isinstance(error, CellError):  # a process session's: the cell's own name and message
+        return status, {"ename": error.ename, "evalue": error.evalue, "kind": kind}
     return status, {"ename": type(error).__name__, "evalue": str(error), "kind": kind}
 
 
@@ -329,7 +464,8 @@ class Server:
 
     def __init__(self, engine: Any = None, *, token: str | None = None,
                  limits: Limits | None = None, log: Callable[[str], None] | None = None,
-                 files_roots: Sequence[str] = ()):
+                 files_roots: Sequence[str] = (), snapshot_dir: str | None = None,
+                 snapshot_key_file: str | None = None):
         if engine is None:
             from .engine import Engine
 
@@ -342,9 +478,19 @@ class Server:
         for root in self.files_roots:
             if not os.path.isdir(root):
                 raise ValueError(f"--files-root {root!r} is not a directory")
+        #: where snapshot.save/load keep signed files (None: not offered)
+        self.snapshot_dir = os.path.realpath(snapshot_dir) if snapshot_dir else None
+        if self.snapshot_dir is not None and not os.path.isdir(self.snapshot_dir):
+            raise ValueError(f"--snapshot-dir {snapshot_dir!r} is not a directory")
+        self._snapshot_key_file = snapshot_key_file
+        self._snapshot_key_value: bytes | None = None
         self.log = log or (lambda text: print(f"[pyrepl3 serve] {text}", file=sys.stderr,
                                               flush=True))
         self.connections: set[Connection] = set()
+        #: connections that must authenticate and have not yet
+        self._unauthenticated: set[Connection] = set()
+        #: set by :meth:`shutdown`: requests are refused from then on
+        self.shutting_down = False
         self.handlers: dict[str, Callable[[Connection, P.Request], Any]] = {
             "auth": self._auth, "server.info": self._info, "server.schema": self._schema,
             "session.create": self._session_create, "session.close": self._session_close,
@@ -356,6 +502,7 @@ class Server:
             "namespace.delete": self._namespace, "namespace.list": self._namespace,
             "snapshot.take": self._snapshot, "snapshot.restore": self._snapshot,
             "snapshot.delete": self._snapshot,
+            "snapshot.save": self._snapshot_file, "snapshot.load": self._snapshot_file,
         }
         missing = set(P.METHODS) - set(self.handlers)
         assert not missing, f"methods without a handler: {missing}"
@@ -363,13 +510,31 @@ class Server:
     # -- connections ----------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                      require_auth: bool, name: str = "client",
-                     finish_on_eof: bool = False) -> None:
+                     finish_on_eof: bool = False,
+                     peer_gone: Callable[[], bool] | None = None) -> None:
         conn = Connection(self, reader, writer, require_auth=require_auth, name=name,
                           finish_on_eof=finish_on_eof)
+        conn.peer_gone = peer_gone
+        deadline = None
+        if not conn.authenticated:
+            # an unauthenticated peer holds a descriptor and memory: a bounded
+            # number of them, each for a bounded time
+            if len(self._unauthenticated) >= self.limits.max_unauthenticated:
+                conn.send(P.error_response(None, P.RPCError(
+                    P.UNAUTHORIZED, f"too many connections waiting to authenticate "
+                                    f"(at most {self.limits.max_unauthenticated}): closed")))
+                conn.close_transport()
+                return
+            self._unauthenticated.add(conn)
+            deadline = asyncio.get_running_loop().call_later(
+                self.limits.auth_timeout, conn.auth_expired)
         self.connections.add(conn)
         try:
             await conn.serve()
         finally:
+            if deadline is not None:
+                deadline.cancel()
+            self._unauthenticated.discard(conn)
             self.connections.discard(conn)
 
     # -- handlers (run on the loop; never block) --------------------------------
@@ -380,6 +545,7 @@ class Server:
         given = request.params["token"].encode("utf-8", "surrogatepass")
         if hmac.compare_digest(given, self.token.encode("utf-8")):
             conn.authenticated = True
+            self._unauthenticated.discard(conn)
             return {"ok": True}
         conn.auth_failures += 1
         raise P.RPCError(P.UNAUTHORIZED, "wrong token")
@@ -447,10 +613,12 @@ class Server:
                 raise P.RPCError(P.INVALID_PARAMS, "confine: this server confines every "
                                                    "process session (--confine on)")
             options["confine"] = params["confine"]
+        from traitlets import TraitError
+
         try:
             session = self.engine.create_session(params.get("session_id"), config=config,
                                                  isolation=isolation, **options)
-        except ValueError as exc:
+        except (ValueError, TraitError) as exc:  # a setting the shell refused
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         except SessionClosed as exc:
             raise P.RPCError(P.SESSION_CLOSED, str(exc)) from None
@@ -578,6 +746,11 @@ class Server:
         session_id = session.id
 
         def on_event(event: dict) -> None:
+            kind = event.get("type")
+            if kind == "input_requested":
+                conn.input_requested(session, event)
+            elif kind == "finished" and conn.inputs:
+                conn.execution_finished(event["execution_id"])
             message = P.notification("execution.event", {
                 "session": session_id, "execution_id": event["execution_id"], "event": event})
             # the loop's own thread must never wait for itself
@@ -605,14 +778,16 @@ class Server:
         except (ValueError, TypeError) as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
         execution_id = handle.execution_id
-        with conn._lock:
-            conn.executions[execution_id] = (session, handle)
+        with conn._lock:  # the request id: for an answer at shutdown
+            conn.executions[execution_id] = (session, handle, request.id)
+        if conn.closed:  # lost while it was being submitted: it must not run
+            session.cancel(execution_id, "the client disconnected")
 
         def done(handle: Any) -> None:
             with conn._lock:
-                conn.executions.pop(execution_id, None)
-            if request.is_notification:
-                return
+                mine = conn.executions.pop(execution_id, None) is not None
+            if request.is_notification or not mine:
+                return  # a notification, or answered already (shutdown)
             try:
                 result = handle.result(0)
             except BaseException as exc:  # noqa: BLE001 - reported to the client
@@ -693,6 +868,53 @@ class Server:
 
         return self._session_call(conn, request, session, call, off_loop=True)
 
+    def _snapshot_key(self) -> bytes:
+        """The key that signs the snapshot directory's files (read once; created
+        owner-only if missing): ``--snapshot-key-file``, else the per-user key."""
+        if self._snapshot_key_value is None:
+            from .namespace import default_key_file, load_or_create_key
+
+            path = os.path.expanduser(self._snapshot_key_file or default_key_file())
+            self._snapshot_key_value = load_or_create_key(path)
+        return self._snapshot_key_value
+
+    def _snapshot_file(self, conn: Connection, request: P.Request) -> Any:
+        """snapshot.save/load: signed files in the operator's directory, written
+        and read by this process for both kinds of session."""
+        session = _session(conn, request.params)
+        params = request.params
+        if self.snapshot_dir is None:
+            raise P.RPCError(P.NOT_AVAILABLE, "snapshot files are not offered by this server "
+                                              "(start it with --snapshot-dir DIR)")
+        file = params.get("file") or params["name"]
+        if not re.fullmatch(P.FILE_NAME, file):
+            raise P.RPCError(P.INVALID_PARAMS, f"file must be a plain name (letters, digits, "
+                                               f"'.', '_', '-'; not starting with '.'), "
+                                               f"got {file!r}")
+        path = os.path.join(self.snapshot_dir, file + ".snapshot")
+        if request.method == "snapshot.load" and not os.path.isfile(path):
+            raise P.RPCError(P.UNKNOWN_NAME, f"no snapshot file {file!r} in the server's "
+                                             f"snapshot directory")
+
+        def call() -> dict:
+            from .errors import NamespaceError
+
+            try:
+                key = self._snapshot_key()
+            except NamespaceError as exc:
+                raise P.RPCError(P.NOT_AVAILABLE, f"snapshot key: {exc}") from None
+            if request.method == "snapshot.save":
+                info = session.save_snapshot(params["name"], path, key=key)
+            else:
+                info = session.load_snapshot(path, name=params.get("name"), key=key,
+                                             restore=bool(params.get("restore")))
+            info = dict(info)
+            info.pop("path", None)  # the server's directory is not the client's business
+            info.pop("source", None)
+            return {"snapshot": _jsonable(info), "file": file}
+
+        return self._session_call(conn, request, session, call, off_loop=True)
+
     def _session_call(self, conn: Connection, request: P.Request, session: Any,
                       call: Callable[[], Any], *, off_loop: bool = False) -> Any:
         """Run one host-API call of a session and answer with its result.
@@ -742,7 +964,7 @@ class Server:
         os.dup2(devnull, 0)
         os.close(devnull)
         sys.stdout = sys.stderr
-        reader = asyncio.StreamReader(limit=2 ** 31 - 1)
+        reader = asyncio.StreamReader(limit=_READ_AHEAD)
         in_file = os.fdopen(proto_in, "rb", buffering=0)
         out_file = os.fdopen(proto_out, "wb", buffering=0)
         try:
@@ -756,7 +978,8 @@ class Server:
             writer = asyncio.StreamWriter(transport, flow, None, loop)
         except ValueError:
             writer = _FdWriter(proto_out)
-        await self.handle(reader, writer, require_auth=False, name="stdio", finish_on_eof=True)
+        await self.handle(reader, writer, require_auth=False, name="stdio", finish_on_eof=True,
+                          peer_gone=_hung_up(proto_out))
 
     async def serve_tcp(self, host: str, port: int, *, ready: Callable[[str, int], None]
                         | None = None) -> None:
@@ -768,7 +991,7 @@ class Server:
             peer = writer.get_extra_info("peername")
             await self.handle(reader, writer, require_auth=True, name=f"tcp:{peer}")
 
-        server = await asyncio.start_server(on_client, host, port, limit=2 ** 31 - 1)
+        server = await asyncio.start_server(on_client, host, port, limit=_READ_AHEAD)
         bound = server.sockets[0].getsockname()
         if ready is not None:
             ready(bound[0], bound[1])
@@ -787,7 +1010,7 @@ class Server:
 
         old = os.umask(0o177)  # created owner-only: no window with wider permissions
         try:
-            server = await asyncio.start_unix_server(on_client, path, limit=2 ** 31 - 1)
+            server = await asyncio.start_unix_server(on_client, path, limit=_READ_AHEAD)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -802,10 +1025,51 @@ class Server:
             except OSError:
                 pass
 
-    def close(self) -> None:
+    async def shutdown(self, reason: str = "server shutdown", grace: float = 5.0) -> None:
+        """Stop serving gracefully (SIGTERM/SIGINT, end of stdio).
+
+        Every client gets a ``server.shutdown`` notification; every
+        execution in flight is cancelled with ``reason`` and answered, by
+        its own end or, past ``grace`` seconds, as ``cancelled``; what is
+        queued for the clients is written (bounded), then the connections
+        are closed.  Requests that arrive meanwhile are refused.
+        """
+        loop = asyncio.get_running_loop()
+        self.shutting_down = True
+        connections = [c for c in self.connections if not c.closed]
+        note = P.notification("server.shutdown", {"reason": reason})
+        for conn in connections:
+            if conn.authenticated:
+                conn.send(note)
+            conn.close_input()
+            conn.cancel_executions(reason)
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(c.executions and not c.closed
+                                             for c in connections):
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # responses sent from cells' threads reach the loop
+        for conn in connections:
+            if conn.closed:
+                continue
+            conn._flush()
+            conn.answer_abandoned(reason)
+            try:
+                await asyncio.wait_for(conn.writer.drain(), max(deadline - loop.time(), 1.0))
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                pass
+            conn.closed = True
+            conn.writable.set()
+            conn._drained.set()
+            conn.close_transport()
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Close the connections and the engine (its sessions, and for process
+        sessions the fork server and every session process).  False when a
+        cell did not end within ``timeout`` (an in-process cell blocked in a
+        call no cancel reaches)."""
         for conn in list(self.connections):
             conn._lost()
-        self.engine.close()
+        return bool(self.engine.close(timeout=timeout))
 
 
 class _FdReader:
@@ -871,6 +1135,23 @@ class _FdWriter:
                 self._size -= len(data)
 
 
+def _hung_up(fd: int) -> Callable[[], bool]:
+    """A check that the other end of ``fd`` (our output) is closed: a pipe
+    whose reader went away reports POLLERR, a socket POLLHUP."""
+    import select
+
+    def check() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(fd, 0)  # errors and hang-ups are always reported
+            return any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+                       for _fd, events in poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    return check
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -888,12 +1169,22 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
         limits: Limits | None = None, engine: Any = None,
         files_roots: Sequence[str] = (), isolation: str = "in-process",
         kill_grace: float = 3.0, session_limits: Any = None,
-        confine: bool | None = None) -> int:
-    """Run a server until EOF (stdio) or SIGINT/SIGTERM (sockets); the CLI's entry.
+        confine: bool | None = None, shutdown_grace: float | None = None,
+        snapshot_dir: str | None = None, snapshot_key_file: str | None = None) -> int:
+    """Run a server until EOF (stdio) or SIGINT/SIGTERM; the CLI's entry.
 
     ``isolation`` is the default of ``session.create``; with ``"process"``
     the fork server starts at once, so the first session does not wait.
+
+    Either way it ends with :meth:`Server.shutdown` (``shutdown_grace``
+    seconds, default ``kill_grace + 2`` so a process session's kill fits)
+    and closes the engine; returns 0.  If an in-process cell is still blocked
+    where no cancel reaches it (a C call) once the engine's close gave up,
+    the process leaves with ``os._exit(0)`` after flushing its streams,
+    rather than run interpreter finalization under a live cell.
     """
+    if shutdown_grace is None:
+        shutdown_grace = kill_grace + 2.0
     if engine is None:
         from .engine import Engine
 
@@ -901,7 +1192,8 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
                         confine=confine)
         if isolation == "process":
             engine.warm_up()
-    server = Server(engine, token=token, limits=limits, files_roots=files_roots)
+    server = Server(engine, token=token, limits=limits, files_roots=files_roots,
+                    snapshot_dir=snapshot_dir, snapshot_key_file=snapshot_key_file)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -923,13 +1215,31 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
                 address or "", ready=lambda p: server.log(f"listening on unix {p}")))
         stopper = loop.create_task(stop.wait())
         done, _ = await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (serving, stopper):
-            task.cancel()
-        if serving in done and not serving.cancelled() and serving.exception() is not None:
-            raise serving.exception()
+        stopper.cancel()
+        failure = None
+        if serving in done and not serving.cancelled():
+            failure = serving.exception()
+        if stopper in done:
+            server.log("shutting down (signal)")
+        await server.shutdown("server shutdown", grace=shutdown_grace)
+        serving.cancel()
+        # awaited, so a cancelled connection task never reaches asyncio's logger
+        await asyncio.gather(serving, stopper, return_exceptions=True)
+        if failure is not None:
+            raise failure
 
+    closed = False
     try:
         asyncio.run(main())
     finally:
-        server.close()
+        # the grace was spent in shutdown(): what has not ended by now will not
+        closed = server.close(timeout=1.0)
+    if not closed:
+        server.log("a cell did not stop (blocked where no cancel reaches it): exiting anyway")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)
     return 0

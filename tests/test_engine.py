@@ -569,3 +569,34 @@ def test_a_session_closes_from_any_thread(engine):
     from pyrepl3_ext import cancellation
 
     cancellation._SIGNAL.tidy()
+
+
+_ECHO_SCRIPT = """
+import sys
+from traitlets.config import Config
+from pyrepl3_ext import Engine
+config = None
+if sys.argv[1] == "tee":
+    config = Config()
+    config.PyREPL3.output_tee = True
+heard = []
+with Engine(config=config) as engine:
+    s = engine.create_session()
+    s.execute("print('printed-by-cell')\\n6 * 7", on_event=heard.append)
+    s.execute("1 / 0", on_event=heard.append)
+sys.stderr.write(repr(sorted({e["type"] for e in heard})))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "tee"])
+def test_engine_sessions_do_not_echo_on_the_hosts_stdout(mode):
+    """An embedded engine reports output as events: by default nothing of a
+    listened-to cell (print, Out[n], the traceback) lands on the host's
+    stdout; ``output_tee = True`` in the engine's config brings the echo back."""
+    proc = subprocess.run([sys.executable, "-c", _ECHO_SCRIPT, mode], capture_output=True,
+                          text=True, timeout=WAIT)
+    assert proc.returncode == 0, proc.stderr
+    assert "'output'" in proc.stderr and "'error'" in proc.stderr  # the events carry it
+    echoed = ("printed-by-cell" in proc.stdout, "Out[1]" in proc.stdout,
+              "ZeroDivisionError" in proc.stdout)
+    assert echoed == ((False,) * 3 if mode == "default" else (True,) * 3), proc.stdout

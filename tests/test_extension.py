@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 
@@ -456,3 +457,101 @@ def test_subscribers_see_events_in_seq_order_across_threads(ip):
             ex2.emit("error", ename="X")
         finally:
             seen2()
+
+
+# -- directives and IPython's completeness check (terminal Enter, Jupyter is_complete) --
+
+@pytest.mark.parametrize("text, expected", [
+    ("%%timeout 5", "incomplete"),            # Enter after the directive: keep typing
+    ("%%timeout 5\n", "incomplete"),
+    ("%%transaction", "incomplete"),
+    ("%%timeout 5\n%%transaction\n", "incomplete"),
+    ("  %%transaction  \n", "incomplete"),
+    ("%%timeout 5\nfor i in range(3):\n", "incomplete"),
+    ("%%timeout 5\nx = 1\n", "complete"),
+    ("%%timeout 5\ndef f(:\n", None),         # None: whatever IPython says of the body
+])
+def test_check_complete_with_directives(ip, text, expected):
+    """IPython's own ``check_complete`` (the terminal's Enter, ipykernel's
+    ``is_complete``) on a cell that opens with a directive never raises."""
+    if expected is None:
+        expected = ip.check_complete(text.split("\n", 1)[1])[0]
+    status, _indent = ip.check_complete(text)
+    assert status == expected
+    status, _indent = ip.input_transformer_manager.check_complete(text)
+    assert status == expected
+
+
+def test_directive_only_cell_is_a_usage_error(ip, events, capsys):
+    """A directive with no body is IPython's empty-cell-magic error, not a crash."""
+    result = run(ip, "%%timeout 5\n", execution_id="only")
+    assert "cell body is empty" in capsys.readouterr().err
+    assert type(result.error_in_exec or result.error_before_exec).__name__ == "UsageError"
+    assert by_execution(events, "only")[-1]["status"] == "error"
+
+
+def test_silent_cell_refuses_a_directive(ip, events):
+    """IPython runs no pre_run_cell for a silent cell: its directive cannot
+    apply, so the cell is refused with a message instead of run without it."""
+    ip.user_ns.pop("ran_silently", None)
+    result = ip.run_cell("%%timeout 5\nran_silently = True\n", silent=True)
+    error = result.error_before_exec
+    assert type(error).__name__ == "DirectiveNotApplied"
+    assert "do not apply to a silent cell" in str(error)
+    assert "ran_silently" not in ip.user_ns
+    assert events == []  # silent: still no events
+    # the same cell, not silent, runs with its option
+    result = run(ip, "%%timeout 5\nran_silently = True\n", execution_id="loud")
+    assert result.success and ip.user_ns["ran_silently"] is True
+    # a nested silent cell inside a directive cell is refused too
+    result = run(ip, "%%timeout 5\nr = get_ipython().run_cell('%%transaction\\nz = 1', "
+                     "silent=True)\nkind = type(r.error_before_exec).__name__",
+                 execution_id="outer")
+    assert ip.user_ns["kind"] == "DirectiveNotApplied"
+
+
+def test_directive_keeps_line_numbers_and_hides_the_engine(ip, events, capfd):
+    """A cancelled cell's traceback names the line as typed (directives
+    count), shows only the user's frames and the public exception type."""
+    import threading
+
+    code = "%%timeout 0.3\nx = 1\n\nwhile True:\n    x += 1\n"
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(
+        result=run(ip, code, execution_id="tb")))
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    error = by_execution(events, "tb")[-2]
+    assert error["type"] == "error" and error["kind"] in ("cancelled", "timeout")
+    shown = capfd.readouterr()
+    typed = code.splitlines()
+    for text in ("".join(error["traceback"]), shown.out + shown.err):
+        # each "line N" names the line of what was typed that is quoted under it
+        lines = text.splitlines()
+        cited = [(int(m.group(1)), lines[i + 1].strip()) for i, line in enumerate(lines)
+                 for m in [re.search(r'File "<ipython-input[^"]*", line (\d+)', line)] if m]
+        assert cited, text
+        for number, source in cited:
+            assert typed[number - 1].strip() == source, (number, source, text)
+        assert "cancellation.py" not in text and "_AsyncCellCancelled" not in text
+        assert "pyrepl3_ext.errors.Cell" in text
+
+
+def test_syntax_error_line_counts_the_directive(ip, events):
+    result = run(ip, "%%transaction\nx = 1\ny = (\n", execution_id="syn")
+    assert isinstance(result.error_before_exec, SyntaxError)
+    error = by_execution(events, "syn")[-2]
+    assert "line 3" in "".join(error["traceback"]), error["traceback"]
+
+
+def test_event_log_switched_on_by_a_cell_starts_with_started(ip, tmp_path):
+    """The cell that switches the log on began before the log existed: none
+    of its events are logged (the log used to open with its bare finished)."""
+    log = tmp_path / "late.jsonl"
+    run(ip, f"%config PyREPL3.event_log = {str(log)!r}", execution_id="switch")
+    run(ip, "1 + 1", execution_id="after")
+    ip.run_line_magic("config", "PyREPL3.event_log = ''")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["execution_id"] for e in events] == ["after"] * 3
+    assert_well_formed(events)

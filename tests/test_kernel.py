@@ -125,3 +125,34 @@ def test_output_and_display_in_a_real_kernel(tmp_path):
         == ["to stderr\n"]
     shown = [e for e in run if e["type"] == "display"]
     assert len(shown) == 1 and shown[0]["data"]["text/html"] == "<i>shown</i>"
+
+
+def test_is_complete_on_directive_cells():
+    """jupyter console sends ``is_complete`` on every Enter: a cell that opens
+    with a directive gets a reply (it used to get none: IndexError in the kernel)."""
+    with running_kernel() as client:
+        assert _execute(client, "%load_ext pyrepl3_ext")["reply"]["status"] == "ok"
+        for code, expected in (("%%timeout 5", "incomplete"), ("%%transaction\n", "incomplete"),
+                               ("%%timeout 5\nx = 1\n", "complete")):
+            msg_id = client.is_complete(code)
+            reply = client.get_shell_msg(timeout=30)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = client.get_shell_msg(timeout=30)
+            assert reply["msg_type"] == "is_complete_reply"
+            assert reply["content"]["status"] == expected, (code, reply["content"])
+
+
+def test_silent_execute_refuses_a_directive():
+    """Jupyter ``silent: true`` runs no pre_run_cell: a directive there is
+    refused with an error reply instead of being dropped without a word."""
+    with running_kernel() as client:
+        assert _execute(client, "%load_ext pyrepl3_ext")["reply"]["status"] == "ok"
+        msg_id = client.execute("%%timeout 5\nquietly = 1", silent=True)
+        reply = client.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = client.get_shell_msg(timeout=60)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "DirectiveNotApplied"
+        check = _execute(client, "'quietly' in dir()")
+        result = [m for m in check["iopub"] if m["msg_type"] == "execute_result"]
+        assert result[0]["content"]["data"]["text/plain"] == "False"

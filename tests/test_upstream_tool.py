@@ -155,3 +155,69 @@ def test_bad_input_is_an_error_not_a_traceback(tool, capsys):
     assert "--upto 9999-no-such.patch: not in patches/series" in capsys.readouterr().err
     with pytest.raises(tool.UpstreamError, match="not a release version"):
         tool.published_sdist("9.x; rm -rf")
+
+
+# -- install: the target Python is checked before anything is built ------------------
+
+def _fake_python(tmp_path: Path, **answer) -> str:
+    """An executable that answers the install probe as a given Python would."""
+    import json
+    import stat
+
+    found = {"venv": False, "managed": False, "pip": True, "version": [3, 12], **answer}
+    script = tmp_path / "fake-python"
+    script.write_text(f"#!/bin/sh\necho '{json.dumps(found)}'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+@pytest.mark.parametrize("answer, words", [
+    ({"managed": True}, "externally-managed-environment"),
+    ({"pip": False}, "has no pip"),
+    ({"version": [3, 8]}, "needs 3.10 or newer"),
+])
+def test_install_refuses_a_python_pip_cannot_install_into(tool, tmp_path, monkeypatch,
+                                                         answer, words):
+    """Refused before the download and the build, saying to use a venv."""
+    import argparse
+
+    started = []
+    monkeypatch.setattr(tool, "cmd_apply", lambda args: started.append("apply"))
+    monkeypatch.setattr(tool, "cmd_build", lambda args: started.append("build"))
+    monkeypatch.delenv("PIP_BREAK_SYSTEM_PACKAGES", raising=False)
+    with pytest.raises(tool.UpstreamError) as refused:
+        tool.cmd_install(argparse.Namespace(python=_fake_python(tmp_path, **answer)))
+    assert words in str(refused.value)
+    if words != "needs 3.10 or newer":
+        assert "python3 -m venv .venv" in str(refused.value)
+    assert started == []
+
+
+def test_install_accepts_a_venv_even_on_a_managed_base(tool, tmp_path):
+    tool.check_target(_fake_python(tmp_path, managed=True, venv=True))
+
+
+@pytest.mark.skipif(not Path("/usr/lib/python3/dist-packages").is_dir()
+                    or not Path("/usr/bin/python3").exists(),
+                    reason="no Debian-managed /usr/bin/python3 here")
+def test_install_refuses_the_real_debian_python(tool):
+    import subprocess
+
+    marker = subprocess.run(["/usr/bin/python3", "-c", "import sysconfig, os; print(os.path."
+                             "exists(os.path.join(sysconfig.get_path('stdlib'), "
+                             "'EXTERNALLY-MANAGED')))"], capture_output=True, text=True)
+    if marker.stdout.strip() != "True":
+        pytest.skip("/usr/bin/python3 is not marked externally managed")
+    with pytest.raises(tool.UpstreamError, match="externally-managed-environment"):
+        tool.check_target("/usr/bin/python3")
+
+
+def test_readme_install_command_uses_a_venv():
+    """The README's install line must work as written on a Python the OS
+    manages: it creates a venv and runs the tool with the venv's Python."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Install and run", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c.strip() for c in block.strip().split("&&")]
+    assert commands[0] == "python3 -m venv .venv"
+    assert commands[1].startswith(".venv/bin/python upstream/upstream.py install")
+    assert commands[2] == ".venv/bin/pyrepl3"

@@ -432,14 +432,52 @@ def cmd_build(args: argparse.Namespace) -> None:
     print(f"built {wheels[-1].relative_to(ROOT)}")
 
 
+#: run by the target Python: may pip install into it? (PEP 668, pip present)
+_PROBE = ("import importlib.util, json, os, sys, sysconfig; print(json.dumps({"
+          "'venv': sys.prefix != getattr(sys, 'base_prefix', sys.prefix), "
+          "'managed': os.path.exists(os.path.join(sysconfig.get_path('stdlib'), "
+          "'EXTERNALLY-MANAGED')), 'pip': importlib.util.find_spec('pip') is not None, "
+          "'version': list(sys.version_info[:2])}))")
+
+
+def check_target(python: str) -> None:
+    """Refuse, before anything is downloaded or built, a Python that pip
+    cannot install into: one its OS manages (PEP 668, e.g. Debian's
+    ``/usr/bin/python3``: pip stops with ``externally-managed-environment``
+    after the build), one without pip, one too old.  The message says what
+    to do instead (a virtual environment)."""
+    hint = ("create a virtual environment and install there:\n"
+            "    python3 -m venv .venv && .venv/bin/python upstream/upstream.py install\n"
+            "then run .venv/bin/pyrepl3 (on Debian/Ubuntu, `sudo apt install python3-venv` "
+            "if python3 -m venv fails), or pass --python PATH naming a venv's python")
+    try:
+        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True,
+                               timeout=120)
+        found = json.loads(probe.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise UpstreamError(f"cannot run {python} to check it: {exc}") from None
+    if tuple(found.get("version", (0, 0))) < (3, 10):
+        raise UpstreamError(f"{python} is Python {'.'.join(map(str, found['version']))}; "
+                            f"pyrepl3 needs 3.10 or newer")
+    if found.get("managed") and not found.get("venv") \
+            and os.environ.get("PIP_BREAK_SYSTEM_PACKAGES", "").lower() not in ("1", "true",
+                                                                                 "yes"):
+        raise UpstreamError(f"{python} is managed by the operating system (PEP 668: pip "
+                            f"would stop with externally-managed-environment); " + hint)
+    if not found.get("pip"):
+        raise UpstreamError(f"{python} has no pip; " + hint)
+
+
 def cmd_install(args: argparse.Namespace) -> None:
     """The patched IPython and pyrepl3 into one Python, from a clean checkout.
 
     Always a fresh unpack + the whole series + a build, so what gets installed
     is exactly the committed patches; pip is given the wheel and the project
     together, so the project's ``ipython`` requirement is met by the wheel.
+    The target is checked first (:func:`check_target`).
     """
     python = args.python or sys.executable
+    check_target(python)
     cmd_apply(argparse.Namespace(upto=None))
     cmd_build(argparse.Namespace())
     version = local_version(read_pin(), read_series())
@@ -459,7 +497,9 @@ def cmd_install(args: argparse.Namespace) -> None:
         raise UpstreamError(f"{python} imports IPython {check.stdout.strip() or '?'} "
                             f"instead of {version}: another IPython shadows it "
                             f"({check.stderr.strip()[-300:]})")
-    print(f"installed IPython {version} (patched) and pyrepl3: run `pyrepl3`")
+    command = Path(python).parent / "pyrepl3"  # the script pip put beside that python
+    print(f"installed IPython {version} (patched) and pyrepl3: run "
+          f"{command if command.exists() else 'pyrepl3'}")
 
 
 def _failed_hunks(patch_output: str) -> str:

@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 from .. import _compat
@@ -190,6 +191,10 @@ class Session(SessionBase):
         # the history database is written from the worker thread and closed
         # from whichever thread closes the session (IPython 9 sets this too)
         cfg.HistoryManager.connection_options = {"check_same_thread": False}
+        # an embedded engine reports output through events and results: it does
+        # not echo Out[n], tracebacks and listened-to output on the host's
+        # stdout (the host's config may turn the tee back on)
+        cfg.PyREPL3.output_tee = False
         for extra in (engine.config, config):
             if extra is not None:
                 cfg.merge(extra)
@@ -391,6 +396,23 @@ class Session(SessionBase):
         from ..namespace import manager
 
         manager(self.shell).delete_snapshot(name)
+
+    def save_snapshot(self, name: str, path: str, *, key: bytes | None = None) -> dict:
+        """Write snapshot ``name`` to the signed file ``path`` (``key``: the
+        signing key; None: the per-user key file)."""
+        from ..namespace import manager
+
+        return manager(self.shell).save_snapshot(name, path, key=key)
+
+    def load_snapshot(self, path: str, *, name: str | None = None, key: bytes | None = None,
+                      restore: bool = False) -> dict:
+        """Verify the signed file ``path`` and hold it as snapshot ``name``
+        (default: the name it was saved under); ``restore`` applies it too."""
+        from ..namespace import manager
+
+        names = manager(self.shell)
+        info = names.load_snapshot(path, name=name, key=key)
+        return names.restore_snapshot(info["name"]) if restore else info
 
     def reply_input(self, input_id: str, text: str | None) -> bool:
         """Answer an ``input_requested`` event of this session (None: end of input)."""
@@ -716,8 +738,11 @@ class Engine:
         for session in sessions:
             session._begin_close("engine closed")
         ok = True
+        # one deadline for all: N stuck cells cost ``timeout``, not N times it
+        deadline = None if timeout is None else time.monotonic() + timeout
         for session in sessions:
-            ok = session._finish_close(timeout) and ok
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ok = session._finish_close(left) and ok
         self._close_supervisor()
         return ok
 

@@ -908,6 +908,53 @@ class ProcessSession(SessionBase):
         self._durable.pop(name, None)
         self._call("delete_snapshot", name=name)
 
+    def save_snapshot(self, name: str, path: str, *, key: bytes | None = None) -> dict:
+        """Write snapshot ``name`` to the signed file ``path``.  The worker
+        signs and sends the bytes; this process writes them (a confined
+        worker cannot reach ``path``), never unpickling them."""
+        from ..namespace import default_key_file, load_or_create_key, write_snapshot_file
+
+        key = key if key is not None else load_or_create_key(default_key_file())
+        checkpoint = self._checkpoints.get(name)
+        if checkpoint is not None:
+            # the checkpoint pickles what it holds (what pickle can carry of it)
+            control = checkpoint.channel
+            control.send({"op": "export", "name": name, "key": key})
+            control.sock.settimeout(300)
+            try:
+                reply = control.recv() or {"error": {"type": "SnapshotRefused",
+                                                     "message": "the checkpoint is gone"}}
+            finally:
+                control.sock.settimeout(None)
+            if "error" in reply:
+                raise rebuild_error(reply["error"])
+            data = reply.get("data")
+        else:
+            data = self._call("export_snapshot", timeout=None, name=name, key=key)
+        if not isinstance(data, bytes):
+            raise RuntimeError(f"session {self.id!r} sent a malformed snapshot")
+        write_snapshot_file(os.fspath(path), data)
+        return {"name": name, "path": os.fspath(path), "bytes": len(data)}
+
+    def load_snapshot(self, path: str, *, name: str | None = None, key: bytes | None = None,
+                      restore: bool = False) -> dict:
+        """Read the signed file ``path`` here, check its signature, and hand
+        the bytes to the worker, which loads them as snapshot ``name`` and,
+        with ``restore``, applies them."""
+        from ..errors import NamespaceError
+        from ..namespace import default_key_file, load_or_create_key, verify_snapshot
+
+        key = key if key is not None else load_or_create_key(default_key_file())
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise NamespaceError(f"cannot read snapshot file {os.fspath(path)!r}: "
+                                 f"{exc}") from exc
+        verify_snapshot(data, key, os.fspath(path))  # refused before it crosses
+        return self._call("import_snapshot", timeout=None, name=name, data=data, key=key,
+                          restore=restore)
+
     def reply_input(self, input_id: str, text: str | None) -> bool:
         return bool(self._call("reply_input", input_id=input_id, text=text))
 

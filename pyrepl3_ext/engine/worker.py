@@ -54,7 +54,7 @@ CALLS = {
     "grant_input": (),
     "execution_count": (),
     "export_snapshot": ("name", "key"),
-    "import_snapshot": ("name", "data", "key"),
+    "import_snapshot": ("name", "data", "key", "restore"),
 }
 
 #: Exception types a call may report back by name (anything else: RuntimeError).
@@ -301,19 +301,17 @@ class WorkerHost:
         self.send(reply)
 
     def _export_snapshot(self, name: str, key: bytes) -> bytes:
-        """Snapshot ``name`` as a signed file's bytes, for the parent to keep."""
-        import tempfile
-
+        """Snapshot ``name`` as a signed file's bytes, for the parent to keep
+        or write (a confined worker may write only its scratch directory)."""
         from ..namespace import manager
 
-        with tempfile.TemporaryDirectory(prefix="pyrepl3-snapshot-") as tmp:
-            path = os.path.join(tmp, "snapshot")
-            manager(self.session.shell).save_snapshot(name, path, key=key)
-            with open(path, "rb") as f:
-                return f.read()
+        return manager(self.session.shell).snapshot_bytes(name, key=key)[0]
 
-    def _import_snapshot(self, name: str, data: bytes, key: bytes) -> dict:
-        """Load bytes :meth:`_export_snapshot` made (checked against ``key``) and restore them."""
+    def _import_snapshot(self, name: str | None, data: bytes, key: bytes,
+                         restore: bool = True) -> dict:
+        """Load bytes :meth:`_export_snapshot` made (checked against ``key``)
+        as snapshot ``name`` (None: the name they carry); restore them unless
+        ``restore`` is False."""
         import tempfile
 
         from ..namespace import manager
@@ -323,8 +321,9 @@ class WorkerHost:
             path = os.path.join(tmp, "snapshot")
             with open(path, "wb") as f:
                 f.write(data)
-            names.load_snapshot(path, name=name, key=key)
-        return names.restore_snapshot(name)
+            info = names.load_snapshot(path, name=name, key=key)
+        info.pop("source", None)
+        return names.restore_snapshot(info["name"]) if restore else info
 
     # -- checkpoints: a paused fork of this process ---------------------------------
     def _checkpoint(self, message: dict) -> None:
@@ -377,6 +376,13 @@ class WorkerHost:
                 message = channel.recv()
             except ChannelError:
                 return 1
+            if message is not None and message.get("op") == "export":
+                try:
+                    channel.send({"op": "exported", "data": self._pickle_namespace(
+                        str(message.get("name") or "checkpoint"), message.get("key"))})
+                except Exception as exc:  # noqa: BLE001 - told to the parent
+                    channel.send({"op": "exported", "error": describe_error(exc)})
+                continue
             if message is None or message.get("op") != "resume":
                 return 0
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -397,6 +403,15 @@ class WorkerHost:
                 return 0
             finally:
                 ours.close()
+
+    def _pickle_namespace(self, name: str, key: Any) -> bytes:
+        """This checkpoint's namespace as a signed snapshot file's bytes (what
+        pickle can carry of it), for the parent to write to a file."""
+        from ..namespace import manager
+
+        names = manager(self.session.shell)
+        names.take_snapshot(name)
+        return names.snapshot_bytes(name, key=key)[0]
 
     def _serve_as_worker(self, channel: Channel) -> None:
         """A fresh copy of the checkpoint becomes the session's worker; never returns."""
