@@ -191,8 +191,10 @@ class FilesCapability:
     relative to that descriptor, so ``..``, absolute paths, symlinks (at any
     depth, even if swapped in between two calls) and renames of parent
     directories can never lead outside.  Non-regular files (FIFOs, devices)
-    are refused, and so are writes to files with more than one hard link
-    (a hard link planted by someone else would point outside).
+    are refused, and so are reads and writes of files with more than one
+    hard link (a hard link planted by someone else is the same file as one
+    outside the root, and nothing inside the root tells which name is
+    the original).
     """
 
     methods = ("read", "read_bytes", "write", "append", "list", "exists",
@@ -289,9 +291,12 @@ class FilesCapability:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise SecurityError(f"files: path {path!r} refused: not a regular file")
-            if flags & (os.O_WRONLY | os.O_RDWR) and st.st_nlink > 1:
+            # a second name for the file may live outside the root (a hard
+            # link planted by someone else); from inside the root it cannot
+            # be told apart from the original, so neither is read or written
+            if st.st_nlink > 1:
                 raise SecurityError(f"files: path {path!r} refused: the file has "
-                                    f"several hard links")
+                                    f"several hard links (one may be outside the root)")
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)

@@ -5,20 +5,25 @@ instance of a class made for it, with no instance state (``__slots__ = ()``)
 and no attribute that leads back to the host:
 
 * every function on the class is rebuilt with an empty globals dict
-  (``{'__builtins__': {}}``): ``cap.read.__globals__`` holds nothing, and
-  the functions reach the host only through closure cells;
+  (``{'__builtins__': {}}``): ``cap.read.__globals__`` holds nothing;
+* the methods are *sealed* (:mod:`.sealed`): no closure; the dispatch
+  function that leads to the grant is a keyword-only default, and reading
+  it (``__kwdefaults__``, ``__code__``) raises an audit event the hook
+  refuses whenever a session's rules apply, whoever reads it;
 * ``type(cap)(...)`` and subclassing raise ``TypeError``; pickling and
   copying raise; attributes cannot be set.
 
-Closure cells (``__closure__``) and ``__globals__`` are dunders, which the
-``guarded``/``restricted`` policies refuse; under ``trusted`` nothing is
-opaque (cell code could import the host's modules anyway).
+The remaining closures (refusals, constants) hold only exception types and
+strings.  Under ``trusted`` nothing is opaque (cell code could import the
+host's modules anyway).
 """
 
 from __future__ import annotations
 
 import types
 from typing import Any, Callable, Iterable
+
+from .sealed import seal
 
 
 def _inert(fn: Callable) -> types.FunctionType:
@@ -36,11 +41,13 @@ def _inert(fn: Callable) -> types.FunctionType:
 _ATTRIBUTE_NAMES = frozenset()
 
 
+def _call(self, *args, _dispatch=None, _method="", **kwargs):
+    return _dispatch(_method, args, kwargs)
+
+
 def _method(dispatch: Callable, method: str) -> Callable:
-    def call(self, *args, **kwargs):
-        return dispatch(method, args, kwargs)
-    call.__name__ = method
-    return _inert(call)
+    """A sealed method: the dispatch function is out of cell code's reach."""
+    return seal(_call, method, _dispatch=dispatch, _method=method)
 
 
 def _refusing(exc_type: type, message: str, name: str) -> Callable:

@@ -6,6 +6,7 @@ a fraction of a cold start), at most ``--jobs`` at a time.
 
     python -m tests.security.corpus escapes restricted   # 0 escapes expected
     python -m tests.security.corpus escapes control      # every payload escapes
+    python -m tests.security.corpus escapes guarded codegen later   # some classes or ids
     python -m tests.security.corpus benign               # trusted vs restricted
     python -m tests.security.corpus escapes-process trusted   # OS confinement alone: 0 expected
     python -m tests.security.corpus escapes-process trusted unconfined   # its control
@@ -28,7 +29,8 @@ import tempfile
 import time
 
 ESCAPE_MODULES = ("direct", "deserialization", "frames", "indirect",
-                  "capabilities", "evasion", "private")
+                  "capabilities", "evasion", "private", "name_gadgets", "codegen",
+                  "matching", "spawn", "later", "cap_reach", "hardlinks")
 
 
 def load_payloads() -> list[dict]:
@@ -38,8 +40,14 @@ def load_payloads() -> list[dict]:
         for entry in module.PAYLOADS:
             pid, cls, goal, code = entry[:4]
             min_python = entry[4] if len(entry) > 4 else (3, 0)
+            setup = entry[5] if len(entry) > 5 else {}
             payloads.append({"id": pid, "class": cls, "goal": goal, "code": code,
-                             "min_python": tuple(min_python)})
+                             "min_python": tuple(min_python),
+                             "links": list(setup.get("links", ())),
+                             # "capability": the host's capability object, which a
+                             # process session's parent serves; "host": the
+                             # in-process host's own functions
+                             "aims_at": setup.get("aims_at")})
     return payloads
 
 
@@ -54,6 +62,14 @@ def _new_shell():
     # (stack_data), which dominates a fresh process's run time
     config.InteractiveShell.xmode = "Plain"
     return InteractiveShell.instance(config=config)
+
+
+def _plant_links(payload: dict, root: str, secret: str) -> None:
+    """Hard links to the canary inside the root, as someone else would plant them."""
+    for rel in payload.get("links", ()):
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.link(secret, path)
 
 
 def _escape_child(payload: dict, mode: str, workdir: str) -> dict:
@@ -72,6 +88,7 @@ def _escape_child(payload: dict, mode: str, workdir: str) -> dict:
     cmd = f"cat {secret}; touch {marker}"
     code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
             .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+    _plant_links(payload, root, secret)
 
     shell = _new_shell()
     pyrepl3_ext.load_ipython_extension(shell)
@@ -200,8 +217,10 @@ def run_many(jobs: list[tuple], parallel: int = 2, timeout: float = 30.0) -> lis
     return results  # type: ignore[return-value]
 
 
-def run_escapes(mode: str, parallel: int = 2) -> list[dict]:
-    payloads = [p for p in load_payloads() if sys.version_info[:2] >= p["min_python"]]
+def run_escapes(mode: str, parallel: int = 2, only: tuple = ()) -> list[dict]:
+    """Every payload (or those whose id or class is in ``only``) under ``mode``."""
+    payloads = [p for p in load_payloads() if sys.version_info[:2] >= p["min_python"]
+                and (not only or p["id"] in only or p["class"] in only)]
     results = run_many([(_escape_child, p, mode) for p in payloads], parallel)
     for payload, result in zip(payloads, results):
         result.setdefault("id", payload["id"])
@@ -285,6 +304,7 @@ def _escape_in_process(engine, payload, policy, confine, workdir, Config, FilesC
     cmd = f"cat {secret}; touch {marker}"
     code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
             .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+    _plant_links(payload, root, secret)
     config = Config()
     config.PyREPL3.security_policy = policy
     config.InteractiveShell.xmode = "Plain"
@@ -327,7 +347,7 @@ def main(argv: list[str]) -> int:
     _prepare()
     if what == "escapes":
         mode = argv[1] if len(argv) > 1 else "restricted"
-        out = {"mode": mode, "results": run_escapes(mode)}
+        out = {"mode": mode, "results": run_escapes(mode, only=tuple(argv[2:]))}
     elif what == "benign":
         out = run_benign()
     else:
