@@ -24,6 +24,7 @@ a gated session's builtins dict (``docs/security.md``).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -174,6 +175,15 @@ class SessionSecurity:
                 if name != "get_ipython" and name in ns and name in hidden:
                     self._save(ns, name)
                     ns.pop(name, None)
+            # IPython's directory history holds pathlib objects on 3.13
+            # (``Path.parser`` is the real ``os.path`` module): with an import
+            # allowlist, the session sees the directories as plain strings
+            dirs = ns.get("_dh")
+            if policy.allowed_modules is not None and type(dirs) is list \
+                    and any(type(d) is not str for d in dirs):
+                self._save(ns, "_dh")
+                ns["_dh"] = [os.fspath(d) if isinstance(d, os.PathLike) else str(d)
+                             for d in dirs]
             if policy.ast_guard:
                 self.guard = SecurityGuard(self)
                 shell.ast_transformers.insert(0, self.guard)

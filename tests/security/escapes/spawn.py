@@ -6,12 +6,13 @@ and ``sys`` importable, and both are already loaded, so no first-import
 tripwire fires.
 """
 
-# fork_exec's arguments on 3.12/3.13 (23) and on 3.10 (21)
-_ARGS = ("import os, subprocess\n"
+# fork_exec's arguments on 3.12/3.13 (23), 3.11 (22) and 3.10 (21)
+_ARGS = ("import os, subprocess, sys\n"
          "r, w = os.pipe()\n"
-         "tail = ((False, False, -1, None, None, None, -1, None, subprocess._USE_VFORK)\n"
-         "        if hasattr(subprocess, '_USE_VFORK') else\n"
-         "        (False, False, None, None, None, -1, None))\n"
+         "tail = (False, False, -1, None, None, None, -1, None)\n"
+         "if sys.version_info >= (3, 12):\n    tail += (subprocess._USE_VFORK,)\n"
+         "elif sys.version_info < (3, 11):\n"
+         "    tail = (False, False, None, None, None, -1, None)\n"
          "argv = [b'/bin/sh', b'-c', @C@.encode()]\n"
          "head = (argv, [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, r, w)\n")
 
