@@ -12,6 +12,7 @@ included: ``getattr(obj, '_x')`` is ``obj._x·``, see :mod:`.rules`).
 from __future__ import annotations
 
 import builtins as _builtins_module
+import sys
 from typing import Any, Callable
 
 from ..errors import SecurityError
@@ -107,6 +108,30 @@ def make_match_check(policy_name: str) -> Callable:
     return check
 
 
+def make_help(policy_name: str) -> Callable:
+    """``help(obj)`` for a session with an import allowlist.
+
+    The site ``help`` looks names up (``help('os')`` imports the module) and
+    may start a pager program; this one only renders what ``help(obj)``
+    prints for an object the cell already holds: pydoc's plain text, written
+    to the cell's stdout as the non-interactive pager would.
+    """
+    def help(obj: Any = _NO_ARGUMENT) -> None:  # noqa: A001
+        if obj is _NO_ARGUMENT or isinstance(obj, str):
+            raise SecurityError(
+                f"help() takes the object to document here (help(len)): by name or "
+                f"interactively it imports modules outside the allowed ones "
+                f"(security policy {policy_name!r})")
+        import pydoc
+
+        # as pydoc.Helper.help writes it: the page, then a blank line
+        sys.stdout.write(pydoc.plain(pydoc.render_doc(obj, "Help on %s:")) + "\n")
+    return help
+
+
+_NO_ARGUMENT = object()
+
+
 def build_builtins(policy: Any, importer: Callable | None, owned: Any = None) -> dict:
     """The session's builtins dict for ``policy`` (a fresh dict every call).
 
@@ -126,4 +151,6 @@ def build_builtins(policy: Any, importer: Callable | None, owned: Any = None) ->
             mapping["__build_class__"] = make_build_class(owned)
     if importer is not None:
         mapping["__import__"] = importer
+        if "help" not in policy.denied_builtins:
+            mapping["help"] = make_help(policy.name)
     return mapping

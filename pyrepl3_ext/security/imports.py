@@ -49,6 +49,15 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, Any] = types.MappingProxyType({
                              "asynccontextmanager", "closing", "ExitStack"}),
     "array": None, "struct": None, "zlib": None, "unicodedata": None,
     "difflib": None,
+    # the everyday part of these (docs/security.md, "The allowlist"): not
+    # warnings' filters or catch_warnings (process-wide state; recorded
+    # warnings carry the host's objects), not csv's dialect registry and
+    # field_size_limit (process-wide), not io's files
+    "warnings": frozenset({"warn"}),
+    "io": frozenset({"StringIO", "BytesIO"}),
+    "csv": frozenset({"reader", "writer", "DictReader", "DictWriter", "Error",
+                      "Dialect", "excel", "excel_tab", "unix_dialect", "Sniffer",
+                      "QUOTE_ALL", "QUOTE_MINIMAL", "QUOTE_NONE", "QUOTE_NONNUMERIC"}),
 })
 
 #: Attributes never exposed, even when a module's API is exposed whole:

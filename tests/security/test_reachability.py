@@ -218,7 +218,7 @@ def restricted(ip, tmp_path):
     return ip
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 def test_nothing_forbidden_is_reachable_from_what_a_restricted_cell_names(
         restricted, events, capsys):
     sec = session(restricted)
@@ -259,7 +259,7 @@ def test_nothing_forbidden_is_reachable_from_what_a_restricted_cell_names(
     assert not walk.found, "\n".join(walk.found[:40])
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 def test_the_walk_finds_the_gadgets_the_views_replace(restricted, events):
     """The control: the same walk from the *real* name-taking helpers (what
     the views held before they were rebound) reaches the host at once."""
