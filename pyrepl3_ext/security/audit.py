@@ -132,8 +132,9 @@ _OPEN = frozenset({"open", "os.listdir", "os.scandir"})
 #: Writes that change what a function runs or what an object is.
 _MUTATION = frozenset({"object.__setattr__", "object.__delattr__"})
 _FUNCTION_STATE = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
-#: What a sealed function hides (:mod:`.sealed`).
-_SEALED_ATTRS = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
+#: What a sealed function hides (:mod:`.sealed`): its defaults; its code is
+#: a generic template holding no host object, which ``inspect`` reads.
+_SEALED_ATTRS = frozenset({"__defaults__", "__kwdefaults__"})
 
 _WATCHED = (_PROCESS | _NETWORK | _FS_MUTATION | frozenset(_ALWAYS) | _CTYPES
             | frozenset(_FROM_CELL) | _THREAD_START | _OPEN | _MUTATION

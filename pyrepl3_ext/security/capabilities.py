@@ -16,6 +16,7 @@ a capability (where the audit tripwire is off).
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import stat
 import threading
@@ -64,8 +65,10 @@ class Grant:
         self.session = session
         self.revoked = False
         self.calls = 0
+        callable_ = getattr(impl, "callable", False)
         self.facade = make_facade("capability", name, impl.methods, self._dispatch,
-                                  callable_=getattr(impl, "callable", False))
+                                  callable_=callable_,
+                                  signatures=_signatures(impl, callable_))
 
     def revoke(self) -> None:
         self.revoked = True
@@ -100,6 +103,21 @@ class Grant:
             raise fresh
         self.session.record_capability_call(self.name, method, described, "ok", None)
         return result
+
+
+def _signatures(impl: Any, callable_: bool) -> dict:
+    """What ``help(files)`` shows for each method: the implementation's own
+    signature (a facade method's defaults are out of reach, see ``sealed``)."""
+    out = {}
+    for method in tuple(impl.methods) + (("__call__",) if callable_ else ()):
+        try:
+            target = impl.method(method)
+            if isinstance(impl, CustomCapability):
+                target = impl.func
+            out[method] = inspect.signature(target)
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return out
 
 
 def _fresh(exc: BaseException, message: str) -> BaseException:

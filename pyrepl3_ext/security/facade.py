@@ -20,6 +20,7 @@ host's modules anyway).
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Callable, Iterable
 
@@ -45,9 +46,24 @@ def _call(self, *args, _dispatch=None, _method="", **kwargs):
     return _dispatch(_method, args, kwargs)
 
 
-def _method(dispatch: Callable, method: str) -> Callable:
-    """A sealed method: the dispatch function is out of cell code's reach."""
-    return seal(_call, method, _dispatch=dispatch, _method=method)
+_ANY = inspect.Signature([
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+    inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
+def _method(dispatch: Callable, method: str, signature: Any = None) -> Callable:
+    """A sealed method: the dispatch function is out of cell code's reach.
+
+    ``signature`` (without ``self``) is what ``inspect.signature`` and
+    ``help()`` show.
+    """
+    if signature is None:
+        full = _ANY
+    else:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        full = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    return seal(_call, method, full, _dispatch=dispatch, _method=method)
 
 
 def _refusing(exc_type: type, message: str, name: str) -> Callable:
@@ -66,8 +82,13 @@ def _constant(value: Any, name: str) -> Callable:
 
 def make_facade(kind: str, label: str, methods: Iterable[str],
                 dispatch: Callable[[str, tuple, dict], Any],
-                callable_: bool = False) -> Any:
-    """A new opaque object whose ``methods`` call ``dispatch(method, args, kwargs)``."""
+                callable_: bool = False, signatures: dict | None = None) -> Any:
+    """A new opaque object whose ``methods`` call ``dispatch(method, args, kwargs)``.
+
+    ``signatures`` maps a method (or ``__call__``) to the signature its
+    callers see, without ``self``.
+    """
+    signatures = signatures or {}
     methods = tuple(methods)
     forge = (f"{kind} objects are granted by the host; they cannot be created "
              f"or subclassed from a cell")
@@ -75,9 +96,9 @@ def make_facade(kind: str, label: str, methods: Iterable[str],
                 "__doc__": f"The {label!r} {kind} (opaque; methods: "
                            f"{', '.join(methods) or 'call it'})."}
     for method in methods:
-        ns[method] = _method(dispatch, method)
+        ns[method] = _method(dispatch, method, signatures.get(method))
     if callable_:
-        ns["__call__"] = _method(dispatch, "__call__")
+        ns["__call__"] = _method(dispatch, "__call__", signatures.get("__call__"))
     ns["__new__"] = _refusing(TypeError, forge, "__new__")
     ns["__init_subclass__"] = classmethod(_refusing(TypeError, forge, "__init_subclass__"))
     read_only = f"{kind} objects are read-only"

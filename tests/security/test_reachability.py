@@ -222,10 +222,15 @@ def restricted(ip, tmp_path):
 def test_nothing_forbidden_is_reachable_from_what_a_restricted_cell_names(
         restricted, events, capsys):
     sec = session(restricted)
+    ns = restricted.user_ns
+    # a fresh session's namespace: IPython's names, the session's, nothing a
+    # previous test in this process left behind
+    keep = set(restricted.user_ns_hidden) | set(sec.protected_names()) | {"__builtins__"}
+    for name in [n for n in ns if n not in keep]:
+        del ns[name]
     imports = "\n".join(f"import {name}" for name in DEFAULT_ALLOWED_MODULES)
     mine, error = run(restricted, events, imports + "\nx = 1")
     assert error is None, error
-    ns = restricted.user_ns
     walk = Walk(_forbidden_kinds(restricted), sec.builtins[MATCH_CHECK])
     # roots: the session's builtins, the views, the capability handles and gate,
     # IPython's names in the namespace (In, Out, _, _i, _oh, _dh, ...)
