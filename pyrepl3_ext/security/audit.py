@@ -213,12 +213,30 @@ def watch_origin(user_ns: dict, scope: "AuditScope | None") -> None:
 def _origin(frame: Any) -> "AuditScope | None":
     """The scope of the nearest session code on the stack from ``frame`` up."""
     origins = _origins
+    if len(origins) == 1:  # the usual case, kept to one comparison per frame
+        ns, scope = origins[0]
+        while frame is not None:
+            if frame.f_globals is ns:
+                return scope
+            frame = frame.f_back
+        return None
     while frame is not None:
         globals_ = frame.f_globals
         for ns, scope in origins:
             if globals_ is ns:
                 return scope
         frame = frame.f_back
+    return None
+
+
+def _origin_of_frame(frame: Any) -> "AuditScope | None":
+    """The scope of ``frame`` itself, if it is session code."""
+    if frame is None:
+        return None
+    globals_ = frame.f_globals
+    for ns, scope in _origins:
+        if globals_ is ns:
+            return scope
     return None
 
 
@@ -252,8 +270,14 @@ def _hook(event: str, args: tuple) -> None:
         if scope is None or len(_origins) > 1:
             # origin: session code on the stack is under its session's rules,
             # whenever and on whatever thread it runs (with several sessions,
-            # the nearest one's, not the rules of the cell that happens to run)
-            scope = _origin(caller) or scope
+            # the nearest one's, not the rules of the cell that happens to run).
+            # The rules of _FROM_CELL events look at the nearest frame only, so
+            # for them (sealed reads aside) that frame is all there is to see.
+            if event in _FROM_CELL and not (event == "object.__getattr__"
+                                            and len(args) > 1 and is_sealed(args[0])):
+                scope = _origin_of_frame(caller) or scope
+            else:
+                scope = _origin(caller) or scope
             if scope is None:
                 return
         reason = scope.decide(event, args, caller)
