@@ -117,6 +117,12 @@ class Walk:
         self.frontier: list[tuple[object, str]] = []
         self.truncated = False
 
+    def target(self, obj) -> None:
+        """A host object probes pass as data; neither walked nor called (a
+        cell cannot name it)."""
+        self.seen.add(id(obj))
+        self.keep.insert(0, obj)
+
     def add(self, obj, path: str) -> None:
         self.edges += 1
         if isinstance(obj, _LEAVES) or id(obj) in self.seen:
@@ -179,7 +185,7 @@ class Walk:
         """Names and code strings as data, the shapes name-taking helpers use."""
         self.keep.append(fn)  # its id keys self.kinds
         self.call(fn, f"{path}()")
-        targets = [len, pyrepl3_ext.run_cell, self.keep[0]]
+        targets = [len, self.keep[0]]  # a builtin (its __self__), a host function
         for probe in PROBE_NAMES + PROBE_CODE:
             sink: list = []
             holder = type("H", (), {probe: property(lambda s: None,
@@ -234,7 +240,7 @@ def test_nothing_forbidden_is_reachable_from_what_a_restricted_cell_names(
     walk = Walk(_forbidden_kinds(restricted), sec.builtins[MATCH_CHECK])
     # roots: the session's builtins, the views, the capability handles and gate,
     # IPython's names in the namespace (In, Out, _, _i, _oh, _dh, ...)
-    walk.add(pyrepl3_ext.run_cell, "probe-target")  # keep[0]: a host function
+    walk.target(pyrepl3_ext.run_cell)  # keep[0]: a host function, passed to probes
     for name, value in sec.builtins.items():
         if nameable(name):
             walk.add(value, f"builtins.{name}")
@@ -273,7 +279,7 @@ def test_the_walk_finds_the_gadgets_the_views_replace(restricted, events):
     import functools
 
     walk = Walk(_forbidden_kinds(restricted), None)
-    walk.add(pyrepl3_ext.run_cell, "probe-target")
+    walk.target(pyrepl3_ext.run_cell)
     for fn in (functools.update_wrapper, functools.wraps, copy.copy, dataclasses.replace):
         walk.add(fn, f"real {fn.__module__}.{fn.__name__}")
     walk.run()
