@@ -26,9 +26,13 @@ module's classes, constants and registries are the real ones (a
 ``Field`` is a ``Field``); only functions are rebound, so nothing costs
 more at run time than the checked calls themselves.
 
-Invariant: every function of such a module that a session can call runs
-with the checked attribute builtins, because every reference between the
-module's functions goes through the rebound globals.
+Invariant: every module-level function of such a module that a session
+can call runs with the checked attribute builtins, because every reference
+between the module's functions goes through the rebound globals.  Methods
+of the module's classes keep the real globals; none of them takes an
+attribute name from its caller (``Field.__set_name__``,
+``cached_property.__get__``, ``partialmethod.__get__`` use fixed names or
+write to the instance's own ``__dict__``).
 """
 
 from __future__ import annotations
