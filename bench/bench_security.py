@@ -3,7 +3,11 @@
 Run: ``python bench/bench_security.py [--rounds N] [--quick]``;
 ``--check-forms`` times only the ``private attrs`` cell's method without
 IPython: as written, as restricted rewrites it, and with the per-call test
-of ``self`` that restricted used to add.  ``--instructions`` (needs
+of ``self`` that restricted used to add.  ``--host-events`` times
+audited events raised by host code outside any cell (an ``open``, a
+``compile``, 30 frames deep), with no guarded session in the process and
+with a ``restricted`` one, whose rules follow its code's origin: the hook
+then looks for session code on the stack.  ``--instructions`` (needs
 valgrind) counts the machine instructions of each cell under ``trusted``
 and ``restricted`` instead of timing them: a count does not move with the
 load of a shared machine (it ignores cache effects).  Every variant runs
@@ -129,8 +133,14 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per cell under valgrind instead of "
                              "timing (trusted vs restricted; a few minutes)")
+    parser.add_argument("--host-events", action="store_true",
+                        help="only time audited events raised by host code outside "
+                             "cells, with and without a guarded session")
     parser.add_argument("--run-cells", metavar="POLICY", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.host_events:
+        host_events(3 if args.quick else args.rounds)
+        return
     if args.run_cells:
         run_cells(args.run_cells)
         return
@@ -297,6 +307,48 @@ def check_forms(rounds: int) -> None:
               f"{timing[name]['best'] / timing['as written']['best']:>12.3f}"
               f"{paired_ratio(timing, name, 'as written'):>15.3f}")
     print("\n(the target of issue 6 is <= 1.05)")
+
+
+def host_events(rounds: int) -> None:
+    """Host code's audited events outside cells, 30 frames deep.
+
+    With a guarded session in the process, the audit hook decides such an
+    event by origin: it walks the stack once, looking for session code
+    (docs/security.md, class 5).  Variants: no guarded session (``trusted``:
+    the hook returns after a dict lookup) and one ``restricted`` session.
+    """
+    shell = _session("trusted")
+    path = os.path.join(tempfile.mkdtemp(), "f")
+    with open(path, "w") as f:
+        f.write("x")
+
+    def deep(n: int, work: Any) -> None:
+        if n:
+            deep(n - 1, work)
+        else:
+            work()
+
+    def open_close() -> None:
+        for _ in range(100):
+            open(path).close()
+
+    def compile_small() -> None:
+        for _ in range(100):
+            compile("x = 1", "<host>", "exec")
+
+    for label, work in (("open + close", open_close), ("compile", compile_small)):
+        def use(name: str) -> None:
+            pyrepl3_ext.set_policy(shell, POLICIES[name.split()[0]])
+
+        run = lambda work=work: deep(30, work)  # noqa: E731
+        timing = interleaved({"trusted": run, "restricted": run, "trusted A/A": run},
+                             rounds=rounds, number=20, setup=use, clock=time.thread_time)
+        per = {n: t["best"] / 100 * 1e6 for n, t in timing.items()}  # 100 events a call
+        print(f"{label:<14} trusted {per['trusted']:.2f} us/event, restricted session "
+              f"present {per['restricted']:.2f} us/event ("
+              f"{per['restricted'] - per['trusted']:+.2f} us, paired "
+              f"{paired_ratio(timing, 'restricted', 'trusted'):.3f}x; A/A "
+              f"{paired_ratio(timing, 'trusted A/A', 'trusted'):.3f})")
 
 
 def _calibrate(run, use, seconds: float) -> int:

@@ -65,6 +65,12 @@ class SecurityGuard(ast.NodeTransformer):
             checker.run(node)
             if checker.saw_private and session.policy.guard_private_attributes:
                 _spell_private_names(node)
+            if checker.positional_classes:
+                if not session.match_check_available():
+                    raise Refusal(None, "positional sub-patterns in class patterns "
+                                        "(case C(x)) need the session's builtins: use "
+                                        "keyword patterns (case C(name=x))")
+                _check_positional_patterns(node)
             return node
         except Refusal as refusal:
             where = f" (line {refusal.lineno})" if refusal.lineno else ""
@@ -106,6 +112,70 @@ def _spell_private_names(tree: ast.AST) -> None:
             _spell_class_scope(node.body)
         elif isinstance(node, ast.MatchClass):
             node.kwd_attrs = [session_private_name(a) for a in node.kwd_attrs]
+
+
+#: Classes whose class pattern matches the subject itself: ``case int(x)``
+#: reads no attribute.
+SELF_MATCHING = frozenset({"bool", "bytearray", "bytes", "dict", "float", "frozenset",
+                           "int", "list", "set", "str", "tuple"})
+
+#: The builtin that checks a class before a positional class pattern uses it
+#: (``builtins.check_match_class``); the cell cannot name it (a dunder).
+MATCH_CHECK = "__pyrepl3_match_class__"
+
+
+def _needs_match_check(node: Any, bound: Iterable[str]) -> bool:
+    """A class pattern whose positional sub-patterns read attributes."""
+    if not node.patterns:
+        return False
+    cls = node.cls
+    return not (isinstance(cls, ast.Name) and cls.id in SELF_MATCHING
+                and cls.id not in bound)
+
+
+def _check_positional_patterns(tree: ast.AST) -> None:
+    """Check, at run time, every class a positional class pattern uses.
+
+    ``case C(v)`` makes the interpreter read ``subject.<C.__match_args__[0]>``
+    itself: an attribute name the AST guard never sees.  Before each
+    ``match`` statement that has such a pattern, ``C`` is evaluated once and
+    handed to :data:`MATCH_CHECK`, which refuses a class whose
+    ``__match_args__`` names an attribute cell code could not read, or whose
+    metaclass is the session's own (its ``__instancecheck__`` or
+    ``__getattr__`` would choose the subject or the names); the pattern then
+    uses the checked class (``case _pyrepl3_match·1(v)``).  The class is
+    evaluated before the subject, not when its case is tried: the one change
+    a cell can see.
+    """
+    counter = [0]
+    for parent in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            stmts = getattr(parent, field, None)
+            if type(stmts) is not list or not any(isinstance(s, ast.Match) for s in stmts):
+                continue
+            out: list[ast.stmt] = []
+            for stmt in stmts:
+                if isinstance(stmt, ast.Match):
+                    out.extend(_hoist_classes(stmt, counter))
+                out.append(stmt)
+            setattr(parent, field, out)
+
+
+def _hoist_classes(match: ast.Match, counter: list) -> list[ast.stmt]:
+    hoisted = []
+    for case in match.cases:
+        for node in ast.walk(case.pattern):
+            if isinstance(node, ast.MatchClass) and node.patterns \
+                    and not (isinstance(node.cls, ast.Name) and node.cls.id in SELF_MATCHING):
+                counter[0] += 1
+                name = f"_pyrepl3_match\u00b7{counter[0]}"
+                call = ast.Call(ast.Name(MATCH_CHECK, ast.Load()), [node.cls], [])
+                assign = ast.Assign([ast.Name(name, ast.Store())], call)
+                ast.copy_location(assign, match)
+                ast.fix_missing_locations(assign)
+                hoisted.append(assign)
+                node.cls = ast.copy_location(ast.Name(name, ast.Load()), node.cls)
+    return hoisted
 
 
 def _outer_parts(node: Any) -> list[ast.AST]:
@@ -217,6 +287,8 @@ class _Checker(ast.NodeVisitor):
         self.protected = session.protected_names()
         self.class_depth = 0
         self.saw_private = False
+        #: a class pattern with positional sub-patterns (checked at run time)
+        self.positional_classes = False
         self._tree: ast.AST | None = None
         self._bound: set[str] | None = None
 
@@ -297,6 +369,8 @@ class _Checker(ast.NodeVisitor):
         self.generic_visit(node)
 
     def visit_MatchClass(self, node: Any) -> None:
+        if self.policy.block_dunder_access and _needs_match_check(node, self.bound):
+            self.positional_classes = True
         for attr in node.kwd_attrs:
             self._check_attribute_name(node, attr, store=False)
             if attr[0] == "_":
@@ -454,9 +528,11 @@ class _Checker(ast.NodeVisitor):
         if node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str):
             magic = node.args[0].value
-            if not policy.magic_allowed(magic):
-                raise Refusal(node, magic_message(policy, magic,
-                                                  cell=method == "run_cell_magic"))
+            kind = "cell" if method == "run_cell_magic" else "line"
+            for target, target_kind in self.session.magic_chain(magic, kind):
+                if not policy.magic_allowed(target):
+                    raise Refusal(node, magic_message(policy, target,
+                                                      cell=target_kind == "cell"))
 
 
 def _leaf(self: _Checker, node: ast.AST) -> None:

@@ -1,14 +1,19 @@
 """The audit tripwire: a PEP 578 hook that refuses OS effects of a running cell.
 
 One hook is installed per process (hooks cannot be removed) the first time a
-session with an auditing policy attaches; it is inert unless the current
-thread is inside an :class:`AuditScope`.  A scope is entered for the thread
-running a cell (``before_cell``) and left in ``after_cell``; on Python 3.12+
-a ``threading.Thread`` started by cell code inherits the scope (the
-thread-start audit event names the ``Thread``), and a raw
-``_thread.start_new_thread`` from cell code is refused.  3.10/3.11 raise no
-thread-start event: threads started there are not followed (the
-``restricted`` preset makes ``threading`` unimportable instead).
+session with an auditing policy attaches.  Rules follow *origin* as well as
+time:
+
+* a scope is entered for the thread running a cell (``before_cell``) and
+  left in ``after_cell``; on Python 3.12+ a ``threading.Thread`` started by
+  cell code inherits it, and a raw ``_thread.start_new_thread`` from cell
+  code is refused (3.10/3.11 raise no thread-start event; ``restricted``
+  makes ``threading`` unimportable there);
+* outside any scope, an event raised while a session's code is on the
+  stack (a frame whose globals are that session's namespace: a finalizer,
+  a ``__str__`` the host calls, a profile function, a generator's
+  ``finally``) is decided by that session's rules, on whatever thread and
+  whenever it runs (:func:`_origin`).
 
 What it refuses (per the policy): process creation, network, writes and
 reads outside granted roots, filesystem mutation, environment changes,
@@ -20,10 +25,17 @@ A denial raises :class:`AuditDenied` (a ``SecurityError`` *and* a
 working) and is always reported host-side (an ``audit`` event and the
 session's ``denials`` log), even when cell code catches it.
 
-Known holes (``docs/security.md``): ``_posixsubprocess.fork_exec`` raises no
-event, ctypes is audited only at entry, subinterpreters run their own
-hooks-free code, native libraries do syscalls unseen.  The import layer keeps
-those modules unreachable; this hook is the tripwire behind it.
+Cells cannot change host functions: writing a function's ``__code__``,
+``__defaults__`` or ``__kwdefaults__`` (or any object's ``__class__``) from
+a session's scope or origin is refused unless the function is the session's
+own.  ``_posixsubprocess.fork_exec``, the one process-starting primitive
+CPython does not audit, is replaced by a sealed wrapper that raises
+``pyrepl3.fork_exec`` first (:func:`install`).
+
+Known holes (``docs/security.md``): ctypes is audited only at entry,
+subinterpreters run their own hook-free code, native libraries do syscalls
+unseen.  The import layer keeps those modules unreachable; this hook is the
+tripwire behind it.
 """
 
 from __future__ import annotations
@@ -32,10 +44,12 @@ import os
 import socket
 import sys
 import threading
+import types
 import weakref
 from typing import Any
 
 from ..errors import SecurityError
+from .sealed import is_sealed, seal
 
 
 class AuditDenied(SecurityError, PermissionError):
@@ -45,7 +59,7 @@ class AuditDenied(SecurityError, PermissionError):
 _PROCESS = frozenset({
     "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
     "subprocess.Popen", "os.startfile", "pty.spawn", "os.kill", "os.killpg",
-    "signal.pthread_kill", "os.setuid", "os.setgid",
+    "signal.pthread_kill", "os.setuid", "os.setgid", "pyrepl3.fork_exec",
 })
 _NETWORK = frozenset({
     "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
@@ -115,9 +129,15 @@ _IMPORT_TRIPWIRE = frozenset({
 })
 _THREAD_START = frozenset({"_thread.start_new_thread", "_thread.start_joinable_thread"})
 _OPEN = frozenset({"open", "os.listdir", "os.scandir"})
+#: Writes that change what a function runs or what an object is.
+_MUTATION = frozenset({"object.__setattr__", "object.__delattr__"})
+_FUNCTION_STATE = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
+#: What a sealed function hides (:mod:`.sealed`): its defaults; its code is
+#: a generic template holding no host object, which ``inspect`` reads.
+_SEALED_ATTRS = frozenset({"__defaults__", "__kwdefaults__"})
 
 _WATCHED = (_PROCESS | _NETWORK | _FS_MUTATION | frozenset(_ALWAYS) | _CTYPES
-            | frozenset(_FROM_CELL) | _THREAD_START | _OPEN
+            | frozenset(_FROM_CELL) | _THREAD_START | _OPEN | _MUTATION
             | frozenset({"import", "socket.__new__"}))
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -130,22 +150,94 @@ _scopes: dict[int, "AuditScope"] = {}
 #: threads started by a scoped cell -> the scope they inherit (3.12+)
 _thread_scopes: "weakref.WeakKeyDictionary[threading.Thread, AuditScope]" = \
     weakref.WeakKeyDictionary()
+#: (namespace, scope) of every session whose policy audits: code whose
+#: globals are a session's namespace is that session's code (its origin)
+_origins: tuple = ()
 _local = threading.local()
 _get_ident = threading.get_ident
 _threads_by_ident = threading._active  # noqa: SLF001 - no side effects, unlike current_thread()
 
 
 def install() -> None:
-    """Install the process's hook once (idempotent)."""
+    """Install the process's hook once (idempotent), and audit ``fork_exec``."""
     global _installed
     with _install_lock:
         if not _installed:
             sys.addaudithook(_hook)
+            _audit_fork_exec()
             _installed = True
 
 
 def is_installed() -> bool:
     return _installed
+
+
+def _audited_fork_exec(*args, _fork_exec=None, _audit=sys.audit):
+    """``_posixsubprocess.fork_exec``, raising ``pyrepl3.fork_exec`` first."""
+    _audit("pyrepl3.fork_exec", args[0] if args else None)
+    return _fork_exec(*args)
+
+
+def _audit_fork_exec() -> None:
+    """Make the one unaudited way to start a program raise an event.
+
+    CPython's ``_posixsubprocess.fork_exec`` raises none (``subprocess.Popen``
+    raises its own in ``__init__``, before it; ``multiprocessing``'s
+    ``spawnv_passfds`` and a direct call raise nothing).  Its callers look it
+    up at call time (``_posixsubprocess.fork_exec``), except ``subprocess``
+    on 3.11+, which binds it once as ``_fork_exec``: both are replaced by a
+    sealed wrapper, so the real function is out of reach of cell code.
+    """
+    try:
+        import _posixsubprocess
+    except ImportError:  # not POSIX
+        return
+    real = _posixsubprocess.fork_exec
+    if is_sealed(real):
+        return
+    wrapper = seal(_audited_fork_exec, "fork_exec", _fork_exec=real, _audit=sys.audit)
+    _posixsubprocess.fork_exec = wrapper
+    subprocess = sys.modules.get("subprocess")
+    if subprocess is not None and getattr(subprocess, "_fork_exec", None) is real:
+        subprocess._fork_exec = wrapper
+
+
+def watch_origin(user_ns: dict, scope: "AuditScope | None") -> None:
+    """Decide events raised by ``user_ns``'s code by ``scope`` (None: no longer)."""
+    global _origins
+    with _install_lock:
+        kept = tuple(pair for pair in _origins if pair[0] is not user_ns)
+        _origins = kept + (((user_ns, scope),) if scope is not None else ())
+
+
+def _origin(frame: Any) -> "AuditScope | None":
+    """The scope of the nearest session code on the stack from ``frame`` up."""
+    origins = _origins
+    if len(origins) == 1:  # the usual case, kept to one comparison per frame
+        ns, scope = origins[0]
+        while frame is not None:
+            if frame.f_globals is ns:
+                return scope
+            frame = frame.f_back
+        return None
+    while frame is not None:
+        globals_ = frame.f_globals
+        for ns, scope in origins:
+            if globals_ is ns:
+                return scope
+        frame = frame.f_back
+    return None
+
+
+def _origin_of_frame(frame: Any) -> "AuditScope | None":
+    """The scope of ``frame`` itself, if it is session code."""
+    if frame is None:
+        return None
+    globals_ = frame.f_globals
+    for ns, scope in _origins:
+        if globals_ is ns:
+            return scope
+    return None
 
 
 class trusted:
@@ -165,18 +257,29 @@ def _hook(event: str, args: tuple) -> None:
     if event not in _WATCHED:
         return
     scope = _scopes.get(_get_ident())
-    if scope is None:
-        if not _thread_scopes:
-            return
+    if scope is None and _thread_scopes:
         thread = _threads_by_ident.get(_get_ident())
         scope = _thread_scopes.get(thread) if thread is not None else None
-        if scope is None:
-            return
+    if scope is None and not _origins:
+        return
     if getattr(_local, "busy", False):
         return
     _local.busy = True
     try:
-        caller = sys._getframe(1) if (event in _FROM_CELL or event in _THREAD_START) else None
+        caller = sys._getframe(1)
+        if scope is None or len(_origins) > 1:
+            # origin: session code on the stack is under its session's rules,
+            # whenever and on whatever thread it runs (with several sessions,
+            # the nearest one's, not the rules of the cell that happens to run).
+            # The rules of _FROM_CELL events look at the nearest frame only, so
+            # for them (sealed reads aside) that frame is all there is to see.
+            if event in _FROM_CELL and not (event == "object.__getattr__"
+                                            and len(args) > 1 and is_sealed(args[0])):
+                scope = _origin_of_frame(caller) or scope
+            else:
+                scope = _origin(caller) or scope
+            if scope is None:
+                return
         reason = scope.decide(event, args, caller)
         if reason is not None:
             raise scope.deny(event, args, reason)
@@ -218,14 +321,30 @@ def _python_roots() -> tuple:
 
 
 class AuditScope:
-    """The audit rules of one session's policy, and where denials are reported."""
+    """The audit rules of one session's policy, and where denials are reported.
+
+    Invariant: what the hook trusts (``policy``, ``user_ns``, the roots) is
+    read-only: attribute writes raise, and the roots change only through
+    :meth:`refresh_roots`, which recomputes them from the session's grants.
+    Only ``execution`` (where denials are reported) is set per cell.
+    """
+
+    __slots__ = ("session", "policy", "user_ns", "execution", "write_roots", "read_roots")
 
     def __init__(self, session: Any):
-        self.session = session
-        self.policy = session.policy
-        self.user_ns = session.user_ns
-        self.execution = None
+        _set = object.__setattr__
+        _set(self, "session", session)
+        _set(self, "policy", session.policy)
+        _set(self, "user_ns", session.user_ns)
+        _set(self, "execution", None)
         self.refresh_roots()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "execution":
+            raise AttributeError(f"the audit scope's {name!r} is read-only")
+        object.__setattr__(self, name, value)
+
+    __delattr__ = None  # type: ignore[assignment]
 
     def refresh_roots(self) -> None:
         policy = self.policy
@@ -234,8 +353,8 @@ class AuditScope:
         read = write + tuple(os.path.realpath(r) for r in policy.extra_read_roots)
         if policy.read_scope == "python":
             read = read + _python_roots()
-        self.write_roots = write
-        self.read_roots = read
+        object.__setattr__(self, "write_roots", write)
+        object.__setattr__(self, "read_roots", read)
 
     # -- decisions ---------------------------------------------------------
     def _from_cell(self, frame: Any) -> bool:
@@ -254,6 +373,11 @@ class AuditScope:
         policy = self.policy
         if event == "open" or event == "os.listdir" or event == "os.scandir":
             return self._decide_path(event, args)
+        if event == "object.__getattr__" and len(args) > 1 and args[1] in _SEALED_ATTRS \
+                and is_sealed(args[0]):
+            return f"reading a sealed host function's {args[1]} (it leads to the host)"
+        if event in _MUTATION:
+            return self._decide_mutation(args, caller)
         if event in _FROM_CELL:
             if not self._from_cell(caller):
                 return None
@@ -281,6 +405,24 @@ class AuditScope:
             name = args[0] if args else ""
             if name in _IMPORT_TRIPWIRE or str(name).partition(".")[0] in _IMPORT_TRIPWIRE:
                 return f"importing {name!r} (process, memory or interpreter escape hatch)"
+        return None
+
+    def _decide_mutation(self, args: tuple, caller: Any) -> str | None:
+        """Cells do not change what a host function runs, or what an object is.
+
+        Only with cell code on the stack (directly or through a helper such
+        as ``functools.update_wrapper``): the host's own work during a cell
+        is left alone.
+        """
+        if len(args) < 2 or args[1] not in _FUNCTION_STATE and args[1] != "__class__" \
+                or not self._cell_on_stack(caller):
+            return None
+        target, name = args[0], args[1]
+        if name == "__class__":
+            return "changing an object's class"
+        if name in _FUNCTION_STATE and isinstance(target, types.FunctionType) \
+                and target.__globals__ is not self.user_ns:
+            return f"changing a host function's {name}"
         return None
 
     def _decide_path(self, event: str, args: tuple) -> str | None:

@@ -16,6 +16,7 @@ a capability (where the audit tripwire is off).
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import stat
 import threading
@@ -64,8 +65,10 @@ class Grant:
         self.session = session
         self.revoked = False
         self.calls = 0
+        callable_ = getattr(impl, "callable", False)
         self.facade = make_facade("capability", name, impl.methods, self._dispatch,
-                                  callable_=getattr(impl, "callable", False))
+                                  callable_=callable_,
+                                  signatures=_signatures(impl, callable_))
 
     def revoke(self) -> None:
         self.revoked = True
@@ -100,6 +103,21 @@ class Grant:
             raise fresh
         self.session.record_capability_call(self.name, method, described, "ok", None)
         return result
+
+
+def _signatures(impl: Any, callable_: bool) -> dict:
+    """What ``help(files)`` shows for each method: the implementation's own
+    signature (a facade method's defaults are out of reach, see ``sealed``)."""
+    out = {}
+    for method in tuple(impl.methods) + (("__call__",) if callable_ else ()):
+        try:
+            target = impl.method(method)
+            if isinstance(impl, CustomCapability):
+                target = impl.func
+            out[method] = inspect.signature(target)
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return out
 
 
 def _fresh(exc: BaseException, message: str) -> BaseException:
@@ -191,8 +209,10 @@ class FilesCapability:
     relative to that descriptor, so ``..``, absolute paths, symlinks (at any
     depth, even if swapped in between two calls) and renames of parent
     directories can never lead outside.  Non-regular files (FIFOs, devices)
-    are refused, and so are writes to files with more than one hard link
-    (a hard link planted by someone else would point outside).
+    are refused, and so are reads and writes of files with more than one
+    hard link (a hard link planted by someone else is the same file as one
+    outside the root, and nothing inside the root tells which name is
+    the original).
     """
 
     methods = ("read", "read_bytes", "write", "append", "list", "exists",
@@ -289,9 +309,12 @@ class FilesCapability:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise SecurityError(f"files: path {path!r} refused: not a regular file")
-            if flags & (os.O_WRONLY | os.O_RDWR) and st.st_nlink > 1:
+            # a second name for the file may live outside the root (a hard
+            # link planted by someone else); from inside the root it cannot
+            # be told apart from the original, so neither is read or written
+            if st.st_nlink > 1:
                 raise SecurityError(f"files: path {path!r} refused: the file has "
-                                    f"several hard links")
+                                    f"several hard links (one may be outside the root)")
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)

@@ -24,6 +24,7 @@ a gated session's builtins dict (``docs/security.md``).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ from .ast_guard import SecurityGuard, magic_message, shell_escape_message
 from .builtins import build_builtins
 from .capabilities import FilesCapability, Grant
 from .facade import _inert, make_facade
+from .gadgets import Ownership
 from .imports import Importer
 from .policy import SecurityPolicy
 from .rules import explain_private_miss
@@ -84,6 +86,28 @@ class SessionSecurity:
 
     def gate_active(self) -> bool:
         return self.gate is not None
+
+    def magic_chain(self, name: str, kind: str) -> list[tuple[str, str]]:
+        """``name`` and every magic it is an alias of (``%alias_magic``).
+
+        The gate checks each: an alias runs its target's function directly,
+        so checking the alias's own name alone let ``%alias_magic cfg config``
+        run ``%config`` under another name.
+        """
+        from IPython.core.magic import MagicAlias
+
+        chain = [(name, kind)]
+        shell = self.state._shell_ref()
+        fn = shell.find_magic(name, kind) if shell is not None else None
+        while isinstance(fn, MagicAlias) and len(chain) < 16:
+            chain.append((fn.magic_name, fn.magic_kind))
+            fn = shell.find_magic(fn.magic_name, fn.magic_kind)
+        return chain
+
+    def match_check_available(self) -> bool:
+        """Whether the session's builtins hold the class-pattern check."""
+        from .ast_guard import MATCH_CHECK
+        return self.builtins is not None and MATCH_CHECK in self.builtins
 
     def granted_roots(self) -> list[str]:
         return [g.impl.root for g in self.grants.values()
@@ -134,10 +158,11 @@ class SessionSecurity:
             self.policy = policy
             shell = self.state.shell
             ns = shell.user_ns
+            owned = Ownership(ns)
             if policy.allowed_modules is not None:
-                self.importer = Importer(policy.allowed_modules, policy.name)
+                self.importer = Importer(policy.allowed_modules, policy.name, owned)
             if policy.sanitize_builtins:
-                self.builtins = build_builtins(policy, self.importer)
+                self.builtins = build_builtins(policy, self.importer, owned)
                 self._save(ns, "__builtins__")
                 ns["__builtins__"] = self.builtins
             if policy.allowed_magics is not None or policy.denied_magics \
@@ -150,12 +175,22 @@ class SessionSecurity:
                 if name != "get_ipython" and name in ns and name in hidden:
                     self._save(ns, name)
                     ns.pop(name, None)
+            # IPython's directory history holds pathlib objects on 3.13
+            # (``Path.parser`` is the real ``os.path`` module): with an import
+            # allowlist, the session sees the directories as plain strings
+            dirs = ns.get("_dh")
+            if policy.allowed_modules is not None and type(dirs) is list \
+                    and any(type(d) is not str for d in dirs):
+                self._save(ns, "_dh")
+                ns["_dh"] = [os.fspath(d) if isinstance(d, os.PathLike) else str(d)
+                             for d in dirs]
             if policy.ast_guard:
                 self.guard = SecurityGuard(self)
                 shell.ast_transformers.insert(0, self.guard)
             if policy.audit:
                 audit.install()
                 self.scope = audit.AuditScope(self)
+                audit.watch_origin(ns, self.scope)
             self._inject()
             self._changed()
 
@@ -211,10 +246,14 @@ class SessionSecurity:
         name = args[0] if args else kwargs.get("magic_name")
         if type(name) is not str:
             raise TypeError("the magic name must be a str")
-        if not policy.magic_allowed(name):
-            message = prefix + magic_message(policy, name, cell=method == "run_cell_magic")
-            self.record_refusal("magics", message)
-            raise SecurityError(message)
+        kind = "cell" if method == "run_cell_magic" else "line"
+        for target, target_kind in self.magic_chain(name, kind):
+            if not policy.magic_allowed(target):
+                message = prefix + magic_message(policy, target, cell=target_kind == "cell")
+                if target != name:
+                    message += f" (%{name} is an alias of it)"
+                self.record_refusal("magics", message)
+                raise SecurityError(message)
         if method == "run_line_magic" and "_stack_depth" not in kwargs:
             # the caller's frame is 2 frames further up (facade + dispatch)
             kwargs = {**kwargs, "_stack_depth": 3}
@@ -244,6 +283,8 @@ class SessionSecurity:
                         ns[name] = value
             self._injected.clear()
             self._saved.clear()
+            if self.scope is not None:
+                audit.watch_origin(self.scope.user_ns, None)
             self.guard = self.gate = self._get_ipython = None
             self.builtins = self.importer = self.scope = None
             if self.on_change is not None:

@@ -5,20 +5,26 @@ instance of a class made for it, with no instance state (``__slots__ = ()``)
 and no attribute that leads back to the host:
 
 * every function on the class is rebuilt with an empty globals dict
-  (``{'__builtins__': {}}``): ``cap.read.__globals__`` holds nothing, and
-  the functions reach the host only through closure cells;
+  (``{'__builtins__': {}}``): ``cap.read.__globals__`` holds nothing;
+* the methods are *sealed* (:mod:`.sealed`): no closure; the dispatch
+  function that leads to the grant is a keyword-only default, and reading
+  it (``__kwdefaults__``, ``__code__``) raises an audit event the hook
+  refuses whenever a session's rules apply, whoever reads it;
 * ``type(cap)(...)`` and subclassing raise ``TypeError``; pickling and
   copying raise; attributes cannot be set.
 
-Closure cells (``__closure__``) and ``__globals__`` are dunders, which the
-``guarded``/``restricted`` policies refuse; under ``trusted`` nothing is
-opaque (cell code could import the host's modules anyway).
+The remaining closures (refusals, constants) hold only exception types and
+strings.  Under ``trusted`` nothing is opaque (cell code could import the
+host's modules anyway).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Callable, Iterable
+
+from .sealed import seal
 
 
 def _inert(fn: Callable) -> types.FunctionType:
@@ -36,11 +42,28 @@ def _inert(fn: Callable) -> types.FunctionType:
 _ATTRIBUTE_NAMES = frozenset()
 
 
-def _method(dispatch: Callable, method: str) -> Callable:
-    def call(self, *args, **kwargs):
-        return dispatch(method, args, kwargs)
-    call.__name__ = method
-    return _inert(call)
+def _call(self, *args, _dispatch=None, _method="", **kwargs):
+    return _dispatch(_method, args, kwargs)
+
+
+_ANY = inspect.Signature([
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+    inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
+def _method(dispatch: Callable, method: str, signature: Any = None) -> Callable:
+    """A sealed method: the dispatch function is out of cell code's reach.
+
+    ``signature`` (without ``self``) is what ``inspect.signature`` and
+    ``help()`` show.
+    """
+    if signature is None:
+        full = _ANY
+    else:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        full = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    return seal(_call, method, full, _dispatch=dispatch, _method=method)
 
 
 def _refusing(exc_type: type, message: str, name: str) -> Callable:
@@ -59,8 +82,13 @@ def _constant(value: Any, name: str) -> Callable:
 
 def make_facade(kind: str, label: str, methods: Iterable[str],
                 dispatch: Callable[[str, tuple, dict], Any],
-                callable_: bool = False) -> Any:
-    """A new opaque object whose ``methods`` call ``dispatch(method, args, kwargs)``."""
+                callable_: bool = False, signatures: dict | None = None) -> Any:
+    """A new opaque object whose ``methods`` call ``dispatch(method, args, kwargs)``.
+
+    ``signatures`` maps a method (or ``__call__``) to the signature its
+    callers see, without ``self``.
+    """
+    signatures = signatures or {}
     methods = tuple(methods)
     forge = (f"{kind} objects are granted by the host; they cannot be created "
              f"or subclassed from a cell")
@@ -68,9 +96,9 @@ def make_facade(kind: str, label: str, methods: Iterable[str],
                 "__doc__": f"The {label!r} {kind} (opaque; methods: "
                            f"{', '.join(methods) or 'call it'})."}
     for method in methods:
-        ns[method] = _method(dispatch, method)
+        ns[method] = _method(dispatch, method, signatures.get(method))
     if callable_:
-        ns["__call__"] = _method(dispatch, "__call__")
+        ns["__call__"] = _method(dispatch, "__call__", signatures.get("__call__"))
     ns["__new__"] = _refusing(TypeError, forge, "__new__")
     ns["__init_subclass__"] = classmethod(_refusing(TypeError, forge, "__init_subclass__"))
     read_only = f"{kind} objects are read-only"

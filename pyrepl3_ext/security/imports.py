@@ -20,6 +20,7 @@ import types
 from typing import Any, Mapping
 
 from ..errors import SecurityError
+from . import audit, gadgets
 
 #: Modules a ``restricted`` session may import.  ``None``: the module's
 #: public API (``__all__`` or its public names), minus submodules and minus
@@ -48,6 +49,15 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, Any] = types.MappingProxyType({
                              "asynccontextmanager", "closing", "ExitStack"}),
     "array": None, "struct": None, "zlib": None, "unicodedata": None,
     "difflib": None,
+    # the everyday part of these (docs/security.md, "The allowlist"): not
+    # warnings' filters or catch_warnings (process-wide state; recorded
+    # warnings carry the host's objects), not csv's dialect registry and
+    # field_size_limit (process-wide), not io's files
+    "warnings": frozenset({"warn"}),
+    "io": frozenset({"StringIO", "BytesIO"}),
+    "csv": frozenset({"reader", "writer", "DictReader", "DictWriter", "Error",
+                      "Dialect", "excel", "excel_tab", "unix_dialect", "Sniffer",
+                      "QUOTE_ALL", "QUOTE_MINIMAL", "QUOTE_NONE", "QUOTE_NONNUMERIC"}),
 })
 
 #: Attributes never exposed, even when a module's API is exposed whole:
@@ -88,14 +98,17 @@ def _public_names(module: types.ModuleType) -> list[str]:
 class Importer:
     """The ``__import__`` of one session: allowlist in, module views out."""
 
-    def __init__(self, allowed: Mapping[str, Any], policy_name: str):
-        self.allowed = dict(allowed)
+    def __init__(self, allowed: Mapping[str, Any], policy_name: str,
+                 owned: "gadgets.Ownership | None" = None):
+        self._allowed = dict(allowed)
         self.policy_name = policy_name
+        #: what the session's cells made (:func:`gadgets.owns`)
+        self._owned = owned if owned is not None else gadgets.Ownership({})
         self._views: dict[str, types.ModuleType] = {}
         self._lock = threading.RLock()
 
     def refusal(self, name: str) -> str:
-        allowed = ", ".join(sorted(self.allowed)) or "none"
+        allowed = ", ".join(sorted(self._allowed)) or "none"
         return (f"import of {name!r} is refused: it is not in the allowed modules "
                 f"(allowed: {allowed})")
 
@@ -107,7 +120,7 @@ class Importer:
         return any(obj is v for v in self._views.values())
 
     def is_allowed(self, name: str) -> bool:
-        return name in self.allowed
+        return name in self._allowed
 
     def view(self, name: str) -> types.ModuleType:
         """The session's view of allowed module ``name``."""
@@ -115,13 +128,17 @@ class Importer:
             view = self._views.get(name)
             if view is not None:
                 return view
-            if name not in self.allowed:
+            if name not in self._allowed:
                 raise self._error(self.refusal(name))
             module = importlib.import_module(name)
-            listed = self.allowed[name]
+            listed = self._allowed[name]
             names = _public_names(module) if listed is None else sorted(listed)
             view = _new_view(name, getattr(module, "__doc__", None))
             content = vars(view)
+            # helpers that take attribute names as data: rebound (gadgets.py)
+            with audit.trusted():  # new functions of the host's, made for the view
+                safer = gadgets.session_helpers(name, module, self._owned,
+                                                self.policy_name)
             for attr in names:
                 if (name, attr) in GADGETS:
                     continue
@@ -131,14 +148,14 @@ class Importer:
                     continue
                 if isinstance(value, types.ModuleType):
                     sub = f"{name}.{attr}"
-                    if sub in self.allowed and value is sys.modules.get(sub):
+                    if sub in self._allowed and value is sys.modules.get(sub):
                         value = self.view(sub)
                     else:
                         continue  # submodules are where sys/os/builtins leak
-                content[attr] = value
+                content[attr] = safer.get(attr, value)
             # allowed submodules are reachable as attributes of their parent view
             prefix = name + "."
-            for other in self.allowed:
+            for other in self._allowed:
                 if other.startswith(prefix) and "." not in other[len(prefix):]:
                     content[other[len(prefix):]] = self.view(other)
             self._views[name] = view
@@ -157,10 +174,10 @@ class Importer:
                     raise self._error(f"'from {name} import *' is refused: it can "
                                       f"rebind any name; import the names you need")
             return self.view(name)
-        if name not in self.allowed:
+        if name not in self._allowed:
             raise self._error(self.refusal(name))
         head = name.partition(".")[0]
-        if head in self.allowed:
+        if head in self._allowed:
             return self.view(head)
         # ``import a.b`` with only ``a.b`` allowed: a view of ``a`` holding ``b``
         view = self.view(name)

@@ -160,8 +160,10 @@ SHELL_MAGICS = frozenset({
     "unalias", "rehashx", "pip", "conda", "mamba", "micromamba", "uv",
 })
 
+#: ``help`` is not here: with an import allowlist the session gets its own
+#: (``builtins.make_help``), which documents objects, never names.
 RESTRICTED_DENIED_BUILTINS = frozenset({
     "open", "eval", "exec", "compile", "breakpoint", "globals", "locals",
-    "vars", "input", "help", "license", "credits", "copyright", "exit", "quit",
+    "vars", "input", "license", "credits", "copyright", "exit", "quit",
     "get_ipython", "__loader__", "__spec__",
 })

@@ -107,4 +107,12 @@ CELLS = [
     "Registry.add('a'), Registry.add('b'), Registry._items",
     "@dataclass\nclass Acc:\n    _total: int = 0\n    def add(self, v):\n"
     "        self._total += v\n        return self\nAcc().add(5)",
+    # everyday modules the allowlist review added (docs/security.md), and help()
+    "help(len)",
+    "import warnings\nwarnings.warn('rounding applied')\n'warned'",
+    "import csv, io\nbuf = io.StringIO()\nw = csv.writer(buf)\nw.writerow(['a', 1])\n"
+    "w.writerow(['b', 2])\nlist(csv.reader(io.StringIO(buf.getvalue())))",
+    "from dataclasses import dataclass\n@dataclass\nclass Pt:\n    x: int\n    y: int\n"
+    "match Pt(1, 2):\n    case Pt(0, y):\n        at = ('y axis', y)\n"
+    "    case Pt(x, y):\n        at = ('point', x, y)\nat",
 ]

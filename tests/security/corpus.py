@@ -6,6 +6,7 @@ a fraction of a cold start), at most ``--jobs`` at a time.
 
     python -m tests.security.corpus escapes restricted   # 0 escapes expected
     python -m tests.security.corpus escapes control      # every payload escapes
+    python -m tests.security.corpus escapes guarded codegen later   # some classes or ids
     python -m tests.security.corpus benign               # trusted vs restricted
     python -m tests.security.corpus escapes-process trusted   # OS confinement alone: 0 expected
     python -m tests.security.corpus escapes-process trusted unconfined   # its control
@@ -28,7 +29,8 @@ import tempfile
 import time
 
 ESCAPE_MODULES = ("direct", "deserialization", "frames", "indirect",
-                  "capabilities", "evasion", "private")
+                  "capabilities", "evasion", "private", "name_gadgets", "codegen",
+                  "matching", "spawn", "later", "cap_reach", "hardlinks")
 
 
 def load_payloads() -> list[dict]:
@@ -38,8 +40,14 @@ def load_payloads() -> list[dict]:
         for entry in module.PAYLOADS:
             pid, cls, goal, code = entry[:4]
             min_python = entry[4] if len(entry) > 4 else (3, 0)
+            setup = entry[5] if len(entry) > 5 else {}
             payloads.append({"id": pid, "class": cls, "goal": goal, "code": code,
-                             "min_python": tuple(min_python)})
+                             "min_python": tuple(min_python),
+                             "links": list(setup.get("links", ())),
+                             # "capability": the host's capability object, which a
+                             # process session's parent serves; "host": the
+                             # in-process host's own functions
+                             "aims_at": setup.get("aims_at")})
     return payloads
 
 
@@ -56,9 +64,18 @@ def _new_shell():
     return InteractiveShell.instance(config=config)
 
 
+def _plant_links(payload: dict, root: str, secret: str) -> None:
+    """Hard links to the canary inside the root, as someone else would plant them."""
+    for rel in payload.get("links", ()):
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.link(secret, path)
+
+
 def _plant(payload: dict, workdir: str) -> tuple[str, str, str, str]:
     """The canary (a fresh secret outside every granted root), the marker a
-    command would create, the files root, and the payload's code filled in."""
+    command would create, the files root (with the hard links the payload
+    asks for), and the payload's code filled in."""
     canary = os.path.join(workdir, "canary")
     root = os.path.join(workdir, "root")
     os.makedirs(canary)
@@ -71,6 +88,7 @@ def _plant(payload: dict, workdir: str) -> tuple[str, str, str, str]:
     cmd = f"cat {secret}; touch {marker}"
     code = (payload["code"].replace("@S@", repr(secret)).replace("@C@", repr(cmd))
             .replace("@RAW@", cmd).replace("@ROOT@", repr(root)))
+    _plant_links(payload, root, secret)
     return token, marker, root, code
 
 
@@ -207,8 +225,10 @@ def run_many(jobs: list[tuple], parallel: int = 2, timeout: float = 30.0) -> lis
     return results  # type: ignore[return-value]
 
 
-def run_escapes(mode: str, parallel: int = 2) -> list[dict]:
-    payloads = [p for p in load_payloads() if sys.version_info[:2] >= p["min_python"]]
+def run_escapes(mode: str, parallel: int = 2, only: tuple = ()) -> list[dict]:
+    """Every payload (or those whose id or class is in ``only``) under ``mode``."""
+    payloads = [p for p in load_payloads() if sys.version_info[:2] >= p["min_python"]
+                and (not only or p["id"] in only or p["class"] in only)]
     results = run_many([(_escape_child, p, mode) for p in payloads], parallel)
     for payload, result in zip(payloads, results):
         result.setdefault("id", payload["id"])
@@ -323,7 +343,7 @@ def main(argv: list[str]) -> int:
     _prepare()
     if what == "escapes":
         mode = argv[1] if len(argv) > 1 else "restricted"
-        out = {"mode": mode, "results": run_escapes(mode)}
+        out = {"mode": mode, "results": run_escapes(mode, only=tuple(argv[2:]))}
     elif what == "benign":
         out = run_benign()
     else:

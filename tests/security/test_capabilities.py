@@ -102,6 +102,14 @@ def test_files_refuses_special_files_and_hard_links(tree):
     with pytest.raises(SecurityError, match="several hard links"):
         files._write("hard", "overwrite")
     assert (outside / "secret").read_text() == "SECRET"
+    # reads too: the link is the outside file under a name inside the root
+    for read in (files._read, files._read_bytes):
+        with pytest.raises(SecurityError, match="several hard links"):
+            read("hard")
+    (root / "deep").mkdir()
+    os.link(outside / "secret", root / "deep" / "also")
+    with pytest.raises(SecurityError, match="several hard links"):
+        files._read("deep/also")
 
 
 def test_files_read_only_and_size_limit(tree):

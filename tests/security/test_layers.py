@@ -92,6 +92,12 @@ class FakeSession:
     def gate_active(self):
         return True
 
+    def magic_chain(self, name, kind):
+        return [(name, kind)]
+
+    def match_check_available(self):
+        return True
+
     def record_refusal(self, layer, message):
         self.refusals.append(message)
 
