@@ -96,6 +96,7 @@ _UNSAFE_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__")
 # asynchronous exception may be pending for it.
 _lock = threading.Lock()
 _get_ident = threading.get_ident
+_MAIN_THREAD_ID = threading.main_thread().ident
 #: thread id -> stack of running scopes (innermost last)
 _thread_scopes: dict[int, list["CancelScope"]] = {}
 #: thread id -> the scope being cancelled there (what mechanisms look up)
@@ -166,8 +167,9 @@ class CancelScope:
     task_cancels = 0                 # task.cancel() calls made for this scope
     #: "" -> "pending" -> "armed" | "escalate" -> "raised"
     mechanism = ""
-    armed_codes: tuple | list = ()   # 3.12+ workers: code objects with local events
-    armed_global = False             # 3.12+ workers: PY_START/PY_RESUME enabled for us
+    armed_codes: tuple | dict = ()   # 3.12+: code -> local events armed for this scope
+    armed_global = False             # 3.12+: PY_START/PY_RESUME enabled for us
+    monitored = False                # 3.12+: sys.monitoring delivers (main thread too)
     in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
     async_exc_pending = False
 
@@ -243,8 +245,21 @@ def check_cancelled() -> None:
     __tracebackhide__ = True  # IPython hides this frame in tracebacks
     scope = _cancelled_threads.get(_get_ident())
     if scope is not None and not scope.finished:
-        scope.raised += 1
-        raise scope.exception()
+        _disarm_for_delivery(scope)
+        raise scope.raising()
+
+
+def _disarm_for_delivery(scope: CancelScope) -> None:
+    """Switch the scope's mechanism off as its exception is raised in its
+    own thread by a wait the engine owns: the exception unwinds and IPython
+    prints it at full speed, with nothing of ours called per line or call."""
+    if scope.armed_codes or scope.armed_global:
+        with _lock:
+            _MONITORING.disarm(scope)
+    if scope.thread_id == _MAIN_THREAD_ID:
+        _SIGNAL.disarm_current_thread()
+        # (f_trace of the frames the handler traced stays set; the global
+        # tracer is gone, so those frames cost nothing once they return)
 
 
 def interruptible_wait(event: threading.Event, timeout: float | None = None) -> bool:
@@ -285,8 +300,9 @@ _unsafe_lines_cache: dict[str, frozenset[int]] = {}
 def _unsafe_lines(filename: str) -> frozenset[int]:
     """Lines of ``filename`` where a raise could cut cleanup short.
 
-    ``try:`` lines (their NOP is outside the protected range), the statement
-    just before a ``try:`` (a resource taken there is not protected yet:
+    ``try:`` lines (their NOP is outside the protected range), ``with``
+    header lines (entering and the normal-path ``__exit__`` call run outside
+    the protected range), the statement just before a ``try:`` (a resource taken there is not protected yet:
     ``threading.Condition.wait``), and every line of a ``finally:`` clause.
     Computed once per file from linecache (IPython registers cell sources
     there).
@@ -307,6 +323,8 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
     previous = (0, 0, -1)
     current = (0, 0, 0)
     clause = None         # an open ``finally`` clause: [first line, header state, body level]
+    with_line = 0         # first line of an open ``with`` header
+    after_async = False
     last_line = 0
     source = "".join(linecache.getlines(filename))
     try:
@@ -328,6 +346,13 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
             if kind == tokenize.NEWLINE:
                 line_start = True
                 previous = (current[0], tok.start[0], current[2])
+                if with_line:
+                    # ``with`` header lines: their instructions enter the
+                    # context before the protected range starts, and after
+                    # the body call ``__exit__`` outside it (the body's end
+                    # emits a line event back on the header)
+                    lines.update(range(with_line, tok.start[0] + 1))
+                    with_line = 0
                 if clause is not None and clause[1] in ("header", "colon"):
                     clause[1] = "newline"  # an indented body follows
                 elif clause is not None and clause[1] == "inline":
@@ -347,11 +372,20 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
                         lines.update(range(previous[0], tok.start[0]))
                 elif tok.string == "finally" and clause is None:
                     clause = [tok.start[0], "header", None]
+                elif tok.string == "with":
+                    with_line = tok.start[0]
+                elif tok.string == "async":
+                    after_async = True
+                    last_line = tok.end[0]
+                    continue  # ``async with``: the next token still starts the statement
+            elif after_async and kind == tokenize.NAME and tok.string == "with":
+                with_line = tok.start[0]
             elif clause is not None and clause[1] == "header" and tok.string == ":":
                 clause[1] = "colon"
             elif clause is not None and clause[1] == "colon":
                 clause[1] = "inline"
             line_start = False
+            after_async = False
             last_line = tok.end[0]
     except (tokenize.TokenError, SyntaxError):
         pass  # incomplete source: what was found so far
@@ -365,6 +399,24 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
 _RUN_CODE_CODES: set = set()
 
 
+#: (code, line) of the lines of ``run_code`` that start the cell's code
+#: (``exec(code_obj, ...)``/``await eval(code_obj, ...)``); empty: any line
+_CELL_START_LINES: set = set()
+
+
+def _register_root(code) -> None:
+    """Record ``run_code``'s code object and the lines that run the cell."""
+    if code in _RUN_CODE_CODES:
+        return
+    _RUN_CODE_CODES.add(code)
+    lines = linecache.getlines(code.co_filename)
+    for _, _, line in code.co_lines():
+        if line and line <= len(lines):
+            text = lines[line - 1]
+            if "code_obj" in text and ("exec(" in text or "eval(" in text):
+                _CELL_START_LINES.add((code, line))
+
+
 def _is_root(code) -> bool:
     return code in _RUN_CODE_CODES
 
@@ -376,47 +428,92 @@ def _is_cell_code(code) -> bool:
     return code.co_name == "<module>"
 
 
-def _safe_to_raise(frame, scope: CancelScope) -> bool:
-    """Whether raising in ``frame`` (the innermost frame of the target thread) is safe.
+#: What a raise attempt finds (``_verdict``).  OUTSIDE is not DEFER: outside
+#: the cell's code (IPython's preamble, its traceback printing, its wrap-up)
+#: no instrumentation of ours may stay on, or that code pays per line.
+RAISE, DEFER, OUTSIDE = 0, 1, 2
 
-    First finds the cell's root (``run_code``) on the stack, cheaply: outside
-    a cell's code (IPython's preamble and wrap-up, which a global
-    ``PY_START`` event visits call by call) the answer is no and costs only
-    the walk.  Then checks every frame above the root: an outer frame inside
-    a ``finally:`` would have its cleanup cut short too.  Costs O(depth)
-    (about 0.1 ms per 100 frames) once per attempt.
+# per code object: (kind, offsets of instructions on unsafe lines)
+_PLAIN, _OWN, _UNSAFE_FUNCTION, _BOOTSTRAP = 0, 1, 2, 3
+_code_info_cache: dict = {}
+
+
+def _code_info(code) -> tuple:
+    """``(kind, unsafe offsets)`` of ``code``, computed once per code object.
+
+    Offsets, not lines: ``f_lasti`` is a plain read where ``f_lineno``
+    searches the line table, and the 900- or 100,000-frame walk of a deep
+    recursion pays it per frame.
+    """
+    info = _code_info_cache.get(code)
+    if info is not None:
+        return info
+    filename = code.co_filename
+    if filename.startswith(_PKG_DIR):
+        kind = _OWN
+    elif code.co_name in _UNSAFE_FUNCTIONS:
+        kind = _UNSAFE_FUNCTION
+    elif any(part in filename for part in _UNSAFE_MODULE_PARTS):
+        kind = _BOOTSTRAP
+    else:
+        kind = _PLAIN
+    offsets: frozenset = frozenset()
+    if kind in (_PLAIN, _BOOTSTRAP):
+        unsafe = _unsafe_lines(filename)
+        if unsafe:
+            offsets = frozenset(off for start, end, line in code.co_lines()
+                                if line in unsafe for off in range(start, end, 2))
+    info = (kind, offsets)
+    if len(_code_info_cache) > 20_000:  # cells come and go: bounded, rebuilt on demand
+        _code_info_cache.clear()
+    _code_info_cache[code] = info
+    return info
+
+
+def _verdict(frame, scope: CancelScope) -> int:
+    """May the target thread raise now, with ``frame`` its innermost frame?
+
+    OUTSIDE when the cell's code is not running (no ``run_code`` on the
+    stack, or what ``run_code`` runs is not the cell); DEFER when a frame
+    between here and the cell is pyrepl3's, in ``__enter__``/``__exit__``,
+    on a ``try:``/``with`` line or in a ``finally:`` body (an outer frame in
+    one would have its cleanup cut short too), or innermost in the import
+    system; RAISE otherwise, and after the hard deadline.  One walk of the
+    stack, O(depth) with a dict lookup per frame.
     """
     if getattr(_shield_depth, "n", 0):
-        return False
+        return DEFER
     above: list = []
     f = frame
     while f is not None:
         code = f.f_code
-        if _is_root(code):
+        if code in _RUN_CODE_CODES:
             break
-        if code.co_filename.startswith(_PKG_DIR):
-            return False  # never in pyrepl3's own frames
         above.append(f)
         f = f.f_back
     else:
-        return False  # not inside a cell's code: IPython machinery, or the cell ended
+        return OUTSIDE
     if not above or not _is_cell_code(above[-1].f_code):
         # run_code itself (its start), or IPython's work inside it (printing
         # the traceback of the exception that just left the cell's code)
-        return False
+        return OUTSIDE
+    info = _code_info
     if time.monotonic() - scope.requested_at > HARD_DEADLINE:
-        return True
+        for f in above:
+            if info(f.f_code)[0] == _OWN:
+                return DEFER  # never in pyrepl3's own frames
+        return RAISE
     for depth, f in enumerate(above):
-        code = f.f_code
-        filename = code.co_filename
-        if depth == 0 and any(part in filename for part in _UNSAFE_MODULE_PARTS):
-            return False
-        if code.co_name in _UNSAFE_FUNCTIONS:
-            return False
-        unsafe = _unsafe_lines(filename)
-        if unsafe and f.f_lineno in unsafe:
-            return False
-    return True
+        kind, offsets = info(f.f_code)
+        if kind == _OWN or kind == _UNSAFE_FUNCTION or (kind == _BOOTSTRAP and depth == 0):
+            return DEFER
+        if offsets and f.f_lasti in offsets:
+            return DEFER
+    return RAISE
+
+
+def _safe_to_raise(frame, scope: CancelScope) -> bool:
+    return _verdict(frame, scope) == RAISE
 
 
 def _cell_code_on_stack(thread_id: int) -> bool:
@@ -449,17 +546,44 @@ def _cell_suspended_in(task: "asyncio.Task | None") -> bool:
     return False
 
 
-def _frames_above_root(frame) -> list:
+def _cell_frames(frame) -> list:
+    """The frames running the cell's code, innermost first (pyrepl3's own
+    left out), or ``[]`` when the thread is not inside the cell's code (the
+    cell has not started, or IPython is printing its traceback)."""
     frames = []
     f = frame
+    last = None
     while f is not None and not _is_root(f.f_code):
-        if not f.f_code.co_filename.startswith(_PKG_DIR):
+        last = f
+        if _code_info(f.f_code)[0] != _OWN:
             frames.append(f)
         f = f.f_back
-    return frames if f is not None else []
+    if f is None or last is None or not _is_cell_code(last.f_code):
+        return []
+    return frames
 
 
-# -- main thread: signal + lazy settrace --------------------------------------
+_frames_above_root = _cell_frames  # the name older callers (and tests) use
+
+#: opcodes at which a raise from the signal handler is attributed where it
+#: happens: inside a call (a blocking C call checks signals there) or at a
+#: function's start.  At a loop's backward jump (the other place the
+#: handler runs) CPython attributes the raise to the instruction before the
+#: jump's target, which for a one-line loop directly inside ``try``/``with``
+#: lies outside the protected range: the cleanup would be skipped.
+_HANDLER_RAISE_OPS = frozenset(op for name, op in dis.opmap.items()
+                               if name.startswith("CALL") or name in ("RESUME", "SEND"))
+
+
+def _handler_may_raise(frame) -> bool:
+    if sys.version_info < (3, 11):
+        return True  # the block stack: a raise anywhere in a try is inside it
+    code = frame.f_code.co_code
+    lasti = frame.f_lasti
+    return 0 <= lasti < len(code) and code[lasti] in _HANDLER_RAISE_OPS
+
+
+# -- main thread: signal (+ lazy settrace before 3.12) -------------------------
 
 #: 3.11 compiles a one-line loop to a jump to itself that emits no line
 #: event, so a tracer never fires there; the handler raises at once instead
@@ -479,33 +603,65 @@ def _same_line_back_jumps(code) -> frozenset[int]:
                      if line_of.get(ins.argval) == ins.positions.lineno)
 
 
+@functools.lru_cache(maxsize=1024)
+def _back_jumps(code) -> frozenset[int]:
+    """Offsets of the backward jumps in ``code`` (where INSTRUCTION events raise)."""
+    return frozenset(ins.offset for ins in dis.get_instructions(code)
+                     if ins.opname.startswith("JUMP_BACKWARD")
+                     or (ins.opname == "JUMP_ABSOLUTE" and ins.argval <= ins.offset))
+
+
 def _local_tracer(frame, event, arg):
     __tracebackhide__ = True
     if event == "line":
         scope = _cancelled_threads.get(_get_ident())
-        if scope is not None and not scope.finished and scope.mechanism == "armed" \
-                and _safe_to_raise(frame, scope):
+        if scope is None or scope.finished or scope.mechanism not in ("armed", "escalate"):
+            frame.f_trace = None
+            return None
+        verdict = _verdict(frame, scope)
+        if verdict == RAISE:
             # Untrace before raising: the unwinding and the cell's cleanup run
             # at full speed (a re-cancel after the grace period re-arms).
-            for f in _frames_above_root(frame):
+            for f in _cell_frames(frame):
                 f.f_trace = None
             _SIGNAL.disarm_current_thread()
             raise scope.raising()
+        if verdict == OUTSIDE:
+            # the cell's code has ended: IPython's work must not pay per line
+            frame.f_trace = None
+            _SIGNAL.disarm_current_thread()
+            scope.mechanism = "escalate"  # the signal takes over, at no per-line cost
+            return None
     return _local_tracer
 
 
 def _global_tracer(frame, event, arg):
-    if frame.f_code.co_filename.startswith(_PKG_DIR):
+    """Traces a new frame only when the cell's code called it (the caller is
+    traced, or is ``run_code`` starting the cell): IPython's own calls (its
+    traceback printing, inspect.getmodule...) are never traced per line."""
+    caller = frame.f_back
+    if caller is None:
         return None
-    return _local_tracer
+    if caller.f_trace is _local_tracer or (_is_root(caller.f_code)
+                                           and _is_cell_code(frame.f_code)):
+        return _local_tracer
+    return None
 
 
 def _escalate(frame, scope: CancelScope) -> None:
-    """Raise from the signal handler now if ``frame`` is at a safe point;
-    otherwise the next escalation signal tries again."""
+    """Raise from the signal handler now if ``frame`` is at a safe point
+    where a raise is attributed exactly; otherwise a later signal (or the
+    line/instruction events) tries again."""
     __tracebackhide__ = True
-    scope.mechanism = "escalate"
-    if _safe_to_raise(frame, scope):
+    if scope.mechanism != "armed":
+        scope.mechanism = "escalate"
+    if _verdict(frame, scope) == RAISE and (
+            _handler_may_raise(frame) or (
+                _SELF_LOOP_HAS_NO_LINE_EVENTS
+                and frame.f_lasti in _same_line_back_jumps(frame.f_code))):
+        if scope.armed_codes or scope.armed_global:
+            with _lock:
+                _MONITORING.disarm(scope)
         raise scope.raising()
 
 
@@ -569,23 +725,28 @@ class _MainThreadSignal:
         scope = _cancelled_threads.get(threading.main_thread().ident)
         if scope is None or scope.finished or scope.mechanism == "raised":
             return  # stale: that cell ended or already got its exception
-        if scope.mechanism == "escalate":
+        if scope.mechanism != "pending" or scope.monitored:
+            # monitoring armed (3.12+) or escalation: raise here only where
+            # the raise lands exactly (a blocking call, a call's return)
             return _escalate(frame, scope)
-        # first delivery: arm line tracing on the cell's frames, lazily
+        # first delivery, before 3.12: arm line tracing on the cell's frames, lazily
         if sys.gettrace() is not None and sys.gettrace() is not _global_tracer:
             # a debugger or coverage owns settrace: leave it alone and rely
             # on escalation (raise from this handler at a safe point)
             return _escalate(frame, scope)
-        frames = _frames_above_root(frame)
+        frames = _cell_frames(frame)
         if not frames:
             # Not in the cell's code now (an async cell suspended in its loop,
-            # IPython's own machinery): tracing everything from here would
-            # slow the loop down. The task cancel and escalation handle it.
+            # IPython's own machinery): tracing from here would slow that
+            # down. The task cancel and escalation handle it.
             return
         if _SELF_LOOP_HAS_NO_LINE_EVENTS and frame.f_lasti in _same_line_back_jumps(frame.f_code):
             # 3.11 ``while True: pass``: no line event will ever come
             return _escalate(frame, scope)
-        for f in frames:
+        # Only the innermost frames: an outer frame runs a line again only
+        # after its callee returned, and a traced frame's callees are traced
+        # (``_global_tracer``); escalation covers an untraced outer loop.
+        for f in frames[:64]:
             f.f_trace = _local_tracer
         scope.mechanism = "armed"
         self.saved_trace.setdefault(_get_ident(), sys.gettrace())
@@ -602,15 +763,28 @@ class _MainThreadSignal:
 _SIGNAL = _MainThreadSignal()
 
 
-# -- worker threads on 3.12+: sys.monitoring ----------------------------------
+# -- sys.monitoring (3.12+): every thread's Python code ------------------------
 
 class _Monitoring:
-    """A ``sys.monitoring`` tool with callbacks registered and no events."""
+    """A ``sys.monitoring`` tool with callbacks registered and no events.
+
+    Invariants (the caller holds ``_lock`` for every change):
+
+    * local events are on only for code objects some cancelled scope armed,
+      each code's events are the union of what its scopes asked for
+      (``users``), and a scope's own record is ``scope.armed_codes``;
+    * LINE|JUMP go on code that was running the cell's code (its stack at
+      the cancel, and what that code calls or resumes afterwards);
+      INSTRUCTION only on a code where a backward jump was seen (a raise at
+      a JUMP event can land outside the protected range);
+    * the global PY_START|PY_RESUME events are on while any scope is armed;
+      their callback costs O(1) for code the cell did not call.
+    """
 
     def __init__(self) -> None:
         self.tool: int | None = None
         self.users = 0
-        self.armed: dict[Any, int] = {}  # code -> number of scopes arming it
+        self.armed: dict[Any, dict] = {}  # code -> {scope: events}
         self.global_users = 0
 
     def acquire(self) -> bool:
@@ -629,6 +803,7 @@ class _Monitoring:
         ev = mon.events
         mon.register_callback(tool, ev.LINE, _mon_line)
         mon.register_callback(tool, ev.JUMP, _mon_jump)
+        mon.register_callback(tool, ev.INSTRUCTION, _mon_instruction)
         mon.register_callback(tool, ev.PY_START, _mon_start)
         mon.register_callback(tool, ev.PY_RESUME, _mon_start)
         self.tool = tool
@@ -647,76 +822,198 @@ class _Monitoring:
             self.armed.clear()
             self.global_users = 0
             ev = mon.events
-            for event in (ev.LINE, ev.JUMP, ev.PY_START, ev.PY_RESUME):
+            for event in (ev.LINE, ev.JUMP, ev.INSTRUCTION, ev.PY_START, ev.PY_RESUME):
                 mon.register_callback(self.tool, event, None)
             mon.free_tool_id(self.tool)
             self.tool = None
 
+    def arm_code(self, scope: CancelScope, code, events: int) -> None:
+        """Turn ``events`` on for ``code`` on behalf of ``scope`` (caller holds ``_lock``)."""
+        mine = scope.armed_codes if scope.armed_codes else {}
+        had = mine.get(code, 0)
+        if had & events == events or self.tool is None:
+            return
+        mine[code] = had | events
+        scope.armed_codes = mine
+        users = self.armed.setdefault(code, {})
+        before = 0
+        for bits in users.values():
+            before |= bits
+        users[scope] = had | events
+        if before | events != before:
+            sys.monitoring.set_local_events(self.tool, code, before | events)
+
     def arm(self, scope: CancelScope, frame) -> None:
-        """Enable events on the target's stack (caller holds ``_lock``)."""
-        mon = sys.monitoring
-        ev = mon.events
-        codes = []
-        for f in _frames_above_root(frame):
-            code = f.f_code
-            if code not in codes:
-                codes.append(code)
-        for code in codes:
-            if code not in self.armed:
-                mon.set_local_events(self.tool, code, ev.LINE | ev.JUMP)
-            self.armed[code] = self.armed.get(code, 0) + 1
-        scope.armed_codes = codes
-        if not scope.armed_global:
+        """Arm ``scope``'s thread, whose innermost frame is ``frame`` (caller holds ``_lock``).
+
+        Always a LINE watch on ``run_code``: its lines run just before the
+        cell's code starts (and after it ended).  In the cell's code, also
+        LINE|JUMP on the code objects on its stack and the global
+        PY_START|PY_RESUME (for what that code calls).  Anywhere else (the
+        cell not started yet, IPython printing its traceback) nothing more:
+        IPython's own work runs without a callback per call.
+        """
+        ev = sys.monitoring.events
+        for root in _RUN_CODE_CODES:
+            self.arm_code(scope, root, ev.LINE)
+        frames = _cell_frames(frame) if frame is not None else ()
+        if frames:
+            seen = set()
+            for f in frames:
+                code = f.f_code
+                if code not in seen:
+                    seen.add(code)
+                    self.arm_code(scope, code, ev.LINE | ev.JUMP)
+            self.arm_global(scope)
+
+    def arm_global(self, scope: CancelScope) -> None:
+        if not scope.armed_global and self.tool is not None:
             if self.global_users == 0:
-                mon.set_events(self.tool, ev.PY_START | ev.PY_RESUME)
+                ev = sys.monitoring.events
+                sys.monitoring.set_events(self.tool, ev.PY_START | ev.PY_RESUME)
             self.global_users += 1
             scope.armed_global = True
+
+    def disarm_global(self, scope: CancelScope) -> None:
+        if scope.armed_global:
+            scope.armed_global = False
+            self.global_users -= 1
+            if self.global_users == 0 and self.tool is not None:
+                sys.monitoring.set_events(self.tool, 0)
+
+    def go_outside(self, scope: CancelScope) -> None:
+        """The cell's code is not running: keep only the watch on
+        ``run_code`` (caller holds ``_lock``)."""
+        self.disarm_local(scope, keep_roots=True)
+        self.disarm_global(scope)
+
+    def disarm_local(self, scope: CancelScope, keep_roots: bool = False) -> None:
+        """Local events of ``scope`` off (caller holds ``_lock``), but for
+        the watch on ``run_code`` with ``keep_roots``."""
+        if self.tool is None or not scope.armed_codes:
+            scope.armed_codes = ()
+            return
+        mon = sys.monitoring
+        kept = {}
+        for code in scope.armed_codes:
+            if keep_roots and code in _RUN_CODE_CODES:
+                kept[code] = scope.armed_codes[code]
+                continue
+            users = self.armed.get(code)
+            if users is None:
+                continue
+            users.pop(scope, None)
+            bits = 0
+            for b in users.values():
+                bits |= b
+            if not users:
+                del self.armed[code]
+            mon.set_local_events(self.tool, code, bits)
+        scope.armed_codes = kept or ()
 
     def disarm(self, scope: CancelScope) -> None:
         """Undo :meth:`arm` for ``scope`` (caller holds ``_lock``)."""
         if self.tool is None:
             return
-        mon = sys.monitoring
-        for code in scope.armed_codes:
-            n = self.armed.get(code, 0) - 1
-            if n <= 0:
-                self.armed.pop(code, None)
-                mon.set_local_events(self.tool, code, 0)
-            else:
-                self.armed[code] = n
-        if scope.armed_global:
-            scope.armed_global = False
-            self.global_users -= 1
-            if self.global_users == 0:
-                mon.set_events(self.tool, 0)
-        scope.armed_codes = ()
+        self.disarm_local(scope)
+        self.disarm_global(scope)
 
 
-def _mon_check(depth: int = 2) -> None:
+def _mon_deliver(frame, scope: CancelScope) -> None:
+    """Raise in the target thread at a safe point; outside the cell's code,
+    switch the local events off (IPython's code must not pay per line)."""
     __tracebackhide__ = True
-    scope = _cancelled_threads.get(_get_ident())
-    if scope is None or scope.finished or scope.mechanism != "armed":
-        return
-    frame = sys._getframe(depth)
-    if _safe_to_raise(frame, scope):
+    verdict = _verdict(frame, scope)
+    if verdict == RAISE:
         with _lock:
             # Events off as the exception leaves: the unwinding (and IPython
             # formatting a deep traceback) must not pay a callback per call.
             # If the cell swallows it, the grace-period re-arm turns them on.
             _MONITORING.disarm(scope)
         raise scope.raising()
+    if verdict == OUTSIDE:
+        with _lock:
+            if not scope.finished:
+                _MONITORING.go_outside(scope)
+
+
+def _armed_scope():
+    scope = _cancelled_threads.get(_get_ident())
+    if scope is None or scope.finished or scope.mechanism != "armed":
+        return None
+    return scope
 
 
 def _mon_line(code, line):
-    _mon_check(2)
+    scope = _armed_scope()
+    if scope is not None:
+        if code in _RUN_CODE_CODES:
+            # run_code is about to start the cell's code: watch calls (the
+            # cell's code starting is one); on any other of its lines the
+            # cell's code has ended: nothing but this watch stays on
+            starts = (code, line) in _CELL_START_LINES or not _CELL_START_LINES
+            if starts != scope.armed_global:
+                with _lock:
+                    if not scope.finished:
+                        if starts:
+                            _MONITORING.arm_global(scope)
+                        else:
+                            _MONITORING.go_outside(scope)
+            return
+        _mon_deliver(sys._getframe(1), scope)
 
 
 def _mon_jump(code, src, dst):
-    _mon_check(2)
+    """Never raises: a raise at a JUMP event is attributed to the instruction
+    before the jump's target, outside a ``try``/``with`` that starts there.
+    A backward jump to its own line (a loop with no other event: ``while
+    True: pass``) switches its code to INSTRUCTION events, which raise
+    exactly."""
+    if dst <= src and src in _same_line_back_jumps(code):
+        # (a loop over several lines has a LINE event per iteration: the
+        # INSTRUCTION events, one per instruction of the code, are only
+        # worth it where nothing else fires)
+        scope = _armed_scope()
+        if scope is not None:
+            with _lock:
+                if not scope.finished:
+                    _MONITORING.arm_code(scope, code, sys.monitoring.events.INSTRUCTION)
+
+
+def _mon_instruction(code, offset):
+    if offset in _back_jumps(code):
+        scope = _armed_scope()
+        if scope is not None:
+            _mon_deliver(sys._getframe(1), scope)
 
 
 def _mon_start(code, offset):
-    _mon_check(2)
+    """A function starts or resumes.  O(1) unless the cell's code called it:
+    its caller is ``run_code`` starting the cell, or code armed for this scope."""
+    scope = _armed_scope()
+    if scope is None:
+        return
+    frame = sys._getframe(1)
+    caller = frame.f_back
+    if caller is None:
+        return
+    ccode = caller.f_code
+    if ccode in _RUN_CODE_CODES:
+        if not _is_cell_code(code):
+            # IPython's own work inside run_code (``self.user_global_ns``
+            # on the line that starts the cell; its other lines switch the
+            # watch off through the LINE event)
+            return
+    elif not scope.armed_codes or ccode not in scope.armed_codes:
+        return
+    if _code_info(code)[0] == _OWN:
+        return
+    with _lock:
+        if scope.finished:
+            return
+        ev = sys.monitoring.events
+        _MONITORING.arm_code(scope, code, ev.LINE | ev.JUMP)
+    _mon_deliver(frame, scope)
 
 
 _MONITORING = _Monitoring()
@@ -805,7 +1102,7 @@ class CancellationManager(Component):
     def attach(self) -> None:
         from IPython.core.interactiveshell import InteractiveShell
 
-        _RUN_CODE_CODES.add(InteractiveShell.run_code.__code__)
+        _register_root(InteractiveShell.run_code.__code__)
         config = self.state.config
         signum = getattr(signal, config.cancel_signal, None)
         if not isinstance(signum, int):
@@ -1102,7 +1399,17 @@ class CancellationManager(Component):
             scope.manager._arm(scope, rearm)
             return
         config = self.state.config
-        if tid == threading.main_thread().ident and self._signal:
+        if tid == _MAIN_THREAD_ID and self._signal:
+            if _HAS_MONITORING and self._monitoring:
+                # 3.12+: the same events as in workers for Python code (they
+                # raise exactly where a one-line loop sits in a try/with);
+                # the signal only for blocking calls
+                with _lock:
+                    if scope.finished:
+                        return
+                    scope.mechanism = "armed"
+                    scope.monitored = True
+                    _MONITORING.arm(scope, _thread_frames().get(tid))
             self._signal_main(scope, config.cancel_escalate_after)
         elif _HAS_MONITORING and self._monitoring:
             with _lock:
@@ -1111,6 +1418,7 @@ class CancellationManager(Component):
                 frame = _thread_frames().get(tid)
                 if frame is not None:
                     scope.mechanism = "armed"
+                    scope.monitored = True
                     _MONITORING.arm(scope, frame)
         else:
             with _lock:
@@ -1139,16 +1447,26 @@ class CancellationManager(Component):
                        lambda: self._rearm_if_running(scope))
 
     def _signal_main(self, scope: CancelScope, escalate_after: float) -> None:
+        """Signal the main thread now, and again every ``escalate_after``
+        seconds until the exception is raised.
+
+        The first signal interrupts a blocking call at once (the handler
+        raises there when the call is at a safe point); the later ones
+        catch a cell that blocks after a deferral (a ``finally`` that then
+        sleeps) and, before 3.12, one that no line event reaches.
+        """
         _SIGNAL.send()
+        interval = max(escalate_after, 0.0005)
 
         def escalate() -> None:
             if scope.finished or scope.mechanism == "raised":
                 return
-            scope.mechanism = "escalate"
+            if not scope.monitored:
+                scope.mechanism = "escalate"
             _SIGNAL.send()
-            _TIMER.call_at(time.monotonic() + escalate_after, escalate)
+            _TIMER.call_at(time.monotonic() + interval, escalate)
 
-        _TIMER.call_at(time.monotonic() + escalate_after, escalate)
+        _TIMER.call_at(time.monotonic() + interval, escalate)
 
     def _rearm_if_running(self, scope: CancelScope) -> None:
         """Level-triggered cancellation: still running a grace period after
