@@ -483,6 +483,10 @@ def _verdict(frame, scope: CancelScope) -> int:
     """
     if getattr(_shield_depth, "n", 0):
         return DEFER
+    if _code_info(frame.f_code)[0] == _OWN:
+        # pyrepl3's own code (a signal that arrived during a callback's
+        # walk): O(1), not another walk of a deep stack
+        return DEFER
     above: list = []
     f = frame
     while f is not None:
@@ -564,6 +568,33 @@ def _cell_frames(frame) -> list:
 
 
 _frames_above_root = _cell_frames  # the name older callers (and tests) use
+
+#: How far the canceller walks the target's stack to arm it.  A stack
+#: 100,000 frames deep (a runaway recursion) would take the canceller a
+#: second to walk while the target thread competes for the GIL; the
+#: innermost frames are where the next event comes from, and the first
+#: verdict in the target thread (one full walk) settles the rest.
+_ARM_WALK = 256
+
+
+def _innermost_cell_frames(frame) -> list:
+    """``_cell_frames`` for at most ``_ARM_WALK`` frames: when ``run_code``
+    is not found that near, the thread is taken to be in the cell's code."""
+    frames = []
+    f = frame
+    last = None
+    for _ in range(_ARM_WALK):
+        if f is None:
+            return []
+        if _is_root(f.f_code):
+            if last is None or not _is_cell_code(last.f_code):
+                return []
+            return frames
+        last = f
+        if _code_info(f.f_code)[0] != _OWN:
+            frames.append(f)
+        f = f.f_back
+    return frames
 
 #: opcodes at which a raise from the signal handler is attributed where it
 #: happens: inside a call (a blocking C call checks signals there) or at a
@@ -655,10 +686,10 @@ def _escalate(frame, scope: CancelScope) -> None:
     __tracebackhide__ = True
     if scope.mechanism != "armed":
         scope.mechanism = "escalate"
-    if _verdict(frame, scope) == RAISE and (
-            _handler_may_raise(frame) or (
-                _SELF_LOOP_HAS_NO_LINE_EVENTS
-                and frame.f_lasti in _same_line_back_jumps(frame.f_code))):
+    if (_handler_may_raise(frame) or (
+            _SELF_LOOP_HAS_NO_LINE_EVENTS
+            and frame.f_lasti in _same_line_back_jumps(frame.f_code))) \
+            and _verdict(frame, scope) == RAISE:
         if scope.armed_codes or scope.armed_global:
             with _lock:
                 _MONITORING.disarm(scope)
@@ -856,7 +887,7 @@ class _Monitoring:
         ev = sys.monitoring.events
         for root in _RUN_CODE_CODES:
             self.arm_code(scope, root, ev.LINE)
-        frames = _cell_frames(frame) if frame is not None else ()
+        frames = _innermost_cell_frames(frame) if frame is not None else ()
         if frames:
             seen = set()
             for f in frames:
@@ -1084,6 +1115,56 @@ class _Timer:
 _TIMER = _Timer()
 
 
+# -- deep tracebacks -----------------------------------------------------------
+
+#: Frames kept at each end of a traceback deeper than their sum.  IPython
+#: formats a traceback at about 0.1 ms per frame and more (``inspect.getmodule``
+#: per frame): a cancel or a RecursionError 100,000 frames deep (after
+#: ``sys.setrecursionlimit(10**6)``) would take minutes to print, and the
+#: cell ends only after that.
+_TB_HEAD, _TB_TAIL = 100, 400
+
+
+def _shorten_tracebacks(error: BaseException) -> None:
+    """Cut the middle out of ``error``'s traceback (and of the exceptions it
+    chains) when deeper than ``_TB_HEAD + _TB_TAIL`` frames, with a note."""
+    seen = 0
+    while error is not None and seen < 8:
+        seen += 1
+        tb = error.__traceback__
+        depth = 0
+        t = tb
+        while t is not None:
+            depth += 1
+            t = t.tb_next
+        if depth > _TB_HEAD + _TB_TAIL:
+            head = tb
+            for _ in range(_TB_HEAD - 1):
+                head = head.tb_next
+            tail = head
+            for _ in range(depth - _TB_HEAD - _TB_TAIL + 1):
+                tail = tail.tb_next
+            head.tb_next = tail
+            note = (f"[pyrepl3: {depth - _TB_HEAD - _TB_TAIL:,} of {depth:,} frames "
+                    f"left out of this traceback]")
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+        error = error.__cause__ or error.__context__
+
+
+def _bounded_showtraceback(original: Callable) -> Callable:
+    """``shell.showtraceback`` that shortens a very deep traceback first."""
+    def showtraceback(exc_tuple=None, *args, **kwargs):
+        try:
+            exc = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
+            if isinstance(exc, BaseException):
+                _shorten_tracebacks(exc)
+        except Exception:  # noqa: BLE001 - printing the error matters more
+            pass
+        return original(exc_tuple, *args, **kwargs)
+    return showtraceback
+
+
 # -- the component ------------------------------------------------------------
 
 class CancellationManager(Component):
@@ -1112,6 +1193,7 @@ class CancellationManager(Component):
         config.observe(self._on_cell_timeout, names="cell_timeout")
         self._signal = _SIGNAL.acquire(signum)
         self._monitoring = _MONITORING.acquire()
+        self._patches.wrap(self.state.shell, "showtraceback", _bounded_showtraceback)
         if not _HAS_MONITORING:
             # 3.10/3.11 workers use SetAsyncExc, which must know when the
             # thread is inside the cell's code: wrap run_code to count it.
@@ -1248,6 +1330,8 @@ class CancellationManager(Component):
         # The cell's scope is on top of this thread's stack (inner cells
         # close before outer ones); anything else means before_cell did not
         # open one (it failed, or the extension loaded mid-cell).
+        if result is not None and result.error_in_exec is not None:
+            _shorten_tracebacks(result.error_in_exec)  # before the error event formats it
         stack = _thread_scopes.get(_get_ident())
         scope = stack[-1] if stack else None
         if scope is None or scope.execution is not execution:
