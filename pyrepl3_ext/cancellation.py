@@ -607,8 +607,11 @@ _HANDLER_RAISE_OPS = frozenset(op for name, op in dis.opmap.items()
 
 
 def _handler_may_raise(frame) -> bool:
-    if sys.version_info < (3, 11):
-        return True  # the block stack: a raise anywhere in a try is inside it
+    if not _HAS_MONITORING:
+        # 3.10: the block stack, a raise anywhere in a try is inside it.
+        # 3.11: the handler is the only way into a one-line loop or a
+        # debugged cell; the jump attribution stays (docs/cancellation.md)
+        return True
     code = frame.f_code.co_code
     lasti = frame.f_lasti
     return 0 <= lasti < len(code) and code[lasti] in _HANDLER_RAISE_OPS
@@ -693,6 +696,10 @@ def _escalate(frame, scope: CancelScope) -> None:
         if scope.armed_codes or scope.armed_global:
             with _lock:
                 _MONITORING.disarm(scope)
+        if _get_ident() in _SIGNAL.saved_trace:  # the lazy tracer (before 3.12)
+            for f in _cell_frames(frame):
+                f.f_trace = None
+            _SIGNAL.disarm_current_thread()
         raise scope.raising()
 
 
@@ -1512,9 +1519,10 @@ class CancellationManager(Component):
                 # an async cell suspended in its loop (worker thread) is run
                 # by the loop's machinery: the task cancel below stops it, an
                 # exception posted now would land in the loop, not the cell
-                if scope.in_code and not scope.async_exc_pending and (
-                        scope.task is None or
-                        _frames_above_root(_thread_frames().get(tid))):
+                # and one in IPython's traceback printing must not be cut
+                # short there: posted only while the cell's code runs
+                if scope.in_code and not scope.async_exc_pending and \
+                        _cell_frames(_thread_frames().get(tid)):
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
         # An async cell suspended in its loop: cancel its task from the loop.
