@@ -202,18 +202,70 @@ class CancelScope:
 
 # -- public API ---------------------------------------------------------------
 
-def cancel(shell: Any, execution_id: str, reason: str = "cancelled") -> bool:
-    """Cancel the running execution ``execution_id`` of ``shell``, from any thread.
-
-    Returns True when it hit a running execution (the cell will raise
-    ``CellCancelled`` at its next safe point), False when no such execution
-    is running (finished already, or never existed).
-    """
+def _manager_of(shell: Any) -> "CancellationManager":
     state = get_state(shell)
     manager = getattr(state, "cancellation", None) if state is not None else None
     if manager is None:
         raise RuntimeError("pyrepl3_ext is not loaded in this shell")
-    return manager.cancel(execution_id, reason)
+    return manager
+
+
+def cancel(shell: Any, execution_id: str, reason: str = "cancelled", *,
+           report: bool = False, wait: float = 0.0) -> "bool | CancelReport":
+    """Cancel the running execution ``execution_id`` of ``shell``, from any thread.
+
+    Returns True when it hit a running execution (the cell will raise
+    ``CellCancelled`` at its next safe point), False when no such execution
+    is running (finished already, or never existed).  With ``report=True``
+    it returns a :class:`CancelReport` instead (true when it hit), saying
+    whether the exception was delivered, is pending or was escalated, after
+    waiting up to ``wait`` seconds for the delivery.
+    """
+    manager = _manager_of(shell)
+    hit = manager.cancel(execution_id, reason)
+    if not report:
+        return hit
+    if not hit:
+        return CancelReport(False, "not-running", "no such execution is running")
+    deadline = time.monotonic() + max(wait, 0.0)
+    while True:
+        status = manager.status(execution_id)
+        if status.state != "pending" or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.001)
+
+
+def cancel_status(shell: Any, execution_id: str) -> "CancelReport":
+    """Where the cancel of ``execution_id`` stands (see :class:`CancelReport`)."""
+    return _manager_of(shell).status(execution_id)
+
+
+class CancelReport:
+    """The honest answer to a cancel: true when it hit a running execution.
+
+    ``state``: ``delivered`` (the cell got its exception, or ended),
+    ``pending`` (armed, waiting for the cell's next safe point; ``detail``
+    says why when it is known: blocked in a C call in a worker thread,
+    deferred in a ``finally``, the cell's code not running), ``escalated``
+    (the main thread's signal raises from inside a blocking call, or the hard
+    deadline let the raise cut a cleanup short), ``not-running``.
+    """
+
+    __slots__ = ("hit", "state", "detail")
+
+    def __init__(self, hit: bool, state: str, detail: str = ""):
+        self.hit = hit
+        self.state = state
+        self.detail = detail
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def as_dict(self) -> dict:
+        return {"cancelled": self.hit, "state": self.state, "detail": self.detail}
+
+    def __repr__(self) -> str:
+        return f"<CancelReport {self.state}{': ' + self.detail if self.detail else ''}>"
 
 
 @contextlib.contextmanager
@@ -483,9 +535,15 @@ def _verdict(frame, scope: CancelScope) -> int:
     """
     if getattr(_shield_depth, "n", 0):
         return DEFER
-    if _code_info(frame.f_code)[0] == _OWN:
+    kind, offsets = _code_info(frame.f_code)
+    if kind == _OWN:
         # pyrepl3's own code (a signal that arrived during a callback's
         # walk): O(1), not another walk of a deep stack
+        return DEFER
+    if (kind == _UNSAFE_FUNCTION or (offsets and frame.f_lasti in offsets)) \
+            and time.monotonic() - scope.requested_at <= HARD_DEADLINE:
+        # the innermost frame alone says no (a loop in a ``finally``: one
+        # event per line, each without the walk)
         return DEFER
     above: list = []
     f = frame
@@ -1603,6 +1661,35 @@ class CancellationManager(Component):
                 # the task machinery delivers it: events off, as in _mon_check
                 _MONITORING.disarm(scope)
         scope.task.cancel(scope.reason)
+
+    def status(self, execution_id: str) -> CancelReport:
+        """Where the cancel of ``execution_id`` stands (module ``cancel_status``)."""
+        scope = self._find(execution_id)
+        if scope is None:
+            return CancelReport(True, "delivered", "the execution has ended")
+        if not scope.cancel_called:
+            return CancelReport(True, "not-cancelled", "running, no cancel requested")
+        if scope.raised:
+            return CancelReport(True, "delivered", "the cell got its exception; IPython is "
+                                                   "finishing it")
+        age = time.monotonic() - scope.requested_at
+        if scope.thread_id == _MAIN_THREAD_ID and self._signal and age > HARD_DEADLINE:
+            return CancelReport(True, "escalated", "no safe point for 2 s: the next one "
+                                "raises even in a finally/__exit__")
+        if scope.mechanism == "escalate":
+            return CancelReport(True, "escalated", "the signal raises inside the blocking "
+                                                   "call at its next safe point")
+        detail = ""
+        frame = _thread_frames().get(scope.thread_id)
+        verdict = _verdict(frame, scope) if frame is not None else OUTSIDE
+        if verdict == OUTSIDE:
+            detail = "the cell's code is not running (IPython's own work before or after it)"
+        elif verdict == DEFER:
+            detail = "deferred: a finally, __exit__, with line, import or shield is running"
+        elif age > 0.05 and scope.thread_id != _MAIN_THREAD_ID:
+            detail = ("no Python line ran since the cancel: a C call blocks this worker "
+                      "thread and cannot be interrupted; it raises when the call returns")
+        return CancelReport(True, "pending", detail)
 
     def running(self) -> list[str]:
         """Ids of the executions of this shell that are running now."""

@@ -235,3 +235,34 @@ def test_first_cancel_in_a_process_leaves_nothing_on_while_printing(where, code)
     last = proc.stdout.strip().splitlines()[-1]
     expected = "[None, 0]" if sys.version_info >= (3, 12) else "[None]"
     assert last == f"CellCancelled {expected}", proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_cancel_report_says_delivered_or_why_pending(quiet):
+    """``cancel(..., report=True)`` is honest: delivered for a loop; pending,
+    with the reason, for a worker blocked in a C call; plain ``cancel`` still
+    returns a bool."""
+    started = threading.Event()
+    quiet.user_ns["_started"] = started
+    out = {}
+    w = threading.Thread(target=lambda: out.setdefault("r", pyrepl3_ext.run_cell(
+        quiet, "_started.set()\nwhile True:\n    pass", execution_id="rep1")), daemon=True)
+    w.start()
+    assert started.wait(WAIT)
+    report = pyrepl3_ext.cancellation.cancel(quiet, "rep1", "stop", report=True, wait=WAIT)
+    assert report and report.state == "delivered", report
+    w.join(WAIT)
+    assert pyrepl3_ext.cancel(quiet, "rep1") is False
+    assert not cancellation.cancel(quiet, "rep1", report=True)
+
+    started.clear()
+    release = threading.Event()
+    quiet.user_ns["_release"] = release
+    w = threading.Thread(target=lambda: out.__setitem__("r", pyrepl3_ext.run_cell(
+        quiet, "_started.set()\n_release.wait()", execution_id="rep2")), daemon=True)
+    w.start()
+    assert started.wait(WAIT)
+    report = cancellation.cancel(quiet, "rep2", "stop", report=True, wait=0.2)
+    assert report and report.state == "pending" and "C call" in report.detail, report
+    release.set()
+    w.join(WAIT)
+    assert isinstance(out["r"].error_in_exec, CellCancelled)
