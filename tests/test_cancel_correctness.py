@@ -266,3 +266,30 @@ def test_cancel_report_says_delivered_or_why_pending(quiet):
     release.set()
     w.join(WAIT)
     assert isinstance(out["r"].error_in_exec, CellCancelled)
+
+
+MAIN_BLOCKING = {
+    "socket.recv": ("import socket\na, b = socket.socketpair()\n_started.set()\n"
+                    "try:\n    a.recv(10)\nfinally:\n    a.close()\n    b.close()"),
+    "subprocess.run": ("import subprocess\n_started.set()\n"
+                       "subprocess.run(['sleep', '100'])"),
+    "queue.get in a with": ("import queue, threading\nlk = threading.Lock()\n_started.set()\n"
+                            "with lk:\n    queue.Queue().get()"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(MAIN_BLOCKING))
+def test_blocking_calls_on_the_main_thread_are_cancelled(quiet, scenario):
+    """The signal path interrupts these on the main thread (process-isolated
+    sessions run their cells there); the child of ``subprocess.run`` is
+    killed, a ``with`` lock released."""
+    started = threading.Event()
+    quiet.user_ns["_started"] = started
+    begin = time.monotonic()
+    result, hit = run_cell_where(quiet, MAIN_BLOCKING[scenario], "blk", "main",
+                                 started=started, cancel_after=0.02)
+    assert hit is True
+    assert isinstance(result.error_in_exec, CellCancelled), repr(result.error_in_exec)
+    assert time.monotonic() - begin < 30  # not the 100 s of the call
+    if "lk" in quiet.user_ns:
+        assert not quiet.user_ns["lk"].locked()
