@@ -540,7 +540,8 @@ def _verdict(frame, scope: CancelScope) -> int:
         # pyrepl3's own code (a signal that arrived during a callback's
         # walk): O(1), not another walk of a deep stack
         return DEFER
-    if (kind == _UNSAFE_FUNCTION or (offsets and frame.f_lasti in offsets)) \
+    entering = bool(offsets) and frame.f_lasti in offsets and _entering(frame)
+    if (kind == _UNSAFE_FUNCTION or (offsets and frame.f_lasti in offsets and not entering)) \
             and time.monotonic() - scope.requested_at <= HARD_DEADLINE:
         # the innermost frame alone says no (a loop in a ``finally``: one
         # event per line, each without the walk)
@@ -569,7 +570,7 @@ def _verdict(frame, scope: CancelScope) -> int:
         kind, offsets = info(f.f_code)
         if kind == _OWN or kind == _UNSAFE_FUNCTION or (kind == _BOOTSTRAP and depth == 0):
             return DEFER
-        if offsets and f.f_lasti in offsets:
+        if offsets and f.f_lasti in offsets and not (depth == 0 and entering):
             return DEFER
     return RAISE
 
@@ -660,8 +661,23 @@ def _innermost_cell_frames(frame) -> list:
 #: handler runs) CPython attributes the raise to the instruction before the
 #: jump's target, which for a one-line loop directly inside ``try``/``with``
 #: lies outside the protected range: the cleanup would be skipped.
+#: opcodes that call ``__enter__``: a raise while one is the current
+#: instruction happens inside the call (a blocking ``Lock.acquire`` of a
+#: ``with lock:``), before anything was acquired and before the protected
+#: range starts, so it is safe although the ``with`` line is not
+_ENTER_OPS = frozenset(op for name, op in dis.opmap.items()
+                       if name in ("BEFORE_WITH", "BEFORE_ASYNC_WITH", "SETUP_WITH",
+                                   "SETUP_ASYNC_WITH"))
 _HANDLER_RAISE_OPS = frozenset(op for name, op in dis.opmap.items()
-                               if name.startswith("CALL") or name in ("RESUME", "SEND"))
+                               if name.startswith("CALL") or name in ("RESUME", "SEND")) \
+    | _ENTER_OPS
+
+
+def _entering(frame) -> bool:
+    """Whether ``frame`` is inside the ``__enter__`` call of a ``with``."""
+    code = frame.f_code.co_code
+    lasti = frame.f_lasti
+    return 0 <= lasti < len(code) and code[lasti] in _ENTER_OPS
 
 
 def _handler_may_raise(frame) -> bool:

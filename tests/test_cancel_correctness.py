@@ -293,3 +293,18 @@ def test_blocking_calls_on_the_main_thread_are_cancelled(quiet, scenario):
     assert time.monotonic() - begin < 30  # not the 100 s of the call
     if "lk" in quiet.user_ns:
         assert not quiet.user_ns["lk"].locked()
+
+
+def test_self_deadlock_in_a_with_on_the_main_thread_is_cancelled(quiet):
+    """A ``with lock:`` blocked in its ``__enter__`` (here the cell's own
+    lock, taken twice) is interrupted on the main thread: nothing was
+    acquired yet, so raising inside the acquire is safe, and the outer
+    ``with`` releases the lock."""
+    started = threading.Event()
+    quiet.user_ns["_started"] = started
+    quiet.user_ns["lk"] = lock = threading.Lock()
+    code = "with lk:\n    _started.set()\n    with lk:\n        pass"
+    result, hit = run_cell_where(quiet, code, "dead", "main", started=started,
+                                 cancel_after=0.02)
+    assert isinstance(result.error_in_exec, CellCancelled), repr(result.error_in_exec)
+    assert not lock.locked()
