@@ -64,7 +64,6 @@ import asyncio
 import contextlib
 import ctypes
 import dis
-import functools
 import gc
 import heapq
 import io
@@ -168,6 +167,7 @@ class CancelScope:
     #: "" -> "pending" -> "armed" | "escalate" -> "raised"
     mechanism = ""
     armed_codes: tuple | dict = ()   # 3.12+: code -> local events armed for this scope
+    armed_ids: frozenset | set = frozenset()  # ids of armed_codes (the per-call test)
     armed_global = False             # 3.12+: PY_START/PY_RESUME enabled for us
     monitored = False                # 3.12+: sys.monitoring delivers (main thread too)
     in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
@@ -449,6 +449,9 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
 
 
 _RUN_CODE_CODES: set = set()
+#: ids of the codes in ``_RUN_CODE_CODES``: code objects hash their whole
+#: contents on every lookup, and these lookups run per frame and per call
+_RUN_CODE_IDS: set = set()
 
 
 #: (code, line) of the lines of ``run_code`` that start the cell's code
@@ -461,16 +464,17 @@ def _register_root(code) -> None:
     if code in _RUN_CODE_CODES:
         return
     _RUN_CODE_CODES.add(code)
+    _RUN_CODE_IDS.add(id(code))
     lines = linecache.getlines(code.co_filename)
     for _, _, line in code.co_lines():
         if line and line <= len(lines):
             text = lines[line - 1]
             if "code_obj" in text and ("exec(" in text or "eval(" in text):
-                _CELL_START_LINES.add((code, line))
+                _CELL_START_LINES.add((id(code), line))
 
 
 def _is_root(code) -> bool:
-    return code in _RUN_CODE_CODES
+    return id(code) in _RUN_CODE_IDS
 
 
 def _is_cell_code(code) -> bool:
@@ -491,15 +495,15 @@ _code_info_cache: dict = {}
 
 
 def _code_info(code) -> tuple:
-    """``(kind, unsafe offsets)`` of ``code``, computed once per code object.
+    """``(kind, unsafe offsets, code)`` of ``code``, computed once per code object.
 
     Offsets, not lines: ``f_lasti`` is a plain read where ``f_lineno``
     searches the line table, and the 900- or 100,000-frame walk of a deep
     recursion pays it per frame.
     """
-    info = _code_info_cache.get(code)
-    if info is not None:
-        return info
+    entry = _code_info_cache.get(id(code))
+    if entry is not None and entry[2] is code:
+        return entry
     filename = code.co_filename
     if filename.startswith(_PKG_DIR):
         kind = _OWN
@@ -515,10 +519,12 @@ def _code_info(code) -> tuple:
         if unsafe:
             offsets = frozenset(off for start, end, line in code.co_lines()
                                 if line in unsafe for off in range(start, end, 2))
-    info = (kind, offsets)
+    # keyed by id (a code object hashes its whole contents on every lookup),
+    # holding the code so that id is not reused while cached
+    info = (kind, offsets, code)
     if len(_code_info_cache) > 20_000:  # cells come and go: bounded, rebuilt on demand
         _code_info_cache.clear()
-    _code_info_cache[code] = info
+    _code_info_cache[id(code)] = info
     return info
 
 
@@ -535,43 +541,60 @@ def _verdict(frame, scope: CancelScope) -> int:
     """
     if getattr(_shield_depth, "n", 0):
         return DEFER
-    kind, offsets = _code_info(frame.f_code)
-    if kind == _OWN:
+    if frame.f_code.co_filename.startswith(_PKG_DIR):
         # pyrepl3's own code (a signal that arrived during a callback's
         # walk): O(1), not another walk of a deep stack
         return DEFER
-    entering = bool(offsets) and frame.f_lasti in offsets and _entering(frame)
-    if (kind == _UNSAFE_FUNCTION or (offsets and frame.f_lasti in offsets and not entering)) \
+    cached = _code_info_cache.get(id(frame.f_code))
+    if cached is not None and cached[2] is frame.f_code and cached[1] \
+            and frame.f_lasti in cached[1] and not _entering(frame) \
             and time.monotonic() - scope.requested_at <= HARD_DEADLINE:
-        # the innermost frame alone says no (a loop in a ``finally``: one
-        # event per line, each without the walk)
+        # the innermost frame alone says no, and was seen before: a loop in
+        # a ``finally`` pays no stack walk per line
         return DEFER
-    above: list = []
+    # First pass, identities only: is the cell's code running at all?  No
+    # per-file analysis happens for IPython's own frames (tokenizing
+    # interactiveshell.py takes ~100 ms), and none on a stack that is not
+    # the cell's.  A runaway recursion can be 10^5-10^6 frames deep: no list.
+    roots = _RUN_CODE_IDS
+    last = None
     f = frame
     while f is not None:
-        code = f.f_code
-        if code in _RUN_CODE_CODES:
+        if id(f.f_code) in roots:
             break
-        above.append(f)
+        last = f
         f = f.f_back
     else:
         return OUTSIDE
-    if not above or not _is_cell_code(above[-1].f_code):
+    if last is None or not _is_cell_code(last.f_code):
         # run_code itself (its start), or IPython's work inside it (printing
         # the traceback of the exception that just left the cell's code)
         return OUTSIDE
-    info = _code_info
-    if time.monotonic() - scope.requested_at > HARD_DEADLINE:
-        for f in above:
-            if info(f.f_code)[0] == _OWN:
-                return DEFER  # never in pyrepl3's own frames
-        return RAISE
-    for depth, f in enumerate(above):
-        kind, offsets = info(f.f_code)
-        if kind == _OWN or kind == _UNSAFE_FUNCTION or (kind == _BOOTSTRAP and depth == 0):
+    late = time.monotonic() - scope.requested_at > HARD_DEADLINE
+    kind, offsets, _ = _code_info(frame.f_code)
+    if kind == _OWN:
+        return DEFER  # never in pyrepl3's own frames, not even late
+    entering = bool(offsets) and frame.f_lasti in offsets and _entering(frame)
+    if not late and (kind == _UNSAFE_FUNCTION or kind == _BOOTSTRAP
+                     or (offsets and frame.f_lasti in offsets and not entering)):
+        return DEFER  # the innermost frame alone says no
+    # Second pass: an outer frame in a finally/with/__exit__ would have its
+    # cleanup cut short too
+    info_of = _code_info_cache.get
+    f = frame.f_back
+    while f is not None:
+        code = f.f_code
+        key = id(code)
+        if key in roots:
+            break
+        info = info_of(key)
+        if info is None or info[2] is not code:
+            info = _code_info(code)
+        if info[0] == _OWN:
             return DEFER
-        if offsets and f.f_lasti in offsets and not (depth == 0 and entering):
+        if not late and (info[0] == _UNSAFE_FUNCTION or (info[1] and f.f_lasti in info[1])):
             return DEFER
+        f = f.f_back
     return RAISE
 
 
@@ -698,7 +721,27 @@ def _handler_may_raise(frame) -> bool:
 _SELF_LOOP_HAS_NO_LINE_EVENTS = sys.version_info[:2] == (3, 11)
 
 
-@functools.lru_cache(maxsize=256)
+def _by_identity(compute: Callable) -> Callable:
+    """Cache ``compute(code)`` per code object, by identity: these run per
+    event (per instruction, per loop iteration), and a code object hashes
+    its whole contents on every ``lru_cache`` or dict lookup."""
+    cache: dict = {}
+
+    def cached(code):
+        entry = cache.get(id(code))
+        if entry is not None and entry[0] is code:
+            return entry[1]
+        if len(cache) > 4096:
+            cache.clear()
+        value = compute(code)
+        cache[id(code)] = (code, value)  # holds the code: its id stays its own
+        return value
+
+    cached.cache_clear = cache.clear
+    return cached
+
+
+@_by_identity
 def _same_line_back_jumps(code) -> frozenset[int]:
     """Offsets of backward jumps in ``code`` whose target is on the same line."""
     line_of = {}
@@ -711,7 +754,7 @@ def _same_line_back_jumps(code) -> frozenset[int]:
                      if line_of.get(ins.argval) == ins.positions.lineno)
 
 
-@functools.lru_cache(maxsize=1024)
+@_by_identity
 def _back_jumps(code) -> frozenset[int]:
     """Offsets of the backward jumps in ``code`` (where INSTRUCTION events raise)."""
     return frozenset(ins.offset for ins in dis.get_instructions(code)
@@ -786,6 +829,7 @@ class _MainThreadSignal:
         self.users = 0
         self.saved_trace: dict[int, Any] = {}
         self.sent = 0  # signals we sent and the handler has not seen yet
+        self.handling = False  # the handler is running (signals nest)
 
     def send(self) -> None:
         self.sent += 1
@@ -827,6 +871,21 @@ class _MainThreadSignal:
             self.previous = None
 
     def _handle(self, signum, frame) -> None:
+        __tracebackhide__ = True
+        if self.sent > 0 and (self.handling or frame is None):
+            # A signal that arrives while the handler runs (a stack walk of
+            # a deep recursion takes longer than the re-send interval) would
+            # start another handler inside it, and so on: the next re-send
+            # tries again.
+            self.sent -= 1
+            return
+        self.handling = True
+        try:
+            return self._handle_ours(signum, frame)
+        finally:
+            self.handling = False
+
+    def _handle_ours(self, signum, frame) -> None:
         __tracebackhide__ = True
         if self.sent <= 0:
             previous = self.previous
@@ -947,6 +1006,9 @@ class _Monitoring:
             return
         mine[code] = had | events
         scope.armed_codes = mine
+        if not scope.armed_ids:
+            scope.armed_ids = set()
+        scope.armed_ids.add(id(code))
         users = self.armed.setdefault(code, {})
         before = 0
         for bits in users.values():
@@ -1004,11 +1066,12 @@ class _Monitoring:
         the watch on ``run_code`` with ``keep_roots``."""
         if self.tool is None or not scope.armed_codes:
             scope.armed_codes = ()
+            scope.armed_ids = frozenset()
             return
         mon = sys.monitoring
         kept = {}
         for code in scope.armed_codes:
-            if keep_roots and code in _RUN_CODE_CODES:
+            if keep_roots and id(code) in _RUN_CODE_IDS:
                 kept[code] = scope.armed_codes[code]
                 continue
             users = self.armed.get(code)
@@ -1022,6 +1085,7 @@ class _Monitoring:
                 del self.armed[code]
             mon.set_local_events(self.tool, code, bits)
         scope.armed_codes = kept or ()
+        scope.armed_ids = {id(code) for code in kept}
 
     def disarm(self, scope: CancelScope) -> None:
         """Undo :meth:`arm` for ``scope`` (caller holds ``_lock``)."""
@@ -1059,11 +1123,11 @@ def _armed_scope():
 def _mon_line(code, line):
     scope = _armed_scope()
     if scope is not None:
-        if code in _RUN_CODE_CODES:
+        if id(code) in _RUN_CODE_IDS:
             # run_code is about to start the cell's code: watch calls (the
             # cell's code starting is one); on any other of its lines the
             # cell's code has ended: nothing but this watch stays on
-            starts = (code, line) in _CELL_START_LINES or not _CELL_START_LINES
+            starts = (id(code), line) in _CELL_START_LINES or not _CELL_START_LINES
             if starts != scope.armed_global:
                 with _lock:
                     if not scope.finished:
@@ -1110,13 +1174,13 @@ def _mon_start(code, offset):
     if caller is None:
         return
     ccode = caller.f_code
-    if ccode in _RUN_CODE_CODES:
+    if id(ccode) in _RUN_CODE_IDS:
         if not _is_cell_code(code):
             # IPython's own work inside run_code (``self.user_global_ns``
             # on the line that starts the cell; its other lines switch the
             # watch off through the LINE event)
             return
-    elif not scope.armed_codes or ccode not in scope.armed_codes:
+    elif id(ccode) not in scope.armed_ids:
         return
     if _code_info(code)[0] == _OWN:
         return
@@ -1203,7 +1267,7 @@ _TIMER = _Timer()
 #: per frame): a cancel or a RecursionError 100,000 frames deep (after
 #: ``sys.setrecursionlimit(10**6)``) would take minutes to print, and the
 #: cell ends only after that.
-_TB_HEAD, _TB_TAIL = 100, 400
+_TB_HEAD, _TB_TAIL = 20, 80
 
 
 def _shorten_tracebacks(error: BaseException) -> None:

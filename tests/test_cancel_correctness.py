@@ -285,6 +285,7 @@ def test_blocking_calls_on_the_main_thread_are_cancelled(quiet, scenario):
     killed, a ``with`` lock released."""
     started = threading.Event()
     quiet.user_ns["_started"] = started
+    quiet.user_ns.pop("lk", None)
     begin = time.monotonic()
     result, hit = run_cell_where(quiet, MAIN_BLOCKING[scenario], "blk", "main",
                                  started=started, cancel_after=0.02)
