@@ -694,6 +694,8 @@ _ENTER_OPS = frozenset(op for name, op in dis.opmap.items()
 _HANDLER_RAISE_OPS = frozenset(op for name, op in dis.opmap.items()
                                if name.startswith("CALL") or name in ("RESUME", "SEND")) \
     | _ENTER_OPS
+#: of those, where Python code runs on (the monitoring events deliver there)
+_PYTHON_RUNNING_OPS = frozenset(op for name, op in dis.opmap.items() if name == "RESUME")
 
 
 def _entering(frame) -> bool:
@@ -701,6 +703,15 @@ def _entering(frame) -> bool:
     code = frame.f_code.co_code
     lasti = frame.f_lasti
     return 0 <= lasti < len(code) and code[lasti] in _ENTER_OPS
+
+
+def _in_python(frame) -> bool:
+    """Whether the signal found ``frame`` running Python code (a function's
+    start, a loop's jump), not blocked in a call."""
+    code = frame.f_code.co_code
+    lasti = frame.f_lasti
+    return 0 <= lasti < len(code) and (code[lasti] not in _HANDLER_RAISE_OPS
+                                       or code[lasti] in _PYTHON_RUNNING_OPS)
 
 
 def _handler_may_raise(frame) -> bool:
@@ -806,6 +817,8 @@ def _escalate(frame, scope: CancelScope) -> None:
     __tracebackhide__ = True
     if scope.mechanism != "armed":
         scope.mechanism = "escalate"
+    if scope.monitored and _in_python(frame):
+        return  # Python code is running: the monitoring events deliver there
     if (_handler_may_raise(frame) or (
             _SELF_LOOP_HAS_NO_LINE_EVENTS
             and frame.f_lasti in _same_line_back_jumps(frame.f_code))) \
