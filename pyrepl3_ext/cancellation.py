@@ -1158,22 +1158,25 @@ def _mon_jump(code, src, dst):
     A backward jump to its own line (a loop with no other event: ``while
     True: pass``) switches its code to INSTRUCTION events, which raise
     exactly."""
-    if dst <= src and src in _same_line_back_jumps(code):
-        # (a loop over several lines has a LINE event per iteration: the
-        # INSTRUCTION events, one per instruction of the code, are only
-        # worth it where nothing else fires)
-        scope = _armed_scope()
-        if scope is not None:
-            with _lock:
-                if not scope.finished:
-                    _MONITORING.arm_code(scope, code, sys.monitoring.events.INSTRUCTION)
+    if dst > src or src not in _same_line_back_jumps(code):
+        # A loop over several lines has a LINE event per iteration: only a
+        # jump to its own line needs more.  Decided by the location alone,
+        # for good: this jump never calls us again (until some tool calls
+        # sys.monitoring.restart_events()).
+        return sys.monitoring.DISABLE
+    scope = _armed_scope()
+    if scope is not None:
+        with _lock:
+            if not scope.finished:
+                _MONITORING.arm_code(scope, code, sys.monitoring.events.INSTRUCTION)
 
 
 def _mon_instruction(code, offset):
-    if offset in _back_jumps(code):
-        scope = _armed_scope()
-        if scope is not None:
-            _mon_deliver(sys._getframe(1), scope)
+    if offset not in _back_jumps(code):
+        return sys.monitoring.DISABLE  # only the jumps raise: the rest, for good
+    scope = _armed_scope()
+    if scope is not None:
+        _mon_deliver(sys._getframe(1), scope)
 
 
 def _mon_start(code, offset):
