@@ -39,16 +39,21 @@ Invariants (each has a test):
 Mechanisms, chosen per thread and Python version (numbers in
 ``docs/cancellation.md``):
 
-* main thread, every version: ``signal.pthread_kill`` of ``SIGUSR1``; the
-  handler sets ``f_trace`` on the cell's frames and ``sys.settrace`` so the
-  next line event raises.  Without a line event after ``escalate_after``
-  seconds (``sleep``, ``queue.get``, ``input()``...), the signal is sent
-  again and the handler raises itself, which also interrupts blocking
-  calls.  3.11's one-line loop (a jump to itself, no line event ever) is
-  recognised by the first handler, which raises at once.
-* worker threads, Python 3.12+: ``sys.monitoring`` LINE/JUMP events on the
-  code objects on the target thread's stack plus PY_START/PY_RESUME; the
-  callback raises only in the target thread.
+* Python 3.12+, every thread: ``sys.monitoring`` LINE/JUMP events on the
+  code objects running the cell's code, PY_START/PY_RESUME (O(1) for code
+  the cell did not call) and a LINE watch on ``run_code``; nothing but that
+  watch while the cell's code is not running (IPython printing a
+  traceback).  A JUMP event never raises (CPython attributes that raise to
+  the instruction before the jump's target, outside a ``try``/``with`` that
+  starts there): a one-line loop gets INSTRUCTION events and raises at the
+  jump itself.  The callback raises only in the target thread.
+* main thread: ``signal.pthread_kill`` of ``SIGUSR1`` at once and every
+  ``escalate_after`` seconds while pending; the handler raises inside a
+  blocking call (``sleep``, ``queue.get``, ``input()``, a ``with``'s
+  ``__enter__``...) at a safe point.  Before 3.12 the first handler also
+  sets ``f_trace`` on the innermost cell frames and ``sys.settrace`` so the
+  next line event raises; 3.11's one-line loop (no line event ever) is
+  raised from the handler.
 * worker threads, Python 3.10/3.11: ``PyThreadState_SetAsyncExc`` while the
   cell is inside ``run_code``; it cannot honour safe points (documented).
 * async cells waiting in the event loop: the cell's task is cancelled from
