@@ -114,12 +114,63 @@ BLOCKING = {  # C calls: interruptible in the main thread only
     "time.sleep": "import time\n_started.set()\ntime.sleep(3600)",
     "queue.get": "import queue\n_q = queue.Queue()\n_started.set()\n_q.get()",
     "Event.wait": "import threading\n_e = threading.Event()\n_started.set()\n_e.wait()",
+    "socket.recv": ("import socket\n_a, _b = socket.socketpair()\n_started.set()\n"
+                    "try:\n    _a.recv(10)\nfinally:\n    _a.close()\n    _b.close()"),
+    "subprocess.run": "import subprocess\n_started.set()\nsubprocess.run(['sleep', '100'])",
+    "input() (pipe)": "_started.set()\ninput()",
 }
 ENGINE_WAITS = {
     "interruptible_wait": ("from pyrepl3_ext import cancellation\nimport threading\n"
                            "_started.set()\ncancellation.interruptible_wait(threading.Event())"),
     "interruptible_sleep": ("from pyrepl3_ext import cancellation\n"
                             "_started.set()\ncancellation.interruptible_sleep(3600)"),
+    "input() (host answers)": "_started.set()\ninput()",
+}
+
+#: A fresh process per sample: the first cancel of a process, and a runaway
+#: recursion after ``sys.setrecursionlimit(10**6)`` with IPython's own
+#: traceback printing (the time a user waits), cancelled 50 ms in.
+FRESH_CHILD = """\
+import json, os, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+from IPython.core.interactiveshell import InteractiveShell
+import pyrepl3_ext
+ip = InteractiveShell.instance()
+pyrepl3_ext.load_ipython_extension(ip)
+started = threading.Event()
+ip.user_ns["_started"] = started
+code = sys.argv[2]
+box = {}
+def cell():
+    box["r"] = pyrepl3_ext.run_cell(ip, code, execution_id="fresh")
+    box["end"] = time.perf_counter()
+def canceller():
+    started.wait(30)
+    time.sleep(0.05)
+    box["start"] = time.perf_counter()
+    pyrepl3_ext.cancel(ip, "fresh", "bench")
+threading.Thread(target=canceller, daemon=True).start()
+with open(os.devnull, "w") as sink:
+    real, sys.stdout = sys.stdout, sink
+    try:
+        if sys.argv[1] == "main":
+            cell()
+        else:
+            t = threading.Thread(target=cell)
+            t.start()
+            t.join(120)
+    finally:
+        sys.stdout = real
+print(json.dumps({"ms": (box["end"] - box["start"]) * 1e3,
+                  "error": type(box["r"].error_in_exec).__name__}))
+"""
+FRESH = {
+    "first cancel: interruptible_wait": (
+        "from pyrepl3_ext import cancellation\nimport threading\n_started.set()\n"
+        "cancellation.interruptible_wait(threading.Event())"),
+    "first cancel: Event.wait": "import threading\n_started.set()\nthreading.Event().wait()",
+    "runaway recursion, limit 10**6": ("import sys\nsys.setrecursionlimit(10**6)\n"
+                                       "def r(): return r()\n_started.set()\nr()"),
 }
 
 
@@ -329,8 +380,43 @@ def latency_samples(shell: InteractiveShell, worker: Worker, code: str, thread: 
     return times
 
 
+def fresh_process_latency(samples: int) -> dict:
+    """cancel() -> run_cell returns, each sample in a new process, with
+    IPython's real traceback printing (its first in the process)."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(f"\nfresh process, IPython's own traceback printing ({samples} processes each)")
+    print(f"{'scenario':<34}{'thread':<8}{'p50 ms':>9}{'max ms':>9}  outcome")
+    out: dict = {}
+    for name, code in FRESH.items():
+        for thread in ("main", "worker"):
+            if name.startswith("first cancel: Event") and thread == "worker":
+                continue  # a C call in a worker: not interruptible
+            times, outcomes = [], set()
+            for _ in range(samples):
+                proc = subprocess.run([sys.executable, "-c", FRESH_CHILD, thread, code, root],
+                                      capture_output=True, text=True, timeout=300)
+                data = json.loads(proc.stdout.strip().splitlines()[-1])
+                times.append(data["ms"])
+                outcomes.add(data["error"])
+            times.sort()
+            print(f"{name:<34}{thread:<8}{statistics.median(times):>9.1f}{times[-1]:>9.1f}  "
+                  f"{', '.join(sorted(outcomes))}")
+            out.setdefault(name, {})[thread] = {"p50_ms": statistics.median(times),
+                                                "max_ms": times[-1], "samples": samples,
+                                                "outcomes": sorted(outcomes)}
+    return out
+
+
 def cancel_latency(shell: InteractiveShell, worker: Worker, samples: int) -> dict:
     pyrepl3_ext.load_ipython_extension(shell)
+    # input(): a pipe nobody writes to (main thread, no host), and a host
+    # that never answers (the engine-owned wait)
+    read_fd, write_fd = os.pipe()
+    sys.stdin = os.fdopen(read_fd, "r", closefd=False)
+    unsubscribe = pyrepl3_ext.subscribe(shell, lambda event: None, handles_input=True)
     rng = random.Random(7)
     groups = [("python code", PYTHON_CODE, 5.0), ("blocking call", BLOCKING, 50.0),
               ("engine wait", ENGINE_WAITS, 50.0)]
@@ -339,6 +425,12 @@ def cancel_latency(shell: InteractiveShell, worker: Worker, samples: int) -> dic
     out: dict = {}
     for group, scenarios, target in groups:
         for name, code in scenarios.items():
+            hosted = name == "input() (host answers)"
+            if name == "input() (pipe)":
+                unsubscribe()  # no host: stock input() reading the pipe
+            elif hosted:
+                unsubscribe = pyrepl3_ext.subscribe(shell, lambda event: None,
+                                                    handles_input=True)
             for thread in ("main", "worker"):
                 if group == "blocking call" and thread == "worker":
                     print(f"{name:<22}{thread:<8}{'not interruptible (C call in a worker)':>36}")
@@ -354,6 +446,10 @@ def cancel_latency(shell: InteractiveShell, worker: Worker, samples: int) -> dic
                 out.setdefault(name, {})[thread] = {
                     "group": group, "p50_ms": p50, "p99_ms": p99, "max_ms": worst,
                     "target_ms": target, "samples": len(times)}
+    unsubscribe()
+    sys.stdin = sys.__stdin__
+    os.close(read_fd)
+    os.close(write_fd)
     pyrepl3_ext.unload_ipython_extension(shell)
     return out
 
@@ -363,7 +459,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="idle-cost rounds per variant")
     parser.add_argument("--samples", type=int, default=200, help="latency samples per scenario")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 30 samples")
-    parser.add_argument("--only", choices=["idle", "latency", "instructions"],
+    parser.add_argument("--fresh-samples", type=int, default=5,
+                        help="processes per fresh-process scenario")
+    parser.add_argument("--only", choices=["idle", "latency", "instructions", "fresh"],
                         help="run one part")
     parser.add_argument("--instructions", action="store_true",
                         help="also count the idle cost in instructions (valgrind; minutes)")
@@ -377,7 +475,9 @@ def main() -> None:
     payload: dict = {}
     if args.only == "instructions" or (args.only is None and args.instructions):
         payload["idle_instructions"] = idle_instructions()
-    if args.only != "instructions":  # the timed parts run in this process
+    if args.only in (None, "fresh"):
+        payload["fresh_process"] = fresh_process_latency(args.fresh_samples)
+    if args.only not in ("instructions", "fresh"):  # the timed parts run in this process
         shell = make_shell()
         worker = Worker()
         if args.only in (None, "idle"):

@@ -39,16 +39,21 @@ Invariants (each has a test):
 Mechanisms, chosen per thread and Python version (numbers in
 ``docs/cancellation.md``):
 
-* main thread, every version: ``signal.pthread_kill`` of ``SIGUSR1``; the
-  handler sets ``f_trace`` on the cell's frames and ``sys.settrace`` so the
-  next line event raises.  Without a line event after ``escalate_after``
-  seconds (``sleep``, ``queue.get``, ``input()``...), the signal is sent
-  again and the handler raises itself, which also interrupts blocking
-  calls.  3.11's one-line loop (a jump to itself, no line event ever) is
-  recognised by the first handler, which raises at once.
-* worker threads, Python 3.12+: ``sys.monitoring`` LINE/JUMP events on the
-  code objects on the target thread's stack plus PY_START/PY_RESUME; the
-  callback raises only in the target thread.
+* Python 3.12+, every thread: ``sys.monitoring`` LINE/JUMP events on the
+  code objects running the cell's code, PY_START/PY_RESUME (O(1) for code
+  the cell did not call) and a LINE watch on ``run_code``; nothing but that
+  watch while the cell's code is not running (IPython printing a
+  traceback).  A JUMP event never raises (CPython attributes that raise to
+  the instruction before the jump's target, outside a ``try``/``with`` that
+  starts there): a one-line loop gets INSTRUCTION events and raises at the
+  jump itself.  The callback raises only in the target thread.
+* main thread: ``signal.pthread_kill`` of ``SIGUSR1`` at once and every
+  ``escalate_after`` seconds while pending; the handler raises inside a
+  blocking call (``sleep``, ``queue.get``, ``input()``, a ``with``'s
+  ``__enter__``...) at a safe point.  Before 3.12 the first handler also
+  sets ``f_trace`` on the innermost cell frames and ``sys.settrace`` so the
+  next line event raises; 3.11's one-line loop (no line event ever) is
+  raised from the handler.
 * worker threads, Python 3.10/3.11: ``PyThreadState_SetAsyncExc`` while the
   cell is inside ``run_code``; it cannot honour safe points (documented).
 * async cells waiting in the event loop: the cell's task is cancelled from
@@ -64,7 +69,6 @@ import asyncio
 import contextlib
 import ctypes
 import dis
-import functools
 import gc
 import heapq
 import io
@@ -96,6 +100,7 @@ _UNSAFE_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__")
 # asynchronous exception may be pending for it.
 _lock = threading.Lock()
 _get_ident = threading.get_ident
+_MAIN_THREAD_ID = threading.main_thread().ident
 #: thread id -> stack of running scopes (innermost last)
 _thread_scopes: dict[int, list["CancelScope"]] = {}
 #: thread id -> the scope being cancelled there (what mechanisms look up)
@@ -166,8 +171,10 @@ class CancelScope:
     task_cancels = 0                 # task.cancel() calls made for this scope
     #: "" -> "pending" -> "armed" | "escalate" -> "raised"
     mechanism = ""
-    armed_codes: tuple | list = ()   # 3.12+ workers: code objects with local events
-    armed_global = False             # 3.12+ workers: PY_START/PY_RESUME enabled for us
+    armed_codes: tuple | dict = ()   # 3.12+: code -> local events armed for this scope
+    armed_ids: frozenset | set = frozenset()  # ids of armed_codes (the per-call test)
+    armed_global = False             # 3.12+: PY_START/PY_RESUME enabled for us
+    monitored = False                # 3.12+: sys.monitoring delivers (main thread too)
     in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
     async_exc_pending = False
 
@@ -200,18 +207,70 @@ class CancelScope:
 
 # -- public API ---------------------------------------------------------------
 
-def cancel(shell: Any, execution_id: str, reason: str = "cancelled") -> bool:
-    """Cancel the running execution ``execution_id`` of ``shell``, from any thread.
-
-    Returns True when it hit a running execution (the cell will raise
-    ``CellCancelled`` at its next safe point), False when no such execution
-    is running (finished already, or never existed).
-    """
+def _manager_of(shell: Any) -> "CancellationManager":
     state = get_state(shell)
     manager = getattr(state, "cancellation", None) if state is not None else None
     if manager is None:
         raise RuntimeError("pyrepl3_ext is not loaded in this shell")
-    return manager.cancel(execution_id, reason)
+    return manager
+
+
+def cancel(shell: Any, execution_id: str, reason: str = "cancelled", *,
+           report: bool = False, wait: float = 0.0) -> "bool | CancelReport":
+    """Cancel the running execution ``execution_id`` of ``shell``, from any thread.
+
+    Returns True when it hit a running execution (the cell will raise
+    ``CellCancelled`` at its next safe point), False when no such execution
+    is running (finished already, or never existed).  With ``report=True``
+    it returns a :class:`CancelReport` instead (true when it hit), saying
+    whether the exception was delivered, is pending or was escalated, after
+    waiting up to ``wait`` seconds for the delivery.
+    """
+    manager = _manager_of(shell)
+    hit = manager.cancel(execution_id, reason)
+    if not report:
+        return hit
+    if not hit:
+        return CancelReport(False, "not-running", "no such execution is running")
+    deadline = time.monotonic() + max(wait, 0.0)
+    while True:
+        status = manager.status(execution_id)
+        if status.state != "pending" or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.001)
+
+
+def cancel_status(shell: Any, execution_id: str) -> "CancelReport":
+    """Where the cancel of ``execution_id`` stands (see :class:`CancelReport`)."""
+    return _manager_of(shell).status(execution_id)
+
+
+class CancelReport:
+    """The honest answer to a cancel: true when it hit a running execution.
+
+    ``state``: ``delivered`` (the cell got its exception, or ended),
+    ``pending`` (armed, waiting for the cell's next safe point; ``detail``
+    says why when it is known: blocked in a C call in a worker thread,
+    deferred in a ``finally``, the cell's code not running), ``escalated``
+    (the main thread's signal raises from inside a blocking call, or the hard
+    deadline let the raise cut a cleanup short), ``not-running``.
+    """
+
+    __slots__ = ("hit", "state", "detail")
+
+    def __init__(self, hit: bool, state: str, detail: str = ""):
+        self.hit = hit
+        self.state = state
+        self.detail = detail
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def as_dict(self) -> dict:
+        return {"cancelled": self.hit, "state": self.state, "detail": self.detail}
+
+    def __repr__(self) -> str:
+        return f"<CancelReport {self.state}{': ' + self.detail if self.detail else ''}>"
 
 
 @contextlib.contextmanager
@@ -243,8 +302,21 @@ def check_cancelled() -> None:
     __tracebackhide__ = True  # IPython hides this frame in tracebacks
     scope = _cancelled_threads.get(_get_ident())
     if scope is not None and not scope.finished:
-        scope.raised += 1
-        raise scope.exception()
+        _disarm_for_delivery(scope)
+        raise scope.raising()
+
+
+def _disarm_for_delivery(scope: CancelScope) -> None:
+    """Switch the scope's mechanism off as its exception is raised in its
+    own thread by a wait the engine owns: the exception unwinds and IPython
+    prints it at full speed, with nothing of ours called per line or call."""
+    if scope.armed_codes or scope.armed_global:
+        with _lock:
+            _MONITORING.disarm(scope)
+    if scope.thread_id == _MAIN_THREAD_ID:
+        _SIGNAL.disarm_current_thread()
+        # (f_trace of the frames the handler traced stays set; the global
+        # tracer is gone, so those frames cost nothing once they return)
 
 
 def interruptible_wait(event: threading.Event, timeout: float | None = None) -> bool:
@@ -285,8 +357,9 @@ _unsafe_lines_cache: dict[str, frozenset[int]] = {}
 def _unsafe_lines(filename: str) -> frozenset[int]:
     """Lines of ``filename`` where a raise could cut cleanup short.
 
-    ``try:`` lines (their NOP is outside the protected range), the statement
-    just before a ``try:`` (a resource taken there is not protected yet:
+    ``try:`` lines (their NOP is outside the protected range), ``with``
+    header lines (entering and the normal-path ``__exit__`` call run outside
+    the protected range), the statement just before a ``try:`` (a resource taken there is not protected yet:
     ``threading.Condition.wait``), and every line of a ``finally:`` clause.
     Computed once per file from linecache (IPython registers cell sources
     there).
@@ -307,6 +380,8 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
     previous = (0, 0, -1)
     current = (0, 0, 0)
     clause = None         # an open ``finally`` clause: [first line, header state, body level]
+    with_line = 0         # first line of an open ``with`` header
+    after_async = False
     last_line = 0
     source = "".join(linecache.getlines(filename))
     try:
@@ -328,6 +403,13 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
             if kind == tokenize.NEWLINE:
                 line_start = True
                 previous = (current[0], tok.start[0], current[2])
+                if with_line:
+                    # ``with`` header lines: their instructions enter the
+                    # context before the protected range starts, and after
+                    # the body call ``__exit__`` outside it (the body's end
+                    # emits a line event back on the header)
+                    lines.update(range(with_line, tok.start[0] + 1))
+                    with_line = 0
                 if clause is not None and clause[1] in ("header", "colon"):
                     clause[1] = "newline"  # an indented body follows
                 elif clause is not None and clause[1] == "inline":
@@ -347,11 +429,20 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
                         lines.update(range(previous[0], tok.start[0]))
                 elif tok.string == "finally" and clause is None:
                     clause = [tok.start[0], "header", None]
+                elif tok.string == "with":
+                    with_line = tok.start[0]
+                elif tok.string == "async":
+                    after_async = True
+                    last_line = tok.end[0]
+                    continue  # ``async with``: the next token still starts the statement
+            elif after_async and kind == tokenize.NAME and tok.string == "with":
+                with_line = tok.start[0]
             elif clause is not None and clause[1] == "header" and tok.string == ":":
                 clause[1] = "colon"
             elif clause is not None and clause[1] == "colon":
                 clause[1] = "inline"
             line_start = False
+            after_async = False
             last_line = tok.end[0]
     except (tokenize.TokenError, SyntaxError):
         pass  # incomplete source: what was found so far
@@ -363,10 +454,32 @@ def _unsafe_lines(filename: str) -> frozenset[int]:
 
 
 _RUN_CODE_CODES: set = set()
+#: ids of the codes in ``_RUN_CODE_CODES``: code objects hash their whole
+#: contents on every lookup, and these lookups run per frame and per call
+_RUN_CODE_IDS: set = set()
+
+
+#: (code, line) of the lines of ``run_code`` that start the cell's code
+#: (``exec(code_obj, ...)``/``await eval(code_obj, ...)``); empty: any line
+_CELL_START_LINES: set = set()
+
+
+def _register_root(code) -> None:
+    """Record ``run_code``'s code object and the lines that run the cell."""
+    if code in _RUN_CODE_CODES:
+        return
+    _RUN_CODE_CODES.add(code)
+    _RUN_CODE_IDS.add(id(code))
+    lines = linecache.getlines(code.co_filename)
+    for _, _, line in code.co_lines():
+        if line and line <= len(lines):
+            text = lines[line - 1]
+            if "code_obj" in text and ("exec(" in text or "eval(" in text):
+                _CELL_START_LINES.add((id(code), line))
 
 
 def _is_root(code) -> bool:
-    return code in _RUN_CODE_CODES
+    return id(code) in _RUN_CODE_IDS
 
 
 def _is_cell_code(code) -> bool:
@@ -376,47 +489,122 @@ def _is_cell_code(code) -> bool:
     return code.co_name == "<module>"
 
 
-def _safe_to_raise(frame, scope: CancelScope) -> bool:
-    """Whether raising in ``frame`` (the innermost frame of the target thread) is safe.
+#: What a raise attempt finds (``_verdict``).  OUTSIDE is not DEFER: outside
+#: the cell's code (IPython's preamble, its traceback printing, its wrap-up)
+#: no instrumentation of ours may stay on, or that code pays per line.
+RAISE, DEFER, OUTSIDE = 0, 1, 2
 
-    First finds the cell's root (``run_code``) on the stack, cheaply: outside
-    a cell's code (IPython's preamble and wrap-up, which a global
-    ``PY_START`` event visits call by call) the answer is no and costs only
-    the walk.  Then checks every frame above the root: an outer frame inside
-    a ``finally:`` would have its cleanup cut short too.  Costs O(depth)
-    (about 0.1 ms per 100 frames) once per attempt.
+# per code object: (kind, offsets of instructions on unsafe lines)
+_PLAIN, _OWN, _UNSAFE_FUNCTION, _BOOTSTRAP = 0, 1, 2, 3
+_code_info_cache: dict = {}
+
+
+def _code_info(code) -> tuple:
+    """``(kind, unsafe offsets, code)`` of ``code``, computed once per code object.
+
+    Offsets, not lines: ``f_lasti`` is a plain read where ``f_lineno``
+    searches the line table, and the 900- or 100,000-frame walk of a deep
+    recursion pays it per frame.
+    """
+    entry = _code_info_cache.get(id(code))
+    if entry is not None and entry[2] is code:
+        return entry
+    filename = code.co_filename
+    if filename.startswith(_PKG_DIR):
+        kind = _OWN
+    elif code.co_name in _UNSAFE_FUNCTIONS:
+        kind = _UNSAFE_FUNCTION
+    elif any(part in filename for part in _UNSAFE_MODULE_PARTS):
+        kind = _BOOTSTRAP
+    else:
+        kind = _PLAIN
+    offsets: frozenset = frozenset()
+    if kind in (_PLAIN, _BOOTSTRAP):
+        unsafe = _unsafe_lines(filename)
+        if unsafe:
+            offsets = frozenset(off for start, end, line in code.co_lines()
+                                if line in unsafe for off in range(start, end, 2))
+    # keyed by id (a code object hashes its whole contents on every lookup),
+    # holding the code so that id is not reused while cached
+    info = (kind, offsets, code)
+    if len(_code_info_cache) > 20_000:  # cells come and go: bounded, rebuilt on demand
+        _code_info_cache.clear()
+    _code_info_cache[id(code)] = info
+    return info
+
+
+def _verdict(frame, scope: CancelScope) -> int:
+    """May the target thread raise now, with ``frame`` its innermost frame?
+
+    OUTSIDE when the cell's code is not running (no ``run_code`` on the
+    stack, or what ``run_code`` runs is not the cell); DEFER when a frame
+    between here and the cell is pyrepl3's, in ``__enter__``/``__exit__``,
+    on a ``try:``/``with`` line or in a ``finally:`` body (an outer frame in
+    one would have its cleanup cut short too), or innermost in the import
+    system; RAISE otherwise, and after the hard deadline.  One walk of the
+    stack, O(depth) with a dict lookup per frame.
     """
     if getattr(_shield_depth, "n", 0):
-        return False
-    above: list = []
+        return DEFER
+    if frame.f_code.co_filename.startswith(_PKG_DIR):
+        # pyrepl3's own code (a signal that arrived during a callback's
+        # walk): O(1), not another walk of a deep stack
+        return DEFER
+    cached = _code_info_cache.get(id(frame.f_code))
+    if cached is not None and cached[2] is frame.f_code and cached[1] \
+            and frame.f_lasti in cached[1] and not _entering(frame) \
+            and time.monotonic() - scope.requested_at <= HARD_DEADLINE:
+        # the innermost frame alone says no, and was seen before: a loop in
+        # a ``finally`` pays no stack walk per line
+        return DEFER
+    # First pass, identities only: is the cell's code running at all?  No
+    # per-file analysis happens for IPython's own frames (tokenizing
+    # interactiveshell.py takes ~100 ms), and none on a stack that is not
+    # the cell's.  A runaway recursion can be 10^5-10^6 frames deep: no list.
+    roots = _RUN_CODE_IDS
+    last = None
     f = frame
     while f is not None:
-        code = f.f_code
-        if _is_root(code):
+        if id(f.f_code) in roots:
             break
-        if code.co_filename.startswith(_PKG_DIR):
-            return False  # never in pyrepl3's own frames
-        above.append(f)
+        last = f
         f = f.f_back
     else:
-        return False  # not inside a cell's code: IPython machinery, or the cell ended
-    if not above or not _is_cell_code(above[-1].f_code):
+        return OUTSIDE
+    if last is None or not _is_cell_code(last.f_code):
         # run_code itself (its start), or IPython's work inside it (printing
         # the traceback of the exception that just left the cell's code)
-        return False
-    if time.monotonic() - scope.requested_at > HARD_DEADLINE:
-        return True
-    for depth, f in enumerate(above):
+        return OUTSIDE
+    late = time.monotonic() - scope.requested_at > HARD_DEADLINE
+    kind, offsets, _ = _code_info(frame.f_code)
+    if kind == _OWN:
+        return DEFER  # never in pyrepl3's own frames, not even late
+    entering = bool(offsets) and frame.f_lasti in offsets and _entering(frame)
+    if not late and (kind == _UNSAFE_FUNCTION or kind == _BOOTSTRAP
+                     or (offsets and frame.f_lasti in offsets and not entering)):
+        return DEFER  # the innermost frame alone says no
+    # Second pass: an outer frame in a finally/with/__exit__ would have its
+    # cleanup cut short too
+    info_of = _code_info_cache.get
+    f = frame.f_back
+    while f is not None:
         code = f.f_code
-        filename = code.co_filename
-        if depth == 0 and any(part in filename for part in _UNSAFE_MODULE_PARTS):
-            return False
-        if code.co_name in _UNSAFE_FUNCTIONS:
-            return False
-        unsafe = _unsafe_lines(filename)
-        if unsafe and f.f_lineno in unsafe:
-            return False
-    return True
+        key = id(code)
+        if key in roots:
+            break
+        info = info_of(key)
+        if info is None or info[2] is not code:
+            info = _code_info(code)
+        if info[0] == _OWN:
+            return DEFER
+        if not late and (info[0] == _UNSAFE_FUNCTION or (info[1] and f.f_lasti in info[1])):
+            return DEFER
+        f = f.f_back
+    return RAISE
+
+
+def _safe_to_raise(frame, scope: CancelScope) -> bool:
+    return _verdict(frame, scope) == RAISE
 
 
 def _cell_code_on_stack(thread_id: int) -> bool:
@@ -449,24 +637,127 @@ def _cell_suspended_in(task: "asyncio.Task | None") -> bool:
     return False
 
 
-def _frames_above_root(frame) -> list:
+def _cell_frames(frame) -> list:
+    """The frames running the cell's code, innermost first (pyrepl3's own
+    left out), or ``[]`` when the thread is not inside the cell's code (the
+    cell has not started, or IPython is printing its traceback)."""
     frames = []
     f = frame
+    last = None
     while f is not None and not _is_root(f.f_code):
-        if not f.f_code.co_filename.startswith(_PKG_DIR):
+        last = f
+        if _code_info(f.f_code)[0] != _OWN:
             frames.append(f)
         f = f.f_back
-    return frames if f is not None else []
+    if f is None or last is None or not _is_cell_code(last.f_code):
+        return []
+    return frames
 
 
-# -- main thread: signal + lazy settrace --------------------------------------
+_frames_above_root = _cell_frames  # the name older callers (and tests) use
+
+#: How far the canceller walks the target's stack to arm it.  A stack
+#: 100,000 frames deep (a runaway recursion) would take the canceller a
+#: second to walk while the target thread competes for the GIL; the
+#: innermost frames are where the next event comes from, and the first
+#: verdict in the target thread (one full walk) settles the rest.
+_ARM_WALK = 256
+
+
+def _innermost_cell_frames(frame) -> list:
+    """``_cell_frames`` for at most ``_ARM_WALK`` frames: when ``run_code``
+    is not found that near, the thread is taken to be in the cell's code."""
+    frames = []
+    f = frame
+    last = None
+    for _ in range(_ARM_WALK):
+        if f is None:
+            return []
+        if _is_root(f.f_code):
+            if last is None or not _is_cell_code(last.f_code):
+                return []
+            return frames
+        last = f
+        if _code_info(f.f_code)[0] != _OWN:
+            frames.append(f)
+        f = f.f_back
+    return frames
+
+#: opcodes at which a raise from the signal handler is attributed where it
+#: happens: inside a call (a blocking C call checks signals there) or at a
+#: function's start.  At a loop's backward jump (the other place the
+#: handler runs) CPython attributes the raise to the instruction before the
+#: jump's target, which for a one-line loop directly inside ``try``/``with``
+#: lies outside the protected range: the cleanup would be skipped.
+#: opcodes that call ``__enter__``: a raise while one is the current
+#: instruction happens inside the call (a blocking ``Lock.acquire`` of a
+#: ``with lock:``), before anything was acquired and before the protected
+#: range starts, so it is safe although the ``with`` line is not
+_ENTER_OPS = frozenset(op for name, op in dis.opmap.items()
+                       if name in ("BEFORE_WITH", "BEFORE_ASYNC_WITH", "SETUP_WITH",
+                                   "SETUP_ASYNC_WITH"))
+_HANDLER_RAISE_OPS = frozenset(op for name, op in dis.opmap.items()
+                               if name.startswith("CALL") or name in ("RESUME", "SEND")) \
+    | _ENTER_OPS
+#: of those, where Python code runs on (the monitoring events deliver there)
+_PYTHON_RUNNING_OPS = frozenset(op for name, op in dis.opmap.items() if name == "RESUME")
+
+
+def _entering(frame) -> bool:
+    """Whether ``frame`` is inside the ``__enter__`` call of a ``with``."""
+    code = frame.f_code.co_code
+    lasti = frame.f_lasti
+    return 0 <= lasti < len(code) and code[lasti] in _ENTER_OPS
+
+
+def _in_python(frame) -> bool:
+    """Whether the signal found ``frame`` running Python code (a function's
+    start, a loop's jump), not blocked in a call."""
+    code = frame.f_code.co_code
+    lasti = frame.f_lasti
+    return 0 <= lasti < len(code) and (code[lasti] not in _HANDLER_RAISE_OPS
+                                       or code[lasti] in _PYTHON_RUNNING_OPS)
+
+
+def _handler_may_raise(frame) -> bool:
+    if not _HAS_MONITORING:
+        # 3.10: the block stack, a raise anywhere in a try is inside it.
+        # 3.11: the handler is the only way into a one-line loop or a
+        # debugged cell; the jump attribution stays (docs/cancellation.md)
+        return True
+    code = frame.f_code.co_code
+    lasti = frame.f_lasti
+    return 0 <= lasti < len(code) and code[lasti] in _HANDLER_RAISE_OPS
+
+
+# -- main thread: signal (+ lazy settrace before 3.12) -------------------------
 
 #: 3.11 compiles a one-line loop to a jump to itself that emits no line
 #: event, so a tracer never fires there; the handler raises at once instead
 _SELF_LOOP_HAS_NO_LINE_EVENTS = sys.version_info[:2] == (3, 11)
 
 
-@functools.lru_cache(maxsize=256)
+def _by_identity(compute: Callable) -> Callable:
+    """Cache ``compute(code)`` per code object, by identity: these run per
+    event (per instruction, per loop iteration), and a code object hashes
+    its whole contents on every ``lru_cache`` or dict lookup."""
+    cache: dict = {}
+
+    def cached(code):
+        entry = cache.get(id(code))
+        if entry is not None and entry[0] is code:
+            return entry[1]
+        if len(cache) > 4096:
+            cache.clear()
+        value = compute(code)
+        cache[id(code)] = (code, value)  # holds the code: its id stays its own
+        return value
+
+    cached.cache_clear = cache.clear
+    return cached
+
+
+@_by_identity
 def _same_line_back_jumps(code) -> frozenset[int]:
     """Offsets of backward jumps in ``code`` whose target is on the same line."""
     line_of = {}
@@ -479,33 +770,71 @@ def _same_line_back_jumps(code) -> frozenset[int]:
                      if line_of.get(ins.argval) == ins.positions.lineno)
 
 
+@_by_identity
+def _back_jumps(code) -> frozenset[int]:
+    """Offsets of the backward jumps in ``code`` (where INSTRUCTION events raise)."""
+    return frozenset(ins.offset for ins in dis.get_instructions(code)
+                     if ins.opname.startswith("JUMP_BACKWARD")
+                     or (ins.opname == "JUMP_ABSOLUTE" and ins.argval <= ins.offset))
+
+
 def _local_tracer(frame, event, arg):
     __tracebackhide__ = True
     if event == "line":
         scope = _cancelled_threads.get(_get_ident())
-        if scope is not None and not scope.finished and scope.mechanism == "armed" \
-                and _safe_to_raise(frame, scope):
+        if scope is None or scope.finished or scope.mechanism not in ("armed", "escalate"):
+            frame.f_trace = None
+            return None
+        verdict = _verdict(frame, scope)
+        if verdict == RAISE:
             # Untrace before raising: the unwinding and the cell's cleanup run
             # at full speed (a re-cancel after the grace period re-arms).
-            for f in _frames_above_root(frame):
+            for f in _cell_frames(frame):
                 f.f_trace = None
             _SIGNAL.disarm_current_thread()
             raise scope.raising()
+        if verdict == OUTSIDE:
+            # the cell's code has ended: IPython's work must not pay per line
+            frame.f_trace = None
+            _SIGNAL.disarm_current_thread()
+            scope.mechanism = "escalate"  # the signal takes over, at no per-line cost
+            return None
     return _local_tracer
 
 
 def _global_tracer(frame, event, arg):
-    if frame.f_code.co_filename.startswith(_PKG_DIR):
+    """Traces a new frame only when the cell's code called it (the caller is
+    traced, or is ``run_code`` starting the cell): IPython's own calls (its
+    traceback printing, inspect.getmodule...) are never traced per line."""
+    caller = frame.f_back
+    if caller is None:
         return None
-    return _local_tracer
+    if caller.f_trace is _local_tracer or (_is_root(caller.f_code)
+                                           and _is_cell_code(frame.f_code)):
+        return _local_tracer
+    return None
 
 
 def _escalate(frame, scope: CancelScope) -> None:
-    """Raise from the signal handler now if ``frame`` is at a safe point;
-    otherwise the next escalation signal tries again."""
+    """Raise from the signal handler now if ``frame`` is at a safe point
+    where a raise is attributed exactly; otherwise a later signal (or the
+    line/instruction events) tries again."""
     __tracebackhide__ = True
-    scope.mechanism = "escalate"
-    if _safe_to_raise(frame, scope):
+    if scope.mechanism != "armed":
+        scope.mechanism = "escalate"
+    if scope.monitored and _in_python(frame):
+        return  # Python code is running: the monitoring events deliver there
+    if (_handler_may_raise(frame) or (
+            _SELF_LOOP_HAS_NO_LINE_EVENTS
+            and frame.f_lasti in _same_line_back_jumps(frame.f_code))) \
+            and _verdict(frame, scope) == RAISE:
+        if scope.armed_codes or scope.armed_global:
+            with _lock:
+                _MONITORING.disarm(scope)
+        if _get_ident() in _SIGNAL.saved_trace:  # the lazy tracer (before 3.12)
+            for f in _cell_frames(frame):
+                f.f_trace = None
+            _SIGNAL.disarm_current_thread()
         raise scope.raising()
 
 
@@ -518,6 +847,7 @@ class _MainThreadSignal:
         self.users = 0
         self.saved_trace: dict[int, Any] = {}
         self.sent = 0  # signals we sent and the handler has not seen yet
+        self.handling = False  # the handler is running (signals nest)
 
     def send(self) -> None:
         self.sent += 1
@@ -560,6 +890,21 @@ class _MainThreadSignal:
 
     def _handle(self, signum, frame) -> None:
         __tracebackhide__ = True
+        if self.sent > 0 and (self.handling or frame is None):
+            # A signal that arrives while the handler runs (a stack walk of
+            # a deep recursion takes longer than the re-send interval) would
+            # start another handler inside it, and so on: the next re-send
+            # tries again.
+            self.sent -= 1
+            return
+        self.handling = True
+        try:
+            return self._handle_ours(signum, frame)
+        finally:
+            self.handling = False
+
+    def _handle_ours(self, signum, frame) -> None:
+        __tracebackhide__ = True
         if self.sent <= 0:
             previous = self.previous
             if callable(previous):  # not ours: chain to the handler we replaced
@@ -569,23 +914,28 @@ class _MainThreadSignal:
         scope = _cancelled_threads.get(threading.main_thread().ident)
         if scope is None or scope.finished or scope.mechanism == "raised":
             return  # stale: that cell ended or already got its exception
-        if scope.mechanism == "escalate":
+        if scope.mechanism != "pending" or scope.monitored:
+            # monitoring armed (3.12+) or escalation: raise here only where
+            # the raise lands exactly (a blocking call, a call's return)
             return _escalate(frame, scope)
-        # first delivery: arm line tracing on the cell's frames, lazily
+        # first delivery, before 3.12: arm line tracing on the cell's frames, lazily
         if sys.gettrace() is not None and sys.gettrace() is not _global_tracer:
             # a debugger or coverage owns settrace: leave it alone and rely
             # on escalation (raise from this handler at a safe point)
             return _escalate(frame, scope)
-        frames = _frames_above_root(frame)
+        frames = _cell_frames(frame)
         if not frames:
             # Not in the cell's code now (an async cell suspended in its loop,
-            # IPython's own machinery): tracing everything from here would
-            # slow the loop down. The task cancel and escalation handle it.
+            # IPython's own machinery): tracing from here would slow that
+            # down. The task cancel and escalation handle it.
             return
         if _SELF_LOOP_HAS_NO_LINE_EVENTS and frame.f_lasti in _same_line_back_jumps(frame.f_code):
             # 3.11 ``while True: pass``: no line event will ever come
             return _escalate(frame, scope)
-        for f in frames:
+        # Only the innermost frames: an outer frame runs a line again only
+        # after its callee returned, and a traced frame's callees are traced
+        # (``_global_tracer``); escalation covers an untraced outer loop.
+        for f in frames[:64]:
             f.f_trace = _local_tracer
         scope.mechanism = "armed"
         self.saved_trace.setdefault(_get_ident(), sys.gettrace())
@@ -602,15 +952,28 @@ class _MainThreadSignal:
 _SIGNAL = _MainThreadSignal()
 
 
-# -- worker threads on 3.12+: sys.monitoring ----------------------------------
+# -- sys.monitoring (3.12+): every thread's Python code ------------------------
 
 class _Monitoring:
-    """A ``sys.monitoring`` tool with callbacks registered and no events."""
+    """A ``sys.monitoring`` tool with callbacks registered and no events.
+
+    Invariants (the caller holds ``_lock`` for every change):
+
+    * local events are on only for code objects some cancelled scope armed,
+      each code's events are the union of what its scopes asked for
+      (``users``), and a scope's own record is ``scope.armed_codes``;
+    * LINE|JUMP go on code that was running the cell's code (its stack at
+      the cancel, and what that code calls or resumes afterwards);
+      INSTRUCTION only on a code where a backward jump was seen (a raise at
+      a JUMP event can land outside the protected range);
+    * the global PY_START|PY_RESUME events are on while any scope is armed;
+      their callback costs O(1) for code the cell did not call.
+    """
 
     def __init__(self) -> None:
         self.tool: int | None = None
         self.users = 0
-        self.armed: dict[Any, int] = {}  # code -> number of scopes arming it
+        self.armed: dict[Any, dict] = {}  # code -> {scope: events}
         self.global_users = 0
 
     def acquire(self) -> bool:
@@ -629,6 +992,7 @@ class _Monitoring:
         ev = mon.events
         mon.register_callback(tool, ev.LINE, _mon_line)
         mon.register_callback(tool, ev.JUMP, _mon_jump)
+        mon.register_callback(tool, ev.INSTRUCTION, _mon_instruction)
         mon.register_callback(tool, ev.PY_START, _mon_start)
         mon.register_callback(tool, ev.PY_RESUME, _mon_start)
         self.tool = tool
@@ -647,76 +1011,206 @@ class _Monitoring:
             self.armed.clear()
             self.global_users = 0
             ev = mon.events
-            for event in (ev.LINE, ev.JUMP, ev.PY_START, ev.PY_RESUME):
+            for event in (ev.LINE, ev.JUMP, ev.INSTRUCTION, ev.PY_START, ev.PY_RESUME):
                 mon.register_callback(self.tool, event, None)
             mon.free_tool_id(self.tool)
             self.tool = None
 
+    def arm_code(self, scope: CancelScope, code, events: int) -> None:
+        """Turn ``events`` on for ``code`` on behalf of ``scope`` (caller holds ``_lock``)."""
+        mine = scope.armed_codes if scope.armed_codes else {}
+        had = mine.get(code, 0)
+        if had & events == events or self.tool is None:
+            return
+        mine[code] = had | events
+        scope.armed_codes = mine
+        if not scope.armed_ids:
+            scope.armed_ids = set()
+        scope.armed_ids.add(id(code))
+        users = self.armed.setdefault(code, {})
+        before = 0
+        for bits in users.values():
+            before |= bits
+        users[scope] = had | events
+        if before | events != before:
+            sys.monitoring.set_local_events(self.tool, code, before | events)
+
     def arm(self, scope: CancelScope, frame) -> None:
-        """Enable events on the target's stack (caller holds ``_lock``)."""
-        mon = sys.monitoring
-        ev = mon.events
-        codes = []
-        for f in _frames_above_root(frame):
-            code = f.f_code
-            if code not in codes:
-                codes.append(code)
-        for code in codes:
-            if code not in self.armed:
-                mon.set_local_events(self.tool, code, ev.LINE | ev.JUMP)
-            self.armed[code] = self.armed.get(code, 0) + 1
-        scope.armed_codes = codes
-        if not scope.armed_global:
+        """Arm ``scope``'s thread, whose innermost frame is ``frame`` (caller holds ``_lock``).
+
+        Always a LINE watch on ``run_code``: its lines run just before the
+        cell's code starts (and after it ended).  In the cell's code, also
+        LINE|JUMP on the code objects on its stack and the global
+        PY_START|PY_RESUME (for what that code calls).  Anywhere else (the
+        cell not started yet, IPython printing its traceback) nothing more:
+        IPython's own work runs without a callback per call.
+        """
+        ev = sys.monitoring.events
+        for root in _RUN_CODE_CODES:
+            self.arm_code(scope, root, ev.LINE)
+        frames = _innermost_cell_frames(frame) if frame is not None else ()
+        if frames:
+            seen = set()
+            for f in frames:
+                code = f.f_code
+                if code not in seen:
+                    seen.add(code)
+                    self.arm_code(scope, code, ev.LINE | ev.JUMP)
+            self.arm_global(scope)
+
+    def arm_global(self, scope: CancelScope) -> None:
+        if not scope.armed_global and self.tool is not None:
             if self.global_users == 0:
-                mon.set_events(self.tool, ev.PY_START | ev.PY_RESUME)
+                ev = sys.monitoring.events
+                sys.monitoring.set_events(self.tool, ev.PY_START | ev.PY_RESUME)
             self.global_users += 1
             scope.armed_global = True
+
+    def disarm_global(self, scope: CancelScope) -> None:
+        if scope.armed_global:
+            scope.armed_global = False
+            self.global_users -= 1
+            if self.global_users == 0 and self.tool is not None:
+                sys.monitoring.set_events(self.tool, 0)
+
+    def go_outside(self, scope: CancelScope) -> None:
+        """The cell's code is not running: keep only the watch on
+        ``run_code`` (caller holds ``_lock``)."""
+        self.disarm_local(scope, keep_roots=True)
+        self.disarm_global(scope)
+
+    def disarm_local(self, scope: CancelScope, keep_roots: bool = False) -> None:
+        """Local events of ``scope`` off (caller holds ``_lock``), but for
+        the watch on ``run_code`` with ``keep_roots``."""
+        if self.tool is None or not scope.armed_codes:
+            scope.armed_codes = ()
+            scope.armed_ids = frozenset()
+            return
+        mon = sys.monitoring
+        kept = {}
+        for code in scope.armed_codes:
+            if keep_roots and id(code) in _RUN_CODE_IDS:
+                kept[code] = scope.armed_codes[code]
+                continue
+            users = self.armed.get(code)
+            if users is None:
+                continue
+            users.pop(scope, None)
+            bits = 0
+            for b in users.values():
+                bits |= b
+            if not users:
+                del self.armed[code]
+            mon.set_local_events(self.tool, code, bits)
+        scope.armed_codes = kept or ()
+        scope.armed_ids = {id(code) for code in kept}
 
     def disarm(self, scope: CancelScope) -> None:
         """Undo :meth:`arm` for ``scope`` (caller holds ``_lock``)."""
         if self.tool is None:
             return
-        mon = sys.monitoring
-        for code in scope.armed_codes:
-            n = self.armed.get(code, 0) - 1
-            if n <= 0:
-                self.armed.pop(code, None)
-                mon.set_local_events(self.tool, code, 0)
-            else:
-                self.armed[code] = n
-        if scope.armed_global:
-            scope.armed_global = False
-            self.global_users -= 1
-            if self.global_users == 0:
-                mon.set_events(self.tool, 0)
-        scope.armed_codes = ()
+        self.disarm_local(scope)
+        self.disarm_global(scope)
 
 
-def _mon_check(depth: int = 2) -> None:
+def _mon_deliver(frame, scope: CancelScope) -> None:
+    """Raise in the target thread at a safe point; outside the cell's code,
+    switch the local events off (IPython's code must not pay per line)."""
     __tracebackhide__ = True
-    scope = _cancelled_threads.get(_get_ident())
-    if scope is None or scope.finished or scope.mechanism != "armed":
-        return
-    frame = sys._getframe(depth)
-    if _safe_to_raise(frame, scope):
+    verdict = _verdict(frame, scope)
+    if verdict == RAISE:
         with _lock:
             # Events off as the exception leaves: the unwinding (and IPython
             # formatting a deep traceback) must not pay a callback per call.
             # If the cell swallows it, the grace-period re-arm turns them on.
             _MONITORING.disarm(scope)
         raise scope.raising()
+    if verdict == OUTSIDE:
+        with _lock:
+            if not scope.finished:
+                _MONITORING.go_outside(scope)
+
+
+def _armed_scope():
+    scope = _cancelled_threads.get(_get_ident())
+    if scope is None or scope.finished or scope.mechanism != "armed":
+        return None
+    return scope
 
 
 def _mon_line(code, line):
-    _mon_check(2)
+    scope = _armed_scope()
+    if scope is not None:
+        if id(code) in _RUN_CODE_IDS:
+            # run_code is about to start the cell's code: watch calls (the
+            # cell's code starting is one); on any other of its lines the
+            # cell's code has ended: nothing but this watch stays on
+            starts = (id(code), line) in _CELL_START_LINES or not _CELL_START_LINES
+            if starts != scope.armed_global:
+                with _lock:
+                    if not scope.finished:
+                        if starts:
+                            _MONITORING.arm_global(scope)
+                        else:
+                            _MONITORING.go_outside(scope)
+            return
+        _mon_deliver(sys._getframe(1), scope)
 
 
 def _mon_jump(code, src, dst):
-    _mon_check(2)
+    """Never raises: a raise at a JUMP event is attributed to the instruction
+    before the jump's target, outside a ``try``/``with`` that starts there.
+    A backward jump to its own line (a loop with no other event: ``while
+    True: pass``) switches its code to INSTRUCTION events, which raise
+    exactly."""
+    if dst > src or src not in _same_line_back_jumps(code):
+        # A loop over several lines has a LINE event per iteration: only a
+        # jump to its own line needs more.  Decided by the location alone,
+        # for good: this jump never calls us again (until some tool calls
+        # sys.monitoring.restart_events()).
+        return sys.monitoring.DISABLE
+    scope = _armed_scope()
+    if scope is not None:
+        with _lock:
+            if not scope.finished:
+                _MONITORING.arm_code(scope, code, sys.monitoring.events.INSTRUCTION)
+
+
+def _mon_instruction(code, offset):
+    if offset not in _back_jumps(code):
+        return sys.monitoring.DISABLE  # only the jumps raise: the rest, for good
+    scope = _armed_scope()
+    if scope is not None:
+        _mon_deliver(sys._getframe(1), scope)
 
 
 def _mon_start(code, offset):
-    _mon_check(2)
+    """A function starts or resumes.  O(1) unless the cell's code called it:
+    its caller is ``run_code`` starting the cell, or code armed for this scope."""
+    scope = _armed_scope()
+    if scope is None:
+        return
+    frame = sys._getframe(1)
+    caller = frame.f_back
+    if caller is None:
+        return
+    ccode = caller.f_code
+    if id(ccode) in _RUN_CODE_IDS:
+        if not _is_cell_code(code):
+            # IPython's own work inside run_code (``self.user_global_ns``
+            # on the line that starts the cell; its other lines switch the
+            # watch off through the LINE event)
+            return
+    elif id(ccode) not in scope.armed_ids:
+        return
+    if _code_info(code)[0] == _OWN:
+        return
+    with _lock:
+        if scope.finished:
+            return
+        ev = sys.monitoring.events
+        _MONITORING.arm_code(scope, code, ev.LINE | ev.JUMP)
+    _mon_deliver(frame, scope)
 
 
 _MONITORING = _Monitoring()
@@ -787,6 +1281,56 @@ class _Timer:
 _TIMER = _Timer()
 
 
+# -- deep tracebacks -----------------------------------------------------------
+
+#: Frames kept at each end of a traceback deeper than their sum.  IPython
+#: formats a traceback at about 0.1 ms per frame and more (``inspect.getmodule``
+#: per frame): a cancel or a RecursionError 100,000 frames deep (after
+#: ``sys.setrecursionlimit(10**6)``) would take minutes to print, and the
+#: cell ends only after that.
+_TB_HEAD, _TB_TAIL = 20, 80
+
+
+def _shorten_tracebacks(error: BaseException) -> None:
+    """Cut the middle out of ``error``'s traceback (and of the exceptions it
+    chains) when deeper than ``_TB_HEAD + _TB_TAIL`` frames, with a note."""
+    seen = 0
+    while error is not None and seen < 8:
+        seen += 1
+        tb = error.__traceback__
+        depth = 0
+        t = tb
+        while t is not None:
+            depth += 1
+            t = t.tb_next
+        if depth > _TB_HEAD + _TB_TAIL:
+            head = tb
+            for _ in range(_TB_HEAD - 1):
+                head = head.tb_next
+            tail = head
+            for _ in range(depth - _TB_HEAD - _TB_TAIL + 1):
+                tail = tail.tb_next
+            head.tb_next = tail
+            note = (f"[pyrepl3: {depth - _TB_HEAD - _TB_TAIL:,} of {depth:,} frames "
+                    f"left out of this traceback]")
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+        error = error.__cause__ or error.__context__
+
+
+def _bounded_showtraceback(original: Callable) -> Callable:
+    """``shell.showtraceback`` that shortens a very deep traceback first."""
+    def showtraceback(exc_tuple=None, *args, **kwargs):
+        try:
+            exc = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
+            if isinstance(exc, BaseException):
+                _shorten_tracebacks(exc)
+        except Exception:  # noqa: BLE001 - printing the error matters more
+            pass
+        return original(exc_tuple, *args, **kwargs)
+    return showtraceback
+
+
 # -- the component ------------------------------------------------------------
 
 class CancellationManager(Component):
@@ -805,7 +1349,7 @@ class CancellationManager(Component):
     def attach(self) -> None:
         from IPython.core.interactiveshell import InteractiveShell
 
-        _RUN_CODE_CODES.add(InteractiveShell.run_code.__code__)
+        _register_root(InteractiveShell.run_code.__code__)
         config = self.state.config
         signum = getattr(signal, config.cancel_signal, None)
         if not isinstance(signum, int):
@@ -815,6 +1359,7 @@ class CancellationManager(Component):
         config.observe(self._on_cell_timeout, names="cell_timeout")
         self._signal = _SIGNAL.acquire(signum)
         self._monitoring = _MONITORING.acquire()
+        self._patches.wrap(self.state.shell, "showtraceback", _bounded_showtraceback)
         if not _HAS_MONITORING:
             # 3.10/3.11 workers use SetAsyncExc, which must know when the
             # thread is inside the cell's code: wrap run_code to count it.
@@ -951,6 +1496,8 @@ class CancellationManager(Component):
         # The cell's scope is on top of this thread's stack (inner cells
         # close before outer ones); anything else means before_cell did not
         # open one (it failed, or the extension loaded mid-cell).
+        if result is not None and result.error_in_exec is not None:
+            _shorten_tracebacks(result.error_in_exec)  # before the error event formats it
         stack = _thread_scopes.get(_get_ident())
         scope = stack[-1] if stack else None
         if scope is None or scope.execution is not execution:
@@ -1102,7 +1649,17 @@ class CancellationManager(Component):
             scope.manager._arm(scope, rearm)
             return
         config = self.state.config
-        if tid == threading.main_thread().ident and self._signal:
+        if tid == _MAIN_THREAD_ID and self._signal:
+            if _HAS_MONITORING and self._monitoring:
+                # 3.12+: the same events as in workers for Python code (they
+                # raise exactly where a one-line loop sits in a try/with);
+                # the signal only for blocking calls
+                with _lock:
+                    if scope.finished:
+                        return
+                    scope.mechanism = "armed"
+                    scope.monitored = True
+                    _MONITORING.arm(scope, _thread_frames().get(tid))
             self._signal_main(scope, config.cancel_escalate_after)
         elif _HAS_MONITORING and self._monitoring:
             with _lock:
@@ -1111,6 +1668,7 @@ class CancellationManager(Component):
                 frame = _thread_frames().get(tid)
                 if frame is not None:
                     scope.mechanism = "armed"
+                    scope.monitored = True
                     _MONITORING.arm(scope, frame)
         else:
             with _lock:
@@ -1120,9 +1678,10 @@ class CancellationManager(Component):
                 # an async cell suspended in its loop (worker thread) is run
                 # by the loop's machinery: the task cancel below stops it, an
                 # exception posted now would land in the loop, not the cell
-                if scope.in_code and not scope.async_exc_pending and (
-                        scope.task is None or
-                        _frames_above_root(_thread_frames().get(tid))):
+                # and one in IPython's traceback printing must not be cut
+                # short there: posted only while the cell's code runs
+                if scope.in_code and not scope.async_exc_pending and \
+                        _cell_frames(_thread_frames().get(tid)):
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
         # An async cell suspended in its loop: cancel its task from the loop.
@@ -1139,16 +1698,26 @@ class CancellationManager(Component):
                        lambda: self._rearm_if_running(scope))
 
     def _signal_main(self, scope: CancelScope, escalate_after: float) -> None:
+        """Signal the main thread now, and again every ``escalate_after``
+        seconds until the exception is raised.
+
+        The first signal interrupts a blocking call at once (the handler
+        raises there when the call is at a safe point); the later ones
+        catch a cell that blocks after a deferral (a ``finally`` that then
+        sleeps) and, before 3.12, one that no line event reaches.
+        """
         _SIGNAL.send()
+        interval = max(escalate_after, 0.0005)
 
         def escalate() -> None:
             if scope.finished or scope.mechanism == "raised":
                 return
-            scope.mechanism = "escalate"
+            if not scope.monitored:
+                scope.mechanism = "escalate"
             _SIGNAL.send()
-            _TIMER.call_at(time.monotonic() + escalate_after, escalate)
+            _TIMER.call_at(time.monotonic() + interval, escalate)
 
-        _TIMER.call_at(time.monotonic() + escalate_after, escalate)
+        _TIMER.call_at(time.monotonic() + interval, escalate)
 
     def _rearm_if_running(self, scope: CancelScope) -> None:
         """Level-triggered cancellation: still running a grace period after
@@ -1193,6 +1762,35 @@ class CancellationManager(Component):
                 # the task machinery delivers it: events off, as in _mon_check
                 _MONITORING.disarm(scope)
         scope.task.cancel(scope.reason)
+
+    def status(self, execution_id: str) -> CancelReport:
+        """Where the cancel of ``execution_id`` stands (module ``cancel_status``)."""
+        scope = self._find(execution_id)
+        if scope is None:
+            return CancelReport(True, "delivered", "the execution has ended")
+        if not scope.cancel_called:
+            return CancelReport(True, "not-cancelled", "running, no cancel requested")
+        if scope.raised:
+            return CancelReport(True, "delivered", "the cell got its exception; IPython is "
+                                                   "finishing it")
+        age = time.monotonic() - scope.requested_at
+        if scope.thread_id == _MAIN_THREAD_ID and self._signal and age > HARD_DEADLINE:
+            return CancelReport(True, "escalated", "no safe point for 2 s: the next one "
+                                "raises even in a finally/__exit__")
+        if scope.mechanism == "escalate":
+            return CancelReport(True, "escalated", "the signal raises inside the blocking "
+                                                   "call at its next safe point")
+        detail = ""
+        frame = _thread_frames().get(scope.thread_id)
+        verdict = _verdict(frame, scope) if frame is not None else OUTSIDE
+        if verdict == OUTSIDE:
+            detail = "the cell's code is not running (IPython's own work before or after it)"
+        elif verdict == DEFER:
+            detail = "deferred: a finally, __exit__, with line, import or shield is running"
+        elif age > 0.05 and scope.thread_id != _MAIN_THREAD_ID:
+            detail = ("no Python line ran since the cancel: a C call blocks this worker "
+                      "thread and cannot be interrupted; it raises when the call returns")
+        return CancelReport(True, "pending", detail)
 
     def running(self) -> list[str]:
         """Ids of the executions of this shell that are running now."""

@@ -238,7 +238,7 @@ def test_cancel_in_finally_is_deferred_until_it_ends(quiet, started):
         finally:
             _started.set()
             n = 0
-            while n < 200_000:   # well under HARD_DEADLINE even while traced
+            while n < 50_000:   # well under HARD_DEADLINE even while traced, under load
                 n += 1
             done.append(n)
         while True:
@@ -248,7 +248,7 @@ def test_cancel_in_finally_is_deferred_until_it_ends(quiet, started):
     result = pyrepl3_ext.run_cell(quiet, code, execution_id="fin")
     thread.join(WAIT)
     assert_cancelled(result, "fin")
-    assert quiet.user_ns["done"] == [200_000]
+    assert quiet.user_ns["done"] == [50_000]
 
 
 def test_cancel_during_import_leaves_no_half_module(quiet, started, tmp_path):
