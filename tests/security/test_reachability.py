@@ -224,9 +224,56 @@ def restricted(ip, tmp_path):
     return ip
 
 
+def _in_child(work):
+    """Run ``work()`` (returning JSON data) in a forked copy of this process.
+
+    The walk calls every allowed callable with probe names and code, which
+    changes the objects it reaches (IPython's, the shell's, classes'): in a
+    copy, none of that reaches the tests that share this process's shell.
+    """
+    import json
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the copy: report, never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            try:
+                outcome = {"ok": work()}
+            except BaseException as exc:  # noqa: BLE001 - carried to the parent
+                import traceback
+
+                outcome = {"error": "".join(traceback.format_exception(exc))[-6000:]}
+            with os.fdopen(write, "w") as f:
+                json.dump(outcome, f)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    outcome = json.loads(data) if data else {"error": "the copy died without a word"}
+    if "error" in outcome:
+        pytest.fail(f"in the forked copy:\n{outcome['error']}")
+    return outcome["ok"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 def test_nothing_forbidden_is_reachable_from_what_a_restricted_cell_names(
         restricted, events, capsys):
+    outcome = _in_child(lambda: _walk_from_a_restricted_cell(restricted, events))
+    with capsys.disabled():
+        print(f"\nreachability (depth {DEPTH}): {outcome['objects']} objects, "
+              f"{outcome['edges']} edges, {outcome['calls']} probe calls; forbidden "
+              f"reached: {len(outcome['found'])}"
+              + (" (stopped at the object limit)" if outcome["truncated"] else ""))
+    assert not outcome["found"], "\n".join(outcome["found"][:40])
+
+
+def _walk_from_a_restricted_cell(restricted, events) -> dict:
     sec = session(restricted)
     ns = restricted.user_ns
     # a fresh session's namespace: IPython's names, the session's, nothing a
@@ -263,11 +310,8 @@ def test_nothing_forbidden_is_reachable_from_what_a_restricted_cell_names(
         cls = type("C", (), {"__match_args__": (probe,)})
         with pytest.raises(Exception):
             walk.match_check(cls)
-    with capsys.disabled():
-        print(f"\nreachability (depth {DEPTH}): {walk.objects} objects, {walk.edges} "
-              f"edges, {walk.calls} probe calls; forbidden reached: {len(walk.found)}"
-              + (" (stopped at the object limit)" if walk.truncated else ""))
-    assert not walk.found, "\n".join(walk.found[:40])
+    return {"objects": walk.objects, "edges": walk.edges, "calls": walk.calls,
+            "found": list(walk.found), "truncated": bool(walk.truncated)}
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -278,11 +322,15 @@ def test_the_walk_finds_the_gadgets_the_views_replace(restricted, events):
     import dataclasses
     import functools
 
-    walk = Walk(_forbidden_kinds(restricted), None)
-    walk.target(pyrepl3_ext.run_cell)
-    for fn in (functools.update_wrapper, functools.wraps, copy.copy, dataclasses.replace):
-        walk.add(fn, f"real {fn.__module__}.{fn.__name__}")
-    walk.run()
+    def control() -> list:
+        walk = Walk(_forbidden_kinds(restricted), None)
+        walk.target(pyrepl3_ext.run_cell)
+        for fn in (functools.update_wrapper, functools.wraps, copy.copy, dataclasses.replace):
+            walk.add(fn, f"real {fn.__module__}.{fn.__name__}")
+        walk.run()
+        return list(walk.found)
+
+    found = _in_child(control)
     assert "real functools.update_wrapper: written to '__globals__' -> the real " \
-        "__dict__ of 'pyrepl3_ext'" in walk.found, walk.found[:10]
-    assert any("a code" in found for found in walk.found), walk.found[:10]
+        "__dict__ of 'pyrepl3_ext'" in found, found[:10]
+    assert any("a code" in item for item in found), found[:10]
