@@ -272,8 +272,10 @@ def test_runaway_recursion_with_a_raised_limit_ends_within_the_grace(session):
     result = handle.result(WAIT)
     assert time.monotonic() - start < session.kill_grace + 5
     error = result.error_in_exec
-    # cancelled in the cell, or (C stack exhausted first) the process died
-    assert isinstance(error, (CellCancelled, SessionLost)), error
+    # cancelled in the cell, or (C stack exhausted first) the process died, or
+    # the recursion reached its limit before the cancel came: it ended, in time
+    reached_limit = isinstance(error, CellError) and error.ename == "RecursionError"
+    assert isinstance(error, (CellCancelled, SessionLost)) or reached_limit, error
     if session.lost is not None:
         session.restart()
     assert session.execute("1").success
