@@ -19,6 +19,10 @@ interpreter is used instead when it imports exactly that release), and
 ``patched`` gets ``upstream/upstream.py install``, rebuilt whenever the
 series' patches differ from the ones it was built from.
 ``--store-history`` counts cells run with ``store_history=True`` instead.
+``--pieces`` also counts, on both builds, the per-cell pieces the series
+changes, each alone 1,000 times in a warmed shell: entering and leaving
+the builtin trap and the display trap, the history tee of both streams,
+the ``sys.excepthook`` hold around ``exec``, the current-shell binding.
 Needs valgrind (without it the bench says so and exits 0).
 """
 
@@ -53,6 +57,93 @@ def run_cells(cells: int, store_history: bool) -> None:
 
     in_counted_region(region)
     in_counted_region(lambda: None)
+
+
+PIECES = ("builtin trap", "display trap", "history tee", "excepthook", "current shell")
+
+
+def run_pieces(number: int) -> None:
+    """The child of ``--pieces``: one counted region per piece (``PIECES``)
+    and an empty loop, ``number`` times each, on whichever build this is."""
+    import sys as sys_
+
+    from IPython.core import getipython
+
+    shell = bench_shell()
+    for _ in range(50):
+        shell.run_cell("x = 1")
+    builtin_trap, display_trap = shell.builtin_trap, shell.display_trap
+    patched = hasattr(getipython, "SharedHook")
+
+    def builtins_() -> None:
+        for _ in range(number):
+            with builtin_trap:
+                pass
+
+    def display() -> None:
+        for _ in range(number):
+            with display_trap:
+                pass
+
+    def tee() -> None:
+        try:
+            from IPython.utils.capture import listen_to_streams, stop_listening
+        except ImportError:  # stock, or a build whose _tee is a context manager
+            for _ in range(number):
+                with shell._tee("stdout"), shell._tee("stderr"):
+                    pass
+        else:
+            for _ in range(number):
+                stop_listening(listen_to_streams(shell._history_tee()))
+
+    def excepthook() -> None:
+        if not patched:  # what stock's run_code does
+            for _ in range(number):
+                old, sys_.excepthook = sys_.excepthook, shell.excepthook
+                sys_.excepthook = old
+            return
+        from IPython.core.interactiveshell import excepthooks
+
+        if hasattr(excepthooks, "enter"):
+            for _ in range(number):
+                excepthooks.enter(shell, shell.excepthook)
+                excepthooks.exit(shell)
+        else:  # the series before issue 18
+            for _ in range(number):
+                if not excepthooks.holds(shell):
+                    excepthooks.hold(shell, shell)
+                excepthooks.release(shell)
+
+    def current() -> None:
+        if not patched:
+            for _ in range(number):
+                pass
+            return
+        var = getipython.current_shell
+        for _ in range(number):
+            var.reset(var.set(shell))
+
+    def empty() -> None:
+        for _ in range(number):
+            pass
+
+    for region in (empty, builtins_, display, tee, excepthook, current):
+        region()  # warm
+        in_counted_region(region)
+
+
+def count_pieces(stock: str, patched: str, number: int = 1000) -> dict:
+    script = os.path.abspath(__file__)
+    results = count_regions([[script, "--run-pieces", str(number)]] * 2, 1 + len(PIECES),
+                            pythons=[stock, patched])
+    rows = {}
+    print(f"\n{'piece (instructions each)':<28}{'stock':>12}{'patched':>12}{'added':>12}")
+    for i, piece in enumerate(PIECES, 1):
+        plain, ours = ((counts[i] - counts[0]) / number for counts in results)
+        rows[piece] = {"stock": plain, "patched": ours}
+        print(f"{piece:<28}{plain:>12,.0f}{ours:>12,.0f}{ours - plain:>+12,.0f}")
+    print("(a cell enters the builtin trap twice, each other piece once)")
+    return rows
 
 
 # -- the two environments -------------------------------------------------------
@@ -152,11 +243,17 @@ def main() -> None:
     parser.add_argument("--patched", metavar="PYTHON", help="interpreter with the patched build")
     parser.add_argument("--cells", type=int, default=2000)
     parser.add_argument("--store-history", action="store_true")
+    parser.add_argument("--pieces", action="store_true",
+                        help="also count the per-cell pieces the series changes, alone")
     parser.add_argument("--run-cells", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run-pieces", type=int, help=argparse.SUPPRESS)
     # `nox -s bench -- --quick` passes the same flags to every bench script
     args, _ignored = parser.parse_known_args()
     if args.run_cells is not None:
         run_cells(args.run_cells, args.store_history)
+        return
+    if args.run_pieces is not None:
+        run_pieces(args.run_pieces)
         return
     if shutil.which("valgrind") is None:
         print("bench_patches: skipped, instruction counts need valgrind on PATH")
@@ -165,6 +262,8 @@ def main() -> None:
     stock = args.stock or stock_python(_pin()["version"])
     patched = args.patched or patched_python()
     counted = count(stock, patched, args.cells, args.store_history)
+    if args.pieces:
+        counted["pieces"] = count_pieces(stock, patched)
     name = "patches" + ("-history" if args.store_history else "")
     print(f"wrote {write_results(name, counted)}")
     print(json.dumps({k: counted[k] for k in ("stock", "patched", "ratio")}))
