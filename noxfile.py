@@ -50,11 +50,14 @@ def tests(session: nox.Session, ipython: str) -> None:
 def bench(session: nox.Session) -> None:
     """Every ``bench/bench_*.py`` on stock IPython 9.18.1; ``-- NAME`` picks scripts.
 
+    ``bench_patches.py`` counts the patched build against this stock one
+    (it builds the patched environment itself, under ``upstream/_work/``).
     Results go to ``bench/results/`` as JSON; the tables are printed.
     """
     import glob
     import os
 
+    session.install("pip")  # bench_patches builds the patched wheel with `python -m pip wheel`
     session.install("ipython==9.18.1", "-e", ".[test]")
     wanted = [a for a in session.posargs if not a.startswith("-")]
     flags = [a for a in session.posargs if a.startswith("-")]

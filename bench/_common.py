@@ -111,24 +111,28 @@ def in_counted_region(fn: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def count_regions(children: list[list[str]], expected: int) -> list[list[int]]:
+def count_regions(children: list[list[str]], expected: int,
+                  pythons: list[str] | None = None) -> list[list[int]]:
     """Instructions of each :func:`in_counted_region` call made by each Python
     child (its argv), in call order; the children run under callgrind side by
-    side (the variants a benchmark compares; counts do not depend on load)."""
+    side (the variants a benchmark compares; counts do not depend on load).
+    ``pythons``: the interpreter of each child (default: this one)."""
     import concurrent.futures
 
     if shutil.which("valgrind") is None:
         raise SystemExit("instruction counts need valgrind on PATH")
+    pythons = pythons or [sys.executable] * len(children)
     with concurrent.futures.ThreadPoolExecutor(len(children)) as pool:
-        return list(pool.map(lambda argv: _count_child(argv, expected), children))
+        return list(pool.map(lambda job: _count_child(job[0], expected, job[1]),
+                             zip(children, pythons)))
 
 
-def _count_child(argv: list[str], expected: int) -> list[int]:
+def _count_child(argv: list[str], expected: int, python: str = sys.executable) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="pyrepl3-callgrind-") as tmp:
         out = subprocess.run(
             ["valgrind", "--tool=callgrind", "--collect-atstart=no",
              f"--toggle-collect={_REGION_FUNCTION}", f"--dump-after={_REGION_FUNCTION}",
-             f"--callgrind-out-file={tmp}/cg.out", sys.executable, *argv],
+             f"--callgrind-out-file={tmp}/cg.out", python, *argv],
             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         if out.returncode != 0:
             raise SystemExit(f"the counted child failed: {out.stderr[-3000:]}")
@@ -159,9 +163,14 @@ def bench_shell() -> Any:
 
 
 def environment() -> dict:
-    import IPython
+    try:
+        import IPython
+    except ImportError:  # a driver that only runs other interpreters (bench_patches)
+        version = "none"
+    else:
+        version = IPython.__version__
 
-    return {"python": platform.python_version(), "ipython": IPython.__version__,
+    return {"python": platform.python_version(), "ipython": version,
             "platform": platform.platform(), "cpus": os.cpu_count(),
             "argv": sys.argv}
 
