@@ -25,10 +25,11 @@ MATRIX = [nox.param(py, ip, id=f"py{py}-ipython{ip}")
           for ip, pys in IPYTHON_MATRIX.items() for py in pys]
 #: the session that runs the long variants of the heavy tests (server fuzz)
 NEWEST = ("3.13", "9.18.1")
-#: per Python, the session that runs the tests whose outcome does not depend
-#: on the IPython version but cost most (the escape corpus against process
-#: sessions): the newest IPython each Python has.  The others set
-#: PYREPL3_SKIP_HEAVY, which those tests honour with a skip that says so.
+#: per Python, the session that runs the tests marked ``heavy`` (costly, and
+#: not about the IPython version: process sessions, confinement, limits,
+#: checkpoints, server load, the corpus' controls): the newest IPython each
+#: Python has.  The others set PYREPL3_SKIP_HEAVY and skip them, saying so
+#: (tests/conftest.py); the patched session runs everything.
 HEAVY = {("3.10", "8.39.0"), ("3.11", "9.18.1"), ("3.12", "9.18.1"), ("3.13", "9.18.1")}
 
 

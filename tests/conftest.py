@@ -21,6 +21,19 @@ def pytest_configure(config):
     _watchdog_fd = os.dup(sys.__stderr__.fileno())
 
 
+def pytest_collection_modifyitems(config, items):
+    """``PYREPL3_SKIP_HEAVY``: nox runs the tests marked ``heavy`` (costly,
+    and not about the IPython version) once per Python, in the session with
+    its newest IPython; the other sessions skip them and say so."""
+    if not os.environ.get("PYREPL3_SKIP_HEAVY"):
+        return
+    skip = pytest.mark.skip(reason="PYREPL3_SKIP_HEAVY: run once per Python, in the nox "
+                                   "session with its newest IPython")
+    for item in items:
+        if item.get_closest_marker("heavy"):
+            item.add_marker(skip)
+
+
 def pytest_unconfigure(config):
     """The process must also exit: a thread a test left running (or an
     atexit handler) must not hold the interpreter open for ever."""

@@ -14,6 +14,9 @@ import pytest
 from pyrepl3_ext import CellCancelled, Engine
 from pyrepl3_ext.errors import CellError, SessionLost, SnapshotRefused
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 WAIT = 30
 
 STATE = (

@@ -39,7 +39,8 @@ def _load_confine():
 _confine_module = _load_confine()
 
 PROBE = _confine_module.probe()
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="OS confinement is Linux only")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="OS confinement is Linux only"),
+              pytest.mark.heavy]  # costly and not about the IPython version (tests/conftest.py)
 needs_landlock = pytest.mark.skipif(PROBE["landlock_abi"] == 0, reason="kernel has no Landlock")
 needs_seccomp = pytest.mark.skipif(not (PROBE["seccomp"] and PROBE["seccomp_arch"]),
                                    reason="no seccomp filter support for this kernel/arch")

@@ -18,6 +18,9 @@ import pytest
 from pyrepl3_ext import CellCancelled, CellTimeout, Engine, SessionClosed
 from pyrepl3_ext.errors import CellError, SessionLost, VariableNotFound
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 WAIT = 30
 #: a blocked call the cancel must interrupt: far longer than any bound here
 LONG = 100

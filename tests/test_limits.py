@@ -30,6 +30,9 @@ from pyrepl3_ext.engine.limits import (
     probe,
 )
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 MiB = 1 << 20
 HANG = 30  # seconds: generous "must not hang" bound for any child
 

@@ -12,6 +12,9 @@ import pytest
 from pyrepl3_ext import _compat
 from pyrepl3_ext.client import Client, ServerProcess
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 PATCHED = _compat.is_patched_build()
 #: the patched build runs sessions concurrently: 32 sessions x 1,000 executions;
 #: stock IPython runs one session's cell at a time, so there the clients take

@@ -20,6 +20,9 @@ from pyrepl3_ext import protocol as P
 from pyrepl3_ext.engine import Engine
 from pyrepl3_ext.server import Connection, Limits, Server
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 WAIT = 60
 
 

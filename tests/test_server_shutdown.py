@@ -19,6 +19,9 @@ import pytest
 
 from pyrepl3_ext.client import Client, ServerProcess
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 WAIT = 60
 SERVE = [sys.executable, "-m", "pyrepl3_ext.cli", "serve"]
 

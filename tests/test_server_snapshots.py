@@ -11,6 +11,9 @@ import pytest
 from pyrepl3_ext import protocol as P
 from pyrepl3_ext.client import Client, ClientError, ServerProcess
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 WAIT = 60
 
 

@@ -38,6 +38,7 @@ def test_corpus_size_and_classes():
     assert len({p["id"] for p in payloads}) == len(payloads)
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(300)
 def test_positive_controls_escape_unprotected():
     """Each payload really works without protection (naive host capability)."""
@@ -59,6 +60,7 @@ def test_no_escape_under_restricted():
     assert kinds["security"] >= len(results) * 0.8, kinds
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(300)
 def test_guarded_stops_every_command_payload():
     """``guarded`` allows reads by design; nothing may run a command.
@@ -83,6 +85,7 @@ def _normalise(outcome: dict) -> dict:
     return {**outcome, "stdout": _TIMING.sub(r"\1: <t>", outcome["stdout"] or "")}
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(300)
 def test_benign_cells_run_unchanged_under_restricted():
     assert len(CELLS) >= 50
@@ -105,14 +108,16 @@ def _confinement_missing() -> str | None:
     found = probe()
     if not found["landlock_abi"] or not found["seccomp"]:
         return "the kernel lacks Landlock or seccomp: process sessions cannot be confined here"
-    if os.environ.get("PYREPL3_SKIP_HEAVY"):
-        return ("PYREPL3_SKIP_HEAVY: nox runs the process-session corpus once per Python "
-                "(the session with its newest IPython)")
     return None
 
 
-_processes = pytest.mark.skipif(_confinement_missing() is not None,
-                                reason=_confinement_missing() or "")
+_unconfinable = pytest.mark.skipif(_confinement_missing() is not None,
+                                   reason=_confinement_missing() or "")
+
+
+def _processes(test):
+    """The process-session corpus: confinable kernels only, heavy (once per Python)."""
+    return pytest.mark.heavy(_unconfinable(test))
 
 
 @_processes

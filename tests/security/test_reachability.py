@@ -49,6 +49,9 @@ from pyrepl3_ext.security.rules import (ALLOWED_DUNDER_NAMES, attribute_refusal,
 
 from .helpers import run, session
 
+#: costly and not about the IPython version (tests/conftest.py)
+pytestmark = pytest.mark.heavy
+
 DEPTH = 4
 MAX_OBJECTS = 400_000
 PROBE_NAMES = ("__globals__", "__self__", "__code__", "__closure__", "__func__",
