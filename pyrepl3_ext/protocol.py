@@ -209,7 +209,16 @@ METHODS: dict[str, dict] = {
         "params": _params({**_SESSION, "execution_id": _ID,
                            "reason": {"type": "string", "maxLength": 1000}},
                           ("session", "execution_id")),
-        "result": {"type": "object", "properties": {"cancelled": {"type": "boolean"}}},
+        "result": {"type": "object", "properties": {
+            "cancelled": {"type": "boolean"},
+            "state": {"enum": ["dropped", "delivered", "pending", "escalated", "sent"],
+                      "description": "dropped: it was queued and never runs; delivered: "
+                                     "the cell got its exception; pending: armed, the cell "
+                                     "raises at its next safe point (detail says what it "
+                                     "waits for when known); escalated: raised from inside "
+                                     "a blocking call; sent: to a process session, which "
+                                     "interrupts the cell (killed after --kill-grace)"},
+            "detail": {"type": "string"}}},
     },
     "input.reply": {
         "description": "Answer an `input_requested` event (or signal EOF).",

@@ -806,13 +806,13 @@ class Server:
 
     def _cancel(self, conn: Connection, request: P.Request) -> dict:
         session = _session(conn, request.params)
-        hit = session.cancel(request.params["execution_id"],
-                             request.params.get("reason", "cancelled by the client"))
-        if not hit:
+        report = session.cancel_report(request.params["execution_id"],
+                                       request.params.get("reason", "cancelled by the client"))
+        if not report["cancelled"]:
             raise P.RPCError(P.UNKNOWN_EXECUTION, "no queued or running execution "
                                                   f"{request.params['execution_id']!r} in "
                                                   f"session {session.id!r}")
-        return {"cancelled": True}
+        return report
 
     def _input_reply(self, conn: Connection, request: P.Request) -> Any:
         session = _session(conn, request.params)

@@ -391,6 +391,14 @@ def test_the_server_runs_process_sessions_and_reports_their_death():
 
             running = client.execute(sid, "import time; time.sleep(100)", timeout=0.3)
             assert (await running.response())["status"] == "cancelled"
+            running = client.execute(sid, "import time; time.sleep(100)", execution_id="z")
+            for _ in range(200):
+                if (await client.call("session.info", session=sid))["running"] == "z":
+                    break
+                await asyncio.sleep(0.01)
+            answer = await client.call("cancel", session=sid, execution_id="z")
+            assert answer["state"] == "sent" and "killed" in answer["detail"]
+            assert (await running.response())["status"] == "cancelled"
 
             response, events = await client.run(sid, "import ctypes; ctypes.string_at(0)")
             assert response["status"] == "error"

@@ -353,3 +353,26 @@ def test_capabilities_granted_at_session_create(tmp_path):
             assert info.value.code == P.NOT_AVAILABLE
             assert "--files-root" in info.value.message
     run(main())
+
+
+def test_a_cancel_answer_says_what_happened():
+    """dropped (it was queued), or the state of the delivery (never a bare yes)."""
+    async def main():
+        async with await spawn() as client:
+            session = await client.create_session("c")
+            running = client.execute(session, "while True:\n    pass", execution_id="r")
+            queued = client.execute(session, "1", execution_id="q")
+            for _ in range(200):
+                info = await client.call("session.info", session=session)
+                if info["running"] == "r":
+                    break
+                await asyncio.sleep(0.01)
+            answer = await client.call("cancel", session=session, execution_id="q")
+            assert answer["cancelled"] and answer["state"] == "dropped"
+            answer = await client.call("cancel", session=session, execution_id="r")
+            assert answer["cancelled"]
+            assert answer["state"] in ("delivered", "pending", "escalated"), answer
+            assert (await running.response())["status"] == "cancelled"
+            assert (await queued.response())["status"] == "cancelled"
+
+    run(main())

@@ -316,14 +316,25 @@ class Session(SessionBase):
         ``CellCancelled`` at its next safe point (``cancellation.py``).
         Returns whether such an execution was found.
         """
+        return bool(self.cancel_report(execution_id, reason)["cancelled"])
+
+    def cancel_report(self, execution_id: str, reason: str = "cancelled") -> dict:
+        """:meth:`cancel`, answered honestly: ``{"cancelled", "state", "detail"}``
+        with ``state`` ``dropped`` (it was queued: it never runs), ``delivered``,
+        ``pending`` (armed; ``detail`` says why it waits when known: a C call
+        on a worker thread, a ``finally``), ``escalated``, or ``not-running``."""
         job = self._executor.cancel(execution_id, reason)
         if job is None:
-            return False
-        if job.started:
-            from ..cancellation import cancel
+            return {"cancelled": False, "state": "not-running", "detail": ""}
+        if not job.started:
+            return {"cancelled": True, "state": "dropped", "detail": ""}
+        from ..cancellation import cancel
 
-            cancel(self._shell, execution_id, reason)
-        return True
+        report = cancel(self._shell, execution_id, reason, report=True)
+        if not report.hit:  # between leaving the queue and opening its scope
+            return {"cancelled": True, "state": "pending",
+                    "detail": "the cell is starting; it is cancelled as it starts"}
+        return report.as_dict()
 
     def _on_pre_run_cell(self, info: Any) -> None:
         # A cancel that arrived after the job left the queue but before the

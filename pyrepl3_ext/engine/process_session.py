@@ -787,6 +787,13 @@ class ProcessSession(SessionBase):
     def cancel(self, execution_id: str, reason: str = "cancelled") -> bool:
         """Cancel a queued or running execution; a running cell that has not
         ended ``kill_grace`` seconds later is killed with the process."""
+        return bool(self.cancel_report(execution_id, reason)["cancelled"])
+
+    def cancel_report(self, execution_id: str, reason: str = "cancelled") -> dict:
+        """:meth:`cancel` with its state: ``dropped`` (queued: never runs),
+        ``sent`` (to the session process, which interrupts the cell; the
+        supervisor kills the process ``kill_grace`` seconds later if it has
+        not ended), or ``not-running``."""
         with self._lock:
             running = self._running
             if running is not None and running.job.execution_id == execution_id:
@@ -806,15 +813,17 @@ class ProcessSession(SessionBase):
                         found = entry[0]
                         break
         if found is None:
-            return False
+            return {"cancelled": False, "state": "not-running", "detail": ""}
         if found == "running":
             self._send({"op": "cancel", "execution_id": execution_id, "reason": reason})
-            return True
+            return {"cancelled": True, "state": "sent",
+                    "detail": f"the session process interrupts the cell; its process is "
+                              f"killed if it has not ended {self.kill_grace} s from now"}
         result = ProcessExecutionResult(found.code, found.execution_id,
                                         store_history=found.store_history, silent=found.silent)
         result.error_before_exec = CellCancelled(reason)
         self._settle(found, result)
-        return True
+        return {"cancelled": True, "state": "dropped", "detail": ""}
 
     # -- host API calls (answered by the worker) ------------------------------------
     def _ask(self, message: dict) -> list:
