@@ -272,8 +272,7 @@ class WorkerHost:
                 str(message.get("code", "")), execution_id=execution_id,
                 timeout=message.get("timeout"), transaction=message.get("transaction"),
                 store_history=bool(message.get("store_history", True)),
-                silent=bool(message.get("silent", False)),
-                on_event=self.on_event, wait=False, queue=True)
+                silent=bool(message.get("silent", False)), wait=False, queue=True)
         except Exception as exc:  # noqa: BLE001 - a refused request is answered
             self.send({"op": "done", "execution_id": execution_id, "status": "error",
                        "execution_count": None, "refused": describe_error(exc),
@@ -568,6 +567,11 @@ def run(session: Any, sock: socket.socket) -> int:
         channel.send({"op": "failed", "error": describe_error(exc)})
         return 1
     host = WorkerHost(session, channel)
+    # every event of this process is the parent's: one subscription for the
+    # process's life, not one per execution (no hook re-sorting per cell)
+    from .. import subscribe
+
+    subscribe(session.shell, host.on_event)
     session._executor.adopt_current_thread()
     channel.send({"op": "ready", "pid": os.getpid(), "session": session.id,
                   "execution_count": session.execution_count, "confinement": confinement})
