@@ -144,7 +144,6 @@ class ProcessSession(SessionBase):
         self._calls: dict[int, list] = {}
         self._call_ids = iter(range(1, 1 << 62))
         self._policy: Any = None
-        self._serves_input = False
         self.confinement: dict = {}
         self._execution_count: int | None = None
         self._kill_reason: tuple[str, str] | None = None
@@ -566,8 +565,6 @@ class ProcessSession(SessionBase):
         self._start_worker()
         with self._lock:
             self.lost = None
-        if self._serves_input:
-            pass  # the worker always asks the parent for input
         if self._policy is not None:
             self._call("set_policy", policy=self._policy)
         for name, impl in list(self._grants.items()):
@@ -970,7 +967,6 @@ class ProcessSession(SessionBase):
     def serve_input(self) -> Callable[[], None]:
         """Input is always the host's in a session process (there is no
         terminal); an execution without ``on_event`` gets end-of-input."""
-        self._serves_input = True
         return lambda: None
 
     def set_policy(self, policy: Any) -> None:
@@ -1153,15 +1149,11 @@ def _setting(name: str, *configs: Any) -> Any:
 def create(engine: Any, session_id: str | None, config: Any, *, limits: Any,
            confine: Any, kill_grace: float) -> ProcessSession:
     """A process session for ``Engine.create_session`` (arguments checked here)."""
-    import json
+    from .supervisor import _config_data
 
     if session_id is None:
         session_id = os.urandom(6).hex()
-    try:
-        data = json.loads(json.dumps(config)) if config is not None else {}
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"a process session's config must hold plain data (it is sent "
-                         f"to its process): {exc}") from None
+    data = _config_data(config)
     policy = _setting("security_policy", engine.config, data)
     request = confine_request(confine, policy if isinstance(policy, str) else None)
     return ProcessSession(engine, session_id, data, limits=limits, confine=request,

@@ -73,7 +73,7 @@ def _config_data(config: Any) -> dict:
     try:
         return json.loads(json.dumps(config))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"an engine config for process sessions must hold plain data "
+        raise ValueError(f"a config for process sessions must hold plain data "
                          f"(it is sent to the session processes): {exc}") from None
 
 

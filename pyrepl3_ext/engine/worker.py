@@ -52,7 +52,6 @@ CALLS = {
     "reply_input": ("input_id", "text"),
     "set_policy": ("policy",),
     "grant_input": (),
-    "execution_count": (),
     "export_snapshot": ("name", "key"),
     "import_snapshot": ("name", "data", "key", "restore"),
 }
@@ -289,9 +288,7 @@ class WorkerHost:
                 raise ValueError(f"unknown call {method!r}")
             params = message.get("params") or {}
             kwargs = {k: params[k] for k in CALLS[method] if k in params}
-            if method == "execution_count":
-                reply["result"] = self.session.execution_count
-            elif method in ("export_snapshot", "import_snapshot"):
+            if method in ("export_snapshot", "import_snapshot"):
                 reply["result"] = getattr(self, "_" + method)(**kwargs)
             else:
                 reply["result"] = getattr(self.session, method)(**kwargs)
