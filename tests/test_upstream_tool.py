@@ -43,8 +43,8 @@ def make_tree(root: Path, files: dict[str, str]) -> Path:
 
 def test_pin_file_names_the_pinned_release(tool):
     pin = tool.read_pin()
-    assert pin["version"] == "9.18.1"
-    assert pin["sdist"] == "ipython-9.18.1.tar.gz"
+    assert pin["version"] == "9.19.1"
+    assert pin["sdist"] == "ipython-9.19.1.tar.gz"
     assert len(pin["sha256"]) == 64
 
 
