@@ -200,3 +200,48 @@ def test_transaction_cells_leave_no_processes_behind(session):
     # request); the ones before are gone: nothing accumulates
     assert len(zombies_and_children()) <= 2, zombies_and_children()
     assert _plain(session, "value") == "29"
+
+
+def _standby_ready(session):
+    """Wait until the worker made its standby checkpoint (it does so once the
+    session has been idle a few ms after a transaction cell)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if session.standby is not None:
+            return session.standby
+        time.sleep(0.01)
+    raise AssertionError("no standby checkpoint was made")
+
+
+def test_an_idle_session_keeps_a_standby_checkpoint_for_the_next_one(session):
+    session.execute(STATE)
+    session.execute("items.append(3)", transaction=True)
+    standby = _standby_ready(session)
+    assert standby["standby"], standby
+    # the next checkpoint is the standby (no fork on the request's path) ...
+    assert session.take_snapshot("now")["pid"] == standby["pid"]
+    # ... and it holds the state as it was when taken
+    session.execute("items.append(4)")
+    session.restore_snapshot("now")
+    assert _plain(session, "items") == "[1, 2, 3]"
+
+
+@pytest.mark.parametrize("change", ["cell", "set_variable", "restore"])
+def test_whatever_changes_the_session_after_its_standby_ends_the_standby(session, change):
+    """A transaction rolls back to the state at its own start, never to an
+    older standby's."""
+    session.execute(STATE)
+    session.take_snapshot("older")
+    session.execute("items.append(3)", transaction=True)
+    assert _standby_ready(session)["standby"]
+    if change == "cell":
+        session.execute("items.append(9)", transaction=False)
+    elif change == "set_variable":
+        session.set_variable("items", [9])
+    else:
+        session.restore_snapshot("older")  # a fresh worker: [1, 2]
+    expected = _plain(session, "items")
+    assert expected != "[1, 2, 3]"
+    result = session.execute("items.append(5)\n1 / 0", transaction=True)
+    assert isinstance(result.error_in_exec, CellError)
+    assert _plain(session, "items") == expected

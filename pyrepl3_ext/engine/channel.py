@@ -113,6 +113,10 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def buffered(self) -> bool:
+        """Whether bytes already read wait here (a ``select`` on the socket misses them)."""
+        return bool(self._buffer)
+
     def send(self, message: dict, fds: Sequence[int] = ()) -> None:
         """Send one message (with ``fds``, if any); ``OSError`` when the other end is gone."""
         if fds:

@@ -137,6 +137,9 @@ class ProcessSession(SessionBase):
         #: None while the process lives; else {"kind", "message", "status"}
         self.lost: dict | None = None
         self._lost_callbacks: list[Callable[["ProcessSession", dict], None]] = []
+        #: the worker's answer to the last standby request (``_after_cell``):
+        #: ``{"standby": bool, "pid"/"why", "prefaulted"}``, for diagnostics
+        self.standby: dict | None = None
         self._grants: dict[str, Any] = {}
         #: durable snapshots: name -> signed bytes the worker made (opaque here)
         self._durable: dict[str, bytes] = {}
@@ -268,8 +271,7 @@ class ProcessSession(SessionBase):
             with self._lock:
                 slot = self._calls.pop(message.get("id"), None)
             if slot is not None:
-                slot[1] = message
-                slot[0].set()
+                _fulfil(slot, message)
         elif op == "capability":
             threading.Thread(target=self._serve_capability, args=(worker, message),
                              daemon=True, name="pyrepl3-capability").start()
@@ -354,11 +356,10 @@ class ProcessSession(SessionBase):
             result = running.result
         self._disarm(running)
         checkpoint = self._transaction_checkpoint(running)
-        if checkpoint is not None:
-            if message.get("status") == "ok":
-                self._end_checkpoint(checkpoint)
-            else:
-                self._roll_back(checkpoint)
+        transaction = checkpoint is not None
+        if transaction and message.get("status") != "ok":
+            self._roll_back(checkpoint)  # before the next cell: it runs on the old state
+            checkpoint = None
         result.execution_count = message.get("execution_count")
         if isinstance(result.execution_count, int):
             # the shell's count after a stored cell is one more than the cell's
@@ -375,6 +376,29 @@ class ProcessSession(SessionBase):
                 result.error_in_exec = exc
         self._settle(running.job, result)
         self._next()
+        self._after_cell(transaction, retire=checkpoint)
+
+    def _after_cell(self, transaction: bool, retire: Any) -> None:
+        """Ask for a standby checkpoint when the session went idle after a
+        transaction cell (or transactions are its default): the next one
+        then starts without a fork.  ``retire``, the checkpoint of a
+        transaction that succeeded, lives until the standby is made, so the
+        worker can tell the pages the cell wrote (``prefault.py``)."""
+        wanted = transaction or self._transactions_by_default()
+        if wanted and not self.busy and self.lost is None and not self._closed:
+            def made(reply: dict) -> None:
+                self.standby = reply.get("result")
+                if retire is not None:
+                    self._end_checkpoint(retire)
+
+            try:
+                self._ask({"op": "standby", "idle": self.standby_idle,
+                           "learn": retire is not None}, on_reply=made)
+                return
+            except (SessionClosed, SessionLost):
+                pass
+        if retire is not None:
+            self._end_checkpoint(retire)
 
     def _disarm(self, running: _Running) -> None:
         for timer in running.timers:
@@ -492,9 +516,8 @@ class ProcessSession(SessionBase):
             calls = list(self._calls.values())
             self._calls.clear()
         for slot in calls:
-            slot[1] = {"error": {"type": "SessionClosed" if lost is None else "RuntimeError",
-                                 "message": error.args[-1] if error.args else str(error)}}
-            slot[0].set()
+            _fulfil(slot, {"error": {"type": "SessionClosed" if lost is None else "RuntimeError",
+                                     "message": error.args[-1] if error.args else str(error)}})
 
     def _fail_running(self, error: BaseException, lost: dict | None) -> None:
         with self._lock:
@@ -579,6 +602,9 @@ class ProcessSession(SessionBase):
     # -- checkpoints: paused forks of the worker -------------------------------------
     #: live checkpoints a session may hold (each is a process; its memory counts)
     max_checkpoints = 8
+    #: seconds without a request before a worker forks a standby checkpoint
+    #: (``_after_cell``): a client sending cell after cell never waits for one
+    standby_idle = 0.005
 
     def _wants_transaction(self, job: Job) -> bool:
         """A transaction cell: the job says so, a ``%%transaction`` line, or the default."""
@@ -591,6 +617,9 @@ class ProcessSession(SessionBase):
                 return bool(parse_directives(job.code)[0].get("transaction"))
             except ValueError:  # a malformed directive: the worker reports it
                 return False
+        return self._transactions_by_default()
+
+    def _transactions_by_default(self) -> bool:
         return bool(_setting("transactions", self.engine.config, self._config))
 
     def _adopt_checkpoint(self, reply: dict) -> Any:
@@ -823,9 +852,10 @@ class ProcessSession(SessionBase):
         return {"cancelled": True, "state": "dropped", "detail": ""}
 
     # -- host API calls (answered by the worker) ------------------------------------
-    def _ask(self, message: dict) -> list:
+    def _ask(self, message: dict, on_reply: Callable[[dict], Any] | None = None) -> list:
         """Send a request the worker answers with ``reply``; its slot
-        ``[event, reply]`` (``reply`` set, event set, when it comes)."""
+        ``[event, reply, on_reply]`` (``reply`` set, event set, then
+        ``on_reply`` called, when it comes, or when the session ends)."""
         with self._lock:
             if self._closed:
                 raise SessionClosed(f"session {self.id!r} is closed")
@@ -833,7 +863,7 @@ class ProcessSession(SessionBase):
                 raise SessionLost(self.lost["kind"], f"session {self.id!r} is lost "
                                                      f"({self.lost['message']})")
             call_id = next(self._call_ids)
-            slot: list = [threading.Event(), None]
+            slot: list = [threading.Event(), None, on_reply]
             self._calls[call_id] = slot
         if not self._send({**message, "id": call_id}):
             with self._lock:
@@ -1133,6 +1163,14 @@ def _safe_name(session_id: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_-]", "_", session_id)[:40]
+
+
+def _fulfil(slot: list, reply: dict) -> None:
+    """Answer a request's slot (see ``ProcessSession._ask``)."""
+    slot[1] = reply
+    slot[0].set()
+    if slot[2] is not None:
+        slot[2](reply)
 
 
 def _setting(name: str, *configs: Any) -> Any:

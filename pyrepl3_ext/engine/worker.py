@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import itertools
 import os
+import select
 import signal
 import socket
 import threading
@@ -137,6 +138,10 @@ class WorkerHost:
         #: checkpoints this process forked and has not reaped (each one the
         #: parent drops would stay a zombie, holding a pid, until we exit)
         self._checkpoint_pids: set[int] = set()
+        #: a checkpoint forked while idle, not yet asked for: (pid, our end)
+        self._standby: tuple[int, socket.socket] | None = None
+        #: the pages the last cells wrote, copied ahead after a standby fork
+        self._hot_pages: list[tuple[int, int]] = []
 
     # -- to the parent ---------------------------------------------------------
     def send(self, message: dict) -> None:
@@ -225,6 +230,8 @@ class WorkerHost:
 
     def handle(self, message: dict) -> None:
         op = message.get("op")
+        if self._standby is not None and op not in ("checkpoint", "standby"):
+            self._drop_standby()
         if op == "execute":
             self._execute(message)
         elif op == "cancel":
@@ -245,6 +252,8 @@ class WorkerHost:
             # on this (the reader) thread: while it forks, no other request
             # is read, so no other thread of ours holds a lock the copy needs
             self._checkpoint(message)
+        elif op == "standby":
+            self._make_standby(message)
         elif op == "close":
             self.session._executor.shutdown(str(message.get("reason") or "session closed"))
             running = self.session.running
@@ -323,15 +332,36 @@ class WorkerHost:
 
     # -- checkpoints: a paused fork of this process ---------------------------------
     def _checkpoint(self, message: dict) -> None:
+        """Answer a checkpoint request with the standby, if one is waiting,
+        else with a copy forked now."""
         reply: dict = {"op": "reply", "id": message.get("id")}
         from ..errors import SnapshotRefused
 
+        standby, self._standby = self._standby, None
+        if standby is not None and self._alive(standby[0]):
+            pid, ours = standby
+        else:
+            if standby is not None:
+                standby[1].close()
+            try:
+                pid, ours = self._fork_checkpoint()
+            except SnapshotRefused as exc:
+                reply["error"] = describe_error(exc)
+                self.send(reply)
+                return
+        reply["result"] = {"pid": pid}
         try:
-            _check_forkable(self.session)
-        except SnapshotRefused as exc:
-            reply["error"] = describe_error(exc)
-            self.send(reply)
-            return
+            self.channel.send(reply, fds=[ours.fileno()])
+        except OSError:
+            os._exit(0)
+        finally:
+            ours.close()
+
+    def _fork_checkpoint(self) -> tuple[int, socket.socket]:
+        """Fork a paused copy of this process; its pid and our end of its channel."""
+        from ..errors import SnapshotRefused
+
+        _check_forkable(self.session)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with _quiet_background():
@@ -339,11 +369,9 @@ class WorkerHost:
         except OSError as exc:  # confined without fork: no pids limit to bound copies
             ours.close()
             theirs.close()
-            reply["error"] = describe_error(SnapshotRefused(
+            raise SnapshotRefused(
                 f"this session cannot fork a checkpoint ({exc.strerror}): its confinement "
-                f"allows fork only where a pids cgroup bounds the copies"))
-            self.send(reply)
-            return
+                f"allows fork only where a pids cgroup bounds the copies") from None
         if pid == 0:  # the checkpoint: this thread is all it has
             code = 1
             try:
@@ -354,19 +382,69 @@ class WorkerHost:
         theirs.close()
         self._reap_checkpoints()
         self._checkpoint_pids.add(pid)
-        reply["result"] = {"pid": pid}
+        return pid, ours
+
+    def _alive(self, pid: int) -> bool:
         try:
-            self.channel.send(reply, fds=[ours.fileno()])
-        except OSError:
-            os._exit(0)
-        finally:
-            ours.close()
+            return os.waitpid(pid, os.WNOHANG)[0] == 0
+        except ChildProcessError:
+            return False
+
+    # -- the standby: a checkpoint forked while idle ------------------------------
+    def _make_standby(self, message: dict) -> None:
+        """Fork a checkpoint now, while the session is idle, for the next
+        transaction cell (or ``take_snapshot``) to take without waiting for
+        a fork; then copy ahead the pages the last cells wrote (``prefault``).
+
+        Only after ``idle`` seconds in which no request came: a session fed
+        cell after cell would throw each standby away.  The standby is the
+        state as it is now, so any request but a checkpoint ends it
+        (``handle``).  With ``learn``, a checkpoint forked before the last
+        cell is still alive, so the pages this process maps alone are the
+        ones it wrote since: they become the set copied ahead."""
+        from ..errors import SnapshotRefused
+        from . import prefault
+
+        reply: dict = {"op": "reply", "id": message.get("id")}
+        idle = message.get("idle")
+        idle = float(idle) if isinstance(idle, (int, float)) and 0 <= idle <= 1 else 0.005
+        if self._standby is not None or self.session.running is not None:
+            reply["result"] = {"standby": False, "why": "busy"}
+        elif self.channel.buffered() or select.select([self.channel.sock], [], [], idle)[0]:
+            reply["result"] = {"standby": False, "why": "a request came"}
+        else:
+            learn = bool(message.get("learn")) and prefault.supported()
+            if learn:
+                self._hot_pages = prefault.written_pages()
+            try:
+                self._standby = self._fork_checkpoint()
+            except SnapshotRefused as exc:
+                reply["result"] = {"standby": False, "why": str(exc)}
+            else:
+                copied = prefault.prefault(self._hot_pages) if self._hot_pages else 0
+                reply["result"] = {"standby": True, "pid": self._standby[0],
+                                   "prefaulted": copied}
+        self.send(reply)
+
+    def _drop_standby(self) -> None:
+        """The session is about to change: the standby no longer matches it."""
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            pid, ours = standby
+            ours.close()  # its end of the channel: it exits by itself
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _wait_as_checkpoint(self, channel: Channel) -> int:
         """Hold this copy of the session until the parent resumes or drops it."""
         os.setpgid(0, 0)  # its own group: killing the live worker's group spares it
         self.channel.detach()  # the live worker's connection is not ours
         self._checkpoint_pids.clear()  # its siblings: not its children
+        if self._standby is not None:  # a sibling's channel: not ours either
+            self._standby[1].close()
+            self._standby = None
         while True:
             try:
                 message = channel.recv()
