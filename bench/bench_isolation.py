@@ -1,6 +1,6 @@
 """Process sessions: creation, round trip, idle memory and cancel latency, side by side.
 
-Run: ``python bench/bench_isolation.py [--quick]``.  Everything is measured in
+Run: ``python bench/bench_isolation.py [--quick] [--only PART]``.  Everything is measured in
 one run, variants interleaved, so the ratios hold on a noisy machine:
 
 * **creation**: ``Engine.create_session()`` in process, with
@@ -216,21 +216,35 @@ def checkpoints(sizes_mib: list[int], rounds: int) -> dict:
                              "extra_mib_after_take": after_take / 2**20,
                              "extra_mib_after_10pct_rewrite": after_write / 2**20}
         session.close()
-    # a transaction cell's added latency: x = 1 with and without, interleaved
-    session = engine.create_session(isolation="process")
-    plain, transaction = [], []
+    # a transaction cell's added latency: x = 1 in a session whose every cell
+    # is a transaction against x = 1 in a plain one, calls interleaved; back
+    # to back (no idle time: every checkpoint is forked on the cell's path) and
+    # after an idle gap before each call, as a person or an agent types (a
+    # standby checkpoint waits, its hot pages copied ahead: engine/prefault.py)
+    from traitlets.config import Config
+
+    config = Config()
+    config.PyREPL3.transactions = True
+    plain_session = engine.create_session(isolation="process")
+    session = engine.create_session(isolation="process", config=config)
     for _ in range(10):
+        plain_session.execute("x = 1")
         session.execute("x = 1")
-        session.execute("x = 1", transaction=True)
-    for _ in range(rounds * 10):
-        for variant, bucket in random.sample([(False, plain), (True, transaction)], 2):
-            t0 = time.perf_counter()
-            session.execute("x = 1", transaction=variant)
-            bucket.append(time.perf_counter() - t0)
-    out["transaction x = 1"] = summary(transaction)
-    out["plain x = 1"] = summary(plain)
-    out["transaction added, p50 ms"] = (statistics.median(transaction)
-                                        - statistics.median(plain)) * 1e3
+    for label, gap in (("back to back", 0.0), ("after 50 ms idle", 0.05)):
+        plain, transaction = [], []
+        for _ in range(rounds * 10):
+            for target, bucket in random.sample([(plain_session, plain),
+                                                 (session, transaction)], 2):
+                if gap:
+                    time.sleep(gap)
+                t0 = time.perf_counter()
+                target.execute("x = 1")
+                bucket.append(time.perf_counter() - t0)
+        out[f"transaction x = 1, {label}"] = summary(transaction)
+        out[f"plain x = 1, {label}"] = summary(plain)
+        out[f"transaction added, {label}, p50 ms"] = (statistics.median(transaction)
+                                                      - statistics.median(plain)) * 1e3
+    out["standby"] = session.standby
     engine.close()
     return out
 
@@ -238,35 +252,64 @@ def checkpoints(sizes_mib: list[int], rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples")
-    options = parser.parse_args()
-    quick = options.quick
-    results = {
-        "creation": creation(rounds=20 if quick else 60, jupyter_rounds=3 if quick else 8),
-        "round_trip": asyncio.run(_round_trips(100 if quick else 400)),
-        "idle_memory": idle_memory(5 if quick else 10),
-        "cancel": cancel_latency(10 if quick else 40),
-        "checkpoints": checkpoints([1, 100] if quick else [1, 100, 1024], 5 if quick else 15),
+    parts = {
+        "creation": lambda q: creation(rounds=20 if q else 60, jupyter_rounds=3 if q else 8),
+        "round_trip": lambda q: asyncio.run(_round_trips(100 if q else 400)),
+        "idle_memory": lambda q: idle_memory(5 if q else 10),
+        "cancel": lambda q: cancel_latency(10 if q else 40),
+        "checkpoints": lambda q: checkpoints([1, 100] if q else [1, 100, 1024], 5 if q else 15),
     }
+    parser.add_argument("--only", action="append", choices=sorted(parts),
+                        help="measure only this part (repeatable); default: all")
+    options = parser.parse_args()
+    results = {name: measure(options.quick) for name, measure in parts.items()
+               if not options.only or name in options.only}
+    if "creation" in results:
+        _print_creation(results)
+    if "round_trip" in results:
+        _print_round_trip(results)
+    if "idle_memory" in results:
+        _print_idle_memory(results)
+    if "cancel" in results:
+        _print_cancel(results)
+    if "checkpoints" in results:
+        _print_checkpoints(results)
+    print(f"results: {write_results('isolation', results)}")
+
+
+def _print_creation(results: dict) -> None:
     print("session creation (ms)")
     for name, s in results["creation"].items():
         print(f"  {name:<16} p50 {s['p50_ms']:8.1f}  p99 {s['p99_ms']:8.1f}  (n={s['n']})")
     base = results["creation"]["in-process"]["p50_ms"]
     for name, s in results["creation"].items():
         print(f"  {name:<16} / in-process p50: {s['p50_ms'] / base:6.2f}")
+
+
+def _print_round_trip(results: dict) -> None:
     print("x = 1 round trip over the protocol (ms)")
     for name, s in results["round_trip"].items():
         if isinstance(s, dict):
             print(f"  {name:<16} p50 {s['p50_ms']:7.3f}  p99 {s['p99_ms']:7.3f}")
     print(f"  process - in-process (paired p50): "
           f"{results['round_trip']['process minus in-process, paired p50_ms']:+.3f} ms")
+
+
+def _print_idle_memory(results: dict) -> None:
     mem = results["idle_memory"]
     print(f"idle process session (mean of {mem['sessions']}), MiB: " +
           "  ".join(f"{k.upper()} {v:.1f}" for k, v in mem["per_session_mib"].items()) +
           f"   (fork server RSS {mem['fork_server_mib']['rss']:.1f})")
+
+
+def _print_cancel(results: dict) -> None:
     print("cancel to result in a process session (ms)")
     for name, s in results["cancel"].items():
         print(f"  {name:<16} p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f}  "
               f"max {s['max_ms']:7.2f}")
+
+
+def _print_checkpoints(results: dict) -> None:
     print("checkpoints (ms; extra memory in MiB, PSS of worker + checkpoint)")
     for name, c in results["checkpoints"].items():
         if name.endswith("MiB"):
@@ -275,9 +318,11 @@ def main() -> None:
                   f"{c['extra_mib_after_take']:7.1f}  after 10% rewrite "
                   f"{c['extra_mib_after_10pct_rewrite']:7.1f}")
     c = results["checkpoints"]
-    print(f"  transaction cell x = 1: p50 {c['transaction x = 1']['p50_ms']:.2f} vs "
-          f"{c['plain x = 1']['p50_ms']:.2f} ms plain (+{c['transaction added, p50 ms']:.2f} ms)")
-    print(f"results: {write_results('isolation', results)}")
+    for label in ("back to back", "after 50 ms idle"):
+        print(f"  transaction cell x = 1, {label}: p50 "
+              f"{c[f'transaction x = 1, {label}']['p50_ms']:.2f} vs "
+              f"{c[f'plain x = 1, {label}']['p50_ms']:.2f} ms plain "
+              f"(+{c[f'transaction added, {label}, p50 ms']:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ class ProcessSession(SessionBase):
         #: the worker's answer to the last standby request (``_after_cell``):
         #: ``{"standby": bool, "pid"/"why", "prefaulted"}``, for diagnostics
         self.standby: dict | None = None
+        #: checkpoints of finished transactions, ended once a standby is made
+        self._retiring: list[Any] = []
         self._grants: dict[str, Any] = {}
         #: durable snapshots: name -> signed bytes the worker made (opaque here)
         self._durable: dict[str, bytes] = {}
@@ -383,22 +385,42 @@ class ProcessSession(SessionBase):
         transaction cell (or transactions are its default): the next one
         then starts without a fork.  ``retire``, the checkpoint of a
         transaction that succeeded, lives until the standby is made, so the
-        worker can tell the pages the cell wrote (``prefault.py``)."""
+        worker can tell the pages the cell wrote (``prefault.py``), or until
+        the next request, whichever comes first: alive, it would make the
+        next cell's writes copy pages three ways."""
         wanted = transaction or self._transactions_by_default()
         if wanted and not self.busy and self.lost is None and not self._closed:
+            # learning needs ``retire`` alive, which costs the next cell when it
+            # comes at once (three-way page copies): only while the session
+            # idles between cells, as its last standby request found
+            last = self.standby
+            learn = retire is not None and (last is None or bool(last.get("standby")))
+
             def made(reply: dict) -> None:
                 self.standby = reply.get("result")
-                if retire is not None:
-                    self._end_checkpoint(retire)
+                self._end_retiring()
 
+            if retire is not None:
+                with self._lock:
+                    self._retiring.append(retire)
+                if not learn:
+                    self._end_retiring()
             try:
-                self._ask({"op": "standby", "idle": self.standby_idle,
-                           "learn": retire is not None}, on_reply=made)
+                self._ask({"op": "standby", "idle": self.standby_idle, "learn": learn},
+                          on_reply=made)
                 return
             except (SessionClosed, SessionLost):
                 pass
-        if retire is not None:
-            self._end_checkpoint(retire)
+        elif retire is not None:
+            with self._lock:
+                self._retiring.append(retire)
+        self._end_retiring()
+
+    def _end_retiring(self) -> None:
+        with self._lock:
+            retiring, self._retiring = self._retiring, []
+        for checkpoint in retiring:
+            self._end_checkpoint(checkpoint)
 
     def _disarm(self, running: _Running) -> None:
         for timer in running.timers:
@@ -410,6 +432,8 @@ class ProcessSession(SessionBase):
         _settle(job.future, result, exc)
 
     def _next(self) -> None:
+        if self._retiring:
+            self._end_retiring()
         with self._lock:
             if self._running is not None or not self._queue or self.lost is not None:
                 return
@@ -665,6 +689,7 @@ class ProcessSession(SessionBase):
         checkpoint.channel.close()
 
     def _drop_checkpoints(self) -> None:
+        self._end_retiring()
         with self._lock:
             checkpoints = list(self._checkpoints.values())
             self._checkpoints.clear()
