@@ -177,6 +177,8 @@ class CancelScope:
     monitored = False                # 3.12+: sys.monitoring delivers (main thread too)
     in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
     async_exc_pending = False
+    deep = False                     # its stack is deeper than _VERDICT_WALK (a runaway)
+    gc_paused = False                # holds one of _pause_gc's pauses
 
     def __init__(self, execution: Any, thread_id: int, manager: "CancellationManager",
                  parent: "CancelScope | None"):
@@ -193,6 +195,8 @@ class CancelScope:
         """The exception to raise now, with the delivery recorded (``raise scope.raising()``)."""
         self.mechanism = "raised"
         self.raised += 1
+        if self.deep:
+            _pause_gc(self)
         return self.exception()
 
     def exception(self) -> CellCancelled:
@@ -533,6 +537,16 @@ def _code_info(code) -> tuple:
     return info
 
 
+#: How far ``_verdict`` walks a stack.  Only a runaway recursion of the
+#: cell's code is deeper: walking 10^5-10^6 frames took 0.3-0.6 s per verdict
+#: (each one materialised as a frame object), which was most of what such a
+#: cancel cost.  Frames further out than this are taken to be the cell's
+#: code in safe places; the one case that loses, a recursion this deep run
+#: from a ``finally:`` or ``__exit__``, has its cleanup cut short, as every
+#: cleanup is after ``HARD_DEADLINE``.
+_VERDICT_WALK = 10_000
+
+
 def _verdict(frame, scope: CancelScope) -> int:
     """May the target thread raise now, with ``frame`` its innermost frame?
 
@@ -542,7 +556,7 @@ def _verdict(frame, scope: CancelScope) -> int:
     on a ``try:``/``with`` line or in a ``finally:`` body (an outer frame in
     one would have its cleanup cut short too), or innermost in the import
     system; RAISE otherwise, and after the hard deadline.  One walk of the
-    stack, O(depth) with a dict lookup per frame.
+    stack, at most ``_VERDICT_WALK`` frames with a dict lookup each.
     """
     if getattr(_shield_depth, "n", 0):
         return DEFER
@@ -560,21 +574,25 @@ def _verdict(frame, scope: CancelScope) -> int:
     # First pass, identities only: is the cell's code running at all?  No
     # per-file analysis happens for IPython's own frames (tokenizing
     # interactiveshell.py takes ~100 ms), and none on a stack that is not
-    # the cell's.  A runaway recursion can be 10^5-10^6 frames deep: no list.
+    # the cell's.  A runaway recursion can be 10^5-10^6 frames deep: no
+    # list, and no walk past ``_VERDICT_WALK`` frames (see there).
     roots = _RUN_CODE_IDS
     last = None
     f = frame
-    while f is not None:
+    for _ in range(_VERDICT_WALK):
+        if f is None:
+            return OUTSIDE
         if id(f.f_code) in roots:
+            if last is None or not _is_cell_code(last.f_code):
+                # run_code itself (its start), or IPython's work inside it
+                # (printing the traceback of the exception that just left
+                # the cell's code)
+                return OUTSIDE
             break
         last = f
         f = f.f_back
     else:
-        return OUTSIDE
-    if last is None or not _is_cell_code(last.f_code):
-        # run_code itself (its start), or IPython's work inside it (printing
-        # the traceback of the exception that just left the cell's code)
-        return OUTSIDE
+        scope.deep = True
     late = time.monotonic() - scope.requested_at > HARD_DEADLINE
     kind, offsets, _ = _code_info(frame.f_code)
     if kind == _OWN:
@@ -587,7 +605,9 @@ def _verdict(frame, scope: CancelScope) -> int:
     # cleanup cut short too
     info_of = _code_info_cache.get
     f = frame.f_back
-    while f is not None:
+    for _ in range(_VERDICT_WALK):
+        if f is None:
+            break
         code = f.f_code
         key = id(code)
         if key in roots:
@@ -789,8 +809,7 @@ def _local_tracer(frame, event, arg):
         if verdict == RAISE:
             # Untrace before raising: the unwinding and the cell's cleanup run
             # at full speed (a re-cancel after the grace period re-arms).
-            for f in _cell_frames(frame):
-                f.f_trace = None
+            _untrace(frame)
             _SIGNAL.disarm_current_thread()
             raise scope.raising()
         if verdict == OUTSIDE:
@@ -800,6 +819,19 @@ def _local_tracer(frame, event, arg):
             scope.mechanism = "escalate"  # the signal takes over, at no per-line cost
             return None
     return _local_tracer
+
+
+def _untrace(frame) -> None:
+    """Take ``_local_tracer`` off the frames it traces, innermost first: the
+    frames it traces are the ones the cell's code called since the cancel,
+    so ``_VERDICT_WALK`` frames are enough even in a runaway recursion."""
+    f = frame
+    for _ in range(_VERDICT_WALK):
+        if f is None or _is_root(f.f_code):
+            return
+        if f.f_trace is _local_tracer:
+            f.f_trace = None
+        f = f.f_back
 
 
 def _global_tracer(frame, event, arg):
@@ -832,8 +864,7 @@ def _escalate(frame, scope: CancelScope) -> None:
             with _lock:
                 _MONITORING.disarm(scope)
         if _get_ident() in _SIGNAL.saved_trace:  # the lazy tracer (before 3.12)
-            for f in _cell_frames(frame):
-                f.f_trace = None
+            _untrace(frame)
             _SIGNAL.disarm_current_thread()
         raise scope.raising()
 
@@ -923,7 +954,7 @@ class _MainThreadSignal:
             # a debugger or coverage owns settrace: leave it alone and rely
             # on escalation (raise from this handler at a safe point)
             return _escalate(frame, scope)
-        frames = _cell_frames(frame)
+        frames = _innermost_cell_frames(frame)
         if not frames:
             # Not in the cell's code now (an async cell suspended in its loop,
             # IPython's own machinery): tracing from here would slow that
@@ -1281,6 +1312,55 @@ class _Timer:
 _TIMER = _Timer()
 
 
+# -- the collector while a runaway recursion unwinds ----------------------------
+#
+# Unwinding a cancelled recursion 10^5-10^6 frames deep allocates a frame
+# object and a traceback entry per frame; the cyclic collector, triggered by
+# those allocations, traverses the whole (growing) heap again and again: 11
+# full collections and 2 s for one cancel on 3.11.  So from the raise in
+# such a stack until its cell ends, the collector is paused.  Pauses nest
+# (several shells, several threads); the last one switches it back on, and
+# only if a pause switched it off.  A cell that swallows the cancel and runs
+# on keeps it paused until it ends (documented in docs/cancellation.md).
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_disabled_by_us = False
+
+
+def _deeper_than(frame, depth: int) -> bool:
+    f = frame
+    for _ in range(depth):
+        if f is None:
+            return False
+        f = f.f_back
+    return f is not None
+
+
+def _pause_gc(scope: CancelScope) -> None:
+    global _gc_pauses, _gc_disabled_by_us
+    with _gc_lock:
+        if scope.gc_paused:
+            return
+        scope.gc_paused = True
+        _gc_pauses += 1
+        if _gc_pauses == 1 and gc.isenabled():
+            gc.disable()
+            _gc_disabled_by_us = True
+
+
+def _resume_gc(scope: CancelScope) -> None:
+    global _gc_pauses, _gc_disabled_by_us
+    with _gc_lock:
+        if not scope.gc_paused:
+            return
+        scope.gc_paused = False
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_disabled_by_us:
+            _gc_disabled_by_us = False
+            gc.enable()
+
+
 # -- deep tracebacks -----------------------------------------------------------
 
 #: Frames kept at each end of a traceback deeper than their sum.  IPython
@@ -1566,6 +1646,8 @@ class CancellationManager(Component):
     def _close_scope(self, scope: CancelScope) -> None:
         """Mark ``scope`` finished and disarm it (caller holds ``_lock``)."""
         scope.finished = True
+        if scope.gc_paused:
+            _resume_gc(scope)
         self._forget(scope)
         if _cancelled_threads.get(scope.thread_id) is scope:
             del _cancelled_threads[scope.thread_id]
@@ -1680,9 +1762,13 @@ class CancellationManager(Component):
                 # exception posted now would land in the loop, not the cell
                 # and one in IPython's traceback printing must not be cut
                 # short there: posted only while the cell's code runs
+                frame = _thread_frames().get(tid)
                 if scope.in_code and not scope.async_exc_pending and \
-                        _cell_frames(_thread_frames().get(tid)):
+                        _innermost_cell_frames(frame):
                     scope.async_exc_pending = True
+                    if _deeper_than(frame, _VERDICT_WALK):
+                        scope.deep = True
+                        _pause_gc(scope)
                     _post_async_exc(tid, _AsyncCellCancelled)
         # An async cell suspended in its loop: cancel its task from the loop.
         # Scheduled after the arming above, so the loop's "raised" is the

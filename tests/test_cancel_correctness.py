@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import gc
 import sys
 import textwrap
 import threading
@@ -122,6 +123,62 @@ def test_runaway_recursion_with_a_raised_limit_is_cancelled(ip, where):
     assert time.monotonic() - start < 150
     assert isinstance(result.error_in_exec, (CellCancelled, RecursionError))
     assert pyrepl3_ext.run_cell(ip, "1 + 1").result == 2
+
+
+DEEP_SPIN = """
+import gc, sys
+sys.setrecursionlimit(100_000)
+seen = []
+def down(n):
+    if n == 0:
+        started.set()
+        try:
+            while True:
+                x = 1
+        finally:
+            seen.append(gc.isenabled())
+    return down(n - 1)
+down(20_000)
+"""
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+@pytest.mark.skipif(sys.version_info < (3, 11),
+                    reason="3.10 recurses on the C stack: 20,000 frames may crash it")
+def test_a_cancelled_runaway_recursion_unwinds_without_the_collector(ip, where):
+    """A cancel in a stack deeper than the verdict walk raises without
+    walking it all, and pauses the cyclic collector until the cell ends
+    (each unwound frame allocates: full collections of a large heap took
+    seconds); the collector is back on afterwards, and a ``finally`` at the
+    bottom of the stack still ran."""
+    assert gc.isenabled()
+    old = sys.getrecursionlimit()
+    started = threading.Event()
+    ip.user_ns["started"] = started
+    try:
+        result, hit = run_cell_where(ip, DEEP_SPIN, "deep-spin", where, started=started)
+    finally:
+        sys.setrecursionlimit(old)
+    assert hit
+    assert isinstance(result.error_in_exec, CellCancelled), result.error_in_exec
+    assert ip.user_ns["seen"] == [False]  # the finally ran, with the collector paused
+    assert gc.isenabled()                 # and it is back on
+    assert pyrepl3_ext.run_cell(ip, "1 + 1").result == 2
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11),
+                    reason="3.10 recurses on the C stack: 20,000 frames may crash it")
+def test_a_collector_the_host_switched_off_stays_off(ip):
+    """The pause only undoes what it did."""
+    started = threading.Event()
+    ip.user_ns["started"] = started
+    gc.disable()
+    try:
+        result, _ = run_cell_where(ip, DEEP_SPIN, "deep-spin-off", "worker", started=started)
+        assert isinstance(result.error_in_exec, CellCancelled), result.error_in_exec
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("where", ["main", "worker"])
