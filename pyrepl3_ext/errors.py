@@ -45,9 +45,11 @@ class CellCancelled(BaseException):
         0.1-1.5 s, which a cancel would otherwise wait for; it would also
         show the frame of the engine that raised the exception.
         """
+        from IPython import get_ipython
+
         from .extension import format_traceback
 
-        return "".join(format_traceback(self)).rstrip("\n").split("\n")
+        return "".join(format_traceback(self, get_ipython())).rstrip("\n").split("\n")
 
 
 class CellTimeout(CellCancelled):

@@ -663,7 +663,8 @@ class ShellState:
                 if active:
                     # components add fields to the error (e.g. the namespace's rollback)
                     execution.emit("error", ename=type(error).__name__,
-                                   evalue=str(error), traceback=format_traceback(error),
+                                   evalue=str(error),
+                                   traceback=format_traceback(error, self.shell),
                                    kind=kind, execution_count=result.execution_count,
                                    **execution.extras.get("error_fields", {}))
         execution.status = status
@@ -713,8 +714,30 @@ _IPYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def format_traceback(error: BaseException) -> list[str]:
-    """Plain-text traceback lines of a cell error, without IPython's or pyrepl3's frames."""
+_CELL_FILE = re.compile(r"<ipython-input-(\d+)-[0-9a-f]+>")
+
+
+def _cell_label(filename: str, shell: Any) -> str | None:
+    """``Cell In[N]`` for a cell's code, as IPython's own tracebacks say it:
+    from the shell's compiler (which knows ipykernel's file names too), or
+    from IPython's ``<ipython-input-N-hash>`` name."""
+    compiler = getattr(shell, "compile", None)
+    named = getattr(compiler, "format_code_name", None)
+    if named is not None:
+        try:
+            label = named(filename)
+        except Exception:  # noqa: BLE001 - a label is a nicety
+            label = None
+        if label:
+            return f"{label[0]} {label[1]}"
+    match = _CELL_FILE.fullmatch(filename)
+    return f"Cell In[{match.group(1)}]" if match else None
+
+
+def format_traceback(error: BaseException, shell: Any = None) -> list[str]:
+    """Plain-text traceback lines of a cell error, without IPython's or
+    pyrepl3's frames, a cell's frames named as the terminal names them
+    (``Cell In[3], line 2, in f``)."""
     if isinstance(error, SyntaxError) or error.__traceback__ is None:
         return traceback.format_exception_only(type(error), error)
     tb = error.__traceback__
@@ -728,13 +751,25 @@ def format_traceback(error: BaseException) -> list[str]:
             etype = etype.__base__
     exc = traceback.TracebackException(etype, error, tb)
     seen: set[int] = set()
+    labels: dict[str, str] = {}
     part: Any = exc
     while part is not None and id(part) not in seen:  # the chained ones too
         seen.add(id(part))
-        part.stack = traceback.StackSummary.from_list(
-            [f for f in part.stack if not f.filename.startswith(_PKG_DIR)])
+        frames = [f for f in part.stack if not f.filename.startswith(_PKG_DIR)]
+        for f in frames:
+            label = _cell_label(f.filename, shell)
+            if label is not None:
+                labels[f'File "{label}", line '] = f"{label}, line "
+                f.filename = label
+        part.stack = traceback.StackSummary.from_list(frames)
         part = part.__cause__ or part.__context__
-    return list(exc.format())
+    lines = list(exc.format())
+    if labels:
+        for i, line in enumerate(lines):
+            for quoted, plain in labels.items():
+                line = line.replace(quoted, plain)
+            lines[i] = line
+    return lines
 
 
 def iter_states() -> Iterator[ShellState]:

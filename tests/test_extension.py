@@ -530,12 +530,28 @@ def test_directive_keeps_line_numbers_and_hides_the_engine(ip, events, capfd):
         # each "line N" names the line of what was typed that is quoted under it
         lines = text.splitlines()
         cited = [(int(m.group(1)), lines[i + 1].strip()) for i, line in enumerate(lines)
-                 for m in [re.search(r'File "<ipython-input[^"]*", line (\d+)', line)] if m]
+                 for m in [re.search(r'Cell In\[\d+\], line (\d+)', line)] if m]
         assert cited, text
         for number, source in cited:
             assert typed[number - 1].strip() == source, (number, source, text)
         assert "cancellation.py" not in text and "_AsyncCellCancelled" not in text
         assert "pyrepl3_ext.errors.Cell" in text
+
+
+def test_the_error_event_names_cells_as_the_terminal_does(ip, events, capfd):
+    """``Cell In[N], line L, in f`` in the event, the same words IPython
+    prints, not the compiler's ``<ipython-input-N-hash>`` file name."""
+    run(ip, "def f():\n    return 1 / 0", execution_id="def")
+    result = run(ip, "x = 1\nf()", execution_id="call")
+    error = by_execution(events, "call")[-2]
+    text = "".join(error["traceback"])
+    count = result.execution_count
+    assert f"Cell In[{count}], line 2" in text, text
+    assert f"Cell In[{count - 1}], line 2, in f" in text, text
+    assert "ipython-input" not in text
+    shown = capfd.readouterr()
+    printed = re.sub(r"\x1b\[[0-9;]*m", "", shown.out + shown.err)  # IPython's colours
+    assert f"Cell In[{count - 1}], line 2" in printed, printed
 
 
 def test_syntax_error_line_counts_the_directive(ip, events):
