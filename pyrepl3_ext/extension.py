@@ -40,7 +40,7 @@ from .events import EventBus, Execution, JSONLinesSink
 #: component, created on load in this order.  A module that cannot be
 #: imported on this Python/IPython is reported, not fatal.
 COMPONENTS: list[tuple[str, str]] = [
-    ("cancellation", "pyrepl3_ext.cancellation:CancellationManager"),
+    ("cancellation", "pyrepl3_ext.cancellation.manager:CancellationManager"),
     ("namespace", "pyrepl3_ext.namespace:NamespaceManager"),
     ("io_capture", "pyrepl3_ext.io_capture:OutputCapture"),
     ("input_request", "pyrepl3_ext.input_request:InputRequests"),

@@ -289,7 +289,7 @@ def test_first_cancel_in_a_process_leaves_nothing_on_while_printing(where, code)
     first traceback printing ran under our per-call callbacks."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(cancellation.__file__)))]
+        [os.path.dirname(os.path.dirname(os.path.abspath(pyrepl3_ext.__file__)))]
         + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     proc = subprocess.run([sys.executable, "-c", FIRST_CANCEL, where, code], env=env,
                           capture_output=True, text=True, timeout=120)

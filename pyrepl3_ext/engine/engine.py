@@ -313,7 +313,7 @@ class Session(SessionBase):
 
         A queued one never starts (its result has ``error_before_exec`` =
         ``CellCancelled``, and it emits no events); a running one raises
-        ``CellCancelled`` at its next safe point (``cancellation.py``).
+        ``CellCancelled`` at its next safe point (``cancellation/``).
         Returns whether such an execution was found.
         """
         return bool(self.cancel_report(execution_id, reason)["cancelled"])

@@ -554,19 +554,18 @@ def _quiet_background() -> Any:
     anyone else when the copy starts, and the copy gets a fresh timer
     (its thread is not in the copy).
     """
-    from .. import cancellation
+    from ..cancellation import scope, timers
 
-    timer = getattr(cancellation, "_TIMER", None)
-    locks = [lock for lock in (getattr(cancellation, "_lock", None),
-                               getattr(timer, "_cond", None)) if lock is not None]
+    timer = timers._TIMER
+    locks = [scope._lock, timer._cond]
     for lock in locks:
         lock.acquire()
     pid = os.getpid()
     try:
         yield
     finally:
-        if os.getpid() != pid and timer is not None:  # the copy: a timer of its own
-            cancellation._TIMER = type(timer)()
+        if os.getpid() != pid:  # the copy: a timer of its own
+            timers._TIMER = type(timer)()
         for lock in reversed(locks):
             lock.release()
 

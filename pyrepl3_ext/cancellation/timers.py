@@ -1,0 +1,51 @@
+"""Deadlines and re-arms without a thread per cell: one timer thread,
+started at the first deadline, serving every shell of the process.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import sys
+import threading
+import time
+from typing import Callable
+
+# -- timers -------------------------------------------------------------------
+
+class _Timer:
+    """One daemon thread running callbacks at given times; started on first use."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._ids = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._ids), callback))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="pyrepl3-cancel-timer",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, callback = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - a timer must keep running
+                print(f"[pyrepl3_ext] cancellation timer error: {exc!r}", file=sys.__stderr__)
+
+
+_TIMER = _Timer()

@@ -1,0 +1,115 @@
+"""After the raise: what a very deep cancelled stack costs, kept bounded.
+
+The cyclic collector is paused while a runaway recursion unwinds, and a
+traceback deeper than ``_TB_HEAD + _TB_TAIL`` frames loses its middle before
+IPython formats it.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from typing import Callable, TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from .scope import CancelScope
+
+# -- the collector while a runaway recursion unwinds ----------------------------
+#
+# Unwinding a cancelled recursion 10^5-10^6 frames deep allocates a frame
+# object and a traceback entry per frame; the cyclic collector, triggered by
+# those allocations, traverses the whole (growing) heap again and again: 11
+# full collections and 2 s for one cancel on 3.11.  So from the raise in
+# such a stack until its cell ends, the collector is paused.  Pauses nest
+# (several shells, several threads); the last one switches it back on, and
+# only if a pause switched it off.  A cell that swallows the cancel and runs
+# on keeps it paused until it ends (documented in docs/cancellation.md).
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_disabled_by_us = False
+
+
+def _deeper_than(frame, depth: int) -> bool:
+    f = frame
+    for _ in range(depth):
+        if f is None:
+            return False
+        f = f.f_back
+    return f is not None
+
+
+def _pause_gc(scope: CancelScope) -> None:
+    global _gc_pauses, _gc_disabled_by_us
+    with _gc_lock:
+        if scope.gc_paused:
+            return
+        scope.gc_paused = True
+        _gc_pauses += 1
+        if _gc_pauses == 1 and gc.isenabled():
+            gc.disable()
+            _gc_disabled_by_us = True
+
+
+def _resume_gc(scope: CancelScope) -> None:
+    global _gc_pauses, _gc_disabled_by_us
+    with _gc_lock:
+        if not scope.gc_paused:
+            return
+        scope.gc_paused = False
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_disabled_by_us:
+            _gc_disabled_by_us = False
+            gc.enable()
+
+
+# -- deep tracebacks -----------------------------------------------------------
+
+#: Frames kept at each end of a traceback deeper than their sum.  IPython
+#: formats a traceback at about 0.1 ms per frame and more (``inspect.getmodule``
+#: per frame): a cancel or a RecursionError 100,000 frames deep (after
+#: ``sys.setrecursionlimit(10**6)``) would take minutes to print, and the
+#: cell ends only after that.
+_TB_HEAD, _TB_TAIL = 20, 80
+
+
+def _shorten_tracebacks(error: BaseException) -> None:
+    """Cut the middle out of ``error``'s traceback (and of the exceptions it
+    chains) when deeper than ``_TB_HEAD + _TB_TAIL`` frames, with a note."""
+    seen = 0
+    while error is not None and seen < 8:
+        seen += 1
+        tb = error.__traceback__
+        depth = 0
+        t = tb
+        while t is not None:
+            depth += 1
+            t = t.tb_next
+        if depth > _TB_HEAD + _TB_TAIL:
+            head = tb
+            for _ in range(_TB_HEAD - 1):
+                head = head.tb_next
+            tail = head
+            for _ in range(depth - _TB_HEAD - _TB_TAIL + 1):
+                tail = tail.tb_next
+            head.tb_next = tail
+            note = (f"[pyrepl3: {depth - _TB_HEAD - _TB_TAIL:,} of {depth:,} frames "
+                    f"left out of this traceback]")
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+        error = error.__cause__ or error.__context__
+
+
+def _bounded_showtraceback(original: Callable) -> Callable:
+    """``shell.showtraceback`` that shortens a very deep traceback first."""
+    def showtraceback(exc_tuple=None, *args, **kwargs):
+        try:
+            exc = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
+            if isinstance(exc, BaseException):
+                _shorten_tracebacks(exc)
+        except Exception:  # noqa: BLE001 - printing the error matters more
+            pass
+        return original(exc_tuple, *args, **kwargs)
+    return showtraceback
