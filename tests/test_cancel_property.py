@@ -11,8 +11,8 @@ every cancel these must hold:
 * every lock and condition the cell used is released;
 * the next cell runs normally, and no stray cancel hits the cells after it.
 
-``PYREPL3_CANCEL_CASES`` sets the number of cases per thread (default 80,
-so 160 per test session: about 2,000 across the CI matrix);
+``PYREPL3_CANCEL_CASES`` sets the number of cases per thread (default 120,
+so 240 per test session: 2,400 across the ten sessions of the CI matrix);
 ``PYREPL3_CANCEL_SEED`` replays a run.  A failure prints the seed and the
 cell.
 """
@@ -30,7 +30,7 @@ import pytest
 import pyrepl3_ext
 from pyrepl3_ext import CellCancelled
 
-CASES = int(os.environ.get("PYREPL3_CANCEL_CASES", "80"))
+CASES = int(os.environ.get("PYREPL3_CANCEL_CASES", "120"))
 SEED = int(os.environ.get("PYREPL3_CANCEL_SEED", str(random.randrange(1 << 30))))
 BOUND = 30.0  # seconds: a hang, not a latency measurement
 
