@@ -345,6 +345,17 @@ class CancellationManager(Component):
         if handover:
             scope.manager._arm(scope, rearm)
             return
+        if not scope.deep:
+            # a runaway recursion: its unwinding (after our raise, or after
+            # the RecursionError that may win the race) runs without the
+            # collector, until the cell ends (unwinding.py)
+            frame = _thread_frames().get(tid)
+            if frame is not None and _deeper_than(frame, _VERDICT_WALK):
+                with _lock:
+                    if not scope.finished:
+                        scope.deep = True
+                        _pause_gc(scope)
+            del frame
         config = self.state.config
         if tid == _MAIN_THREAD_ID and self._signal:
             if _HAS_MONITORING and self._monitoring:
@@ -377,13 +388,9 @@ class CancellationManager(Component):
                 # exception posted now would land in the loop, not the cell
                 # and one in IPython's traceback printing must not be cut
                 # short there: posted only while the cell's code runs
-                frame = _thread_frames().get(tid)
                 if scope.in_code and not scope.async_exc_pending and \
-                        _innermost_cell_frames(frame):
+                        _innermost_cell_frames(_thread_frames().get(tid)):
                     scope.async_exc_pending = True
-                    if _deeper_than(frame, _VERDICT_WALK):
-                        scope.deep = True
-                        _pause_gc(scope)
                     _post_async_exc(tid, _AsyncCellCancelled)
         # An async cell suspended in its loop: cancel its task from the loop.
         # Scheduled after the arming above, so the loop's "raised" is the
