@@ -408,10 +408,15 @@ class WorkerHost:
         reply: dict = {"op": "reply", "id": message.get("id")}
         idle = message.get("idle")
         idle = float(idle) if isinstance(idle, (int, float)) and 0 <= idle <= 1 else 0.005
-        if self._standby is not None or self.session.running is not None:
-            reply["result"] = {"standby": False, "why": "busy"}
+        if self._standby is not None:
+            reply["result"] = {"standby": True, "pid": self._standby[0], "prefaulted": 0}
         elif self.channel.buffered() or select.select([self.channel.sock], [], [], idle)[0]:
             reply["result"] = {"standby": False, "why": "a request came"}
+        elif self.session.busy:
+            # a cell queued or running (the parent asked as another request
+            # of its went out first): a copy now would not be the state a
+            # later checkpoint request means
+            reply["result"] = {"standby": False, "why": "busy"}
         else:
             learn = bool(message.get("learn")) and prefault.supported()
             if learn:
