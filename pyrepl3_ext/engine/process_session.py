@@ -140,6 +140,8 @@ class ProcessSession(SessionBase):
         #: the worker's answer to the last standby request (``_after_cell``):
         #: ``{"standby": bool, "pid"/"why", "prefaulted"}``, for diagnostics
         self.standby: dict | None = None
+        #: worker pid -> the thread reading its channel
+        self._readers: dict[int, threading.Thread] = {}
         #: checkpoints of finished transactions, ended once a standby is made
         self._retiring: list[Any] = []
         self._grants: dict[str, Any] = {}
@@ -237,9 +239,7 @@ class ProcessSession(SessionBase):
         for gap in self.confinement.get("degraded", ()):
             self.engine._log(f"session {self.id!r}: confinement degraded: "
                              f"{gap.get('layer')}: {gap.get('reason')}")
-        threading.Thread(target=self._read, args=(worker,), daemon=True,
-                         name=f"pyrepl3-process-{self.id}").start()
-        worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
+        self._watch(worker)
 
     def _read(self, worker: Any) -> None:
         channel = worker.channel
@@ -468,9 +468,25 @@ class ProcessSession(SessionBase):
             return False
 
     # -- a death ------------------------------------------------------------------
+    def _watch(self, worker: Any) -> None:
+        """Read what ``worker`` sends, and learn of its end."""
+        reader = threading.Thread(target=self._read, args=(worker,), daemon=True,
+                                  name=f"pyrepl3-process-{self.id}")
+        self._readers[worker.pid] = reader
+        reader.start()
+        worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
+
     def _worker_exited(self, worker: Any, status: int) -> None:
         if worker is not self.worker:
+            self._readers.pop(worker.pid, None)
             return
+        # What the process wrote before it died comes first: its reader
+        # reaches the end of the stream once the last frame is handled (a
+        # cell that crashes at once must still count as started).  Bounded:
+        # a copy the cell forked may hold the socket open.
+        reader = self._readers.pop(worker.pid, None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(2.0)
         if self._closing_cleanly:
             self._fail_all(SessionClosed(f"session {self.id!r} is closed"), None)
             return
@@ -744,9 +760,7 @@ class ProcessSession(SessionBase):
                 pass
         if old is not None:
             old.kill()
-        threading.Thread(target=self._read, args=(worker,), daemon=True,
-                         name=f"pyrepl3-process-{self.id}").start()
-        worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
+        self._watch(worker)
 
     def _take_checkpoint(self, name: str) -> dict:
         with self._lock:
