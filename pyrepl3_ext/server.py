@@ -1185,6 +1185,11 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
     """
     if shutdown_grace is None:
         shutdown_grace = kill_grace + 2.0
+    from .cancellation.handoff import shorten_switch_interval
+
+    # the loop must get the GIL from a computing cell within a fraction of a
+    # millisecond to read a cancel and write the answer (handoff.py)
+    shorten_switch_interval()
     if engine is None:
         from .engine import Engine
 
