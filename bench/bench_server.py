@@ -1,7 +1,7 @@
 """Protocol server: round trip, cancel and timeout latency, event throughput,
 with a Jupyter kernel measured in the same run as the reference.
 
-Run: ``python bench/bench_server.py [--samples N] [--quick] [--base-src DIR]``.
+Run: ``python bench/bench_server.py [--samples N] [--quick] [--base-src DIR] [--codecs]``.
 
 Starts ``pyrepl3 serve --unix`` and drives it with a raw blocking socket
 client (one JSON line out, lines in until the response: what the server
@@ -20,7 +20,10 @@ column alike.  Figures (p50 / p99 ms):
   of the cell);
 - events per second of a cell that prints many lines (the asyncio client);
   with ``--base-src DIR`` (an older checkout, e.g. ``git archive``), that
-  server's rate is measured in the same run, alternating, for a before/after.
+  server is measured in the same run, interleaved (round trips, cancels of a
+  loop, events/s), for a before/after; with ``--codecs`` so is this server
+  with the stdlib JSON codec (``PYREPL3_JSON=stdlib``) and with asyncio's
+  own loop (``PYREPL3_LOOP=asyncio``) instead of uvloop.
 
 Writes JSON to ``bench/results/``.
 """
@@ -227,7 +230,9 @@ def main() -> None:
     parser.add_argument("--cancels", type=int, default=40, help="cancels/timeouts per case")
     parser.add_argument("--lines", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=5, help="events/s measurements")
-    parser.add_argument("--base-src", help="an older source tree: its server's events/s too")
+    parser.add_argument("--base-src", help="an older source tree: its server measured too")
+    parser.add_argument("--codecs", action="store_true",
+                        help="also this server with the stdlib JSON codec and with asyncio's loop")
     parser.add_argument("--no-jupyter", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -239,10 +244,24 @@ def main() -> None:
     def add(key: str, value: float) -> None:
         res.setdefault(key, []).append(value)
 
+    # servers measured beside this one: name -> extra environment
+    others: dict[str, dict] = {}
+    if args.base_src:
+        others["base tree"] = {"PYTHONPATH": os.path.abspath(args.base_src)}
+    if args.codecs:
+        others["stdlib json"] = {"PYREPL3_JSON": "stdlib"}
+        others["asyncio loop"] = {"PYREPL3_LOOP": "asyncio"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sock")
-        with ServerProcess("--unix", path):
+        procs, raws, paths = [], {}, {"this server": path}
+        try:
+            for i, (name, env) in enumerate(others.items()):
+                paths[name] = os.path.join(tmp, f"other{i}.sock")
+                procs.append(ServerProcess("--unix", paths[name], env=dict(os.environ, **env)))
+                raws[name] = Raw(paths[name])
+            procs.append(ServerProcess("--unix", path))
             raw = Raw(path)
+            info = raw.call("server.info")
             inproc = PyrepSession(raw, "in-process")
             proc = PyrepSession(raw, "process")
             engine, local = in_process_session()
@@ -253,16 +272,6 @@ def main() -> None:
                          "in process Session.execute": local}
                 if jup:
                     trips["Jupyter kernel"] = jup.round_trip
-                for fn in trips.values():  # warm
-                    for _ in range(30):
-                        fn()
-                batch = 20
-                for _ in range(max(1, args.samples // batch)):
-                    order = list(trips)
-                    rng.shuffle(order)
-                    for name in order:
-                        for _ in range(batch):
-                            add("trip: " + name, trips[name]())
                 cases = {
                     "cancel loop: in-process": lambda: inproc.cancel(LOOP),
                     "cancel loop: process": lambda: proc.cancel(LOOP),
@@ -277,6 +286,24 @@ def main() -> None:
                 if jup:
                     cases["Jupyter interrupt loop"] = lambda: jup.cancel(LOOP)
                     cases["Jupyter interrupt 900 deep"] = lambda: jup.cancel(DEEP)
+                for name, other in raws.items():
+                    o_in, o_proc = PyrepSession(other, "in-process"), PyrepSession(other, "process")
+                    trips[f"[{name}] unix, in-process session"] = o_in.round_trip
+                    trips[f"[{name}] unix, process session"] = o_proc.round_trip
+                    cases[f"[{name}] cancel loop: in-process"] = \
+                        lambda o=o_in: o.cancel(LOOP)  # type: ignore[misc]
+                    cases[f"[{name}] cancel loop: process"] = \
+                        lambda o=o_proc: o.cancel(LOOP)  # type: ignore[misc]
+                for fn in trips.values():  # warm
+                    for _ in range(30):
+                        fn()
+                batch = 20
+                for _ in range(max(1, args.samples // batch)):
+                    order = list(trips)
+                    rng.shuffle(order)
+                    for name in order:
+                        for _ in range(batch):
+                            add("trip: " + name, trips[name]())
                 for fn in cases.values():  # warm (first tracebacks, imports)
                     fn()
                 for _ in range(args.cancels):
@@ -286,26 +313,19 @@ def main() -> None:
                         add(name, cases[name]())
             finally:
                 raw.close()
+                for other in raws.values():
+                    other.close()
                 engine.close()
                 if jup:
                     jup.close()
-            servers = {"this server": path}
-            base = None
-            if args.base_src:
-                bpath = os.path.join(tmp, "base.sock")
-                env = dict(os.environ, PYTHONPATH=os.path.abspath(args.base_src))
-                base = ServerProcess("--unix", bpath, env=env)
-                servers["base server"] = bpath
-            try:
-                for _ in range(args.rounds):
-                    order = list(servers)
-                    rng.shuffle(order)
-                    for name in order:
-                        add("events/s: " + name, asyncio.run(event_rate(servers[name],
-                                                                        args.lines)))
-            finally:
-                if base:
-                    base.stop()
+            for _ in range(args.rounds):
+                order = list(paths)
+                rng.shuffle(order)
+                for name in order:
+                    add("events/s: " + name, asyncio.run(event_rate(paths[name], args.lines)))
+        finally:
+            for server in procs:
+                server.stop()
 
     out = {k: percentiles(v) for k, v in res.items() if not k.startswith("events/s")}
     for k, v in res.items():
@@ -313,12 +333,14 @@ def main() -> None:
             out[k] = {"median": statistics.median(v), "all": v}
     load = os.getloadavg()
     out["loadavg"] = load
-    print(f"pyrepl3 serve --unix, raw client; {args.samples} round trips and "
-          f"{args.cancels} cancels/timeouts per row, interleaved; load average "
-          f"{load[0]:.2f} {load[1]:.2f}")
+    out["server_info"] = info
+    print(f"pyrepl3 serve --unix ({info['build']} IPython {info['ipython']}, Python "
+          f"{info['python']}, json: {info['json']}, loop: {info['event_loop']}), raw client; "
+          f"{args.samples} round trips and {args.cancels} cancels/timeouts per row, "
+          f"interleaved; load average {load[0]:.2f} {load[1]:.2f}")
     print(f"{'figure':<40}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}")
-    for k, v in out.items():
-        if "p50_ms" in v:
+    for k, v in sorted(out.items(), key=lambda kv: ("[" in kv[0], kv[0])):
+        if isinstance(v, dict) and "p50_ms" in v:
             print(f"{k:<40}{v['p50_ms']:>9.3f}{v['p99_ms']:>9.3f}{v['n']:>6}")
     u = out["trip: unix, in-process session"]["p50_ms"]
     p = out["trip: unix, process session"]["p50_ms"]

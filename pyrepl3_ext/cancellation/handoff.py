@@ -18,14 +18,21 @@ application embedding the engine keeps its own setting.
 
 from __future__ import annotations
 
+import os
 import sys
 
 #: seconds; 10x the interpreter's default
 INTERVAL = 0.0005
 
 
-def shorten_switch_interval(interval: float = INTERVAL) -> None:
+def shorten_switch_interval(interval: float | None = None) -> None:
     """Make a thread waiting for the GIL get it within ``interval`` (never longer
-    than the process already had)."""
-    if sys.getswitchinterval() > interval:
+    than the process already had).  ``PYREPL3_SWITCH_INTERVAL`` (seconds)
+    overrides the default, for operators and for measuring the trade."""
+    if interval is None:
+        try:
+            interval = float(os.environ.get("PYREPL3_SWITCH_INTERVAL") or INTERVAL)
+        except ValueError:
+            interval = INTERVAL
+    if interval > 0 and sys.getswitchinterval() > interval:
         sys.setswitchinterval(interval)
