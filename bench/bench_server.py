@@ -22,8 +22,9 @@ column alike.  Figures (p50 / p99 ms):
   with ``--base-src DIR`` (an older checkout, e.g. ``git archive``), that
   server is measured in the same run, interleaved (round trips, cancels of a
   loop, events/s), for a before/after; with ``--codecs`` so is this server
-  with the stdlib JSON codec (``PYREPL3_JSON=stdlib``) and with asyncio's
-  own loop (``PYREPL3_LOOP=asyncio``) instead of uvloop.
+  with the stdlib JSON codec (``PYREPL3_JSON=stdlib``), with asyncio's
+  own loop (``PYREPL3_LOOP=asyncio``) instead of uvloop, and with the
+  interpreter's 5 ms GIL switch interval (``PYREPL3_SWITCH_INTERVAL=0.005``).
 
 Writes JSON to ``bench/results/``.
 """
@@ -232,7 +233,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="events/s measurements")
     parser.add_argument("--base-src", help="an older source tree: its server measured too")
     parser.add_argument("--codecs", action="store_true",
-                        help="also this server with the stdlib JSON codec and with asyncio's loop")
+                        help="also this server with the stdlib JSON codec, asyncio's loop, "
+                             "the 5 ms switch interval")
     parser.add_argument("--no-jupyter", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -251,6 +253,7 @@ def main() -> None:
     if args.codecs:
         others["stdlib json"] = {"PYREPL3_JSON": "stdlib"}
         others["asyncio loop"] = {"PYREPL3_LOOP": "asyncio"}
+        others["5 ms switch interval"] = {"PYREPL3_SWITCH_INTERVAL": "0.005"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sock")
         procs, raws, paths = [], {}, {"this server": path}

@@ -737,10 +737,31 @@ def _cell_label(filename: str, shell: Any) -> str | None:
 def format_traceback(error: BaseException, shell: Any = None) -> list[str]:
     """Plain-text traceback lines of a cell error, without IPython's or
     pyrepl3's frames, a cell's frames named as the terminal names them
-    (``Cell In[3], line 2, in f``)."""
+    (``Cell In[3], line 2, in f``).
+
+    Computed once per exception, traceback and shell: a cell's error is
+    rendered for IPython's display, for IPython's history and for the
+    ``error`` event, and a cancel's response waits for all three (a
+    900-frame stack is milliseconds each).
+    """
     if isinstance(error, SyntaxError) or error.__traceback__ is None:
         return traceback.format_exception_only(type(error), error)
     tb = error.__traceback__
+    try:
+        cached = error.__dict__.get("_pyrepl3_formatted")
+    except AttributeError:  # an exception type with __slots__ and no __dict__
+        cached = None
+    if cached is not None and cached[0] is tb and cached[1] is shell:
+        return list(cached[2])
+    lines = _format_traceback(error, tb, shell)
+    try:
+        error.__dict__["_pyrepl3_formatted"] = (tb, shell, tuple(lines))
+    except AttributeError:
+        pass
+    return lines
+
+
+def _format_traceback(error: BaseException, tb: Any, shell: Any) -> list[str]:
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_IPYTHON_DIR) \
             and tb.tb_next is not None:
         tb = tb.tb_next
