@@ -62,7 +62,8 @@ def bench(session: nox.Session) -> None:
     import os
 
     session.install("pip")  # bench_patches builds the patched wheel with `python -m pip wheel`
-    session.install("ipython==9.19.1", "-e", ".[test]")
+    # test: bench_server's Jupyter reference; fast: the server's codec and loop
+    session.install("ipython==9.19.1", "-e", ".[test,fast]")
     wanted = [a for a in session.posargs if not a.startswith("-")]
     flags = [a for a in session.posargs if a.startswith("-")]
     for script in sorted(glob.glob("bench/bench_*.py")):
