@@ -742,21 +742,23 @@ def format_traceback(error: BaseException, shell: Any = None) -> list[str]:
     Computed once per exception, traceback and shell: a cell's error is
     rendered for IPython's display, for IPython's history and for the
     ``error`` event, and a cancel's response waits for all three (a
-    900-frame stack is milliseconds each).
+    900-frame stack is milliseconds each).  The memo on the exception holds
+    strings and numbers only (no traceback, frame or shell), so the
+    exception still pickles and deep-copies as before; it is keyed by the
+    identity of the traceback it was made from (alive as long as the
+    exception holds it) and of its first frame, and by the shell.
     """
     if isinstance(error, SyntaxError) or error.__traceback__ is None:
         return traceback.format_exception_only(type(error), error)
     tb = error.__traceback__
-    try:
-        cached = error.__dict__.get("_pyrepl3_formatted")
-    except AttributeError:  # an exception type with __slots__ and no __dict__
-        cached = None
-    if cached is not None and cached[0] is tb and cached[1] is shell:
-        return list(cached[2])
+    key = (id(tb), id(tb.tb_frame), tb.tb_lasti, id(shell))
+    memo = getattr(error, "__dict__", {}).get("_pyrepl3_formatted")
+    if memo is not None and memo[0] == key:
+        return list(memo[1])
     lines = _format_traceback(error, tb, shell)
     try:
-        error.__dict__["_pyrepl3_formatted"] = (tb, shell, tuple(lines))
-    except AttributeError:
+        error.__dict__["_pyrepl3_formatted"] = (key, tuple(lines))
+    except AttributeError:  # no __dict__: rendered each time
         pass
     return lines
 
