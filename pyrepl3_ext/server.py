@@ -1169,8 +1169,8 @@ def _directory_name(session_id: str) -> str:
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """``uvloop`` when installed (the ``fast`` extra; Python 3.11+, whose
     ``asyncio.Runner`` takes a loop factory), unless ``PYREPL3_LOOP=asyncio``:
-    its loop wakes and writes with less Python per message, measured at
-    0.1-0.2 ms less per round trip and more events/s (docs/protocol.md)."""
+    its loop wakes and writes with less Python per message: 0.02-0.2 ms
+    less per round trip, the rest within noise (docs/protocol.md)."""
     if os.environ.get("PYREPL3_LOOP", "").lower() == "asyncio" or sys.version_info < (3, 11):
         return None
     try:

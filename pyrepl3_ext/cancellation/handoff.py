@@ -7,13 +7,15 @@ computes (``while True: pass``) that thread waits for the GIL until the
 interpreter forces a switch, ``sys.getswitchinterval()`` later: 5 ms by
 default, paid once per hand-off, and a cancel over the protocol crosses
 two of them (request in, response out).  ``bench/bench_server.py``
-measured cancel -> response of such a loop over a unix socket at
-7-13 ms p50 with 5 ms and 2.6-2.8 ms with 0.5 ms.
+measured cancel -> response of such a loop in an in-process session over a
+unix socket at 2.9-3.5 ms p50 with 0.5 ms against 8.4-9.8 ms with 5 ms
+(docs/protocol.md, "Measured").
 
 The price: when two threads both want the CPU, they switch every
-interval instead of every 5 ms (a switch costs a few microseconds: under
-1 % at 0.5 ms).  Only the processes pyrepl3 runs itself set it; an
-application embedding the engine keeps its own setting.
+interval instead of every 5 ms; a cell printing as fast as it can, whose
+events the loop writes, is such a case (events/s moved either way within
+the noise of the same runs).  Only the processes pyrepl3 runs itself set
+it; an application embedding the engine keeps its own setting.
 """
 
 from __future__ import annotations
