@@ -39,8 +39,11 @@ HEAVY = {("3.10", "8.39.0"), ("3.11", "9.19.1"), ("3.12", "9.19.1"), ("3.13", "9
 @nox.session
 @nox.parametrize("python,ipython", MATRIX)
 def tests(session: nox.Session, ipython: str) -> None:
-    """The project's tests on stock IPython."""
-    session.install(f"ipython=={ipython}", "-e", ".[test]")
+    """The project's tests on stock IPython (the newest pair with the ``fast``
+    extra: the server's orjson/uvloop path under the full fuzz run; the
+    others test the stdlib path)."""
+    extras = "test,fast" if (session.python, ipython) == NEWEST else "test"
+    session.install(f"ipython=={ipython}", "-e", f".[{extras}]")
     env = {}
     if (session.python, ipython) == NEWEST:
         env["PYREPL3_FUZZ_MESSAGES"] = "100000"  # the full fuzz run, once per matrix
@@ -62,7 +65,8 @@ def bench(session: nox.Session) -> None:
     import os
 
     session.install("pip")  # bench_patches builds the patched wheel with `python -m pip wheel`
-    session.install("ipython==9.19.1", "-e", ".[test]")
+    # test: bench_server's Jupyter reference; fast: the server's codec and loop
+    session.install("ipython==9.19.1", "-e", ".[test,fast]")
     wanted = [a for a in session.posargs if not a.startswith("-")]
     flags = [a for a in session.posargs if a.startswith("-")]
     for script in sorted(glob.glob("bench/bench_*.py")):

@@ -737,10 +737,33 @@ def _cell_label(filename: str, shell: Any) -> str | None:
 def format_traceback(error: BaseException, shell: Any = None) -> list[str]:
     """Plain-text traceback lines of a cell error, without IPython's or
     pyrepl3's frames, a cell's frames named as the terminal names them
-    (``Cell In[3], line 2, in f``)."""
+    (``Cell In[3], line 2, in f``).
+
+    Computed once per exception, traceback and shell: a cell's error is
+    rendered for IPython's display, for IPython's history and for the
+    ``error`` event, and a cancel's response waits for all three (a
+    900-frame stack is milliseconds each).  The memo on the exception holds
+    strings and numbers only (no traceback, frame or shell), so the
+    exception still pickles and deep-copies as before; it is keyed by the
+    identity of the traceback it was made from (alive as long as the
+    exception holds it) and of its first frame, and by the shell.
+    """
     if isinstance(error, SyntaxError) or error.__traceback__ is None:
         return traceback.format_exception_only(type(error), error)
     tb = error.__traceback__
+    key = (id(tb), id(tb.tb_frame), tb.tb_lasti, id(shell))
+    memo = getattr(error, "__dict__", {}).get("_pyrepl3_formatted")
+    if memo is not None and memo[0] == key:
+        return list(memo[1])
+    lines = _format_traceback(error, tb, shell)
+    try:
+        error.__dict__["_pyrepl3_formatted"] = (key, tuple(lines))
+    except AttributeError:  # no __dict__: rendered each time
+        pass
+    return lines
+
+
+def _format_traceback(error: BaseException, tb: Any, shell: Any) -> list[str]:
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_IPYTHON_DIR) \
             and tb.tb_next is not None:
         tb = tb.tb_next

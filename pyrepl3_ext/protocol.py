@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+import os
+from typing import Any, Callable
 
 JSONRPC = "2.0"
 
@@ -514,9 +515,41 @@ def _default(value: Any) -> Any:
     return repr(value)  # events are JSON already; never fail on a stray object
 
 
-def encode(message: dict) -> bytes:
+def _encode_stdlib(message: dict) -> bytes:
     return (json.dumps(message, ensure_ascii=False, separators=(",", ":"),
                        default=_default) + "\n").encode("utf-8", "surrogatepass")
+
+
+def _orjson_encoder() -> Callable[[dict], bytes] | None:
+    """``orjson`` when installed (the ``fast`` extra) and not turned off with
+    ``PYREPL3_JSON=stdlib``: every message the server writes is encoded, an
+    event costs 6.5 us with the stdlib and 0.3 us with orjson (docs/protocol.md).
+    What it cannot write as the stdlib does (a lone surrogate, an integer
+    beyond 64 bits, a non-string key) falls back to the stdlib; datetimes and
+    dataclasses go to the same ``repr`` default as there."""
+    if os.environ.get("PYREPL3_JSON", "").lower() == "stdlib":
+        return None
+    try:
+        import orjson
+    except ImportError:
+        return None
+    dumps, failure = orjson.dumps, orjson.JSONEncodeError
+    option = (orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
+              | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+    def encode_fast(message: dict) -> bytes:
+        try:
+            return dumps(message, default=_default, option=option)
+        except failure:
+            return _encode_stdlib(message)
+
+    return encode_fast
+
+
+#: ``encode(message) -> bytes``: one JSON line
+encode: Callable[[dict], bytes] = _orjson_encoder() or _encode_stdlib
+#: which codec ``encode`` is (``server.info`` reports it)
+CODEC = "stdlib" if encode is _encode_stdlib else "orjson"
 
 
 def response(id_: Any, result: Any) -> dict:

@@ -571,3 +571,22 @@ def test_event_log_switched_on_by_a_cell_starts_with_started(ip, tmp_path):
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["execution_id"] for e in events] == ["after"] * 3
     assert_well_formed(events)
+
+
+def test_a_rendered_traceback_is_reused_and_the_error_still_pickles(ip):
+    import copy
+    import pickle
+
+    result = pyrepl3_ext.run_cell(ip, "def f():\n    1 / 0\nf()")
+    error = result.error_in_exec
+    first = extension.format_traceback(error, ip)
+    again = extension.format_traceback(error, ip)
+    assert again == first and again is not first  # a copy: callers may edit theirs
+    assert any("Cell In[" in line for line in first)
+    # the memo holds no traceback, frame or shell
+    assert type(pickle.loads(pickle.dumps(error))) is ZeroDivisionError
+    assert type(copy.deepcopy(error)) is ZeroDivisionError
+    ip.user_ns["_err"] = error
+    reraised = pyrepl3_ext.run_cell(ip, "raise _err").error_in_exec
+    assert reraised is error
+    assert extension.format_traceback(error, ip) != first  # a new traceback, rendered anew

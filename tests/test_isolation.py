@@ -694,3 +694,11 @@ def test_an_ignored_timeout_kills_even_under_a_longer_cell_time_limit(engine):
         assert s.lost["kind"] == "killed" and "ignored its timeout" in s.lost["message"]
     finally:
         s.close()
+
+
+def test_a_session_process_hands_the_gil_off_within_half_a_millisecond(session):
+    # its channel reader must get the GIL from a computing cell to deliver a
+    # cancel (cancellation/handoff.py)
+    _result, events = _events(session, "import sys\nsys.getswitchinterval()")
+    (value,) = [e["data"]["text/plain"] for e in events if e["type"] == "result"]
+    assert float(value) <= 0.0005

@@ -376,3 +376,32 @@ def test_a_cancel_answer_says_what_happened():
             assert (await queued.response())["status"] == "cancelled"
 
     run(main())
+
+
+# -- codec, event loop, GIL hand-off ---------------------------------------------
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "method": "execution.event",
+     "params": {"event": {"type": "output", "text": "é☃\n", "seq": 3, "ts": 1.5e16}}},
+    {"id": 1, "result": {"nested": [1, 2.5, None, True, "x"], "tuple": (1, 2)}},
+    {"lone surrogate": "\udc80", "big": 2 ** 70, 1: "int key"},  # the fallback's cases
+    {"object": object, "date": __import__("datetime").date(2020, 1, 2)},  # repr default
+])
+def test_every_codec_writes_the_same_line(message):
+    line = P.encode(message)
+    assert line == P._encode_stdlib(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+
+
+def test_the_server_says_which_codec_and_loop_and_hands_the_gil_off_fast():
+    async def main():
+        async with await spawn() as client:
+            info = await client.call("server.info")
+            assert info["json"] in ("stdlib", "orjson")
+            assert info["event_loop"] in ("asyncio", "uvloop")
+            session = await client.create_session()
+            response, events = await client.run(
+                session, "import sys\nsys.getswitchinterval()")
+            assert float(events[1]["data"]["text/plain"]) <= 0.0005
+
+    run(main())

@@ -651,6 +651,11 @@ def run(session: Any, sock: socket.socket) -> int:
     from .. import subscribe
 
     subscribe(session.shell, host.on_event)
+    from ..cancellation.handoff import shorten_switch_interval
+
+    # the channel reader must get the GIL from a computing cell at once to
+    # deliver a cancel (handoff.py)
+    shorten_switch_interval()
     session._executor.adopt_current_thread()
     channel.send({"op": "ready", "pid": os.getpid(), "session": session.id,
                   "execution_count": session.execution_count, "confinement": confinement})
