@@ -6,6 +6,7 @@ import faulthandler
 import os
 import sys
 
+import IPython
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -82,13 +83,19 @@ def ip(shell):
 
 @pytest.fixture
 def quiet(ip):
-    """``ip`` without IPython's (slow, coloured) traceback printing, for tests
-    whose cells fail or are cancelled by the hundred."""
-    ip.showtraceback = lambda *args, **kwargs: None
+    """``ip`` with IPython's traceback printing at its cheapest settings (plain,
+    no colour), for tests whose cells fail or are cancelled by the hundred.
+
+    The real formatter, with the extension's own wrappers around it, still
+    runs: it is what users run on the cancel path."""
+    mode, colors = ip.InteractiveTB.mode, ip.colors
+    ip.run_line_magic("xmode", "Plain")
+    ip.run_line_magic("colors", "nocolor" if IPython.version_info[0] >= 9 else "NoColor")
     try:
         yield ip
     finally:
-        del ip.showtraceback
+        ip.run_line_magic("colors", colors)
+        ip.run_line_magic("xmode", mode)
 
 
 @pytest.fixture

@@ -70,12 +70,13 @@ def test_stdout_and_stderr_interleaving_is_preserved(session):
 
 
 def test_rapid_prints_all_arrive_and_more_than_a_mebibyte_is_delivered(session):
+    session.shell.run_line_magic("config", "PyREPL3.output_chunk_size = 65536")
     _, events = execute(session, "for i in range(10):\n    print(i)")
     assert stdout(events) == "".join(f"{i}\n" for i in range(10))
     _, events = execute(session, "print('y' * (2 * 1024 * 1024 - 1))")
     chunks = [e for e in events if e["type"] == "output"]
     assert sum(len(e["text"]) for e in chunks) == 2 * 1024 * 1024
-    # the default chunk size is 64 KiB: 2 MiB arrives as 32 chunks
+    # chunks of 64 KiB (set above): 2 MiB arrives as 32 chunks
     assert len(chunks) == 32
 
 
