@@ -14,6 +14,7 @@ import pyrepl3_ext
 from pyrepl3_ext import CellCancelled, CellTimeout, cancellation
 
 from .conftest import by_execution
+from .polling import wait_until
 
 WAIT = 30  # generous upper bounds on waits: a failure, never a timing assertion
 
@@ -199,11 +200,7 @@ def test_engine_owned_waits_wake_on_cancel(quiet, started, wait, where):
         try:
             assert started.wait(WAIT), "cell never started"
             # the wait has registered its event (a poll of state, not a clock)
-            deadline = time.monotonic() + WAIT
-            while not (tid and cancellation._thread_wakers.get(tid[0])):
-                if time.monotonic() > deadline:
-                    raise AssertionError("the cell never entered its wait")
-                time.sleep(0.001)
+            wait_until(lambda: tid and cancellation._thread_wakers.get(tid[0]))
             wakers = list(cancellation._thread_wakers[tid[0]])
             seen["hit"] = pyrepl3_ext.cancel(quiet, "e1", "test cancel")
             seen["woken"] = [w.is_set() for w in wakers]  # right after cancel() returned

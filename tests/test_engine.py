@@ -15,6 +15,8 @@ from pyrepl3_ext import (CellCancelled, CellTimeout, ConcurrencyUnsupported, Eng
                          SessionBusy, SessionClosed)
 from pyrepl3_ext._compat import is_patched_build
 
+from .polling import wait_until
+
 WAIT = 30  # upper bound on waits: a failure, never a timing assertion
 BLOCK = "_gate.wait(30)\n'unblocked'"  # a cell that waits for the test
 
@@ -41,13 +43,6 @@ def session(engine):
     s = engine.create_session()
     s.shell.user_ns["_gate"] = threading.Event()
     return s
-
-
-def wait_until(predicate, what="condition"):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def cancel_error(result):

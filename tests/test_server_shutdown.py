@@ -19,6 +19,8 @@ import pytest
 
 from pyrepl3_ext.client import Client, ServerProcess
 
+from .polling import wait_until
+
 #: costly and not about the IPython version (tests/conftest.py)
 pytestmark = pytest.mark.heavy
 
@@ -133,10 +135,9 @@ def test_stdio_server_exits_when_its_parent_goes_away(isolation):
         proc.stdout.close()
         assert proc.wait(WAIT) == 0
         _quiet(proc.stderr.read().decode())
-        deadline = time.monotonic() + WAIT
-        while any(_alive(pid) for pid in children):
-            assert time.monotonic() < deadline, "a session process outlived the server"
-            time.sleep(0.05)
+        # every session process ends with the server
+        wait_until(lambda: not any(_alive(pid) for pid in children),
+                   interval=0.05)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -199,10 +200,9 @@ def test_signal_shuts_down_gracefully(tmp_path, isolation, sig):
             assert answer["error"]["evalue"] == "server shutdown", answer
         time.sleep(0.2)  # the stderr pump reads the last lines
         _quiet("".join(server.log))
-        deadline = time.monotonic() + WAIT
-        while any(_alive(pid) for pid in children):
-            assert time.monotonic() < deadline, "a process outlived the server"
-            time.sleep(0.05)
+        # every process ends with the server
+        wait_until(lambda: not any(_alive(pid) for pid in children),
+                   interval=0.05)
         if isolation == "process":
             assert children, "expected the fork server and a session process"
     finally:
