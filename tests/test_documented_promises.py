@@ -121,6 +121,15 @@ def test_signals_pyrepl3_did_not_send_reach_the_previous_handler(shell):
             # and one that pyrepl3 sends is its own (no cell: nothing happens)
             cancellation._SIGNAL.send()
             assert received == [signum]
+            # signals coalesce: two sends while blocked are one delivery; the
+            # next foreign signal is still chained (the count does not drift)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+            cancellation._SIGNAL.send()
+            cancellation._SIGNAL.send()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+            assert received == [signum]
+            signal.pthread_kill(threading.main_thread().ident, signum)
+            assert received == [signum, signum]
         finally:
             pyrepl3_ext.unload_ipython_extension(shell)
         assert signal.getsignal(signum) == previous  # put back on unload
