@@ -190,9 +190,8 @@ def test_a_child_process_of_a_cell_ends_with_a_cancel(session):
     # group ends the rest when the session closes (below)
     handle = session.execute(BLOCKING["subprocess"], wait=False)
     _started(handle)
-    time.sleep(0.2)
+    wait_until(lambda: _children(session.pid), "the cell's `sleep` to run")
     children = _children(session.pid)
-    assert children, "the cell's `sleep` should be running"
     session.cancel(handle.execution_id)
     handle.result(WAIT)
     _wait_gone(children)
