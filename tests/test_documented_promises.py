@@ -298,7 +298,10 @@ def test_a_cells_output_is_held_at_max_buffer_bytes(engine):
     server = Server(engine, limits=Limits(max_buffer_bytes=limit))
     session = engine.create_session("p")
     session.shell.user_ns["_progress"] = progress = []
-    lines = 400  # 400 lines of 1 KiB: several times the limit
+    # 4 MiB, 64 times the limit: events are queued by the cell's thread and
+    # written by the loop in batches, so the cell can run ahead of the loop
+    # by one batch before the limit is seen (a few hundred lines at most)
+    lines = 4096
 
     async def main():
         task, peer = await _connect(server, sndbuf=4096)
