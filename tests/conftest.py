@@ -35,6 +35,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """The random order's seed, also under ``-q`` (nox), where pytest-randomly's
+    header line is not shown: a failure that depends on the order reruns
+    with ``-p randomly --randomly-seed=N``."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"random order: --randomly-seed={seed}")
+
+
 def pytest_unconfigure(config):
     """The process must also exit: a thread a test left running (or an
     atexit handler) must not hold the interpreter open for ever."""
