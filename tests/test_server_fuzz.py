@@ -140,6 +140,7 @@ def test_hostile_messages_never_break_the_server():
         assert answer["id"] == "ok" and "sessions" in answer["result"]
     finally:
         conn.writer.close()
+        loop.run_until_complete(conn.writer.wait_closed())  # the transport's socket too
         peer.sock.close()
         for session in engine.sessions[sessions_before:]:
             session.close()
