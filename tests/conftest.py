@@ -6,6 +6,7 @@ import faulthandler
 import os
 import sys
 
+import IPython
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -32,6 +33,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("heavy"):
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The random order's seed, also under ``-q`` (nox), where pytest-randomly's
+    header line is not shown: a failure that depends on the order reruns
+    with ``-p randomly --randomly-seed=N``."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"random order: --randomly-seed={seed}")
 
 
 def pytest_unconfigure(config):
@@ -82,13 +92,19 @@ def ip(shell):
 
 @pytest.fixture
 def quiet(ip):
-    """``ip`` without IPython's (slow, coloured) traceback printing, for tests
-    whose cells fail or are cancelled by the hundred."""
-    ip.showtraceback = lambda *args, **kwargs: None
+    """``ip`` with IPython's traceback printing at its cheapest settings (plain,
+    no colour), for tests whose cells fail or are cancelled by the hundred.
+
+    The real formatter, with the extension's own wrappers around it, still
+    runs: it is what users run on the cancel path."""
+    mode, colors = ip.InteractiveTB.mode, ip.colors
+    ip.run_line_magic("xmode", "Plain")
+    ip.run_line_magic("colors", "nocolor" if IPython.version_info[0] >= 9 else "NoColor")
     try:
         yield ip
     finally:
-        del ip.showtraceback
+        ip.run_line_magic("colors", colors)
+        ip.run_line_magic("xmode", mode)
 
 
 @pytest.fixture

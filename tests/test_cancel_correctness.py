@@ -25,8 +25,9 @@ def run_cell_where(ip, code, execution_id, where, cancel_after=None, started=Non
     out = {}
 
     def canceller():
-        if started is not None:
-            assert started.wait(WAIT)
+        if started is not None and not started.wait(WAIT):
+            out["canceller"] = "the cell never started"  # asserted below, in the test's thread
+            return
         if cancel_after:
             time.sleep(cancel_after)
         out["hit"] = pyrepl3_ext.cancel(ip, execution_id, "test cancel")
@@ -44,6 +45,7 @@ def run_cell_where(ip, code, execution_id, where, cancel_after=None, started=Non
         w.join(WAIT)
         assert not w.is_alive(), "the cell did not end"
     c.join(WAIT)
+    assert "canceller" not in out, out["canceller"]
     return out["result"], out.get("hit")
 
 
@@ -110,7 +112,6 @@ def test_runaway_recursion_with_a_raised_limit_is_cancelled(ip, where):
     runaway recursion, cancelled 50 ms in, ends in seconds (it took over
     300 s: the stack walks per event, then IPython printing 10^5+ frames)."""
     old = sys.getrecursionlimit()
-    start = time.monotonic()
     try:
         result, hit = run_cell_where(
             ip, "import sys\nsys.setrecursionlimit(10**6)\ndef r(): return r()\nr()",
@@ -119,8 +120,8 @@ def test_runaway_recursion_with_a_raised_limit_is_cancelled(ip, where):
         sys.setrecursionlimit(old)
     # ~1 s alone; up to 44 s seen inside the whole suite on a loaded machine
     # (unwinding 10^5+ frames allocates a traceback each: full collections
-    # of a large heap); before the fix, minutes
-    assert time.monotonic() - start < 150
+    # of a large heap); before the fix, minutes: the test's timeout (400 s)
+    # is the bound, the duration is bench/bench_cancel.py's
     assert isinstance(result.error_in_exec, (CellCancelled, RecursionError))
     assert pyrepl3_ext.run_cell(ip, "1 + 1").result == 2
 
@@ -333,7 +334,7 @@ MAIN_BLOCKING = {
     "socket.recv": ("import socket\na, b = socket.socketpair()\n_started.set()\n"
                     "try:\n    a.recv(10)\nfinally:\n    a.close()\n    b.close()"),
     "subprocess.run": ("import subprocess\n_started.set()\n"
-                       "subprocess.run(['sleep', '100'])"),
+                       "subprocess.run(['sleep', '3600'])"),  # past pytest-timeout
     "queue.get in a with": ("import queue, threading\nlk = threading.Lock()\n_started.set()\n"
                             "with lk:\n    queue.Queue().get()"),
 }
@@ -347,12 +348,12 @@ def test_blocking_calls_on_the_main_thread_are_cancelled(quiet, scenario):
     started = threading.Event()
     quiet.user_ns["_started"] = started
     quiet.user_ns.pop("lk", None)
-    begin = time.monotonic()
     result, hit = run_cell_where(quiet, MAIN_BLOCKING[scenario], "blk", "main",
                                  started=started, cancel_after=0.02)
     assert hit is True
     assert isinstance(result.error_in_exec, CellCancelled), repr(result.error_in_exec)
-    assert time.monotonic() - begin < 30  # not the 100 s of the call
+    # each call blocks for ever (or an hour): only the cancel ends it before
+    # pytest-timeout does
     if "lk" in quiet.user_ns:
         assert not quiet.user_ns["lk"].locked()
 

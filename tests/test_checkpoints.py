@@ -14,6 +14,8 @@ import pytest
 from pyrepl3_ext import CellCancelled, Engine
 from pyrepl3_ext.errors import CellError, SessionLost, SnapshotRefused
 
+from .polling import wait_until
+
 #: costly and not about the IPython version (tests/conftest.py)
 pytestmark = pytest.mark.heavy
 
@@ -61,14 +63,13 @@ def test_a_failing_transaction_cell_undoes_in_place_mutation(session):
     assert _plain(session, CHECK) == BEFORE
 
 
-def test_a_cancelled_transaction_cell_undoes_it_too(session):
+def test_a_cancelled_transaction_cell_undoes_it_too(session, tmp_path):
     session.execute(STATE)
-    handle = session.execute(MUTATE + "import time\ntime.sleep(100)", transaction=True,
-                             wait=False)
-    while not handle._job.started:
-        time.sleep(0.005)
-    time.sleep(0.2)
-    session.cancel(handle.execution_id)
+    mutated = tmp_path / "mutated"  # the cell says it has mutated (another process)
+    handle = session.execute(MUTATE + f"open({str(mutated)!r}, 'w').close()\n"
+                             "import time\ntime.sleep(100)", transaction=True, wait=False)
+    wait_until(mutated.exists, "the cell to mutate")
+    assert session.cancel(handle.execution_id)
     assert isinstance(handle.result(WAIT).error_in_exec, CellCancelled)
     assert _plain(session, CHECK) == BEFORE
 

@@ -15,6 +15,8 @@ from pyrepl3_ext import (CellCancelled, CellTimeout, ConcurrencyUnsupported, Eng
                          SessionBusy, SessionClosed)
 from pyrepl3_ext._compat import is_patched_build
 
+from .polling import wait_until
+
 WAIT = 30  # upper bound on waits: a failure, never a timing assertion
 BLOCK = "_gate.wait(30)\n'unblocked'"  # a cell that waits for the test
 
@@ -41,13 +43,6 @@ def session(engine):
     s = engine.create_session()
     s.shell.user_ns["_gate"] = threading.Event()
     return s
-
-
-def wait_until(predicate, what="condition"):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def cancel_error(result):
@@ -220,6 +215,7 @@ def test_cancel_right_after_submit_never_lets_the_cell_run(session):
         h = session.execute("ran.append(1)\nwhile True: pass", wait=False)
         session.cancel(h.execution_id)
         assert not h.result(WAIT).success
+    assert session.execute("ran").result == []
     assert session.execute("'usable'").result == "usable"
 
 
@@ -232,14 +228,16 @@ def test_timeout_cancels_the_cell_and_the_session_goes_on(session):
 
 
 def test_timeout_counts_from_the_cells_start_not_from_submission(session):
-    gate = session.shell.user_ns["_gate"]
-    blocker = session.execute(BLOCK, wait=False)
-    queued = session.execute("import time\ntime.sleep(0.05)\n'made it'", timeout=5,
-                             wait=False)
-    wait_until(running(session))
-    gate.set()
-    assert blocker.result(WAIT).success
-    assert queued.result(WAIT).result == "made it"
+    # The queued cell waits behind a blocker for twice its own timeout; its
+    # own run is instant.  A timeout counted from submission would have
+    # expired before it starts.
+    timeout = 0.3
+    blocker = session.execute(f"import time\ntime.sleep({2 * timeout})\n'blocker'", wait=False)
+    queued = session.execute("'made it'", timeout=timeout, wait=False)
+    assert blocker.result(WAIT).result == "blocker"
+    result = queued.result(WAIT)
+    assert result.success, cancel_error(result)
+    assert result.result == "made it"
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),

@@ -37,6 +37,9 @@ class Host:
         self.events: list[dict] = []
         self.requests: "queue.Queue[dict]" = queue.Queue()
         self.answer = answer
+        #: (input_id, what reply_input returned), from the replying threads
+        self.replies: list[tuple[str, bool]] = []
+        self.threads: list[threading.Thread] = []
         self.unsubscribe = pyrepl3_ext.subscribe(ip, self._on_event, handles_input=True)
 
     def _on_event(self, event):
@@ -45,8 +48,12 @@ class Host:
             self.requests.put(event)
             if self.answer is not None:
                 text = self.answer(event)
-                threading.Thread(target=pyrepl3_ext.reply_input,
-                                 args=(self.ip, event["input_id"], text)).start()
+                thread = threading.Thread(target=self._reply, args=(event["input_id"], text))
+                self.threads.append(thread)
+                thread.start()
+
+    def _reply(self, input_id, text):
+        self.replies.append((input_id, pyrepl3_ext.reply_input(self.ip, input_id, text)))
 
     def of(self, execution_id):
         return by_execution(self.events, execution_id)
@@ -65,6 +72,11 @@ def host(ip):
     h = Host(ip, answer=lambda e: f"answer to {e['prompt'].strip()}")
     yield h
     h.unsubscribe()
+    for thread in h.threads:
+        thread.join(WAIT)
+    # every reply the host sent was taken (checked here, not in its thread)
+    asked = [e["input_id"] for e in h.events if e["type"] == "input_requested"]
+    assert sorted(h.replies) == sorted((i, True) for i in asked)
 
 
 def test_input_is_asked_of_the_host_in_every_cell(host):
@@ -210,9 +222,11 @@ def test_cancel_wakes_input_at_once(quiet, where):
                 _t = threading.Thread(target=ask); _t.start(); _t.join()
                 raise _err[0]""")
 
+        hit = {}
+
         def cancel_when_asked():
             req = host.requests.get(timeout=WAIT)
-            assert pyrepl3_ext.cancel(ip, req["execution_id"], "user hit stop") is True
+            hit["cancel"] = pyrepl3_ext.cancel(ip, req["execution_id"], "user hit stop")
 
         canceller = threading.Thread(target=cancel_when_asked)
         canceller.start()
@@ -230,6 +244,7 @@ def test_cancel_wakes_input_at_once(quiet, where):
             assert not cell.is_alive()
             result = out["r"]
         canceller.join(WAIT)
+        assert hit == {"cancel": True}
         error = result.error_in_exec or result.error_before_exec
         assert isinstance(error, CellCancelled), repr(error)
         if where == "thread of the cell":  # the waiting thread itself got it
@@ -255,15 +270,18 @@ def test_getpass_is_a_password_request_and_not_echoed(host):
 def test_reply_from_inside_the_subscriber_and_echo_off(ip, config):
     config.input_echo = False
 
+    replied = []
+
     def answer_now(event):
         if event["type"] == "input_requested":
-            assert pyrepl3_ext.reply_input(ip, event["input_id"], "sync") is True
+            replied.append(pyrepl3_ext.reply_input(ip, event["input_id"], "sync"))
 
     events: list = []
     unsubscribe = pyrepl3_ext.subscribe(ip, answer_now, handles_input=True)
     unsub_log = pyrepl3_ext.subscribe(ip, events.append)
     try:
         assert run(ip, "input('now: ')", execution_id="sy").result == "sync"
+        assert replied == [True]  # answered from inside the subscriber
         assert text_of(by_execution(events, "sy")) == "now: "
     finally:
         unsubscribe()

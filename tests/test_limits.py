@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -29,6 +28,8 @@ from pyrepl3_ext.engine.limits import (
     explain_returncode,
     probe,
 )
+
+from .polling import wait_until
 
 #: costly and not about the IPython version (tests/conftest.py)
 pytestmark = pytest.mark.heavy
@@ -108,14 +109,12 @@ def go(p: subprocess.Popen) -> None:
 
 def wait_raw(p: subprocess.Popen) -> int:
     """Reap ``p`` with waitpid and return the raw status (what explain_exit takes)."""
-    deadline = time.monotonic() + HANG
-    while True:
-        pid, status = os.waitpid(p.pid, os.WNOHANG)
-        if pid:
-            p.returncode = os.waitstatus_to_exitcode(status)
-            return status
-        assert time.monotonic() < deadline, "child hangs"
-        time.sleep(0.01)
+    reaped = []
+    wait_until(lambda: reaped.append(os.waitpid(p.pid, os.WNOHANG)) or reaped[-1][0],
+               interval=0.01)
+    status = reaped[-1][1]
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return status
 
 
 def state(pid: int) -> str | None:

@@ -357,7 +357,6 @@ def test_a_second_shell_on_the_same_history_file_keeps_it_in_memory(tmp_path):
 
 def test_history_thread_survives_a_locked_database(tmp_path):
     import sqlite3
-    import time
 
     path = tmp_path / "h.sqlite"
     config = Config()
@@ -366,23 +365,37 @@ def test_history_thread_survives_a_locked_database(tmp_path):
     shell = InteractiveShell(config=config)
     try:
         hm = shell.history_manager
+        # observe the saving thread's writes (the instance attribute shadows
+        # the method; the thread looks it up on each save)
+        failed, saved = threading.Event(), threading.Event()
+        writeout = hm.writeout_cache
+
+        def observed(*args, **kwargs):
+            try:
+                writeout(*args, **kwargs)
+            except sqlite3.OperationalError:
+                failed.set()
+                raise
+            saved.set()
+
+        hm.writeout_cache = observed
         lock = sqlite3.connect(str(path), isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         for i in range(5):
             shell.run_cell(f"x{i} = {i}", store_history=True)
-        deadline = time.monotonic() + 5
-        while hm.db_input_cache == [] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        failed.clear()  # a write attempted after the five cells, while locked
+        assert failed.wait(30), "the saving thread never tried to write"
         assert hm.save_thread.is_alive()
+        # nothing was dropped: the five lines wait in the cache
+        assert [source for _, source, _ in hm.db_input_cache] == [f"x{i} = {i}" for i in range(5)]
+        saved.clear()
         lock.execute("COMMIT")
         lock.close()
-        stored = 0
-        while stored < 5 and time.monotonic() < deadline + 5:
-            time.sleep(0.05)
-            with sqlite3.connect(str(path)) as db:
-                stored = db.execute("SELECT count(*) FROM history WHERE session = ?",
-                                    (hm.session_number,)).fetchone()[0]
-        assert stored == 5  # none of the lines written while locked was dropped
+        assert saved.wait(30), "the saving thread never wrote after the lock went"
+        with sqlite3.connect(str(path)) as db:
+            stored = db.execute("SELECT source FROM history WHERE session = ? ORDER BY line",
+                                (hm.session_number,)).fetchall()
+        assert [s for (s,) in stored] == [f"x{i} = {i}" for i in range(5)]
     finally:
         shell.close()
 

@@ -132,8 +132,9 @@ def test_huge_result_is_truncated_and_the_session_goes_on():
             assert response["status"] == "ok"
             result = events[1]
             assert result["type"] == "result" and result["truncated"] is True
-            assert len(result["data"]["text/plain"]) <= 100_000
-            assert result["truncated_from"]["data.text/plain"] > 5_000_000
+            # each long string is cut to a quarter of the limit (docs/protocol.md)
+            assert len(result["data"]["text/plain"]) == 100_000 // 4
+            assert result["truncated_from"] == {"data.text/plain": 5_000_002}  # the repr's quotes
             response, events = await client.run(session, "3")
             assert events[1]["data"]["text/plain"] == "3"
     run(main())
@@ -314,6 +315,9 @@ def test_capabilities_granted_at_session_create(tmp_path):
             assert (allowed / "agent-1" / "notes.txt").read_text() == "kept"
             response, events = await client.run(session, "files.read('../../secret.txt')")
             assert response["status"] == "error"
+            assert response["error"]["kind"] == "security", response
+            assert response["error"]["ename"] == "SecurityError"
+            assert "'..' could leave" in response["error"]["evalue"]
             # input: the builtin is gone under restricted, the capability answers
             run = client.execute(session, "answer = input('which? ')\nanswer.upper()")
             async for event in run:
@@ -334,6 +338,10 @@ def test_capabilities_granted_at_session_create(tmp_path):
                 {"name": "files", "root": str(allowed / "shared"), "read_only": True}])
             response, _ = await client.run(ro, "files.write('x', 'y')")
             assert response["status"] == "error"
+            assert response["error"]["kind"] == "security", response
+            assert response["error"]["ename"] == "SecurityError"
+            assert "read-only" in response["error"]["evalue"]
+            assert not (allowed / "shared" / "x").exists()
             for bad, code in ([{"name": "files", "root": str(tmp_path)}], P.NOT_AVAILABLE), \
                              ([{"name": "files", "root": str(allowed / ".." / "..")}],
                               P.NOT_AVAILABLE), \

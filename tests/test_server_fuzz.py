@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pyrepl3_ext import protocol as P
 from pyrepl3_ext.engine import Engine
-from pyrepl3_ext.server import Connection, Server
+from pyrepl3_ext.server import Connection, Limits, Server
 
 #: How many messages: 10,000 in every nox session; the newest session of the
 #: matrix sets PYREPL3_FUZZ_MESSAGES=100000 (noxfile.py), which takes
@@ -46,39 +47,65 @@ hostile_lines = st.one_of(
 )
 
 
-class _Sink:
-    """A StreamWriter stand-in that keeps what the server sends."""
+class _Peer:
+    """The client's end of a socketpair whose other end is the connection's
+    real asyncio transport (small kernel buffers, so the transport's own
+    buffer fills and the server's backpressure branch runs under fuzz)."""
 
-    def __init__(self):
-        self.lines: list[bytes] = []
-        self.transport = self
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.pending = b""
 
-    def write(self, data: bytes) -> None:
-        self.lines.append(data)
+    def read_lines(self) -> list[bytes]:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        return lines
 
-    def get_write_buffer_size(self) -> int:
-        return 0
 
-    async def drain(self) -> None:
-        pass
+def _connection(server):
+    """A Connection on a real transport, and the peer that reads its output."""
+    ours, theirs = socket.socketpair()
+    for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
 
-    def close(self) -> None:
-        pass
+    async def make():
+        reader, writer = await asyncio.open_connection(sock=ours)
+        return Connection(server, reader, writer, require_auth=False, name="fuzz")
+
+    return make, _Peer(theirs)
 
 
 @pytest.mark.timeout(1200)
 def test_hostile_messages_never_break_the_server():
     engine = Engine()
-    server = Server(engine)
+    # the smallest buffer limit: the fuzz's answers, left unread for one
+    # example, go past it, so the backpressure path is taken for real
+    server = Server(engine, limits=Limits(max_buffer_bytes=1024))
     sessions_before = len(engine.sessions)
-
-    async def make_connection():
-        return Connection(server, asyncio.StreamReader(), _Sink(), require_auth=False,
-                          name="fuzz")
-
     loop = asyncio.new_event_loop()
-    conn = loop.run_until_complete(make_connection())
-    sent = {"messages": 0}
+    make, peer = _connection(server)
+    conn = loop.run_until_complete(make())
+    sent = {"messages": 0, "backpressure": 0}
+
+    def drain_all() -> list[bytes]:
+        """Read the answers while the loop writes the rest and the drain ends."""
+        out = []
+        while True:
+            loop.run_until_complete(asyncio.sleep(0))
+            got = peer.read_lines()
+            out += got
+            if not got and not conn._draining and not conn.writer.transport.get_write_buffer_size():
+                loop.run_until_complete(asyncio.sleep(0))
+                out += peer.read_lines()
+                return out
 
     @settings(max_examples=max(TOTAL // PER_EXAMPLE, 1), deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -87,28 +114,34 @@ def test_hostile_messages_never_break_the_server():
         for line in lines:
             if b"\n" in line:
                 line = line.replace(b"\n", b" ")
-            before = len(conn.writer.lines)
             conn.handle_line(line)  # must never raise
             sent["messages"] += 1
-            out = conn.writer.lines[before:]
-            for raw in out:  # every answer is one well-formed JSON-RPC message
-                message = json.loads(raw)
-                assert message["jsonrpc"] == "2.0"
-                assert ("result" in message) != ("error" in message) or "method" in message
-                if "error" in message:
-                    assert isinstance(message["error"]["code"], int)
-                    assert message["error"]["code"] != P.INTERNAL_ERROR, message
-            assert len(out) <= 1  # one response per request at most
+            if conn._draining:
+                sent["backpressure"] += 1
+                assert not conn.writable.is_set()  # cells' threads would wait now
+        out = drain_all()
+        assert conn.writable.is_set() and not conn.closed
+        for raw in out:  # every answer is one well-formed JSON-RPC message
+            message = json.loads(raw)
+            assert message["jsonrpc"] == "2.0"
+            assert ("result" in message) != ("error" in message) or "method" in message
+            if "error" in message:
+                assert isinstance(message["error"]["code"], int)
+                assert message["error"]["code"] != P.INTERNAL_ERROR, message
+        assert len(out) <= len(lines)  # one response per request at most
 
     try:
         fuzz()
         assert sent["messages"] >= TOTAL
+        assert sent["backpressure"] > 0, "the backpressure branch never ran"
         # still serving: a valid request gets its answer
-        conn.writer.lines.clear()
         conn.handle_line(b'{"jsonrpc": "2.0", "id": "ok", "method": "session.list"}')
-        answer = json.loads(conn.writer.lines[-1])
+        answer = json.loads(drain_all()[-1])
         assert answer["id"] == "ok" and "sessions" in answer["result"]
     finally:
+        conn.writer.close()
+        loop.run_until_complete(conn.writer.wait_closed())  # the transport's socket too
+        peer.sock.close()
         for session in engine.sessions[sessions_before:]:
             session.close()
         engine.close()

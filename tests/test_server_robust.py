@@ -20,6 +20,8 @@ from pyrepl3_ext import protocol as P
 from pyrepl3_ext.engine import Engine
 from pyrepl3_ext.server import Connection, Limits, Server
 
+from .polling import async_wait_until
+
 #: costly and not about the IPython version (tests/conftest.py)
 pytestmark = pytest.mark.heavy
 
@@ -127,10 +129,9 @@ def test_a_drop_cancels_what_was_queued(engine):
         reader.feed_data(b"".join(lines))
         task = asyncio.get_running_loop().create_task(
             server.handle(reader, transport, require_auth=False, name="test"))
-        deadline = time.monotonic() + WAIT
-        while len(session._executor._jobs) < 99:  # all submitted, the first running
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        # all submitted, the first running
+        await async_wait_until(lambda: len(session._executor._jobs) >= 99,
+                               interval=0.01)
         reader.feed_eof()  # the client went away (a socket, not stdio)
         await asyncio.wait_for(task, WAIT)
 
@@ -461,13 +462,11 @@ def test_schema_valid_params_never_cause_an_internal_error(engine, tmp_path):
         reader.feed_data(request(id_, method, **params))
 
         async def answered():
-            deadline = time.monotonic() + WAIT
-            while True:
-                for message in transport.messages():
-                    if message.get("id") == id_:
-                        return message
-                assert time.monotonic() < deadline, f"no answer to {method} {params}"
-                await asyncio.sleep(0.002)
+            found = []
+            await async_wait_until(lambda: found.extend(
+                m for m in transport.messages() if m.get("id") == id_) or found,
+                interval=0.002)
+            return found[0]
 
         return loop.run_until_complete(answered())
 

@@ -19,6 +19,8 @@ import pytest
 
 from pyrepl3_ext.client import Client, ServerProcess
 
+from .polling import wait_until
+
 #: costly and not about the IPython version (tests/conftest.py)
 pytestmark = pytest.mark.heavy
 
@@ -133,10 +135,9 @@ def test_stdio_server_exits_when_its_parent_goes_away(isolation):
         proc.stdout.close()
         assert proc.wait(WAIT) == 0
         _quiet(proc.stderr.read().decode())
-        deadline = time.monotonic() + WAIT
-        while any(_alive(pid) for pid in children):
-            assert time.monotonic() < deadline, "a session process outlived the server"
-            time.sleep(0.05)
+        # every session process ends with the server
+        wait_until(lambda: not any(_alive(pid) for pid in children),
+                   interval=0.05)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -145,14 +146,22 @@ def test_stdio_server_exits_when_its_parent_goes_away(isolation):
 
 def test_stdio_eof_still_finishes_what_was_sent():
     """Closing stdin alone (the parent still reads) keeps the documented
-    behaviour: executions already sent run to the end and are answered."""
+    behaviour: executions already sent run to the end and are answered.
+
+    The cell waits in ``input()``, which only the end of input answers (with
+    EOF): it can only go on after the server has seen the EOF, whatever the
+    timing."""
     proc = _stdio_server()
     try:
         _send(proc, 1, "session.create", session_id="s")
-        _send(proc, 2, "execute", session="s", code="import time\ntime.sleep(0.5)\n6 * 7")
+        _send(proc, 2, "execute", session="s",
+              code="try:\n    input('never answered: ')\nexcept EOFError:\n    eof = True\n6 * 7")
         proc.stdin.close()
         rest = _read_until(proc, lambda m: m.get("id") == 2)
-        assert rest[-1]["result"]["status"] == "ok"
+        assert rest[-1]["result"]["status"] == "ok", rest[-1]
+        results = [m["params"]["event"] for m in rest if m.get("method") == "execution.event"
+                   and m["params"]["event"]["type"] == "result"]
+        assert [r["data"]["text/plain"] for r in results] == ["42"]
         assert proc.wait(WAIT) == 0
     finally:
         if proc.poll() is None:
@@ -199,10 +208,9 @@ def test_signal_shuts_down_gracefully(tmp_path, isolation, sig):
             assert answer["error"]["evalue"] == "server shutdown", answer
         time.sleep(0.2)  # the stderr pump reads the last lines
         _quiet("".join(server.log))
-        deadline = time.monotonic() + WAIT
-        while any(_alive(pid) for pid in children):
-            assert time.monotonic() < deadline, "a process outlived the server"
-            time.sleep(0.05)
+        # every process ends with the server
+        wait_until(lambda: not any(_alive(pid) for pid in children),
+                   interval=0.05)
         if isolation == "process":
             assert children, "expected the fork server and a session process"
     finally:

@@ -71,7 +71,7 @@ from .monitoring import _MONITORING  # noqa: F401,E402
 from .safepoints import (_cell_frames, _frames_above_root, _unsafe_lines,  # noqa: F401,E402
                          _unsafe_lines_cache)
 from .scope import (_cancelled_threads, _lock, _new_thread_stack,  # noqa: F401,E402
-                    _thread_frames, _thread_scopes)
+                    _thread_frames, _thread_scopes, _thread_wakers)
 
 __all__ = ["CancelReport", "CancelScope", "CancellationManager", "HARD_DEADLINE", "cancel",
            "cancel_status", "check_cancelled", "current_scope", "interruptible_sleep",

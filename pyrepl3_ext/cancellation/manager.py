@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ..errors import CellCancelled
 from ..extension import Component, InstancePatches
-from .scope import (CancelScope, HARD_DEADLINE, _HAS_MONITORING, _MAIN_THREAD_ID,
+from .scope import (CancelScope, _HAS_MONITORING, _MAIN_THREAD_ID,
                     _cancelled_threads, _get_ident, _lock, _new_thread_stack, _thread_frames,
                     _thread_scopes, _thread_wakers)
 from .unwinding import (_bounded_showtraceback, _deeper_than, _pause_gc, _resume_gc,
@@ -482,7 +482,7 @@ class CancellationManager(Component):
             return CancelReport(True, "delivered", "the cell got its exception; IPython is "
                                                    "finishing it")
         age = time.monotonic() - scope.requested_at
-        if scope.thread_id == _MAIN_THREAD_ID and self._signal and age > HARD_DEADLINE:
+        if scope.thread_id == _MAIN_THREAD_ID and self._signal and age > scope.hard_deadline:
             return CancelReport(True, "escalated", "no safe point for 2 s: the next one "
                                 "raises even in a finally/__exit__")
         if scope.mechanism == "escalate":

@@ -19,7 +19,7 @@ import time
 import tokenize
 from typing import Callable, TYPE_CHECKING
 
-from .scope import (CancelScope, HARD_DEADLINE, _HAS_MONITORING, _PKG_DIR, _UNSAFE_FUNCTIONS,
+from .scope import (CancelScope, _HAS_MONITORING, _PKG_DIR, _UNSAFE_FUNCTIONS,
                     _UNSAFE_MODULE_PARTS, _shield_depth, _thread_frames)
 
 if TYPE_CHECKING:
@@ -239,7 +239,7 @@ def _verdict(frame, scope: CancelScope) -> int:
     cached = _code_info_cache.get(id(frame.f_code))
     if cached is not None and cached[2] is frame.f_code and cached[1] \
             and frame.f_lasti in cached[1] and not _entering(frame) \
-            and time.monotonic() - scope.requested_at <= HARD_DEADLINE:
+            and time.monotonic() - scope.requested_at <= scope.hard_deadline:
         # the innermost frame alone says no, and was seen before: a loop in
         # a ``finally`` pays no stack walk per line
         return DEFER
@@ -265,7 +265,7 @@ def _verdict(frame, scope: CancelScope) -> int:
         f = f.f_back
     else:
         scope.deep = True
-    late = time.monotonic() - scope.requested_at > HARD_DEADLINE
+    late = time.monotonic() - scope.requested_at > scope.hard_deadline
     kind, offsets, _ = _code_info(frame.f_code)
     if kind == _OWN:
         return DEFER  # never in pyrepl3's own frames, not even late

@@ -118,6 +118,9 @@ class CancelScope:
     in_code = False                  # 3.10/3.11: inside run_code (SetAsyncExc is safe)
     async_exc_pending = False
     deep = False                     # its stack is deeper than _VERDICT_WALK (a runaway)
+    #: seconds after the first request when safe points stop deferring (a
+    #: class attribute: the one place every mechanism reads it from)
+    hard_deadline = HARD_DEADLINE
     gc_paused = False                # holds one of _pause_gc's pauses
 
     def __init__(self, execution: Any, thread_id: int, manager: "CancellationManager",

@@ -134,12 +134,23 @@ def test_raw_threads_from_the_cell_are_refused(guarded, events):
     assert "raw thread" in error["evalue"]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12),
+                    reason="no thread-start audit event before 3.12 (docs/security.md)")
 def test_restricted_refuses_threads(ip, events):
     pyrepl3_ext.set_policy(ip, SecurityPolicy.preset("restricted").replace(
         allowed_modules={"threading": frozenset({"Thread"})}))
     _, error = run(ip, events, "import threading\nthreading.Thread(target=len, args=('',)).start()")
-    if sys.version_info >= (3, 12):
-        assert "starting threads" in error["evalue"]
+    assert error is not None and error["ename"] == "AuditDenied"
+    assert "starting threads" in error["evalue"]
+
+
+def test_restricted_makes_threading_unimportable(ip, events):
+    """The defence that holds on every Python (3.10/3.11 raise no thread-start
+    event, so there ``restricted`` relies on this alone)."""
+    pyrepl3_ext.set_policy(ip, "restricted")
+    for module in ("threading", "_thread"):
+        _, error = run(ip, events, f"import {module}")
+        assert error is not None and error["kind"] == "security", (module, error)
 
 
 def test_audit_denied_is_both_security_and_permission_error():

@@ -13,12 +13,13 @@ from IPython.core.error import InputRejected
 import pyrepl3_ext
 from pyrepl3_ext.errors import SecurityError
 from pyrepl3_ext.security.ast_guard import SecurityGuard
+from pyrepl3_ext.security import FilesCapability
 from pyrepl3_ext.security.builtins import build_builtins
 from pyrepl3_ext.security.imports import DEFAULT_ALLOWED_MODULES, Importer
 from pyrepl3_ext.security.policy import SecurityPolicy
 from pyrepl3_ext.security.rules import PRIVATE_SUFFIX as S
 
-from .helpers import run, value
+from .helpers import run, session, value
 
 RESTRICTED = SecurityPolicy.preset("restricted")
 
@@ -75,36 +76,23 @@ def test_guarded_attribute_functions_use_the_session_spelling():
 
 # -- AST guard -----------------------------------------------------------------
 
-class FakeSession:
-    """What the guard asks of a session, without a shell."""
-
-    def __init__(self, policy=RESTRICTED, protected=("files",), user_ns=None):
-        self.policy = policy
-        self.importer = Importer(policy.allowed_modules, policy.name) \
-            if policy.allowed_modules is not None else None
-        self._protected = frozenset(protected)
-        self.user_ns = {"get_ipython": object(), **(user_ns or {})}
-        self.refusals: list[str] = []
-
-    def protected_names(self):
-        return self._protected | {"get_ipython"}
-
-    def gate_active(self):
-        return True
-
-    def magic_chain(self, name, kind):
-        return [(name, kind)]
-
-    def match_check_available(self):
-        return True
-
-    def record_refusal(self, layer, message):
-        self.refusals.append(message)
+@pytest.fixture
+def restricted(ip, tmp_path):
+    """``ip`` under ``restricted`` with a ``files`` capability granted: the
+    guard's questions (protected names, the magics gate, imports) are
+    answered by the real session, not a stand-in.  Names the cells define
+    are removed afterwards (the shell is shared by the whole run)."""
+    pyrepl3_ext.set_policy(ip, "restricted")
+    pyrepl3_ext.grant(ip, "files", FilesCapability(str(tmp_path)))
+    before = set(ip.user_ns)
+    yield ip
+    for name in set(ip.user_ns) - before:
+        ip.user_ns.pop(name, None)
 
 
-def guard(code, session=None):
-    session = session or FakeSession()
-    return SecurityGuard(session).visit(ast.parse(code))
+def guard(code, shell):
+    """The AST guard of ``shell``'s security session applied to ``code``."""
+    return SecurityGuard(session(shell)).visit(ast.parse(code))
 
 
 REFUSED = {
@@ -155,15 +143,16 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("code", list(REFUSED))
-def test_ast_guard_refuses(code):
-    session = FakeSession()
-    with pytest.raises(InputRejected) as info:
-        guard(code, session)
-    message = str(info.value)
+def test_ast_guard_refuses(code, restricted, events):
+    log = session(restricted).log
+    logged = len(log)
+    _, error = run(restricted, events, code)
+    assert error is not None and error["kind"] == "security", error
+    message = error["evalue"]
     assert message.startswith("refused by security policy 'restricted': ")
     assert REFUSED[code] in message
     assert "(line " in message
-    assert session.refusals == [message]
+    assert [e["message"] for e in log[logged:] if e["action"] == "refused"] == [message]
 
 
 ALLOWED = [
@@ -190,19 +179,27 @@ ALLOWED = [
 
 
 @pytest.mark.parametrize("code", ALLOWED)
-def test_ast_guard_allows(code):
-    guard(code)
+def test_ast_guard_allows(code, restricted, events):
+    """Not refused before running (the cells may still fail at run time:
+    most use names they never define)."""
+    log = session(restricted).log
+    logged = len(log)
+    guard(code, restricted)
+    _, error = run(restricted, events, code)
+    assert error is None or not error["evalue"].startswith("refused by security policy"), error
+    assert [e for e in log[logged:] if e["action"] == "refused"] == []
 
 
-def test_denied_builtin_names_bound_by_the_user_are_fine():
-    guard("compile('x')", FakeSession(user_ns={"compile": lambda s: s}))
+def test_denied_builtin_names_bound_by_the_user_are_fine(restricted, events):
+    restricted.user_ns["compile"] = lambda s: s
+    assert value(restricted, events, "compile('x')") == "'x'"
 
 
-def test_private_attributes_get_the_session_spelling():
+def test_private_attributes_get_the_session_spelling(restricted):
     tree = guard("class A:\n    _count = 0\n    def __init__(self):\n        self._x = 1\n"
                  "    def _helper(self, other):\n        return other._x + A._count\n"
                  "a = A()\nresult = a._x\nlistener._state\ngetattr(a, '_x')\n"
-                 "match a:\n    case A(_x=1): pass")
+                 "match a:\n    case A(_x=1): pass", restricted)
     source = ast.unparse(tree)
     assert f"_count{S} = 0" in source and f"def _helper{S}(self, other)" in source
     for spelled in (f"self._x{S} = 1", f"other._x{S} + A._count{S}", f"result = a._x{S}",
@@ -212,13 +209,13 @@ def test_private_attributes_get_the_session_spelling():
     assert "_x =" not in source and "._x " not in source and "._x\n" not in source
 
 
-def test_class_scope_spelling_follows_python_scoping():
+def test_class_scope_spelling_follows_python_scoping(restricted):
     source = ast.unparse(guard(
         "class A:\n    global _g\n    _g = 1\n    _a = 1\n    _b = [_a for _ in range(2)]\n"
         "    _c = [_a for _ in _b]\n    def m(self, v=_a) -> None:\n        _a = 2\n"
         "        return _a\n    class _In:\n        pass\n    try:\n        pass\n"
         "    except ValueError as _e:\n        pass\n    match 1:\n        case _m:\n"
-        "            pass"))
+        "            pass", restricted))
     assert "_g = 1" in source  # declared global: the module's name
     assert f"_a{S} = 1" in source and f"v=_a{S}" in source
     assert f"_b{S} = [_a for _ in range(2)]" in source  # comprehension body: own scope
@@ -228,9 +225,9 @@ def test_class_scope_spelling_follows_python_scoping():
     assert f"except ValueError as _e{S}:" in source and f"case _m{S}:" in source
 
 
-def test_private_attributes_at_run_time():
+def test_private_attributes_at_run_time(restricted):
     mapping = build_builtins(RESTRICTED, None)
-    code = compile(SecurityGuard(FakeSession()).visit(ast.parse(
+    code = compile(SecurityGuard(session(restricted)).visit(ast.parse(
         "class A:\n    _k = 5\n    def __init__(self):\n        self._x = 1\n"
         "    def get(self):\n        'doc'\n        return self._x\n"
         "    def put(self, v):\n        self._x = v\n"
@@ -303,20 +300,21 @@ def test_a_host_base_private_state_is_hidden(ip, events):
     assert S not in "".join(error["traceback"][-1:])
 
 
-def test_guarded_preset_does_not_restrict_imports_or_private_names():
-    session = FakeSession(SecurityPolicy.preset("guarded"))
-    tree = guard("import os\nos._exit\nx._y", session)
+def test_guarded_preset_does_not_restrict_imports_or_private_names(ip):
+    pyrepl3_ext.set_policy(ip, "guarded")
+    tree = guard("import os\nos._exit\nx._y", ip)
     assert S not in ast.unparse(tree)
     with pytest.raises(InputRejected, match="'__globals__'"):
-        guard("f.__globals__", session)
+        guard("f.__globals__", ip)
 
 
-def test_nfkc_spellings_are_the_same_names():
+def test_nfkc_spellings_are_the_same_names(restricted):
     with pytest.raises(InputRejected, match="'__import__'"):
-        guard("__\U0001d62a\U0001d62e\U0001d631\U0001d630\U0001d633\U0001d635__('os')")
+        guard("__\U0001d62a\U0001d62e\U0001d631\U0001d630\U0001d633\U0001d635__('os')",
+              restricted)
 
 
-def test_an_internal_error_fails_closed(monkeypatch):
+def test_an_internal_error_fails_closed(monkeypatch, restricted):
     from pyrepl3_ext.security import ast_guard
 
     def broken(self, node):
@@ -324,7 +322,7 @@ def test_an_internal_error_fails_closed(monkeypatch):
 
     monkeypatch.setitem(ast_guard._DISPATCH, ast.Name, broken)
     with pytest.raises(InputRejected, match="the security check failed on this cell"):
-        guard("x")
+        guard("x", restricted)
 
 
 # -- import views -----------------------------------------------------------------
