@@ -22,6 +22,9 @@ import mcp.types as types  # noqa: E402
 from mcp.client.session import ClientSession  # noqa: E402
 from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 
+# a server process per test; about the service, not the IPython release: once per Python
+pytestmark = pytest.mark.heavy
+
 TOOLS = {"create_session", "close_session", "list_sessions", "execute", "send_input",
          "cancel", "list_variables", "get_variable", "take_snapshot", "restore_snapshot"}
 
