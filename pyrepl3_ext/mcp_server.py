@@ -69,11 +69,18 @@ def truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     head = limit // 3
-    tail = limit - head
-    dropped = text[head:len(text) - tail]
-    return (f"{text[:head]}\n[... {len(dropped):,} characters ({dropped.count(chr(10)):,} "
+    tail_start = len(text) - (limit - head)
+    # cut at line ends when one is near, so no line is shown in part
+    newline = text.rfind("\n", 0, head)
+    if newline > head // 2:
+        head = newline + 1
+    newline = text.find("\n", tail_start, tail_start + (limit - head) // 2)
+    if newline != -1:
+        tail_start = newline + 1
+    dropped = text[head:tail_start]
+    return (f"{text[:head]}[... {len(dropped):,} characters ({dropped.count(chr(10)):,} "
             f"lines) of output dropped here; print less, or keep large data in a "
-            f"variable and inspect parts of it ...]\n{text[len(text) - tail:]}")
+            f"variable and inspect parts of it ...]\n{text[tail_start:]}")
 
 
 class Run:
@@ -84,7 +91,12 @@ class Run:
     def __init__(self, loop: asyncio.AbstractEventLoop, session: Any):
         self.loop = loop
         self.session = session
-        self.events: asyncio.Queue[dict] = asyncio.Queue()
+        #: events from the cell's thread not yet taken by the loop; the loop is
+        #: woken once per batch, not once per event (a printing loop makes many)
+        self._inbox: list[dict] = []
+        self._inbox_lock = threading.Lock()
+        self._wake_scheduled = False
+        self.arrived = asyncio.Event()
         self.handle: Any = None
         self.execution_id = ""
         self.t0 = time.monotonic()
@@ -98,12 +110,36 @@ class Run:
 
     # the cell's thread
     def on_event(self, event: dict) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        with self._inbox_lock:
+            self._inbox.append(event)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        self.loop.call_soon_threadsafe(self._wake)
 
     def on_done(self, _handle: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, {"type": "_done"})
+        self.on_event({"type": "_done"})
 
     # the loop
+    def _wake(self) -> None:
+        with self._inbox_lock:
+            self._wake_scheduled = False
+        self.arrived.set()
+
+    def drain(self) -> list[dict]:
+        """The events that arrived since the last call, in order."""
+        self.arrived.clear()
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, []
+        return batch
+
+    def put_back(self, events: list[dict]) -> None:
+        """Events of a batch not handled yet (the wait returned for input)."""
+        if events:
+            with self._inbox_lock:
+                self._inbox[:0] = events
+            self.arrived.set()
+
     def take(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "output":
@@ -319,49 +355,52 @@ class Service:
         the agent can give (no elicitation); cancelling this call cancels the cell."""
         session = run.session
         elicit = ctx is not None and _can_elicit(ctx)
+        interval = self.settings.progress_interval
+        next_report = time.monotonic() + interval
         progress = 0
         try:
             while True:
-                try:
-                    with anyio.fail_after(self.settings.progress_interval):
-                        event = await run.events.get()
-                except TimeoutError:
-                    if ctx is not None:
-                        progress += 1
-                        elapsed = time.monotonic() - run.t0
-                        note = f"running for {elapsed:.0f} s, {run.lines} lines of output"
-                        if run.last_line:
-                            note += f"; last: {run.last_line}"
-                        await ctx.report_progress(progress, None, note)
-                    continue
-                if event["type"] == "_done":
-                    while not run.events.empty():
-                        run.take(run.events.get_nowait())
-                    run.done = True
-                    with self._lock:
-                        if self.pending.get(session.id) is run:
-                            del self.pending[session.id]
-                    return run.render(self.settings.max_output_chars)
-                run.take(event)
-                if event["type"] != "input_requested":
-                    continue
-                if not elicit:
-                    with self._lock:
-                        self.pending[session.id] = run
-                    return run.render(self.settings.max_output_chars)
-                run.waiting_input = None
-                answer = await ctx.elicit(  # type: ignore[union-attr]
-                    f"The code running in session {session.id} asks: "
-                    f"{event.get('prompt') or '(no prompt)'}", InputAnswer)
-                text = answer.data.text if answer.action == "accept" else None
-                session.reply_input(event["input_id"], text)
+                with anyio.move_on_after(max(0.0, next_report - time.monotonic())):
+                    await run.arrived.wait()
+                batch = run.drain()
+                for index, event in enumerate(batch):
+                    if event["type"] == "_done":
+                        for late in run.drain():  # nothing follows _done but be sure
+                            run.take(late)
+                        run.done = True
+                        self._forget(run)
+                        return run.render(self.settings.max_output_chars)
+                    run.take(event)
+                    if event["type"] != "input_requested":
+                        continue
+                    if not elicit:
+                        run.put_back(batch[index + 1:])
+                        with self._lock:
+                            self.pending[session.id] = run
+                        return run.render(self.settings.max_output_chars)
+                    run.waiting_input = None
+                    answer = await ctx.elicit(  # type: ignore[union-attr]
+                        f"The code running in session {session.id} asks: "
+                        f"{event.get('prompt') or '(no prompt)'}", InputAnswer)
+                    text = answer.data.text if answer.action == "accept" else None
+                    session.reply_input(event["input_id"], text)
+                if ctx is not None and time.monotonic() >= next_report:
+                    progress += 1
+                    note = (f"running for {time.monotonic() - run.t0:.0f} s, "
+                            f"{run.lines} lines of output")
+                    if run.last_line:
+                        note += f"; last: {run.last_line}"
+                    await ctx.report_progress(progress, None, note)
+                    next_report = time.monotonic() + interval
         except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                session.cancel(run.execution_id, "the MCP request was cancelled")
-                with self._lock:
-                    if self.pending.get(session.id) is run:
-                        del self.pending[session.id]
+            session.cancel(run.execution_id, "the MCP request was cancelled")
+            self._forget(run)
             raise
+
+    def _forget(self, run: Run) -> None:
+        with self._lock:
+            if self.pending.get(run.session.id) is run:
+                del self.pending[run.session.id]
 
     def reply(self, session: Any, text: str | None) -> Run:
         with self._lock:
