@@ -105,6 +105,7 @@ class Run:
         self.last_line = ""
         self.waiting_input: dict | None = None
         self.outcome: dict | None = None  # the result or error event
+        self.execution_count: int | None = None
         self.finished: dict | None = None
         self.done = False
 
@@ -142,7 +143,9 @@ class Run:
 
     def take(self, event: dict) -> None:
         kind = event.get("type")
-        if kind == "output":
+        if kind == "started":
+            self.execution_count = event.get("execution_count")
+        elif kind == "output":
             text = event.get("text", "")
             if text:
                 self.output.append((event.get("stream", "stdout"), text))
@@ -171,7 +174,7 @@ class Run:
         if self.done:
             status = (self.finished or {}).get("status") or _status_of(self.handle)
             head = f"[{status}]"
-            count = (self.outcome or {}).get("execution_count")
+            count = (self.outcome or {}).get("execution_count") or self.execution_count
             if count is not None:
                 head += f" In[{count}]"
             head += f" {time.monotonic() - self.t0:.2f} s"
