@@ -21,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import os
+import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -32,7 +35,6 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from .errors import ConcurrencyUnsupported, NamespaceError, SessionBusy, SessionClosed, SessionLost
-
 
 
 @dataclasses.dataclass
@@ -598,6 +600,8 @@ def run(settings: Settings, *, http: tuple[str, int] | None = None,
     mcp = build(engine, settings)
     try:
         if http is None:
+            # SIGTERM ends the server like the end of stdin does: sessions closed
+            signal.signal(signal.SIGTERM, _interrupt)
             anyio.run(mcp.run_stdio_async)
         else:
             import uvicorn
@@ -609,5 +613,18 @@ def run(settings: Settings, *, http: tuple[str, int] | None = None,
     except KeyboardInterrupt:
         pass
     finally:
-        engine.close(timeout=settings.kill_grace + 2.0)
+        closed = engine.close(timeout=settings.kill_grace + 2.0)
+    if not closed:
+        # an in-process cell blocked where no cancel reaches it (a C call): leave
+        # without running interpreter finalization under it, as server.run does
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

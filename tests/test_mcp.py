@@ -252,6 +252,27 @@ def test_operator_flags_set_policy_and_the_timeout_ceiling():
     serve("--policy", "restricted", "--timeout", "1", body=body)
 
 
+def test_process_isolation_is_the_operators_choice():
+    async def body(client):
+        s = await new_session(client)
+        assert f"{s}: idle, process, trusted policy" in await call(client, "list_sessions")
+        answers: list[str] = []
+
+        async def sleep_long():
+            answers.append(await call(client, "execute", session=s,
+                                      code="import time\nprint('sleeping')\ntime.sleep(3600)"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sleep_long)
+            while "busy" not in await call(client, "list_sessions"):
+                await anyio.sleep(0.02)
+            await call(client, "cancel", session=s)
+        assert answers[0].startswith("[cancelled]") and "sleeping" in answers[0]
+        assert "Out[2]: 4" in await call(client, "execute", session=s, code="2 + 2")
+
+    serve("--isolation", "process", body=body)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
