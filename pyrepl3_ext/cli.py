@@ -301,9 +301,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import IPython
 
-    # --ext appends to the extensions the user's own config loads
-    IPython.start_ipython(argv=["--ext=pyrepl3_ext", *args])
+    from IPython.terminal.ipapp import TerminalIPythonApp
+
+    class PyREPL3TerminalApp(TerminalIPythonApp):
+        """IPython's terminal app; its banner says which program this is unless
+        the user's config files or command line set ``banner2``."""
+
+        def init_banner(self) -> None:
+            chosen = any("banner2" in self.config.get(section, {})
+                         for section in ("InteractiveShell", "TerminalInteractiveShell"))
+            if self.shell is not None and not chosen:
+                self.shell.banner2 = banner()
+            super().init_banner()
+
+    # start_ipython's steps; --ext appends to the extensions the user's config loads
+    app = PyREPL3TerminalApp.instance()
+    app.initialize(["--ext=pyrepl3_ext", *args])
+    app.start()
     return 0
+
+
+def banner() -> str:
+    """The line under IPython's banner: pyrepl3, its build, where to look."""
+    from . import _compat
+    from ._version import __version__
+
+    build = "patched build, concurrent sessions" if _compat.is_patched_build() \
+        else "stock IPython"
+    return (f"pyrepl3 {__version__} ({build}): %pyrepl3 shows the settings; "
+            f"%%timeout N and %%transaction as a cell's first line.\n")
 
 
 if __name__ == "__main__":
