@@ -130,10 +130,10 @@ def test_kernel_from_the_spec(kernels):
         assert value(client, "name") == "'Ada'"
 
         # an interrupt from the frontend stops a busy cell
-        msg_id = client.execute("while True:\n    pass")
-        while True:  # wait until it runs
+        msg_id = client.execute("print('spinning', flush=True)\nwhile True:\n    pass")
+        while True:  # wait until the cell's own code runs (not just its execute_input)
             msg = client.get_iopub_msg(timeout=60)
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
                 break
         km.interrupt_kernel()
         reply = reply_of(client, msg_id)
