@@ -61,6 +61,15 @@ def _stdio_server(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
 
 
+def _end(proc: subprocess.Popen) -> None:
+    """Kill the server if the test left it running, and close our ends of its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        pipe.close()
+
+
 def _send(proc: subprocess.Popen, id_, method: str, **params) -> None:
     proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": id_, "method": method,
                                  "params": params}).encode() + b"\n")
@@ -113,9 +122,7 @@ def test_stdio_eof_answers_a_waiting_input_with_eof_and_exits(isolation):
         assert proc.wait(WAIT) == 0
         _quiet(proc.stderr.read().decode())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 @pytest.mark.parametrize("isolation", ["in-process", "process"])
@@ -138,9 +145,7 @@ def test_stdio_server_exits_when_its_parent_goes_away(isolation):
             assert time.monotonic() < deadline, "a session process outlived the server"
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 def test_stdio_eof_still_finishes_what_was_sent():
@@ -155,9 +160,7 @@ def test_stdio_eof_still_finishes_what_was_sent():
         assert rest[-1]["result"]["status"] == "ok"
         assert proc.wait(WAIT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 # -- item 14: SIGTERM / SIGINT ----------------------------------------------------------

@@ -690,6 +690,7 @@ class ProcessSession(SessionBase):
                 pass
         if old is not None:
             old.kill()
+            old.channel.close()  # its reader sees the end; the socket must not wait for the gc
         threading.Thread(target=self._read, args=(worker,), daemon=True,
                          name=f"pyrepl3-process-{self.id}").start()
         worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
