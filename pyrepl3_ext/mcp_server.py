@@ -512,7 +512,10 @@ def build(engine: Any, settings: Settings | None = None) -> MCPServer:
             run = service.pending.pop(target.id, None)
         if run is not None:
             return await service.wait(run, None)
-        return f"Cancel sent to the running cell ({report.get('state', 'sent')})."
+        detail = report.get("detail")
+        return (f"Cancel sent to the running cell ({report.get('state', 'sent')}"
+                f"{': ' + detail if detail else ''}); the execute call running it "
+                f"returns [cancelled].")
 
     @mcp.tool(annotations=read_only)
     async def list_variables(session: str) -> str:

@@ -218,22 +218,22 @@ def test_requests_during_shutdown_are_refused(tmp_path):
     server = ServerProcess("--unix", path, "--shutdown-grace", "30")
     try:
         async def main():
-            client = await Client.connect_unix(path)
-            session = await client.create_session("s")
-            stuck = client.execute(session, "import time\nwhile True:\n    time.sleep(0.01)")
-            async for event in stuck:
-                if event["type"] == "started":
-                    break
-            shutdown = asyncio.get_running_loop().create_future()
-            client.on_notification = lambda method, params: (
-                shutdown.done() or shutdown.set_result(method))
-            server.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(shutdown, WAIT)
-            try:
-                await asyncio.wait_for(client.call("session.list"), WAIT)
-            except Exception as exc:  # noqa: BLE001 - refused or already closed
-                return exc
-            return None
+            async with await Client.connect_unix(path) as client:
+                session = await client.create_session("s")
+                stuck = client.execute(session, "import time\nwhile True:\n    time.sleep(0.01)")
+                async for event in stuck:
+                    if event["type"] == "started":
+                        break
+                shutdown = asyncio.get_running_loop().create_future()
+                client.on_notification = lambda method, params: (
+                    shutdown.done() or shutdown.set_result(method))
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(shutdown, WAIT)
+                try:
+                    await asyncio.wait_for(client.call("session.list"), WAIT)
+                except Exception as exc:  # noqa: BLE001 - refused or already closed
+                    return exc
+                return None
 
         refused = asyncio.run(main())
         assert refused is not None

@@ -257,6 +257,9 @@ class ProcessSession(SessionBase):
         # from the fork server (a live one that closed its channel is killed)
         if worker.wait(2.0) is None:
             worker.kill()
+        # the process is gone: its socket is closed now, not when the gc finds it
+        # (sending on it fails as for a dead process; _send expects that)
+        channel.close()
 
     def _handle(self, worker: Any, message: dict) -> None:
         op = message.get("op")
@@ -689,8 +692,7 @@ class ProcessSession(SessionBase):
             except OSError:
                 pass
         if old is not None:
-            old.kill()
-            old.channel.close()  # its reader sees the end; the socket must not wait for the gc
+            old.kill()  # its reader sees the end and closes its channel
         threading.Thread(target=self._read, args=(worker,), daemon=True,
                          name=f"pyrepl3-process-{self.id}").start()
         worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
