@@ -223,6 +223,7 @@ class ProcessSession(SessionBase):
                                             f"{rebuild_error(detail) if detail else 'it exited'}")
         except BaseException:
             worker.kill()
+            worker.channel.close()
             self._release_cgroup()
             raise
         self.worker = worker
