@@ -1,4 +1,4 @@
-"""nox sessions: the test matrix, the patched build, upstream's suite, benchmarks.
+"""nox sessions: the test matrix, the patched build, the package, upstream's suite, benchmarks.
 
 Python interpreters come from pyenv: run with
 ``PYENV_VERSION=3.11.7:3.12.1:3.13.0:3.10.13`` so ``python3.10`` ..
@@ -51,6 +51,20 @@ def tests(session: nox.Session, ipython: str) -> None:
         env["PYREPL3_SKIP_HEAVY"] = "1"
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 *session.posargs, env=env)
+
+
+@nox.session(python="3.12")
+def package(session: nox.Session) -> None:
+    """Build the sdist and the wheel (``python -m build``) and check their
+    metadata with ``twine check --strict``: what a PyPI upload would get."""
+    import glob
+    import shutil
+
+    session.install("build", "twine")
+    out = f"{session.create_tmp()}/dist"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", out)
+    session.run("twine", "check", "--strict", *sorted(glob.glob(f"{out}/*")))
 
 
 @nox.session(python=["3.11", "3.12", "3.13"], default=False)

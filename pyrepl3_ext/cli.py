@@ -13,6 +13,8 @@ import sys
 HELP = """\
 usage: pyrepl3 [--version] [--help] [IPYTHON-ARGS...]
        pyrepl3 serve (--stdio | --tcp HOST:PORT | --unix PATH) [options]
+       pyrepl3 serve --mcp [--http 127.0.0.1:PORT] [options]
+       pyrepl3 kernel install [--user] [--name NAME] [--policy P] [--timeout S]
 
 IPython turned into a controllable execution engine: starts IPython with the
 pyrepl3_ext extension loaded (execution events, cell timeouts and cancel,
@@ -21,7 +23,11 @@ pyrepl3_ext extension loaded (execution events, cell timeouts and cancel,
   --version, -V   print the pyrepl3, IPython and Python versions and exit
   --help, -h      this text; `ipython --help` lists the IPython arguments,
                   which pyrepl3 accepts unchanged
-  serve           the JSON-RPC 2.0 protocol server (`pyrepl3 serve --help`)
+  serve           the JSON-RPC 2.0 protocol server (`pyrepl3 serve --help`);
+                  with --mcp, the MCP server for LLM agents (`pyrepl3 serve --mcp
+                  --help`, docs/agents.md)
+  kernel install  a Jupyter kernelspec running ipykernel with the extension
+                  loaded (`pyrepl3 kernel install --help`, docs/jupyter.md)
 
 Settings: c.PyREPL3.<name> in ipython_config.py, or %config PyREPL3.<name>.
 """
@@ -107,6 +113,98 @@ def serve_parser() -> "argparse.ArgumentParser":
     return parser
 
 
+def mcp_parser() -> "argparse.ArgumentParser":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="pyrepl3 serve --mcp",
+        description="Serve pyrepl3 sessions to LLM agents over the Model Context Protocol "
+                    "(docs/agents.md). Everything a session may do is set here, by the "
+                    "operator; agents only choose what to run.")
+    parser.add_argument("--mcp", action="store_true", required=True, help="serve MCP")
+    parser.add_argument("--stdio", action="store_true",
+                        help="serve one client on stdin/stdout (the default)")
+    parser.add_argument("--http", metavar="HOST:PORT",
+                        help="serve the streamable HTTP transport at http://HOST:PORT/mcp "
+                             "on a loopback address; clients send 'Authorization: Bearer "
+                             "TOKEN'")
+    parser.add_argument("--token", help="the HTTP bearer token (default: $PYREPL3_TOKEN, "
+                                        "else generated and printed on stderr)")
+    parser.add_argument("--policy", choices=("trusted", "guarded", "restricted"), default=None,
+                        help="security policy of every session (default: trusted; "
+                             "docs/security.md)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="cell timeout of every session; agents may ask for less, "
+                             "never more (default: none)")
+    parser.add_argument("--isolation", choices=("in-process", "process"), default="in-process",
+                        help="where sessions live (docs/isolation.md; default in-process)")
+    parser.add_argument("--limits", metavar="KEY=VALUE,...", default=None,
+                        help="process sessions: resource limits, as for `pyrepl3 serve`")
+    parser.add_argument("--confine", choices=("auto", "on", "off"), default="auto",
+                        help="process sessions: OS confinement (as for `pyrepl3 serve`)")
+    parser.add_argument("--kill-grace", type=float, default=3.0, metavar="SECONDS",
+                        help="process sessions: seconds a cell may ignore a cancel before "
+                             "its process is killed (default 3)")
+    parser.add_argument("--max-sessions", type=int, default=8, metavar="N",
+                        help="sessions open at once (default 8)")
+    parser.add_argument("--max-output-chars", type=int, default=20_000, metavar="N",
+                        help="longest text a tool returns; longer output keeps its head and "
+                             "tail with a note of what was dropped (default 20000)")
+    return parser
+
+
+def serve_mcp(args: list[str]) -> int:
+    import ipaddress
+    import os
+
+    options = mcp_parser().parse_args(args)
+    try:
+        from . import mcp_server
+    except ImportError as exc:
+        print(f"pyrepl3 serve --mcp needs the MCP SDK: pip install 'pyrepl3[mcp]' ({exc})",
+              file=sys.stderr)
+        return 2
+    try:
+        if options.timeout is not None and not options.timeout > 0:
+            raise ValueError(f"--timeout must be positive, got {options.timeout}")
+        if not options.kill_grace > 0:
+            raise ValueError(f"--kill-grace must be positive, got {options.kill_grace}")
+        if options.max_sessions < 1 or options.max_output_chars < 1000:
+            raise ValueError("--max-sessions must be >= 1 and --max-output-chars >= 1000")
+        limits = _parse_limits(options.limits)
+        if options.isolation != "process" and (limits is not None or options.confine == "on"):
+            raise ValueError("--limits and --confine on apply to --isolation process")
+    except ValueError as exc:
+        print(f"pyrepl3 serve --mcp: {exc}", file=sys.stderr)
+        return 2
+    settings = mcp_server.Settings(
+        policy=options.policy, timeout=options.timeout, isolation=options.isolation,
+        limits=limits, confine={"auto": None, "on": True, "off": False}[options.confine],
+        kill_grace=options.kill_grace, max_sessions=options.max_sessions,
+        max_output_chars=options.max_output_chars)
+    if options.http is None:
+        return mcp_server.run(settings)
+    host, sep, port = options.http.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not sep or not port.isdigit() or not loopback:
+        print(f"pyrepl3 serve --mcp: --http wants a loopback HOST:PORT (127.0.0.1:8000), "
+              f"got {options.http!r}", file=sys.stderr)
+        return 2
+    token = options.token or os.environ.get("PYREPL3_TOKEN")
+    if not token:
+        from .server import new_token
+
+        token = new_token()
+        print(f"[pyrepl3 serve --mcp] token: {token}", file=sys.stderr, flush=True)
+    print(f"[pyrepl3 serve --mcp] listening on http://{host}:{port}/mcp", file=sys.stderr,
+          flush=True)
+    return mcp_server.run(settings, http=(host, int(port)), token=token)
+
+
 def serve(args: list[str]) -> int:
     import ipaddress
     import json
@@ -114,6 +212,8 @@ def serve(args: list[str]) -> int:
 
     from . import protocol, server
 
+    if "--mcp" in args:
+        return serve_mcp(args)
     options = serve_parser().parse_args(args)
     if options.schema:
         print(json.dumps(protocol.schema(), indent=2))
@@ -189,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["serve"]:
         return serve(args[1:])
+    if args[:1] == ["kernel"]:
+        from .kernelspec import main as kernel_main
+
+        return kernel_main(args[1:])
     if args[:1] in (["--version"], ["-V"]):
         print(version_text())
         return 0
@@ -197,9 +301,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import IPython
 
-    # --ext appends to the extensions the user's own config loads
-    IPython.start_ipython(argv=["--ext=pyrepl3_ext", *args])
+    from IPython.terminal.ipapp import TerminalIPythonApp
+
+    class PyREPL3TerminalApp(TerminalIPythonApp):
+        """IPython's terminal app; its banner says which program this is unless
+        the user's config files or command line set ``banner2``."""
+
+        def init_banner(self) -> None:
+            chosen = any("banner2" in self.config.get(section, {})
+                         for section in ("InteractiveShell", "TerminalInteractiveShell"))
+            if self.shell is not None and not chosen:
+                self.shell.banner2 = banner()
+            super().init_banner()
+
+    # start_ipython's steps; --ext appends to the extensions the user's config loads
+    app = PyREPL3TerminalApp.instance()
+    app.initialize(["--ext=pyrepl3_ext", *args])
+    app.start()
     return 0
+
+
+def banner() -> str:
+    """The line under IPython's banner: pyrepl3, its build, where to look."""
+    from . import _compat
+    from ._version import __version__
+
+    build = "patched build, concurrent sessions" if _compat.is_patched_build() \
+        else "stock IPython"
+    return (f"pyrepl3 {__version__} ({build}): %pyrepl3 shows the settings; "
+            f"%%timeout N and %%transaction as a cell's first line.\n")
 
 
 if __name__ == "__main__":

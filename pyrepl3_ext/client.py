@@ -54,14 +54,16 @@ class ServerProcess:
 
         def pump() -> None:
             assert self.process.stderr is not None
-            for line in self.process.stderr:
-                self.log.append(line)
-                if not listening.is_set() and "listening on" in line:
-                    self.address = line.split("listening on", 1)[1].split(None, 1)[1].strip()
-                    listening.set()
+            with self.process.stderr:  # closed at the server's exit, not left to the gc
+                for line in self.process.stderr:
+                    self.log.append(line)
+                    if not listening.is_set() and "listening on" in line:
+                        self.address = line.split("listening on", 1)[1].split(None, 1)[1].strip()
+                        listening.set()
             listening.set()  # exited
 
-        threading.Thread(target=pump, name="pyrepl3-server-stderr", daemon=True).start()
+        self._pump = threading.Thread(target=pump, name="pyrepl3-server-stderr", daemon=True)
+        self._pump.start()
         if not listening.wait(timeout) or not self.address:
             self.stop()
             raise RuntimeError("pyrepl3 serve did not start:\n" + "".join(self.log))
@@ -75,7 +77,9 @@ class ServerProcess:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        return self.process.wait()
+        code = self.process.wait()
+        self._pump.join(timeout)  # its end of the pipe is closed once it read the rest
+        return code
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -20,9 +20,11 @@ Then, in that session's cells and in the threads they start, ``input(prompt)``:
 (first load) by dispatchers that look up the calling thread's execution on
 every call, so nothing is bound to one cell (the earlier implementation's
 shim answered "shutting down" from the second cell on).  With no host, or
-outside a cell, they call what they replaced: stock behaviour (the
-terminal, or ipykernel's own stdin, which ipykernel installs per request on
-top of ours).  The last unload puts the originals back.
+outside a cell, they call what the module attribute holds now when
+something replaced them in turn (ipykernel installs its stdin reader per
+request on top of ours; a session under a policy holds our dispatcher in
+its own builtins dict and still reaches it), else what they replaced: stock
+behaviour.  The last unload puts the originals back.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ _DISPATCHER_SOURCE = """\
 def input(prompt=""):
     found = _host_component()
     if found is None:
-        return _saved["input"](prompt)
+        current = _builtins.input
+        return (_saved["input"] if current is input else current)(prompt)
     component, cap = found
     return component.request(cap, prompt, password=False)
 
@@ -74,12 +77,14 @@ def input(prompt=""):
 def getpass(prompt="Password: ", stream=None):
     found = _host_component()
     if found is None:
-        return _saved["getpass"](prompt, stream)
+        current = _getpass_module.getpass
+        return (_saved["getpass"] if current is getpass else current)(prompt, stream)
     component, cap = found
     return component.request(cap, prompt, password=True, stream=stream)
 """
 _dispatchers: dict[str, Any] = {"__name__": __name__, "_host_component": _host_component,
-                               "_saved": _saved}
+                               "_saved": _saved, "_builtins": builtins,
+                               "_getpass_module": getpass}
 exec(compile(_DISPATCHER_SOURCE, "<pyrepl3 input dispatcher>", "exec"), _dispatchers)
 _input = _dispatchers["input"]
 _getpass = _dispatchers["getpass"]

@@ -62,3 +62,20 @@ def test_the_installed_pyrepl3_command_is_the_patched_ipython(tmp_path):
     assert out.returncode == 0, out.stderr
     version, loaded = out.stdout.split()[-2:]
     assert "+pyrepl3." in version and loaded == "True", out.stdout
+
+
+def test_the_banner_says_it_is_pyrepl3_and_a_users_own_wins(tmp_path):
+    def session(*args: str) -> str:
+        env = dict(os.environ, IPYTHONDIR=str(tmp_path))
+        return subprocess.run([sys.executable, "-m", "pyrepl3_ext.cli", "--simple-prompt",
+                               "--HistoryManager.hist_file=:memory:", *args], input="exit\n",
+                              capture_output=True, text=True, timeout=120, env=env).stdout
+
+    assert f"pyrepl3 {pyrepl3_ext.__version__} (" in session()
+    mine = session("--InteractiveShell.banner2=my own banner")
+    assert "my own banner" in mine and "pyrepl3 " not in mine
+    (tmp_path / "profile_default").mkdir(exist_ok=True)  # the first sessions made it
+    (tmp_path / "profile_default" / "ipython_config.py").write_text(
+        "c.InteractiveShell.banner2 = 'from my config'\n")
+    mine = session()
+    assert "from my config" in mine and "pyrepl3 " not in mine

@@ -63,6 +63,15 @@ def _stdio_server(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
 
 
+def _end(proc: subprocess.Popen) -> None:
+    """Kill the server if the test left it running, and close our ends of its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        pipe.close()
+
+
 def _send(proc: subprocess.Popen, id_, method: str, **params) -> None:
     proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": id_, "method": method,
                                  "params": params}).encode() + b"\n")
@@ -115,9 +124,7 @@ def test_stdio_eof_answers_a_waiting_input_with_eof_and_exits(isolation):
         assert proc.wait(WAIT) == 0
         _quiet(proc.stderr.read().decode())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 @pytest.mark.parametrize("isolation", ["in-process", "process"])
@@ -139,9 +146,7 @@ def test_stdio_server_exits_when_its_parent_goes_away(isolation):
         wait_until(lambda: not any(_alive(pid) for pid in children),
                    interval=0.05)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 def test_stdio_eof_still_finishes_what_was_sent():
@@ -164,9 +169,7 @@ def test_stdio_eof_still_finishes_what_was_sent():
         assert [r["data"]["text/plain"] for r in results] == ["42"]
         assert proc.wait(WAIT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 # -- item 14: SIGTERM / SIGINT ----------------------------------------------------------
@@ -223,22 +226,22 @@ def test_requests_during_shutdown_are_refused(tmp_path):
     server = ServerProcess("--unix", path, "--shutdown-grace", "30")
     try:
         async def main():
-            client = await Client.connect_unix(path)
-            session = await client.create_session("s")
-            stuck = client.execute(session, "import time\nwhile True:\n    time.sleep(0.01)")
-            async for event in stuck:
-                if event["type"] == "started":
-                    break
-            shutdown = asyncio.get_running_loop().create_future()
-            client.on_notification = lambda method, params: (
-                shutdown.done() or shutdown.set_result(method))
-            server.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(shutdown, WAIT)
-            try:
-                await asyncio.wait_for(client.call("session.list"), WAIT)
-            except Exception as exc:  # noqa: BLE001 - refused or already closed
-                return exc
-            return None
+            async with await Client.connect_unix(path) as client:
+                session = await client.create_session("s")
+                stuck = client.execute(session, "import time\nwhile True:\n    time.sleep(0.01)")
+                async for event in stuck:
+                    if event["type"] == "started":
+                        break
+                shutdown = asyncio.get_running_loop().create_future()
+                client.on_notification = lambda method, params: (
+                    shutdown.done() or shutdown.set_result(method))
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(shutdown, WAIT)
+                try:
+                    await asyncio.wait_for(client.call("session.list"), WAIT)
+                except Exception as exc:  # noqa: BLE001 - refused or already closed
+                    return exc
+                return None
 
         refused = asyncio.run(main())
         assert refused is not None

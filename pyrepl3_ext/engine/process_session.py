@@ -230,6 +230,7 @@ class ProcessSession(SessionBase):
                                             f"{rebuild_error(detail) if detail else 'it exited'}")
         except BaseException:
             worker.kill()
+            worker.channel.close()
             self._release_cgroup()
             raise
         self.worker = worker
@@ -262,6 +263,9 @@ class ProcessSession(SessionBase):
         # from the fork server (a live one that closed its channel is killed)
         if worker.wait(2.0) is None:
             worker.kill()
+        # the process is gone: its socket is closed now, not when the gc finds it
+        # (sending on it fails as for a dead process; _send expects that)
+        channel.close()
 
     def _handle(self, worker: Any, message: dict) -> None:
         op = message.get("op")
@@ -759,7 +763,7 @@ class ProcessSession(SessionBase):
             except OSError:
                 pass
         if old is not None:
-            old.kill()
+            old.kill()  # its reader sees the end and closes its channel
         self._watch(worker)
 
     def _take_checkpoint(self, name: str) -> dict:

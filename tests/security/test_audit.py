@@ -50,12 +50,13 @@ def test_network_and_writes_outside_roots_are_denied(guarded, events, tmp_path):
     assert not target.exists()
     # reads stay allowed in guarded
     (tmp_path / "in.txt").write_text("data")
-    assert value(guarded, events, f"open({str(tmp_path / 'in.txt')!r}).read()") == "'data'"
+    run(guarded, events, f"with open({str(tmp_path / 'in.txt')!r}) as f:\n    data = f.read()")
+    assert value(guarded, events, "data") == "'data'"
 
 
 def test_writes_inside_a_granted_root_are_allowed(guarded, events, tmp_path):
     pyrepl3_ext.grant(guarded, "files", pyrepl3_ext.security.FilesCapability(str(tmp_path)))
-    run(guarded, events, f"open({str(tmp_path / 'w.txt')!r}, 'w').write('ok')")
+    run(guarded, events, f"with open({str(tmp_path / 'w.txt')!r}, 'w') as f:\n    f.write('ok')")
     assert (tmp_path / "w.txt").read_text() == "ok"
 
 
