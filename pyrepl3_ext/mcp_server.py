@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -618,14 +616,9 @@ def run(settings: Settings, *, http: tuple[str, int] | None = None,
     finally:
         closed = engine.close(timeout=settings.kill_grace + 2.0)
     if not closed:
-        # an in-process cell blocked where no cancel reaches it (a C call): leave
-        # without running interpreter finalization under it, as server.run does
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(0)
+        from .server import leave_now
+
+        leave_now()  # an in-process cell blocked where no cancel reaches it
     return 0
 
 

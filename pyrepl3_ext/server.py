@@ -1269,10 +1269,17 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
         closed = server.close(timeout=1.0)
     if not closed:
         server.log("a cell did not stop (blocked where no cancel reaches it): exiting anyway")
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(0)
+        leave_now()
     return 0
+
+
+def leave_now() -> None:
+    """End the process without interpreter finalization: an in-process cell
+    blocked where no cancel reaches it (a C call) would hang it, holding
+    locks the finalization needs.  What was written is flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
