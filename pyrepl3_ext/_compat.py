@@ -117,23 +117,48 @@ def close_shell(shell: Any) -> None:
     (the shell's, its ``ScriptMagics``') that would otherwise keep the shell
     alive until the process exits.
     """
-    close = getattr(shell, "close", None)
-    if callable(close):
-        close()
-        return
-    import atexit
-
+    history = getattr(shell, "history_manager", None)
     try:
-        shell.atexit_operations()
+        close = getattr(shell, "close", None)
+        if callable(close):
+            close()
+            return
+        import atexit
+
+        try:
+            shell.atexit_operations()
+        finally:
+            atexit.unregister(shell.atexit_operations)
+            # %%script --bg registers its own exit hook on the shell's ScriptMagics
+            script = shell.magics_manager.registry.get("ScriptMagics")
+            if script is not None:
+                try:
+                    script.kill_bg_processes()
+                finally:
+                    atexit.unregister(script.kill_bg_processes)
     finally:
-        atexit.unregister(shell.atexit_operations)
-        # %%script --bg registers its own exit hook on the shell's ScriptMagics
-        script = shell.magics_manager.registry.get("ScriptMagics")
-        if script is not None:
-            try:
-                script.kill_bg_processes()
-            finally:
-                atexit.unregister(script.kill_bg_processes)
+        _close_history(history)
+
+
+def _close_history(history: Any) -> None:
+    """Close a finished shell's history database and saving thread.
+
+    IPython ends the history *session* at exit but leaves the sqlite
+    connection to the garbage collector (Python 3.13 warns about it:
+    ``ResourceWarning: unclosed database``), and an engine shell is closed
+    long before the process exits.
+    """
+    if history is None:
+        return
+    thread = getattr(history, "save_thread", None)
+    if thread is not None and thread.is_alive() and hasattr(thread, "stop"):
+        thread.stop()
+    close = getattr(getattr(history, "db", None), "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - already closed, or a DummyDB
+            pass
 
 #: 9.1+ ``run_cell`` tees every stdout/stderr write into
 #: ``history_manager.outputs`` (``InteractiveShell._tee``), without a bound.

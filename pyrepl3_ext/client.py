@@ -307,8 +307,11 @@ class Client:
         return bool((await self.call("input.reply", **params))["delivered"])
 
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        # the transport is ours to close even when the server closed first
+        # (the reader then marked the connection closed): else it is left to
+        # the gc, with a ResourceWarning
+        self._closed = True
+        if not self._writer.is_closing():
             try:
                 self._writer.close()
             except Exception:  # noqa: BLE001
