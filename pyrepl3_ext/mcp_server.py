@@ -592,8 +592,12 @@ def run(settings: Settings, *, http: tuple[str, int] | None = None,
     """Serve MCP on stdio (``http`` None) or streamable HTTP on a loopback
     address with ``token``, until the client goes away or a signal; then close
     every session."""
+    from .cancellation.handoff import shorten_switch_interval
     from .engine import Engine
 
+    # the loop reading a cancel must get the GIL from a computing in-process
+    # cell at once, as in the JSON-RPC server (cancellation/handoff.py)
+    shorten_switch_interval()
     engine = Engine(isolation=settings.isolation, kill_grace=settings.kill_grace,
                     limits=settings.limits, confine=settings.confine)
     if settings.isolation == "process":
