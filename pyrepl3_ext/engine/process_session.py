@@ -140,8 +140,6 @@ class ProcessSession(SessionBase):
         #: the worker's answer to the last standby request (``_after_cell``):
         #: ``{"standby": bool, "pid"/"why", "prefaulted"}``, for diagnostics
         self.standby: dict | None = None
-        #: worker pid -> the thread reading its channel
-        self._readers: dict[int, threading.Thread] = {}
         #: checkpoints of finished transactions, ended once a standby is made
         self._retiring: list[Any] = []
         self._grants: dict[str, Any] = {}
@@ -392,33 +390,30 @@ class ProcessSession(SessionBase):
         worker can tell the pages the cell wrote (``prefault.py``), or until
         the next request, whichever comes first: alive, it would make the
         next cell's writes copy pages three ways."""
-        wanted = transaction or self._transactions_by_default()
-        if wanted and not self.busy and self.lost is None and not self._closed:
-            # learning needs ``retire`` alive, which costs the next cell when it
-            # comes at once (three-way page copies): only while the session
-            # idles between cells, as its last standby request found
-            last = self.standby
-            learn = retire is not None and (last is None or bool(last.get("standby")))
-
-            def made(reply: dict) -> None:
-                self.standby = reply.get("result")
-                self._end_retiring()
-
-            if retire is not None:
-                with self._lock:
-                    self._retiring.append(retire)
-                if not learn:
-                    self._end_retiring()
-            try:
-                self._ask({"op": "standby", "idle": self.standby_idle, "learn": learn},
-                          on_reply=made)
-                return
-            except (SessionClosed, SessionLost):
-                pass
-        elif retire is not None:
+        if retire is not None:
             with self._lock:
                 self._retiring.append(retire)
-        self._end_retiring()
+        wanted = transaction or self._transactions_by_default()
+        if not wanted or self.busy or self.lost is not None or self._closed:
+            self._end_retiring()
+            return
+        # learning needs ``retire`` alive, which costs the next cell when it
+        # comes at once (three-way page copies): only while the session
+        # idles between cells, as its last standby request found
+        last = self.standby
+        learn = retire is not None and (last is None or bool(last.get("standby")))
+        if not learn:
+            self._end_retiring()
+
+        def made(reply: dict) -> None:
+            self.standby = reply.get("result")
+            self._end_retiring()
+
+        try:
+            self._ask({"op": "standby", "idle": self.standby_idle, "learn": learn},
+                      on_reply=made)
+        except (SessionClosed, SessionLost):
+            self._end_retiring()
 
     def _end_retiring(self) -> None:
         with self._lock:
@@ -474,21 +469,19 @@ class ProcessSession(SessionBase):
     # -- a death ------------------------------------------------------------------
     def _watch(self, worker: Any) -> None:
         """Read what ``worker`` sends, and learn of its end."""
-        reader = threading.Thread(target=self._read, args=(worker,), daemon=True,
-                                  name=f"pyrepl3-process-{self.id}")
-        self._readers[worker.pid] = reader
-        reader.start()
+        worker.reader = threading.Thread(target=self._read, args=(worker,), daemon=True,
+                                         name=f"pyrepl3-process-{self.id}")
+        worker.reader.start()
         worker.on_exit(lambda status, w=worker: self._worker_exited(w, status))
 
     def _worker_exited(self, worker: Any, status: int) -> None:
         if worker is not self.worker:
-            self._readers.pop(worker.pid, None)
             return
         # What the process wrote before it died comes first: its reader
         # reaches the end of the stream once the last frame is handled (a
         # cell that crashes at once must still count as started).  Bounded:
         # a copy the cell forked may hold the socket open.
-        reader = self._readers.pop(worker.pid, None)
+        reader = worker.reader
         if reader is not None and reader is not threading.current_thread():
             reader.join(2.0)
         if self._closing_cleanly:

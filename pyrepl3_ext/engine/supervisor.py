@@ -85,6 +85,8 @@ class WorkerProcess:
         self.pid = pid
         self.channel = channel
         self.started_at = time.monotonic()
+        #: the thread its session reads ``channel`` on (set by the session)
+        self.reader: threading.Thread | None = None
         #: the waitpid status once the process is gone (None while alive)
         self.status: int | None = None
         #: the CPU time it used, once it is gone
