@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import threading
@@ -828,6 +829,64 @@ def test_no_second_cancel_while_ipython_prints_the_traceback(ip, started, where)
         config.cancel_grace = grace
     assert_cancelled(result, "tb1")
     assert len(calls) == 1, calls
+
+
+WALKER = textwrap.dedent("""
+    import gc, sys, threading, time
+    from pyrepl3_ext.cancellation.safepoints import _cell_code_on_stack
+    from pyrepl3_ext.cancellation.scope import _foreign_stack
+    from pyrepl3_ext.cancellation.unwinding import _deeper_than
+
+    sys.setrecursionlimit(100_000)
+    sys.setswitchinterval(0.0005)
+
+    class Finalizable:
+        def __del__(self):
+            time.sleep(0)  # a finalizer that hands the GIL over
+
+    def recurse(n, stop):
+        if n == 0:
+            garbage = Finalizable()
+            garbage.cycle = garbage  # left for the collector
+        if n < 20_000 and not stop:
+            recurse(n + 1, stop)
+
+    def target(stop):
+        while not stop:
+            recurse(0, stop)
+
+    walks = 0
+    for _ in range(8):
+        stop = []
+        thread = threading.Thread(target=target, args=(stop,))
+        thread.start()
+        end = time.monotonic() + 0.25
+        while time.monotonic() < end:
+            with _foreign_stack(thread.ident) as frame:
+                _deeper_than(frame, 10_000)
+                del frame
+            _cell_code_on_stack(thread.ident)
+            walks += 1
+            time.sleep(0.001)
+        stop.append(1)
+        thread.join()
+    assert gc.isenabled()
+    print("walks", walks)
+""")
+
+
+def test_walking_a_recursing_threads_stack_from_another_thread_is_memory_safe():
+    """The canceller walks the target thread's stack (how deep, where the
+    cell's code is).  Each ``f_back`` makes a frame object; a collection
+    started by that allocation can run a finalizer that hands the GIL to the
+    target, which pops the frame being made: on 3.11 a segfault (CI, a
+    cancel of a deep recursion).  This harness, walking without the pause,
+    crashed 3.11 within a second in 9 runs of 9; the walkers must survive
+    it on every version and leave the collector on."""
+    done = subprocess.run([sys.executable, "-c", WALKER], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert int(done.stdout.split()[-1]) > 8
 
 
 def test_reading_thread_frames_leaves_the_collector_as_it_was():

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..errors import CellCancelled
 from ..extension import Component, InstancePatches
 from .scope import (CancelScope, _HAS_MONITORING, _MAIN_THREAD_ID,
-                    _cancelled_threads, _get_ident, _lock, _new_thread_stack, _thread_frames,
+                    _cancelled_threads, _get_ident, _lock, _foreign_stack, _new_thread_stack,
                     _thread_scopes, _thread_wakers)
 from .unwinding import (_bounded_showtraceback, _deeper_than, _pause_gc, _resume_gc,
                         _shorten_tracebacks)
@@ -349,37 +349,37 @@ class CancellationManager(Component):
             # a runaway recursion: its unwinding (after our raise, or after
             # the RecursionError that may win the race) runs without the
             # collector, until the cell ends (unwinding.py)
-            frame = _thread_frames().get(tid)
-            if frame is not None and _deeper_than(frame, _VERDICT_WALK):
+            with _foreign_stack(tid) as frame:
+                deep = frame is not None and _deeper_than(frame, _VERDICT_WALK)
+                del frame
+            if deep:
                 with _lock:
                     if not scope.finished:
                         scope.deep = True
                         _pause_gc(scope)
-            del frame
         config = self.state.config
         if tid == _MAIN_THREAD_ID and self._signal:
             if _HAS_MONITORING and self._monitoring:
                 # 3.12+: the same events as in workers for Python code (they
                 # raise exactly where a one-line loop sits in a try/with);
                 # the signal only for blocking calls
-                with _lock:
+                with _lock, _foreign_stack(tid) as frame:
                     if scope.finished:
                         return
                     scope.mechanism = "armed"
                     scope.monitored = True
-                    _MONITORING.arm(scope, _thread_frames().get(tid))
+                    _MONITORING.arm(scope, frame)
             self._signal_main(scope, config.cancel_escalate_after)
         elif _HAS_MONITORING and self._monitoring:
-            with _lock:
+            with _lock, _foreign_stack(tid) as frame:
                 if scope.finished:
                     return
-                frame = _thread_frames().get(tid)
                 if frame is not None:
                     scope.mechanism = "armed"
                     scope.monitored = True
                     _MONITORING.arm(scope, frame)
         else:
-            with _lock:
+            with _lock, _foreign_stack(tid) as frame:
                 if scope.finished:
                     return
                 scope.mechanism = "armed"
@@ -389,7 +389,7 @@ class CancellationManager(Component):
                 # and one in IPython's traceback printing must not be cut
                 # short there: posted only while the cell's code runs
                 if scope.in_code and not scope.async_exc_pending and \
-                        _innermost_cell_frames(_thread_frames().get(tid)):
+                        _innermost_cell_frames(frame):
                     scope.async_exc_pending = True
                     _post_async_exc(tid, _AsyncCellCancelled)
         # An async cell suspended in its loop: cancel its task from the loop.
@@ -489,8 +489,9 @@ class CancellationManager(Component):
             return CancelReport(True, "escalated", "the signal raises inside the blocking "
                                                    "call at its next safe point")
         detail = ""
-        frame = _thread_frames().get(scope.thread_id)
-        verdict = _verdict(frame, scope) if frame is not None else OUTSIDE
+        with _foreign_stack(scope.thread_id) as frame:
+            verdict = _verdict(frame, scope) if frame is not None else OUTSIDE
+            del frame
         if verdict == OUTSIDE:
             detail = "the cell's code is not running (IPython's own work before or after it)"
         elif verdict == DEFER:

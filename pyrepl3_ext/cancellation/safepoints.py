@@ -20,7 +20,7 @@ import tokenize
 from typing import Callable, TYPE_CHECKING
 
 from .scope import (CancelScope, _HAS_MONITORING, _PKG_DIR, _UNSAFE_FUNCTIONS,
-                    _UNSAFE_MODULE_PARTS, _shield_depth, _thread_frames)
+                    _UNSAFE_MODULE_PARTS, _foreign_stack, _shield_depth)
 
 if TYPE_CHECKING:
     import asyncio
@@ -300,16 +300,20 @@ def _safe_to_raise(frame, scope: CancelScope) -> bool:
 
 
 def _cell_code_on_stack(thread_id: int) -> bool:
-    """Whether the thread is inside a cell's code: ``run_code`` is on its
-    stack and what it runs is the cell (not the traceback printing)."""
-    f = _thread_frames().get(thread_id)
-    above = None
-    while f is not None:
-        if _is_root(f.f_code):
-            return above is not None and _is_cell_code(above.f_code)
-        above = f
-        f = f.f_back
-    return False
+    """Whether another thread is inside a cell's code: ``run_code`` is on
+    its stack and what it runs is the cell (not the traceback printing).
+    A stack deeper than ``_VERDICT_WALK`` is a runaway in the cell's code
+    (IPython's own work is never that deep)."""
+    with _foreign_stack(thread_id) as f:
+        above = None
+        for _ in range(_VERDICT_WALK):
+            if f is None:
+                return False
+            if _is_root(f.f_code):
+                return above is not None and _is_cell_code(above.f_code)
+            above = f
+            f = f.f_back
+        return True
 
 
 def _cell_suspended_in(task: "asyncio.Task | None") -> bool:

@@ -10,14 +10,14 @@ scope is closed under it before anything is disarmed (invariant 2).
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import threading
-from typing import Any, TYPE_CHECKING
+from contextlib import contextmanager
+from typing import Any, Iterator, TYPE_CHECKING
 
 from ..errors import CellCancelled, CellTimeout
-from .unwinding import _pause_gc
+from .unwinding import _hold_gc, _pause_gc, _release_gc
 
 if TYPE_CHECKING:
     import asyncio
@@ -54,28 +54,41 @@ _thread_wakers: dict[int, set[threading.Event]] = {}
 if sys.version_info >= (3, 12):
     _thread_frames = sys._current_frames
 else:
-    _frames_lock = threading.RLock()
-
     def _thread_frames() -> dict:
-        """``sys._current_frames()`` with the cyclic collector off.
+        """``sys._current_frames()`` with the cyclic collector paused.
 
         On 3.10/3.11 it holds the runtime's thread-list lock while it
         allocates frame objects; a collection started by one of those
         allocations can run code that needs that lock or the GIL, and the
         process deadlocks (CPython gh-106883, not fixed before 3.12; seen
         here in CI as a thread starting while another ran its first cell).
-        Our callers take turns so that one's ``gc.enable()`` never lands in
-        another's call.
         """
-        with _frames_lock:
-            enabled = gc.isenabled()
-            if enabled:
-                gc.disable()
-            try:
-                return sys._current_frames()
-            finally:
-                if enabled:
-                    gc.enable()
+        _hold_gc()
+        try:
+            return sys._current_frames()
+        finally:
+            _release_gc()
+
+
+@contextmanager
+def _foreign_stack(thread_id: int) -> Iterator[Any]:
+    """The innermost frame of another thread, to be walked inside the block.
+
+    Each ``f_back`` taken on another thread's stack makes a frame object,
+    and that allocation can start a collection whose finalizers hand the
+    GIL over: the walked thread then runs and may pop the very frame being
+    made.  On 3.11 that is a segfault (CI, a cancel of a deep recursion;
+    reproduced in seconds by a walker against a recursing thread that
+    leaves finalizable garbage, and never with the collector paused).  So
+    the collector is paused for the walk, on every version (a bounded walk;
+    the pause costs two lock round trips).  Frames kept past the block may
+    be read (``f_code``, ``f_lasti``) but not walked further.
+    """
+    _hold_gc()
+    try:
+        yield sys._current_frames().get(thread_id)
+    finally:
+        _release_gc()
 
 
 def _new_thread_stack(tid: int) -> list:

@@ -26,10 +26,44 @@ if TYPE_CHECKING:
 # (several shells, several threads); the last one switches it back on, and
 # only if a pause switched it off.  A cell that swallows the cancel and runs
 # on keeps it paused until it ends (documented in docs/cancellation.md).
+# The same holds keep it off, briefly, while the canceller walks another
+# thread's stack (scope._foreign_stack says why).
 
 _gc_lock = threading.Lock()
 _gc_pauses = 0
 _gc_disabled_by_us = False
+
+
+def _hold_gc() -> None:
+    """Pause the cyclic collector until the matching :func:`_release_gc`.
+
+    Holds nest across threads: the collector comes back on with the last
+    release, and only if a hold switched it off (a host that disabled it
+    keeps it disabled).
+    """
+    with _gc_lock:
+        _hold()
+
+
+def _release_gc() -> None:
+    with _gc_lock:
+        _release()
+
+
+def _hold() -> None:  # under _gc_lock
+    global _gc_pauses, _gc_disabled_by_us
+    _gc_pauses += 1
+    if _gc_pauses == 1 and gc.isenabled():
+        gc.disable()
+        _gc_disabled_by_us = True
+
+
+def _release() -> None:  # under _gc_lock
+    global _gc_pauses, _gc_disabled_by_us
+    _gc_pauses -= 1
+    if _gc_pauses == 0 and _gc_disabled_by_us:
+        _gc_disabled_by_us = False
+        gc.enable()
 
 
 def _deeper_than(frame, depth: int) -> bool:
@@ -42,27 +76,20 @@ def _deeper_than(frame, depth: int) -> bool:
 
 
 def _pause_gc(scope: CancelScope) -> None:
-    global _gc_pauses, _gc_disabled_by_us
+    """One hold for ``scope`` (at most one), released when it closes."""
     with _gc_lock:
         if scope.gc_paused:
             return
         scope.gc_paused = True
-        _gc_pauses += 1
-        if _gc_pauses == 1 and gc.isenabled():
-            gc.disable()
-            _gc_disabled_by_us = True
+        _hold()
 
 
 def _resume_gc(scope: CancelScope) -> None:
-    global _gc_pauses, _gc_disabled_by_us
     with _gc_lock:
         if not scope.gc_paused:
             return
         scope.gc_paused = False
-        _gc_pauses -= 1
-        if _gc_pauses == 0 and _gc_disabled_by_us:
-            _gc_disabled_by_us = False
-            gc.enable()
+        _release()
 
 
 # -- deep tracebacks -----------------------------------------------------------
