@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import itertools
+import linecache
 import os
 import re
 import sys
@@ -772,9 +773,67 @@ def _format_traceback(error: BaseException, tb: Any, shell: Any) -> list[str]:
         # the engine's private subclasses are shown as the public class a cell can catch
         while etype.__name__.startswith("_") and etype.__base__ is not BaseException:
             etype = etype.__base__
+        _drop_repeated_entries(tb)
+    labels: dict[str, str] = {}
+    if isinstance(error, CellCancelled) and error.__cause__ is None \
+            and error.__context__ is None:
+        lines = _format_cancelled(etype, error, tb, shell, labels)
+    else:
+        lines = _format_general(etype, error, tb, shell, labels)
+    if labels:
+        for i, line in enumerate(lines):
+            for quoted, plain in labels.items():
+                line = line.replace(quoted, plain)
+            lines[i] = line
+    return lines
+
+
+def _drop_repeated_entries(tb: Any) -> None:
+    """Splice out a traceback entry that repeats the one before it (the same
+    frame at the same line): on 3.10 a cancel raised from the trace function
+    is recorded twice in the frame it lands in."""
+    while tb is not None:
+        following = tb.tb_next
+        if following is not None and following.tb_frame is tb.tb_frame \
+                and following.tb_lineno == tb.tb_lineno:
+            tb.tb_next = following.tb_next
+        else:
+            tb = following
+
+
+def _format_cancelled(etype: type, error: BaseException, tb: Any, shell: Any,
+                      labels: dict[str, str]) -> list[str]:
+    """A cancelled cell's traceback, for the response a cancel waits on.
+
+    The same text as :func:`_format_general` without what a general
+    traceback pays for (half of a cancel's answer in process): no caret
+    lines (``traceback`` parses and compiles each frame's source line for
+    them) and no ``stat`` of every file behind a frame; the source lines
+    come from ``linecache`` as it stands.
+    """
+    rows = []
+    while tb is not None:
+        frame = tb.tb_frame
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PKG_DIR):
+            lineno = tb.tb_lineno
+            label = _cell_label(filename, shell)
+            if label is not None:
+                labels[f'File "{label}", line '] = f"{label}, line "
+            source = linecache.getline(filename, lineno, frame.f_globals).strip() \
+                if lineno is not None else ""
+            rows.append((label or filename, lineno, frame.f_code.co_name, source))
+        tb = tb.tb_next
+    lines = ["Traceback (most recent call last):\n"] if rows else []
+    lines += traceback.StackSummary.from_list(rows).format()
+    lines += traceback.TracebackException(etype, error, None).format_exception_only()
+    return lines
+
+
+def _format_general(etype: type, error: BaseException, tb: Any, shell: Any,
+                    labels: dict[str, str]) -> list[str]:
     exc = traceback.TracebackException(etype, error, tb)
     seen: set[int] = set()
-    labels: dict[str, str] = {}
     part: Any = exc
     while part is not None and id(part) not in seen:  # the chained ones too
         seen.add(id(part))
@@ -786,13 +845,7 @@ def _format_traceback(error: BaseException, tb: Any, shell: Any) -> list[str]:
                 f.filename = label
         part.stack = traceback.StackSummary.from_list(frames)
         part = part.__cause__ or part.__context__
-    lines = list(exc.format())
-    if labels:
-        for i, line in enumerate(lines):
-            for quoted, plain in labels.items():
-                line = line.replace(quoted, plain)
-            lines[i] = line
-    return lines
+    return list(exc.format())
 
 
 def iter_states() -> Iterator[ShellState]:

@@ -542,6 +542,39 @@ def test_directive_keeps_line_numbers_and_hides_the_engine(ip, events, capfd):
         assert "pyrepl3_ext.errors.Cell" in text
 
 
+def test_a_cancelled_cells_traceback_keeps_the_frames_and_the_exception_it_interrupted(ip, events):
+    """A cancel's traceback is rendered by a lighter path than a general
+    one (it is what the cancel's answer waits for); it must still name every
+    frame of the user's with its source line, and a cancel that lands while
+    the cell handles an exception still shows that exception."""
+    code = ("%%timeout 0.3\n"
+            "def spin(n):\n"
+            "    if n:\n"
+            "        return spin(n - 1)\n"
+            "    while True:\n"
+            "        pass\n"
+            "try:\n"
+            "    1 / 0\n"
+            "except ZeroDivisionError:\n"
+            "    spin(2)\n")
+    run(ip, code, execution_id="deep-tb")
+    error = by_execution(events, "deep-tb")[-2]
+    assert error["type"] == "error" and error["kind"] == "timeout", error
+    text = "".join(error["traceback"])
+    assert "ZeroDivisionError: division by zero" in text, text
+    assert "During handling of the above exception" in text, text
+    frames = re.findall(r"Cell In\[\d+\], line (\d+)(?:, in ([\w<>]+))?\n\s+(.+)", text)
+    assert [(int(n), name or "<module>", src.strip()) for n, name, src in frames][-5:] == [
+        (8, "<module>", "1 / 0"), (10, "<module>", "spin(2)"),
+        (4, "spin", "return spin(n - 1)"), (4, "spin", "return spin(n - 1)"),
+        (6, "spin", "pass")], text
+
+    run(ip, "%%timeout 0.3\nwhile True:\n    pass\n", execution_id="plain-tb")
+    plain = "".join(by_execution(events, "plain-tb")[-2]["traceback"])
+    assert re.search(r"Cell In\[\d+\], line 3, in <module>\n\s+pass\n", plain), plain
+    assert "^" not in plain, plain  # no caret lines: they cost a parse per frame
+
+
 def test_the_error_event_names_cells_as_the_terminal_does(ip, events, capfd):
     """``Cell In[N], line L, in f`` in the event, the same words IPython
     prints, not the compiler's ``<ipython-input-N-hash>`` file name."""

@@ -24,12 +24,18 @@ class _Timer:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (when, next(self._ids), callback))
+            entry = (when, next(self._ids), callback)
+            heapq.heappush(self._heap, entry)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="pyrepl3-cancel-timer",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._heap[0] is entry and threading.current_thread() is not self._thread:
+                # only a new earliest deadline needs the thread awake now:
+                # a wake-up costs the caller (a cancel's arming) a thread
+                # switch on a busy machine, and the thread re-reads the
+                # heap when its current wait ends anyway
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:
