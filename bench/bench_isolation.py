@@ -50,6 +50,9 @@ BLOCKING = {
     "subprocess.run": "import subprocess; subprocess.run(['sleep', '100'])",
     "input()": "input('? ')",
     "while True": "while True:\n    pass",
+    # a runaway recursion with a raised limit (issue 14): a cancel 50 ms in
+    # lands about 10^5 frames deep
+    "recursion 10**6": "import sys\nsys.setrecursionlimit(10**6)\ndef r(): return r()\nr()",
 }
 
 

@@ -219,6 +219,28 @@ def test_cancel_right_after_submit_never_lets_the_cell_run(session):
     assert session.execute("'usable'").result == "usable"
 
 
+def test_a_cancel_between_leaving_the_queue_and_the_cells_start_stops_it(session, monkeypatch):
+    """The window the race above rarely hits, held open: the cancel lands
+    after the job left the queue and before the cell's cancel scope exists
+    (it finds no scope to mark); the cell must still never run."""
+    import pyrepl3_ext
+
+    session.execute("ran = []")
+    real_run_cell = pyrepl3_ext.run_cell
+    reports = []
+
+    def run_cell(shell, code, *, execution_id, **kwargs):
+        reports.append(session.cancel_report(execution_id, "in the window"))
+        return real_run_cell(shell, code, execution_id=execution_id, **kwargs)
+
+    monkeypatch.setattr(pyrepl3_ext, "run_cell", run_cell)
+    result = session.execute("ran.append(1)")
+    monkeypatch.setattr(pyrepl3_ext, "run_cell", real_run_cell)
+    assert reports and reports[0]["state"] == "pending", reports
+    assert isinstance(cancel_error(result), CellCancelled), result
+    assert session.execute("ran").result == []
+
+
 def test_timeout_cancels_the_cell_and_the_session_goes_on(session):
     events = []
     result = session.execute("while True: pass", timeout=0.2, on_event=events.append)
@@ -228,12 +250,15 @@ def test_timeout_cancels_the_cell_and_the_session_goes_on(session):
 
 
 def test_timeout_counts_from_the_cells_start_not_from_submission(session):
-    # The queued cell waits behind a blocker for twice its own timeout; its
-    # own run is instant.  A timeout counted from submission would have
-    # expired before it starts.
-    timeout = 0.3
+    # The queued cell waits behind a blocker for twice its own timeout, then
+    # runs for a fifth of it: long enough for a deadline counted from
+    # submission (expired before the cell starts) to land, with most of a
+    # deadline counted from its start to spare.  (An instant cell let the
+    # wrong count pass: it ended before the stale cancel arrived.)
+    timeout = 1.0
     blocker = session.execute(f"import time\ntime.sleep({2 * timeout})\n'blocker'", wait=False)
-    queued = session.execute("'made it'", timeout=timeout, wait=False)
+    queued = session.execute(f"import time\ntime.sleep({timeout / 5})\n'made it'",
+                             timeout=timeout, wait=False)
     assert blocker.result(WAIT).result == "blocker"
     result = queued.result(WAIT)
     assert result.success, cancel_error(result)
