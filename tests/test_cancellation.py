@@ -205,6 +205,8 @@ def test_engine_owned_waits_wake_on_cancel(quiet, started, wait, where):
             wakers = list(cancellation._thread_wakers[tid[0]])
             seen["hit"] = pyrepl3_ext.cancel(quiet, "e1", "test cancel")
             seen["woken"] = [w.is_set() for w in wakers]  # right after cancel() returned
+            for waker in wakers:  # not woken: release the cell, so the test fails, not hangs
+                waker.set()
         except BaseException as exc:  # noqa: BLE001 - asserted in the test's thread
             seen["error"] = exc
 
