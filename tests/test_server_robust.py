@@ -154,7 +154,10 @@ def test_replies_to_a_client_that_never_reads_are_bounded(engine):
     async def main():
         transport = Transport(reads=False)
         task = serve(server, data, transport)
-        await asyncio.sleep(0.5)
+        # the connection's backlog passed the limit (it waits for the client),
+        # or the server went through every request (asserted against next)
+        await async_wait_until(lambda: task.done() or server.connections and not any(
+            c.writable.is_set() for c in server.connections), "the backlog to fill")
         assert not task.done()  # waiting for the client to read
         backlog = transport.buffered
         transport.gone.set()  # now it disconnects
