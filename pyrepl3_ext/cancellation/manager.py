@@ -12,12 +12,12 @@ import time
 from typing import Any, Callable
 
 from ..errors import CellCancelled
-from ..extension import Component, InstancePatches
+from ..extension import Component, InstancePatches, format_traceback
 from .scope import (CancelScope, _HAS_MONITORING, _MAIN_THREAD_ID,
                     _cancelled_threads, _get_ident, _lock, _foreign_stack, _new_thread_stack,
                     _thread_scopes, _thread_wakers)
-from .unwinding import (_bounded_showtraceback, _deeper_than, _pause_gc, _resume_gc,
-                        _shorten_tracebacks)
+from .unwinding import (_bounded_showtraceback, _deeper_than, _holds_deep_stack, _pause_gc,
+                        _release_deep_stack, _resume_gc, _shorten_tracebacks)
 from .safepoints import (DEFER, OUTSIDE, _VERDICT_WALK, _cell_code_on_stack, _cell_suspended_in,
                          _innermost_cell_frames, _register_root, _verdict)
 from .monitoring import _MONITORING
@@ -192,7 +192,13 @@ class CancellationManager(Component):
         # close before outer ones); anything else means before_cell did not
         # open one (it failed, or the extension loaded mid-cell).
         if result is not None and result.error_in_exec is not None:
-            _shorten_tracebacks(result.error_in_exec)  # before the error event formats it
+            error = result.error_in_exec
+            _shorten_tracebacks(error)  # before the error event formats it
+            if _holds_deep_stack(error):
+                # IPython has shown it; the error event's text is rendered
+                # now (kept on the exception), then the runaway's frames go
+                format_traceback(error, self.state.shell)
+                _release_deep_stack(error)
         stack = _thread_scopes.get(_get_ident())
         scope = stack[-1] if stack else None
         if scope is None or scope.execution is not execution:
