@@ -450,7 +450,12 @@ class CancellationManager(Component):
             # (formatting a deep traceback can take a while): nothing to re-arm.
             timers._TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
                            lambda: self._rearm_if_running(scope))
-        elif scope.mechanism == "raised" or uses_async_exc:
+        elif scope.mechanism == "raised" or uses_async_exc or (
+                scope.monitored and not scope.armed_global
+                and _cell_code_on_stack(scope.thread_id)):
+            # (the last: armed before the cell's code started, and its start
+            # slipped past the watch on run_code; the cell's code now runs
+            # with no event armed in it, so arm again where it runs)
             with _lock:
                 if scope.finished:
                     return

@@ -125,6 +125,12 @@ class _Monitoring:
                     seen.add(code)
                     self.arm_code(scope, code, ev.LINE | ev.JUMP)
             self.arm_global(scope)
+        elif frame is not None and id(frame.f_code) in _RUN_CODE_IDS and (
+                (id(frame.f_code), frame.f_lineno) in _CELL_START_LINES
+                or not _CELL_START_LINES):
+            # run_code is on the line that starts the cell's code, past its
+            # LINE event: the cell's first call is the next event to watch
+            self.arm_global(scope)
 
     def arm_global(self, scope: CancelScope) -> None:
         if not scope.armed_global and self.tool is not None:
