@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _execute(client, code: str) -> dict:
     """Run ``code`` and return the reply content plus the iopub messages it caused."""
-    msg_id = client.execute(code)
+    msg_id = client.execute(code, stop_on_error=False)  # as in test_kernelspec.run
     reply = client.get_shell_msg(timeout=60)
     while reply["parent_header"].get("msg_id") != msg_id:
         reply = client.get_shell_msg(timeout=60)
