@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-from typing import Callable, TYPE_CHECKING
+from typing import Callable, Iterator, TYPE_CHECKING
 
 
 if TYPE_CHECKING:
@@ -105,12 +105,19 @@ _TB_HEAD, _TB_TAIL = 20, 80
 _TB_RELEASE = 10_000
 
 
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the exceptions it chains (cause, else context), at most 8."""
+    for _ in range(8):
+        if error is None:
+            return
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def _shorten_tracebacks(error: BaseException) -> None:
     """Cut the middle out of ``error``'s traceback (and of the exceptions it
     chains) when deeper than ``_TB_HEAD + _TB_TAIL`` frames, with a note."""
-    seen = 0
-    while error is not None and seen < 8:
-        seen += 1
+    for error in _chain(error):
         tb = error.__traceback__
         depth = 0
         t = tb
@@ -134,18 +141,11 @@ def _shorten_tracebacks(error: BaseException) -> None:
                     error.__dict__["_pyrepl3_release"] = depth
                 except AttributeError:  # no __dict__: its stack stays held
                     pass
-        error = error.__cause__ or error.__context__
 
 
 def _holds_deep_stack(error: BaseException) -> bool:
     """Whether ``error`` (or one it chains) is marked for :func:`_release_deep_stack`."""
-    seen = 0
-    while error is not None and seen < 8:
-        seen += 1
-        if "_pyrepl3_release" in getattr(error, "__dict__", {}):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any("_pyrepl3_release" in getattr(e, "__dict__", {}) for e in _chain(error))
 
 
 def _release_deep_stack(error: BaseException) -> None:
@@ -161,9 +161,7 @@ def _release_deep_stack(error: BaseException) -> None:
     So the traceback keeps only its outer entries, which hold nothing
     inward; what was shown and reported is unchanged (rendered already).
     """
-    seen = 0
-    while error is not None and seen < 8:
-        seen += 1
+    for error in _chain(error):
         depth = getattr(error, "__dict__", {}).pop("_pyrepl3_release", None)
         if depth is not None:
             last = error.__traceback__
@@ -176,7 +174,6 @@ def _release_deep_stack(error: BaseException) -> None:
                 if hasattr(error, "add_note"):
                     error.add_note(f"[pyrepl3: the innermost {_TB_TAIL} frames were dropped "
                                    f"once shown, to free the {depth:,}-frame stack they held]")
-        error = error.__cause__ or error.__context__
 
 
 def _bounded_showtraceback(original: Callable) -> Callable:
