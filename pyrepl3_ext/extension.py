@@ -301,6 +301,7 @@ class ShellState:
         self._attached_events: list[tuple[str, Any]] = []
         self._transformer_installed = False
         self._directive_check: "_DirectiveCheck | None" = None
+        self._patches = InstancePatches()
 
     @property
     def shell(self) -> Any:
@@ -342,7 +343,10 @@ class ShellState:
             shell.events.register(event, callback)
             self._attached_events.append((event, callback))
 
+        from . import trailing_semicolon
         from .magics import PyREPL3Magics
+
+        trailing_semicolon.install(shell, self._patches)
 
         self._magics = PyREPL3Magics(shell=shell, state=self)
         for kind, names in self._magics.magics.items():
@@ -415,6 +419,7 @@ class ShellState:
             except ValueError:
                 pass
         self._attached_events.clear()
+        self._patches.undo()
         if self._transformer_installed:
             try:
                 shell.input_transformers_cleanup.remove(self._strip_directives)

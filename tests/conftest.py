@@ -149,6 +149,9 @@ def hook_snapshot(shell) -> dict:
         "trace": sys.gettrace(),
         "profile": sys.getprofile(),
         "displayhook": sys.displayhook,
+        # instance attributes the extension wraps (trailing_semicolon, io_capture)
+        "shell_displayhook": {name: value for name, value in vars(shell.displayhook).items()
+                              if callable(value) and name not in ("_", "__", "___")},
         "excepthook": sys.excepthook,
         "stdout": sys.stdout,
         "stderr": sys.stderr,
