@@ -67,6 +67,16 @@ def package(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", *sorted(glob.glob(f"{out}/*")))
 
 
+@nox.session(python="3.12")
+def scaleout(session: nox.Session) -> None:
+    """Sessions on a Ray cluster through the gateway: a 3-node cluster
+    simulated on this machine (tests/test_scaleout_ray.py, with the gateway's
+    own tests), on stock IPython."""
+    session.install("ipython==9.19.1", "-e", ".[test,ray]")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                "tests/test_scaleout_ray.py", "tests/test_gateway.py", *session.posargs)
+
+
 @nox.session(python=["3.11", "3.12", "3.13"], default=False)
 def bench(session: nox.Session) -> None:
     """Every ``bench/bench_*.py`` on stock IPython 9.19.1; ``-- NAME`` picks scripts.

@@ -9,6 +9,7 @@ unchanged (``pyrepl3 -c "1 + 1"``, ``pyrepl3 --profile=work``,
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 HELP = """\
 usage: pyrepl3 [--version] [--help] [IPYTHON-ARGS...]
@@ -110,6 +111,19 @@ def serve_parser() -> "argparse.ArgumentParser":
                         help="on SIGTERM/SIGINT or the end of stdio: how long cancelled "
                              "executions may take to end before they are answered as "
                              "cancelled and the server exits (default: kill grace + 2)")
+    scale = parser.add_argument_group(
+        "scale-out", "place sessions on a cluster's nodes (docs/scale-out.md); the server "
+                     "becomes a gateway, clients see the same protocol")
+    scale.add_argument("--placement", choices=("local", "ray"), default="local",
+                       help="local (default): sessions live with this server; ray: each "
+                            "session in a process on a Ray node chosen by Ray (needs "
+                            "pip install 'pyrepl3[ray]')")
+    scale.add_argument("--ray-address", metavar="ADDRESS", default=None,
+                       help="the Ray cluster (default: $RAY_ADDRESS, else a running local "
+                            "one); 'local' starts a Ray of this machine")
+    scale.add_argument("--session-cpus", type=float, default=0.1, metavar="CPUS",
+                       help="the CPUs Ray reserves for each session (default 0.1); its "
+                            "memory limit is reserved as Ray memory")
     return parser
 
 
@@ -236,6 +250,15 @@ def serve(args: list[str]) -> int:
     except ValueError as exc:
         print(f"pyrepl3 serve: {exc}", file=sys.stderr)
         return 2
+    if options.placement == "ray":
+        if options.isolation != "in-process":
+            print("pyrepl3 serve: --placement ray runs every session in a process of its "
+                  "own on a node; --isolation does not apply", file=sys.stderr)
+            return 2
+        if not options.session_cpus > 0:
+            print(f"pyrepl3 serve: --session-cpus must be positive, got "
+                  f"{options.session_cpus}", file=sys.stderr)
+            return 2
     engine_options = {"isolation": options.isolation, "kill_grace": options.kill_grace,
                       "shutdown_grace": options.shutdown_grace,
                       "snapshot_dir": options.snapshot_dir,
@@ -243,6 +266,14 @@ def serve(args: list[str]) -> int:
                       "session_limits": session_limits,
                       "confine": {"auto": None, "on": True, "off": False}[options.confine]}
     token = options.token or os.environ.get("PYREPL3_TOKEN") or None
+    run = server.run
+    if options.placement == "ray":
+        try:
+            run = _ray_gateway(options)
+        except ImportError as exc:
+            print(f"pyrepl3 serve: --placement ray needs Ray ({exc}): "
+                  f"pip install 'pyrepl3[ray]'", file=sys.stderr)
+            return 2
     if options.tcp:
         host, sep, port = options.tcp.rpartition(":")
         if not sep or not port.isdigit():
@@ -261,13 +292,45 @@ def serve(args: list[str]) -> int:
         if token is None:
             token = server.new_token()
             print(f"[pyrepl3 serve] token: {token}", file=sys.stderr, flush=True)
-        return server.run("tcp", f"{host}:{port}", token=token, limits=limits,
-                          files_roots=options.files_root, **engine_options)
+        return run("tcp", f"{host}:{port}", token=token, limits=limits,
+                   files_roots=options.files_root, **engine_options)
     if options.unix:
-        return server.run("unix", options.unix, token=token, limits=limits,
-                          files_roots=options.files_root, **engine_options)
-    return server.run("stdio", token=None, limits=limits, files_roots=options.files_root,
-                      **engine_options)
+        return run("unix", options.unix, token=token, limits=limits,
+                   files_roots=options.files_root, **engine_options)
+    return run("stdio", token=None, limits=limits, files_roots=options.files_root,
+               **engine_options)
+
+
+def _ray_gateway(options: Any) -> Any:
+    """``server.run``'s counterpart for ``--placement ray``: connects to Ray
+    (ImportError without it) and returns the function that serves the gateway."""
+    import os
+
+    from .scaleout import gateway
+    from .scaleout.ray_placement import RayPlacement
+
+    def run(transport: str, address: str | None = None, *, token: str | None,
+            limits: Any, files_roots: list, isolation: str, kill_grace: float,
+            shutdown_grace: float | None, snapshot_dir: str | None,
+            snapshot_key_file: str | None, session_limits: Any, confine: Any) -> int:
+        # the nodes read these paths: absolute, and on storage every node reaches
+        absolute = (lambda path: os.path.abspath(path) if path else path)
+        host_options = {"kill_grace": kill_grace, "confine": confine,
+                        "session_limits": session_limits.as_dict() if session_limits else None,
+                        "files_roots": [absolute(r) for r in files_roots],
+                        "snapshot_dir": absolute(snapshot_dir),
+                        "snapshot_key_file": absolute(snapshot_key_file),
+                        "server_limits": limits.as_dict()}
+        address_ = options.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+        placement = RayPlacement(address_, session_cpus=options.session_cpus,
+                                 host_options=host_options,
+                                 log=lambda text: print(f"[pyrepl3 gateway] {text}",
+                                                        file=sys.stderr, flush=True))
+        return gateway.run(placement, transport, address, token=token, limits=limits,
+                           shutdown_grace=kill_grace + 2.0 if shutdown_grace is None
+                           else shutdown_grace)
+
+    return run
 
 
 def _parse_limits(text: str | None) -> object:

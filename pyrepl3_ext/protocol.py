@@ -163,10 +163,15 @@ METHODS: dict[str, dict] = {
     },
     "session.restart": {
         "description": "Give a lost process session a fresh process (same id, policy and "
-                       "capabilities; an empty namespace, or a durable snapshot restored).",
+                       "capabilities; an empty namespace, or a durable snapshot or a "
+                       "snapshot file restored).  Through a gateway, a session lost with "
+                       "its node is placed on another node.",
         "params": _params({**_SESSION, "snapshot": {
             **_NAME, "description": "a snapshot taken with durable: true, restored into "
-                                    "the new process"}}, ("session",)),
+                                    "the new process"}, "file": {
+            **_FILE, "description": "a snapshot file of the server's --snapshot-dir "
+                                    "(snapshot.save), restored into the new process"}},
+            ("session",)),
         "result": {"type": "object", "properties": {"session": _ID}},
     },
     "session.close": {

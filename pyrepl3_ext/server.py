@@ -77,6 +77,12 @@ class Limits:
         self.auth_timeout = float(auth_timeout)
         self.max_unauthenticated = max_unauthenticated
 
+    def as_dict(self) -> dict:
+        """The keyword arguments that make these limits again."""
+        return {name: getattr(self, name) for name in (
+            "max_message_bytes", "max_event_bytes", "max_buffer_bytes", "max_auth_failures",
+            "auth_timeout", "max_unauthenticated")}
+
 
 def shrink_event(event: dict, limit: int) -> dict:
     """``event`` with its long strings cut so it encodes to about ``limit`` bytes.
@@ -669,11 +675,18 @@ class Server:
             raise P.RPCError(P.INVALID_PARAMS, f"session {session.id!r} lives in the server's "
                                                f"process: there is nothing to restart")
 
+        params = request.params
+        if "snapshot" in params and "file" in params:
+            raise P.RPCError(P.INVALID_PARAMS, "give snapshot or file, not both")
+        path = self._snapshot_path(params["file"], load=True) if "file" in params else None
+
         def restart() -> dict:
-            restored = session.restart(from_snapshot=request.params.get("snapshot"))
+            restored = session.restart(from_snapshot=params.get("snapshot"))
             answer = {"session": session.id}
             if restored is not None:
                 answer["restored"] = _jsonable(restored)
+            if path is not None:
+                answer["restored"] = self._load_snapshot_file(session, path, None, True)
             return answer
 
         # starting a process takes milliseconds, but never on the loop
@@ -884,37 +897,57 @@ class Server:
         and read by this process for both kinds of session."""
         session = _session(conn, request.params)
         params = request.params
+        file = params.get("file") or params["name"]
+        path = self._snapshot_path(file, load=request.method == "snapshot.load")
+
+        def call() -> dict:
+            if request.method == "snapshot.load":
+                info = self._load_snapshot_file(session, path, params.get("name"),
+                                                bool(params.get("restore")))
+            else:
+                info = _jsonable(self._public_snapshot_info(
+                    session.save_snapshot(params["name"], path, key=self._snapshot_key_or_error())))
+            return {"snapshot": info, "file": file}
+
+        return self._session_call(conn, request, session, call, off_loop=True)
+
+    def _snapshot_path(self, file: str, *, load: bool) -> str:
+        """The path of snapshot file ``file`` in the snapshot directory (which
+        must be offered; for ``load``, the file must exist)."""
         if self.snapshot_dir is None:
             raise P.RPCError(P.NOT_AVAILABLE, "snapshot files are not offered by this server "
                                               "(start it with --snapshot-dir DIR)")
-        file = params.get("file") or params["name"]
         if not re.fullmatch(P.FILE_NAME, file):
             raise P.RPCError(P.INVALID_PARAMS, f"file must be a plain name (letters, digits, "
                                                f"'.', '_', '-'; not starting with '.'), "
                                                f"got {file!r}")
         path = os.path.join(self.snapshot_dir, file + ".snapshot")
-        if request.method == "snapshot.load" and not os.path.isfile(path):
+        if load and not os.path.isfile(path):
             raise P.RPCError(P.UNKNOWN_NAME, f"no snapshot file {file!r} in the server's "
                                              f"snapshot directory")
+        return path
 
-        def call() -> dict:
-            from .errors import NamespaceError
+    def _snapshot_key_or_error(self) -> bytes:
+        from .errors import NamespaceError
 
-            try:
-                key = self._snapshot_key()
-            except NamespaceError as exc:
-                raise P.RPCError(P.NOT_AVAILABLE, f"snapshot key: {exc}") from None
-            if request.method == "snapshot.save":
-                info = session.save_snapshot(params["name"], path, key=key)
-            else:
-                info = session.load_snapshot(path, name=params.get("name"), key=key,
-                                             restore=bool(params.get("restore")))
-            info = dict(info)
-            info.pop("path", None)  # the server's directory is not the client's business
-            info.pop("source", None)
-            return {"snapshot": _jsonable(info), "file": file}
+        try:
+            return self._snapshot_key()
+        except NamespaceError as exc:
+            raise P.RPCError(P.NOT_AVAILABLE, f"snapshot key: {exc}") from None
 
-        return self._session_call(conn, request, session, call, off_loop=True)
+    def _load_snapshot_file(self, session: Any, path: str, name: str | None,
+                            restore: bool) -> Any:
+        """Verify and hold a snapshot file as a snapshot of ``session`` (off the loop)."""
+        info = session.load_snapshot(path, name=name, key=self._snapshot_key_or_error(),
+                                     restore=restore)
+        return _jsonable(self._public_snapshot_info(info))
+
+    @staticmethod
+    def _public_snapshot_info(info: Any) -> dict:
+        info = dict(info)
+        info.pop("path", None)  # the server's directory is not the client's business
+        info.pop("source", None)
+        return info
 
     def _session_call(self, conn: Connection, request: P.Request, session: Any,
                       call: Callable[[], Any], *, off_loop: bool = False) -> Any:
@@ -1222,6 +1255,13 @@ def run(transport: str, address: str | None = None, *, token: str | None = None,
             engine.warm_up()
     server = Server(engine, token=token, limits=limits, files_roots=files_roots,
                     snapshot_dir=snapshot_dir, snapshot_key_file=snapshot_key_file)
+    return serve_until_stopped(server, transport, address, shutdown_grace)
+
+
+def serve_until_stopped(server: Server, transport: str, address: str | None,
+                        shutdown_grace: float) -> int:
+    """Serve on ``transport`` until EOF (stdio) or SIGINT/SIGTERM, shut down
+    gracefully, close; 0.  (``run``'s loop, shared with the gateway.)"""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
