@@ -195,3 +195,18 @@ def test_ray_placement_without_ray_says_how_to_get_it():
         pytest.skip("Ray is installed here (the scaleout session): the gateway runs instead")
     done = _serve("--stdio", "--placement", "ray")
     assert done.returncode == 2 and "pip install 'pyrepl3[ray]'" in done.stderr
+
+
+def test_events_are_relayed_complete_and_in_order_whatever_the_execution_id(gateway):
+    async def main():
+        async with await Client.connect_unix(gateway.test_path) as client:
+            session = await client.create_session("chatty")
+            for execution_id in ("plain-id", 'we"ird\\id \u00e9'):
+                response, events = await client.run(
+                    session, "for i in range(20000):\n    print(i)", execution_id=execution_id)
+                assert response["status"] == "ok"
+                assert [e["seq"] for e in events] == list(range(len(events)))
+                assert {e["execution_id"] for e in events} == {execution_id}
+                text = "".join(e.get("text", "") for e in events if e["type"] == "output")
+                assert text == "".join(f"{i}\n" for i in range(20000))
+    run(main())
