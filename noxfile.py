@@ -89,8 +89,9 @@ def bench(session: nox.Session) -> None:
     import os
 
     session.install("pip")  # bench_patches builds the patched wheel with `python -m pip wheel`
-    # test: bench_server's Jupyter reference; fast: the server's codec and loop
-    session.install("ipython==9.19.1", "-e", ".[test,fast]")
+    # test: bench_server's Jupyter reference; fast: the server's codec and loop;
+    # ray: bench_scaleout's cluster
+    session.install("ipython==9.19.1", "-e", ".[test,fast,ray]")
     wanted = [a for a in session.posargs if not a.startswith("-")]
     flags = [a for a in session.posargs if a.startswith("-")]
     for script in sorted(glob.glob("bench/bench_*.py")):
