@@ -256,9 +256,15 @@ class Connection:
                 "error": {"ename": "CellCancelled", "evalue": reason, "kind": "cancelled"}}))
 
     def close_transport(self) -> None:
-        """Close the socket (the read loop then ends with EOF)."""
+        """Close the socket (the read loop then ends with EOF).  What the
+        client has not read by now is dropped: a graceful close would wait
+        for a client that does not read, and so would the server's exit."""
         try:
-            self.writer.close()
+            transport = getattr(self.writer, "transport", None)  # not the stdio fallback's
+            if transport is not None and transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                self.writer.close()
         except Exception:  # noqa: BLE001 - already closed
             pass
 

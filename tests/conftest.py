@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import os
+import shutil
 import sys
+import tempfile
 
-import IPython
-import pytest
-from IPython.core.interactiveshell import InteractiveShell
+# Every shell of the run (this process's and the servers', kernels' and
+# workers' it starts) keeps its profile and history in a directory of the
+# run's own: never the user's ~/.ipython, whose history database another run
+# (a second test run, a developer's IPython) may be writing at the same time.
+_IPYTHONDIR = os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="pyrepl3-tests-ipython-")
+# registered before any shell's: atexit runs it after they closed their history
+atexit.register(shutil.rmtree, _IPYTHONDIR, ignore_errors=True)
 
-import pyrepl3_ext
+import IPython  # noqa: E402
+import pytest  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+
+import pyrepl3_ext  # noqa: E402
 
 
 _watchdog_fd: int | None = None

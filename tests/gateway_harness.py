@@ -48,7 +48,8 @@ class ProcessPlacement:
             token = os.urandom(16).hex()
             server = ServerProcess("--tcp", "127.0.0.1:0", "--token", token,
                                    "--isolation", "process", "--snapshot-dir", snapshot_dir,
-                                   "--snapshot-key-file", key_file, "--limits", "memory=1G")
+                                   "--snapshot-key-file", key_file,
+                                   "--limits", "memory=1G,output_bytes=1G")
             host, _, port = server.address.rpartition(":")
             node = Node(f"node{n}", host, int(port), token)
             self.servers[node.key] = server

@@ -210,3 +210,51 @@ def test_events_are_relayed_complete_and_in_order_whatever_the_execution_id(gate
                 text = "".join(e.get("text", "") for e in events if e["type"] == "output")
                 assert text == "".join(f"{i}\n" for i in range(20000))
     run(main())
+
+
+def test_a_client_that_does_not_read_holds_back_its_cell_not_the_gateways_memory(gateway):
+    import json
+
+    limit = gateway.limits.max_buffer_bytes
+    lines = 60000  # 2,000 characters each: 120 MB of output, far more than every buffer
+
+    async def main():
+        # a small read-ahead: asyncio stops reading the socket once 128 KiB wait
+        reader, writer = await asyncio.open_unix_connection(gateway.test_path,
+                                                            limit=2 ** 16)
+
+        def send(id_, method, **params):
+            writer.write(P.encode({"jsonrpc": "2.0", "id": id_, "method": method,
+                                   "params": params}))
+
+        send(1, "session.create", session_id="slow")
+        assert json.loads(await reader.readline())["result"]["session"] == "slow"
+        send(2, "execute", session="slow", execution_id="flood",
+             code=f"for i in range({lines}):\n    print(str(i).rjust(2000, '.'))")
+        async with await Client.connect_unix(gateway.test_path) as other:
+            # the cell runs, then waits: the gateway stopped reading the node for
+            # this client, and its own buffer for the client stays bounded
+            await async_wait_until(lambda: _buffered(gateway) > limit // 2, "the flood")
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                assert _buffered(gateway) < limit + 2 * 262144
+            assert (await other.call("session.info", session="slow"))["running"] == "flood"
+            # another session on the same node is not slowed by it
+            other_session = await other.create_session("quick")
+            response, _ = await other.run(other_session, "1 + 1")
+            assert response["status"] == "ok"
+        outputs = 0
+        while True:
+            message = json.loads(await reader.readline())
+            if message.get("id") == 2:
+                break
+            if message["params"]["event"]["type"] == "output":
+                outputs += 1
+        assert message["result"]["status"] == "ok" and outputs == lines
+        writer.close()
+    run(main())
+
+
+def _buffered(gateway) -> int:
+    return max((c.writer.transport.get_write_buffer_size() for c in list(gateway.connections)
+                if not c.closed), default=0)
