@@ -386,12 +386,10 @@ class Connection:
         handler = self.server.handlers[request.method]
         try:
             result = handler(self, request)
-        except P.RPCError as exc:
-            self._reply(request, error=exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-            self.server.log(f"internal error in {request.method}: {exc!r}")
-            self._reply(request, error=P.RPCError(
-                P.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"))
+            message = self.server.response_to(request, error=exc)
+            if not request.is_notification:
+                self.send(message)
         else:
             if result is not _DEFERRED:
                 self._reply(request, result=result)
@@ -968,18 +966,26 @@ class Server:
 
         def work() -> None:
             try:
-                message = P.response(request.id, _session_errors(call))
-            except P.RPCError as exc:
-                message = P.error_response(request.id, exc)
+                message = self.response_to(request, _session_errors(call))
             except Exception as exc:  # noqa: BLE001 - one response per request, always
-                self.log(f"internal error in {request.method}: {exc!r}")
-                message = P.error_response(request.id, P.RPCError(
-                    P.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"))
+                message = self.response_to(request, error=exc)
             if not request.is_notification:
                 conn.send_threadsafe(message, wait_writable=False)
 
         threading.Thread(target=work, name=f"pyrepl3-{request.method}", daemon=True).start()
         return _DEFERRED
+
+    def response_to(self, request: P.Request, result: Any = None, *,
+                    error: BaseException | None = None) -> dict:
+        """The response to ``request``: its result, or its error (one that is
+        not an ``RPCError`` is a bug: logged, and answered as internal)."""
+        if error is None:
+            return P.response(request.id, result)
+        if not isinstance(error, P.RPCError):
+            self.log(f"internal error in {request.method}: {error!r}")
+            error = P.RPCError(P.INTERNAL_ERROR,
+                               f"internal error: {type(error).__name__}: {error}")
+        return P.error_response(request.id, error)
 
     # -- transports ---------------------------------------------------------------
     _loop_thread = 0

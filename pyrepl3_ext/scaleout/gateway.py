@@ -391,14 +391,9 @@ class Gateway(Server):
         """Answer ``request`` with what ``coro`` returns (or raises), later."""
         async def answer() -> None:
             try:
-                result = await coro
-                message = P.response(request.id, result)
-            except P.RPCError as exc:
-                message = P.error_response(request.id, exc)
+                message = self.response_to(request, await coro)
             except Exception as exc:  # noqa: BLE001 - one response per request, always
-                self.log(f"internal error in {request.method}: {exc!r}")
-                message = P.error_response(request.id, P.RPCError(
-                    P.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"))
+                message = self.response_to(request, error=exc)
             if not request.is_notification and not conn.closed:
                 conn.send(message)
 
@@ -603,6 +598,8 @@ class Gateway(Server):
         cause = await self._verdict(link.node)
         if cause is None:
             link.fail(f"the connection to node {link.node.key} closed", lost=False)
+            if link.conn is None and not self._closing:
+                self._link(None, link.node)  # keep watching a node that is alive
         else:
             link.fail(cause, lost=True)
 
