@@ -230,6 +230,31 @@ def test_engine_owned_waits_wake_on_cancel(quiet, started, wait, where):
     assert_cancelled(result, "e1")
 
 
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_a_cancelled_cell_leaves_no_wait_registered_for_its_thread(quiet, started, where):
+    """On 3.10/3.11 a worker's cancel is an asynchronous exception, which can
+    land in a wait's own cleanup and skip its unregistering (seen in CI as a
+    second, stale event for a later thread with the same id).  The cell below
+    leaves such an entry as that cleanup would; the cancelled cell's end
+    removes it."""
+    code = ("import threading\nfrom pyrepl3_ext.cancellation import scope as _scope\n"
+            "_scope._thread_wakers.setdefault(threading.get_ident(), set())"
+            ".add(threading.Event())\n_tid.append(threading.get_ident())\n"
+            "_started.set()\nwhile True:\n    pass")
+    quiet.user_ns["_tid"] = tid = []
+    canceller, _hit = cancel_when_started(quiet, started, "w1")
+    if where == "main":
+        result = pyrepl3_ext.run_cell(quiet, code, execution_id="w1")
+    else:
+        cell, out = run_in_thread(quiet, code, "w1")
+        cell.join(WAIT)
+        assert not cell.is_alive(), "the cell was not cancelled"
+        result = out["result"]
+    canceller.join(WAIT)
+    assert_cancelled(result, "w1")
+    assert tid and tid[0] not in cancellation._thread_wakers
+
+
 def test_interruptible_wait_outside_cells_behaves_like_event_wait():
     ev = threading.Event()
     assert cancellation.interruptible_wait(ev, timeout=0.01) is False

@@ -272,6 +272,11 @@ class CancellationManager(Component):
         self._forget(scope)
         if _cancelled_threads.get(scope.thread_id) is scope:
             del _cancelled_threads[scope.thread_id]
+            # every wait of the cell has returned by now; on 3.10/3.11 an
+            # asynchronous CellCancelled can land in a wait's cleanup and skip
+            # its unregistering, which would leave the event for the next
+            # thread with this id
+            _thread_wakers.pop(scope.thread_id, None)
         if scope.armed_codes or scope.armed_global:
             _MONITORING.disarm(scope)
 
