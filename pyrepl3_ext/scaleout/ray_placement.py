@@ -88,17 +88,21 @@ class NodeHost:
 
 
 class _Reservation:
-    __slots__ = ("node", "group", "_released")
+    __slots__ = ("node", "group", "_held")
 
-    def __init__(self, node: Node, group: Any):
+    def __init__(self, node: Node, group: Any, held: set):
         self.node = node
         self.group = group
-        self._released = False
+        #: the placement's groups not yet released (``close`` releases the rest)
+        self._held = held
+        held.add(group)
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            remove_placement_group(self.group)
+        try:
+            self._held.remove(self.group)
+        except KeyError:
+            return  # released already, or by the placement's close
+        remove_placement_group(self.group)
 
 
 class RayPlacement:
@@ -131,6 +135,8 @@ class RayPlacement:
         self.limits = SessionLimits.parse(limits) if limits else None
         self.log = log or (lambda text: None)
         self._lock = threading.Lock()
+        #: the placement groups of sessions not yet closed or lost
+        self._groups: set = set()
         #: node id -> (actor, Node)
         self._hosts: dict[str, tuple[Any, Node]] = {}
         self._actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(NodeHost)
@@ -176,7 +182,7 @@ class RayPlacement:
                 remove_placement_group(group)
                 raise PlacementError(f"node {node_id} could not start a host: {exc}") from None
             known = self._hosts[node_id]
-        return _Reservation(known[1], group)
+        return _Reservation(known[1], group, self._groups)
 
     def _memory(self, limits: dict | None) -> int | None:
         """The session's memory limit in bytes (its own over the ceiling's)."""
@@ -210,6 +216,13 @@ class RayPlacement:
     def close(self) -> None:
         with self._lock:
             hosts, self._hosts = list(self._hosts.values()), {}
+        groups = list(self._groups)
+        self._groups.clear()
+        for group in groups:  # the sessions end with their hosts: so do their bundles
+            try:
+                remove_placement_group(group)
+            except Exception:  # noqa: BLE001 - removed with its node already
+                pass
         for actor, _node in hosts:
             try:
                 ray.kill(actor)
