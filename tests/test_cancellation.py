@@ -255,6 +255,42 @@ def test_a_cancelled_cell_leaves_no_wait_registered_for_its_thread(quiet, starte
     assert tid and tid[0] not in cancellation._thread_wakers
 
 
+FINALIZING = {
+    "__del__": ("class _D:\n    def __del__(self):\n        n = 0\n"
+                "        for i in range(200):\n            n += i\n"
+                "_started.set()\nwhile True:\n    _D()"),
+    "weakref callback": ("import weakref\nclass _T:\n    pass\n_s = weakref.WeakSet()\n"
+                         "_started.set()\nwhile True:\n    _t = _T()\n    _s.add(_t)\n"
+                         "    del _t"),
+}
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+@pytest.mark.parametrize("cell", list(FINALIZING))
+def test_a_cancel_never_lands_in_a_finalizer_the_cells_garbage_runs(quiet, started, where,
+                                                                     cell, monkeypatch):
+    """A ``__del__`` or a weakref callback runs from C, and an exception raised
+    there is printed as "Exception ignored" and dropped: the cancel must land
+    in the cell's own code instead (CI, 3.10: it landed in WeakSet's
+    callback)."""
+    if where == "worker" and sys.version_info < (3, 12):
+        pytest.skip("3.10/3.11 workers get an asynchronous exception, which lands "
+                    "anywhere, finalizers included (docs/cancellation.md)")
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+    canceller, _hit = cancel_when_started(quiet, started, "f1")
+    if where == "main":
+        result = pyrepl3_ext.run_cell(quiet, FINALIZING[cell], execution_id="f1")
+    else:
+        thread, out = run_in_thread(quiet, FINALIZING[cell], "f1")
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the cell was not cancelled"
+        result = out["result"]
+    canceller.join(WAIT)
+    assert_cancelled(result, "f1")
+    assert swallowed == []
+
+
 def test_interruptible_wait_outside_cells_behaves_like_event_wait():
     ev = threading.Event()
     assert cancellation.interruptible_wait(ev, timeout=0.01) is False

@@ -19,7 +19,7 @@ import time
 import tokenize
 from typing import Callable, TYPE_CHECKING
 
-from .scope import (CancelScope, _HAS_MONITORING, _PKG_DIR, _UNSAFE_FUNCTIONS,
+from .scope import (CancelScope, _HAS_MONITORING, _PKG_DIR, _SWALLOWING_FILES, _UNSAFE_FUNCTIONS,
                     _UNSAFE_MODULE_PARTS, _foreign_stack, _shield_depth)
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def _code_info(code) -> tuple:
     filename = code.co_filename
     if filename.startswith(_PKG_DIR):
         kind = _OWN
-    elif code.co_name in _UNSAFE_FUNCTIONS:
+    elif code.co_name in _UNSAFE_FUNCTIONS or filename in _SWALLOWING_FILES:
         kind = _UNSAFE_FUNCTION
     elif any(part in filename for part in _UNSAFE_MODULE_PARTS):
         kind = _BOOTSTRAP

@@ -10,9 +10,11 @@ scope is closed under it before anything is disarmed (invariant 2).
 
 from __future__ import annotations
 
+import _weakrefset
 import os
 import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, TYPE_CHECKING
 
@@ -33,7 +35,14 @@ _HAS_MONITORING = sys.version_info >= (3, 12)
 #: pyrepl3_ext itself: frames of code under it are "ours" (never raised in)
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _UNSAFE_MODULE_PARTS = ("importlib/_bootstrap",)
-_UNSAFE_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__")
+_UNSAFE_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__",
+                     # run by the collection of the cell's objects, from C: an
+                     # exception there is printed as "Exception ignored" and
+                     # dropped, never reaching the cell
+                     "__del__")
+#: the same for the stdlib's weakref callbacks (WeakSet, WeakValueDictionary,
+#: finalize): no frame of these files is a place to raise
+_SWALLOWING_FILES = frozenset({weakref.__file__, _weakrefset.__file__})
 
 # The one lock of the mechanism.  It is a C-level lock (never a Python-level
 # wrapper such as Condition) because the target thread takes it while an
