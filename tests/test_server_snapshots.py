@@ -115,3 +115,33 @@ def test_snapshot_files_need_a_directory(tmp_path):
             assert "--snapshot-dir" in refused.value.message
 
     asyncio.run(asyncio.wait_for(main(), WAIT))
+
+
+def test_a_lost_process_session_restarts_from_a_snapshot_file(tmp_path):
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    args = ("--unix", str(tmp_path / "r.sock"), "--snapshot-dir", str(snapshots),
+            "--isolation", "process")
+
+    async def main(path):
+        async with await Client.connect_unix(path) as client:
+            session = await client.create_session("crashy")
+            await client.run(session, "kept = [1, 2, 3]")
+            await client.call("snapshot.take", session=session, name="s", durable=True)
+            await client.call("snapshot.save", session=session, name="s", file="crashy-s")
+            response, _ = await client.run(session, "import os\nos._exit(3)")
+            assert response["error"]["kind"] == "exited"
+            with pytest.raises(ClientError) as both:
+                await client.call("session.restart", session=session, snapshot="s",
+                                  file="crashy-s")
+            assert both.value.code == P.INVALID_PARAMS
+            with pytest.raises(ClientError) as absent:
+                await client.call("session.restart", session=session, file="no-such-file")
+            assert absent.value.code == P.UNKNOWN_NAME
+            restarted = await client.call("session.restart", session=session, file="crashy-s")
+            assert restarted["session"] == session and "restored" in restarted
+            response, events = await client.run(session, "sum(kept)")
+            assert [e["data"]["text/plain"] for e in events if e["type"] == "result"] == ["6"]
+
+    with ServerProcess(*args, env=_env(tmp_path)) as server:
+        asyncio.run(asyncio.wait_for(main(server.address), WAIT))
