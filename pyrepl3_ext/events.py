@@ -171,6 +171,19 @@ class Execution:
             return event
 
 
+def lost_outcome(execution_id: str, session: str, next_seq: int, kind: str, message: str,
+                 status: str, duration: float) -> tuple[dict, dict]:
+    """The ``error`` and ``finished`` events of an execution whose process (or
+    node) died under it: whoever outlives it says how it ended, continuing
+    its ``seq``.  One shape for a crashed worker and a lost node."""
+    now = time.time()
+    common = {"execution_id": execution_id, "session": session}
+    return ({**common, "type": "error", "seq": next_seq, "ts": now, "ename": "SessionLost",
+             "evalue": message, "traceback": [], "kind": kind},
+            {**common, "type": "finished", "seq": next_seq + 1, "ts": now, "status": status,
+             "duration": duration})
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")

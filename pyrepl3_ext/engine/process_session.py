@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from ..errors import (CellCancelled, CellError, CellTimeout, SessionBusy, SessionClosed,
                       SessionLost, SnapshotRefused)
+from ..events import lost_outcome
 from .channel import ChannelError
 from .engine import ExecutionHandle, SessionBase
 from .executor import Job
@@ -574,16 +575,11 @@ class ProcessSession(SessionBase):
         """The worker cannot say how its cell ended: the parent says it, once."""
         if running.on_event is None:
             return
-        now = time.time()
-        common = {"execution_id": running.job.execution_id, "session": self.id}
         asked = lost["kind"] == "cell_timeout" or (lost["kind"] == "killed" and running.cancelled)
-        status = "cancelled" if asked else "error"
         duration = (time.monotonic() - running.started_at) if running.started_at else 0.0
-        for event in ({**common, "type": "error", "seq": running.last_seq + 1, "ts": now,
-                       "ename": "SessionLost", "evalue": lost["message"], "traceback": [],
-                       "kind": lost["kind"]},
-                      {**common, "type": "finished", "seq": running.last_seq + 2, "ts": now,
-                       "status": status, "duration": duration}):
+        for event in lost_outcome(running.job.execution_id, self.id, running.last_seq + 1,
+                                  lost["kind"], lost["message"],
+                                  "cancelled" if asked else "error", duration):
             try:
                 running.on_event(event)
             except Exception as exc:  # noqa: BLE001

@@ -45,6 +45,7 @@ import time
 from typing import Any, Callable, Coroutine, Iterator, Protocol
 
 from .. import protocol as P
+from ..events import lost_outcome
 from ..server import _DEFERRED, Connection, Limits, Server, serve_until_stopped
 
 
@@ -145,13 +146,13 @@ class _RemoteSession:
         self.id = session_id
 
     def cancel(self, execution_id: str, reason: str) -> None:
-        self.link.send_soon({"session": self.id, "execution_id": execution_id,
-                             "reason": reason}, "cancel")
+        self.link.send_soon("cancel", {"session": self.id, "execution_id": execution_id,
+                                       "reason": reason})
 
     def reply_input(self, input_id: str, text: str | None) -> None:
         params: dict = {"session": self.id, "input_id": input_id}
         params.update({"eof": True} if text is None else {"text": text})
-        self.link.send_soon(params, "input.reply")
+        self.link.send_soon("input.reply", params)
 
 
 class _Link:
@@ -196,7 +197,7 @@ class _Link:
         assert self._writer is not None
         self._writer.write(P.encode(message))
 
-    def send_soon(self, params: dict, method: str) -> None:
+    def send_soon(self, method: str, params: dict) -> None:
         """``send`` from any thread, answer ignored (cancels of a leaving client)."""
         try:
             if self.gateway._on_loop():
@@ -228,13 +229,7 @@ class _Link:
     # -- the connection ----------------------------------------------------------
     async def _run(self) -> None:
         try:
-            reader, self._writer = await asyncio.open_connection(
-                self.node.host, self.node.port, limit=2 ** 31 - 1)
-            self._writer.write(P.encode({"jsonrpc": P.JSONRPC, "id": 0, "method": "auth",
-                                         "params": {"token": self.node.token}}))
-            answer = json.loads(await reader.readline() or b"null")
-            if not isinstance(answer, dict) or "result" not in answer:
-                raise ConnectionError(f"node {self.node.key} refused the gateway: {answer!r}")
+            reader, self._writer = await _connect(self.node)
             self.open = True
             backlog, self._backlog = self._backlog, []
             for message, answered in backlog:
@@ -331,6 +326,21 @@ class _Link:
 
 def _ignore(_message: dict) -> None:
     pass
+
+
+async def _connect(node: Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``node``'s server, authenticated (``ConnectionError`` if refused)."""
+    reader, writer = await asyncio.open_connection(node.host, node.port, limit=2 ** 31 - 1)
+    try:
+        writer.write(P.encode({"jsonrpc": P.JSONRPC, "id": 0, "method": "auth",
+                               "params": {"token": node.token}}))
+        answer = json.loads(await reader.readline() or b"null")
+        if not isinstance(answer, dict) or "result" not in answer:
+            raise ConnectionError(f"node {node.key} refused the gateway: {answer!r}")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
 
 
 class Gateway(Server):
@@ -660,19 +670,11 @@ class Gateway(Server):
     async def _answers(self, node: Node) -> bool:
         """Whether the node's server accepts a connection and the token now."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(node.host, node.port), 2.0)
-        except (OSError, asyncio.TimeoutError):
-            return False
-        try:
-            writer.write(P.encode({"jsonrpc": P.JSONRPC, "id": 0, "method": "auth",
-                                   "params": {"token": node.token}}))
-            answer = json.loads(await asyncio.wait_for(reader.readline(), 2.0) or b"null")
-            return isinstance(answer, dict) and "result" in answer
+            _reader, writer = await asyncio.wait_for(_connect(node), 2.0)
         except (OSError, ValueError, asyncio.TimeoutError):
             return False
-        finally:
-            writer.close()
+        writer.close()
+        return True
 
     def _report_lost_execution(self, run: _Forwarded, execution_id: str, cause: str) -> None:
         """The node cannot say how this execution ended: the gateway says it,
@@ -682,13 +684,8 @@ class Gateway(Server):
             mine = conn.executions.pop(execution_id, None) is not None
         if not mine or conn.closed:
             return
-        now = time.time()
-        common = {"execution_id": execution_id, "session": run.session}
-        for event in ({**common, "type": "error", "seq": run.events, "ts": now,
-                       "ename": "SessionLost", "evalue": cause, "traceback": [],
-                       "kind": NODE_LOST},
-                      {**common, "type": "finished", "seq": run.events + 1, "ts": now,
-                       "status": "error", "duration": time.monotonic() - run.sent_at}):
+        for event in lost_outcome(execution_id, run.session, run.events, NODE_LOST, cause,
+                                  "error", time.monotonic() - run.sent_at):
             conn.send(P.notification("execution.event", {
                 "session": run.session, "execution_id": execution_id, "event": event}))
         if run.request_id is not None:
