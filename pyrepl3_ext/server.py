@@ -45,10 +45,6 @@ from . import protocol as P
 from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed, SessionLost
 
 MiB = 1024 * 1024
-#: a connection's StreamReader stops reading from the socket past twice this
-#: many unread bytes (``Connection.serve`` reads chunks, never whole lines
-#: through the reader, so this bounds input memory, not the message size)
-_READ_AHEAD = 256 * 1024
 
 
 class Limits:
@@ -113,11 +109,9 @@ def shrink_event(event: dict, limit: int) -> dict:
 class Connection:
     """One client: framing in, ordered writes out, its executions."""
 
-    def __init__(self, server: "Server", reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, *, require_auth: bool, name: str,
-                 finish_on_eof: bool = False):
+    def __init__(self, server: "Server", writer: asyncio.StreamWriter, *, require_auth: bool,
+                 name: str, finish_on_eof: bool = False):
         self.server = server
-        self.reader = reader
         self.writer = writer
         self.name = name
         self.loop = asyncio.get_running_loop()
@@ -148,6 +142,18 @@ class Connection:
         # messages from other threads, written by one loop callback per batch
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
+        # input framing (``feed``): the partial line, whether an oversize
+        # one is being skipped, what arrived while replies were backed up
+        self._partial = bytearray()
+        self._discarding = False
+        self._holding = False
+        self._held = b""
+        self._eof = False
+        #: set when no request can come any more (EOF, lost, closed)
+        self._input_ended = asyncio.Event()
+        #: the transport's read flow control (set by the protocol that feeds us)
+        self.pause_reading: Callable[[], None] = _nothing
+        self.resume_reading: Callable[[], None] = _nothing
 
     # -- output ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -178,6 +184,7 @@ class Connection:
             self._draining = False
             self.writable.set()
             self._drained.set()
+            self._release_held()
 
     def send(self, message: dict) -> None:
         """Send from the loop's thread."""
@@ -214,6 +221,7 @@ class Connection:
             self.closed = True
             self.writable.set()
             self._drained.set()
+            self._input_ended.set()
             self.cancel_executions("the client disconnected")
 
     def close_input(self) -> None:
@@ -295,47 +303,75 @@ class Connection:
                 pass
 
     # -- input ----------------------------------------------------------------
-    async def serve(self) -> None:
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client, handled in the transport's read callback:
+        a request is acted on in the loop wake-up that read it (a hop
+        through a reader task costs one more GIL hand-off while a cell
+        computes: the wait a cancel would add to its answer)."""
+        if self._holding:
+            self._held += data
+            return
         limit = self.server.limits.max_message_bytes
-        buffer = bytearray()
-        discarding = False
-        eof = False
-        try:
-            while not self.closed:
-                chunk = await self.reader.read(65536)
-                if not chunk:
-                    eof = True
-                    break
-                start = 0
-                # a line read before the client went away is not handled after
-                while not self.closed:
-                    newline = chunk.find(b"\n", start)
-                    if newline < 0:
-                        if not discarding:
-                            buffer += chunk[start:]
-                            if len(buffer) > limit:
-                                self._too_large(buffer)
-                                buffer.clear()
-                                discarding = True
-                        break
-                    if discarding:
-                        discarding = False
-                    else:
-                        buffer += chunk[start:newline]
-                        if len(buffer) > limit:
-                            self._too_large(buffer)
-                        elif buffer.strip():
-                            self.handle_line(bytes(buffer))
-                            if self._draining:
-                                # backpressure for the server's own replies: a
-                                # client that does not read gets no new requests
-                                # handled until its backlog drains
-                                await self._drained.wait()
+        buffer = self._partial
+        start = 0
+        # a line read before the client went away is not handled after
+        while not self.closed:
+            newline = data.find(b"\n", start)
+            if newline < 0:
+                if not self._discarding:
+                    buffer += data[start:]
+                    if len(buffer) > limit:
+                        self._too_large(buffer)
                         buffer.clear()
-                    start = newline + 1
-                if self.auth_failures >= self.server.limits.max_auth_failures:
-                    break
-            if eof and self.finish_on_eof:
+                        self._discarding = True
+                return
+            if self._discarding:
+                self._discarding = False
+            else:
+                buffer += data[start:newline]
+                if len(buffer) > limit:
+                    self._too_large(buffer)
+                elif buffer.strip():
+                    self.handle_line(bytes(buffer))
+                buffer.clear()
+            start = newline + 1
+            if self.auth_failures >= self.server.limits.max_auth_failures:
+                self._lost()
+                return
+            if self._draining:
+                # backpressure for the server's own replies: a client that
+                # does not read gets no new request handled, and nothing more
+                # read, until its backlog drains
+                self._holding = True
+                self._held = data[start:]
+                self.pause_reading()
+                return
+
+    def feed_eof(self) -> None:
+        """The client sent its last byte (acted on once what is held is)."""
+        self._eof = True
+        if not self._holding:
+            self._input_ended.set()
+
+    def _release_held(self) -> None:
+        """The backlog drained: handle what arrived meanwhile, read on."""
+        if not self._holding or self.closed:
+            return
+        self._holding = False
+        held, self._held = self._held, b""
+        if held:
+            self.feed(held)
+        if not self._holding:
+            if self._eof:
+                self._input_ended.set()
+            else:
+                self.resume_reading()
+
+    async def serve(self) -> None:
+        """Until the client's input ends (requests arrive through :meth:`feed`)."""
+        try:
+            await self._input_ended.wait()
+            if self._eof and not self.closed and self.finish_on_eof:
                 # no more requests: the executions already sent run to the end,
                 # except that no input.reply can come (input() gets EOF), and
                 # all of them are cancelled if the reader of our output is gone
@@ -348,7 +384,7 @@ class Connection:
                 await asyncio.sleep(0)  # the last response's write is queued on the loop
                 if not self.closed:
                     await self.writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ConnectionError:
             pass
         finally:
             self._lost()
@@ -406,6 +442,11 @@ class Connection:
 
 #: returned by a handler whose response is sent later (``execute``)
 _DEFERRED = object()
+
+
+def _nothing() -> None:
+    """No read flow control to apply."""
+
 
 
 def _answer_eof(waiting: list) -> None:
@@ -499,6 +540,8 @@ class Server:
         self.connections: set[Connection] = set()
         #: connections that must authenticate and have not yet
         self._unauthenticated: set[Connection] = set()
+        #: the task serving each connection (held: the loop keeps weak references)
+        self._serving: set[asyncio.Task] = set()
         #: set by :meth:`shutdown`: requests are refused from then on
         self.shutting_down = False
         self.handlers: dict[str, Callable[[Connection, P.Request], Any]] = {
@@ -522,9 +565,39 @@ class Server:
                      require_auth: bool, name: str = "client",
                      finish_on_eof: bool = False,
                      peer_gone: Callable[[], bool] | None = None) -> None:
-        conn = Connection(self, reader, writer, require_auth=require_auth, name=name,
+        """Serve one client whose requests come from a ``StreamReader``
+        (for embedders and tests; the server's own transports feed their
+        connection from the read callback, see :class:`_ClientProtocol`)."""
+        conn = Connection(self, writer, require_auth=require_auth, name=name,
                           finish_on_eof=finish_on_eof)
         conn.peer_gone = peer_gone
+        reading = asyncio.Event()
+        reading.set()
+        conn.pause_reading, conn.resume_reading = reading.clear, reading.set
+
+        async def pump() -> None:
+            try:
+                while not conn.closed:
+                    await reading.wait()
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        conn.feed_eof()
+                        return
+                    conn.feed(chunk)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                conn._lost()
+
+        serving = self.accept(conn)
+        if serving is None:
+            return
+        task = asyncio.get_running_loop().create_task(pump())
+        conn._tasks.add(task)
+        task.add_done_callback(conn._tasks.discard)
+        await serving
+
+    def accept(self, conn: Connection) -> "asyncio.Task | None":
+        """Admit a new connection and serve it until its input ends (the task
+        returned), or refuse it (None: too many waiting to authenticate)."""
         deadline = None
         if not conn.authenticated:
             # an unauthenticated peer holds a descriptor and memory: a bounded
@@ -533,12 +606,19 @@ class Server:
                 conn.send(P.error_response(None, P.RPCError(
                     P.UNAUTHORIZED, f"too many connections waiting to authenticate "
                                     f"(at most {self.limits.max_unauthenticated}): closed")))
+                conn._lost()
                 conn.close_transport()
-                return
+                return None
             self._unauthenticated.add(conn)
             deadline = asyncio.get_running_loop().call_later(
                 self.limits.auth_timeout, conn.auth_expired)
         self.connections.add(conn)
+        task = asyncio.get_running_loop().create_task(self._serve(conn, deadline))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+        return task
+
+    async def _serve(self, conn: Connection, deadline: asyncio.TimerHandle | None) -> None:
         try:
             await conn.serve()
         finally:
@@ -546,6 +626,10 @@ class Server:
                 deadline.cancel()
             self._unauthenticated.discard(conn)
             self.connections.discard(conn)
+            self.connection_ended(conn)
+
+    def connection_ended(self, conn: Connection) -> None:
+        """A client is gone (a hook: the gateway closes its links)."""
 
     # -- handlers (run on the loop; never block) --------------------------------
     def _auth(self, conn: Connection, request: P.Request) -> dict:
@@ -991,7 +1075,12 @@ class Server:
     _loop_thread = 0
 
     def _started(self) -> None:
+        from .cancellation import timers
+
         self._loop_thread = threading.get_ident()
+        # a cancel request arms its cell on this thread: its grace-period
+        # re-arm is this loop's timer, not a wake-up of the timer thread
+        timers._TIMER.use_loop(asyncio.get_running_loop())
 
     async def serve_stdio(self) -> None:
         """Serve one client on this process's stdin/stdout.
@@ -1010,13 +1099,8 @@ class Server:
         os.dup2(devnull, 0)
         os.close(devnull)
         sys.stdout = sys.stderr
-        reader = asyncio.StreamReader(limit=_READ_AHEAD)
         in_file = os.fdopen(proto_in, "rb", buffering=0)
         out_file = os.fdopen(proto_out, "wb", buffering=0)
-        try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), in_file)
-        except ValueError:  # a regular file: asyncio cannot watch it
-            _FdReader(proto_in, reader, loop)
         writer: Any
         try:
             transport, flow = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
@@ -1024,8 +1108,15 @@ class Server:
             writer = asyncio.StreamWriter(transport, flow, None, loop)
         except ValueError:
             writer = _FdWriter(proto_out)
-        await self.handle(reader, writer, require_auth=False, name="stdio", finish_on_eof=True,
-                          peer_gone=_hung_up(proto_out))
+        conn = Connection(self, writer, require_auth=False, name="stdio", finish_on_eof=True)
+        conn.peer_gone = _hung_up(proto_out)
+        serving = self.accept(conn)
+        assert serving is not None  # no authentication: never refused
+        try:
+            await loop.connect_read_pipe(lambda: _RequestsProtocol(conn), in_file)
+        except ValueError:  # a regular file: asyncio cannot watch it
+            _FdReader(proto_in, conn, loop)
+        await serving
 
     async def serve_tcp(self, host: str, port: int, *, ready: Callable[[str, int], None]
                         | None = None) -> None:
@@ -1033,11 +1124,9 @@ class Server:
         if self.token is None:
             raise ValueError("a TCP server needs a token")
 
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = writer.get_extra_info("peername")
-            await self.handle(reader, writer, require_auth=True, name=f"tcp:{peer}")
-
-        server = await asyncio.start_server(on_client, host, port, limit=_READ_AHEAD)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _ClientProtocol(self, require_auth=True, name="tcp"), host, port)
         bound = server.sockets[0].getsockname()
         if ready is not None:
             ready(bound[0], bound[1])
@@ -1051,12 +1140,12 @@ class Server:
                 raise FileExistsError(f"{path} exists and is not a socket: not replacing it")
             os.unlink(path)  # a stale socket of an earlier server
 
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self.handle(reader, writer, require_auth=self.token is not None, name="unix")
-
+        loop = asyncio.get_running_loop()
         old = os.umask(0o177)  # created owner-only: no window with wider permissions
         try:
-            server = await asyncio.start_unix_server(on_client, path, limit=_READ_AHEAD)
+            server = await loop.create_unix_server(
+                lambda: _ClientProtocol(self, require_auth=self.token is not None, name="unix"),
+                path)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -1118,18 +1207,71 @@ class Server:
         return bool(self.engine.close(timeout=timeout))
 
 
-class _FdReader:
-    """Feeds a StreamReader from a file descriptor asyncio cannot watch."""
+class _RequestsProtocol(asyncio.Protocol):
+    """The read side of a connection: what the transport reads goes to
+    :meth:`Connection.feed` in the same callback (stdio's read pipe)."""
 
-    def __init__(self, fd: int, reader: asyncio.StreamReader,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def connection_made(self, transport: Any) -> None:
+        self.conn.pause_reading = transport.pause_reading
+        self.conn.resume_reading = transport.resume_reading
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.feed(data)
+
+    def eof_received(self) -> bool:
+        self.conn.feed_eof()
+        return True  # a pipe's write side (if any) stays ours to close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.conn._eof:
+            self.conn.feed_eof()
+
+
+class _ClientProtocol(asyncio.streams.FlowControlMixin, _RequestsProtocol):
+    """A client socket (TCP, unix): requests as :class:`_RequestsProtocol`,
+    replies through a ``StreamWriter`` on the same transport, whose drain
+    is this protocol's flow control."""
+
+    def __init__(self, server: "Server", *, require_auth: bool, name: str):
+        super().__init__()
+        self.server = server
+        self.require_auth = require_auth
+        self.name = name
+
+    def connection_made(self, transport: Any) -> None:
+        name = self.name
+        if name == "tcp":
+            name = f"tcp:{transport.get_extra_info('peername')}"
+        writer = asyncio.StreamWriter(transport, self, None, asyncio.get_running_loop())
+        self.conn = Connection(self.server, writer, require_auth=self.require_auth, name=name)
+        super().connection_made(transport)
+        self.server.accept(self.conn)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)  # wakes a drain that waits
+        self.conn._lost()  # a socket's end is the client's: both ways
+
+
+class _FdReader:
+    """Feeds a connection from a file descriptor asyncio cannot watch (a
+    reader thread; it stops reading while the connection holds back)."""
+
+    def __init__(self, fd: int, conn: Connection, loop: asyncio.AbstractEventLoop):
+        reading = threading.Event()
+        reading.set()
+        conn.pause_reading, conn.resume_reading = reading.clear, reading.set
+
         def pump() -> None:
             while True:
+                reading.wait()
                 chunk = os.read(fd, 65536)
                 if not chunk:
-                    loop.call_soon_threadsafe(reader.feed_eof)
+                    loop.call_soon_threadsafe(conn.feed_eof)
                     return
-                loop.call_soon_threadsafe(reader.feed_data, chunk)
+                loop.call_soon_threadsafe(conn.feed, chunk)
 
         threading.Thread(target=pump, name="pyrepl3-stdin", daemon=True).start()
 

@@ -77,8 +77,8 @@ def _connection(server):
         sock.setsockopt(socket.SOL_SOCKET, option, 4096)
 
     async def make():
-        reader, writer = await asyncio.open_connection(sock=ours)
-        return Connection(server, reader, writer, require_auth=False, name="fuzz")
+        _reader, writer = await asyncio.open_connection(sock=ours)
+        return Connection(server, writer, require_auth=False, name="fuzz")
 
     return make, _Peer(theirs)
 

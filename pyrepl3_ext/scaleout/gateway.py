@@ -704,16 +704,12 @@ class Gateway(Server):
         return P.error_response(request_id, error)
 
     # -- lifetime ----------------------------------------------------------------------
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     **options: Any) -> None:
-        try:
-            await super().handle(reader, writer, **options)
-        finally:
-            # the client is gone: its links close, and each node cancels what
-            # the client still had running there
-            for (conn, _key), link in list(self._links.items()):
-                if conn is not None and conn not in self.connections:
-                    link.close()
+    def connection_ended(self, conn: Connection) -> None:
+        # the client is gone: its links close, and each node cancels what
+        # the client still had running there
+        for (owner, _key), link in list(self._links.items()):
+            if owner is conn:
+                link.close()
 
     def _started(self) -> None:
         super()._started()
