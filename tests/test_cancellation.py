@@ -967,3 +967,34 @@ def test_reading_thread_frames_leaves_the_collector_as_it_was():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_deadlines_set_on_a_registered_loops_thread_run_on_that_loop():
+    """The protocol server's loop registers itself (timers.use_loop): a
+    cancel it arms sets its grace re-arm as the loop's own timer, so no
+    timer thread wakes to compete for the GIL with the cell being reached.
+    Anywhere else, and once that loop has stopped, the timer thread runs it."""
+    import asyncio
+
+    from pyrepl3_ext.cancellation import timers
+
+    ran: dict = {}
+
+    async def main():
+        done = asyncio.Event()
+        timers._TIMER.use_loop(asyncio.get_running_loop())
+
+        def fire():
+            ran["on"] = threading.current_thread().name
+            done.set()
+
+        timers._TIMER.call_at(time.monotonic() + 0.01, fire)
+        await asyncio.wait_for(done.wait(), WAIT)
+
+    asyncio.run(main())
+    assert ran["on"] == threading.current_thread().name
+    fired = threading.Event()
+    timers._TIMER.call_at(time.monotonic() + 0.01, lambda: (
+        ran.__setitem__("after", threading.current_thread().name), fired.set()))
+    assert fired.wait(WAIT)
+    assert ran["after"] == "pyrepl3-cancel-timer"

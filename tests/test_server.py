@@ -386,6 +386,28 @@ def test_a_cancel_answer_says_what_happened():
     run(main())
 
 
+def test_a_cancel_the_cell_swallows_is_delivered_again_after_the_grace():
+    """The grace-period re-arm of a cancel requested over the protocol runs
+    on the server's loop (cancellation/timers.py): the cell that catches
+    its first ``CellCancelled`` and loops on is cancelled again."""
+    code = ("try:\n    while True:\n        pass\nexcept BaseException:\n    pass\n"
+            "print('caught it')\nwhile True:\n    pass")
+
+    async def main():
+        async with await spawn() as client:
+            session = await client.create_session()
+            execution = client.execute(session, code)
+            assert (await anext(aiter(execution)))["type"] == "started"
+            await asyncio.sleep(0.05)
+            assert await execution.cancel("stop it") is True
+            response = await asyncio.wait_for(execution.response(), 30)
+            assert response["status"] == "cancelled", response
+            events = [e async for e in execution]
+            printed = "".join(e.get("text", "") for e in events if e["type"] == "output")
+            assert "caught it" in printed, events  # the first delivery was swallowed
+    run(main())
+
+
 # -- codec, event loop, GIL hand-off ---------------------------------------------
 
 @pytest.mark.parametrize("message", [

@@ -4,6 +4,7 @@ started at the first deadline, serving every shell of the process.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import sys
@@ -14,15 +15,34 @@ from typing import Callable
 # -- timers -------------------------------------------------------------------
 
 class _Timer:
-    """One daemon thread running callbacks at given times; started on first use."""
+    """One daemon thread running callbacks at given times; started on first use.
+
+    A deadline set on the thread of a registered event loop (the protocol
+    server's, see :meth:`use_loop`) is that loop's own timer instead: a
+    cancel request arms its cell there, and waking this thread for the
+    cancel's grace period would add a third thread to the hand-off of the
+    GIL between the loop and the cell it must reach (measured: 0.3 ms of a
+    2.6 ms cancel -> response over the protocol).
+    """
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._ids = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        #: thread id -> the long-lived event loop it runs (use_loop)
+        self._loops: dict[int, asyncio.AbstractEventLoop] = {}
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deadlines set on the calling thread while it runs ``loop`` become
+        ``loop``'s timers."""
+        self._loops[threading.get_ident()] = loop
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        loop = self._loops.get(threading.get_ident()) if self._loops else None
+        if loop is not None and loop.is_running():
+            loop.call_later(max(when - time.monotonic(), 0.0), _guarded, callback)
+            return
         with self._cond:
             entry = (when, next(self._ids), callback)
             heapq.heappush(self._heap, entry)
@@ -48,10 +68,14 @@ class _Timer:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
-            try:
-                callback()
-            except Exception as exc:  # noqa: BLE001 - a timer must keep running
-                print(f"[pyrepl3_ext] cancellation timer error: {exc!r}", file=sys.__stderr__)
+            _guarded(callback)
+
+
+def _guarded(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception as exc:  # noqa: BLE001 - a timer must keep running
+        print(f"[pyrepl3_ext] cancellation timer error: {exc!r}", file=sys.__stderr__)
 
 
 _TIMER = _Timer()
