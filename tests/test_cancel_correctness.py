@@ -105,6 +105,44 @@ def test_cancel_while_ipython_prints_a_traceback_turns_nothing_on(ip, where):
 
 
 @pytest.mark.parametrize("where", ["main", "worker"])
+def test_a_cancelled_await_cell_is_shown_and_kept_without_the_context_traceback(ip, where):
+    """An ``await`` cell's cancel ends it with the task's ``CancelledError``:
+    shown (and, on IPython 9, rendered again for history) as the
+    ``CellCancelled`` the result carries, through the light rendering, not
+    IPython's context traceback (20-35 ms a cancel, 117 ms the first)."""
+    rendered, shown = [], []
+    original = ip.InteractiveTB.structured_traceback
+
+    def structured_traceback(etype, *args, **kwargs):
+        rendered.append(etype.__name__)
+        return original(etype, *args, **kwargs)
+
+    def show(etype, evalue, stb):  # what IPython prints
+        shown.append((etype.__name__, "".join(stb)))
+
+    ip.InteractiveTB.structured_traceback = structured_traceback
+    ip._showtraceback = show
+    started = threading.Event()
+    ip.user_ns["_started"] = started
+    try:
+        result, hit = run_cell_where(
+            ip, "import asyncio\n_started.set()\nawait asyncio.sleep(600)",
+            "aw", where, started=started)
+    finally:
+        del ip.InteractiveTB.structured_traceback, ip._showtraceback
+        ip.user_ns.pop("_started", None)
+    assert hit
+    error = result.error_in_exec
+    assert isinstance(error, CellCancelled) and error.reason == "test cancel", repr(error)
+    assert rendered == []
+    assert [name for name, _ in shown] == ["CellCancelled"]
+    assert shown[0][1].rstrip().endswith("CellCancelled: test cancel"), shown[0][1]
+    stored = getattr(ip.history_manager, "exceptions", {}).get(result.execution_count)
+    if stored is not None:  # IPython 9 keeps each failed cell's error
+        assert stored["ename"] == "CellCancelled", stored
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
 @pytest.mark.skipif(sys.version_info < (3, 11),
                     reason="3.10 recurses on the C stack: 10**6 frames crash it, cancelled or not")
 @pytest.mark.timeout(400)

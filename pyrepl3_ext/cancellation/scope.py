@@ -144,6 +144,7 @@ class CancelScope:
     #: class attribute: the one place every mechanism reads it from)
     hard_deadline = HARD_DEADLINE
     gc_paused = False                # holds one of _pause_gc's pauses
+    stand_in: "CellCancelled | None" = None  # reported for a CancelledError/KeyboardInterrupt
 
     def __init__(self, execution: Any, thread_id: int, manager: "CancellationManager",
                  parent: "CancelScope | None"):
