@@ -17,7 +17,7 @@ from typing import Any
 from .scope import (CancelScope, _HAS_MONITORING, _MONITORING_TOOL_IDS, _cancelled_threads,
                     _get_ident, _lock)
 from .safepoints import (OUTSIDE, RAISE, _CELL_START_LINES, _OWN, _RUN_CODE_CODES, _RUN_CODE_IDS,
-                         _back_jumps, _code_kind, _innermost_cell_frames, _is_cell_code,
+                         _back_jumps, _code_info, _innermost_cell_frames, _is_cell_code,
                          _same_line_back_jumps, _verdict)
 
 # -- sys.monitoring (3.12+): every thread's Python code ------------------------
@@ -277,7 +277,7 @@ def _mon_start(code, offset):
             return
     elif id(ccode) not in scope.armed_ids:
         return
-    if _code_kind(code) == _OWN:
+    if _code_info(code)[0] == _OWN:
         return
     with _lock:
         if scope.finished:

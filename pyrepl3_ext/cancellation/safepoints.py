@@ -185,10 +185,18 @@ def _code_info(code) -> tuple:
     entry = _code_info_cache.get(id(code))
     if entry is not None and entry[2] is code:
         return entry
-    kind = _code_kind(code)
+    filename = code.co_filename
+    if filename.startswith(_PKG_DIR):
+        kind = _OWN
+    elif code.co_name in _UNSAFE_FUNCTIONS or filename in _SWALLOWING_FILES:
+        kind = _UNSAFE_FUNCTION
+    elif any(part in filename for part in _UNSAFE_MODULE_PARTS):
+        kind = _BOOTSTRAP
+    else:
+        kind = _PLAIN
     offsets: frozenset = frozenset()
     if kind in (_PLAIN, _BOOTSTRAP):
-        unsafe = _unsafe_lines(code.co_filename)
+        unsafe = _unsafe_lines(filename)
         if unsafe:
             offsets = frozenset(off for start, end, line in code.co_lines()
                                 if line in unsafe for off in range(start, end, 2))
@@ -199,23 +207,6 @@ def _code_info(code) -> tuple:
         _code_info_cache.clear()
     _code_info_cache[id(code)] = info
     return info
-
-
-def _code_kind(code) -> int:
-    """The kind part of :func:`_code_info`, without its unsafe offsets (which
-    tokenize the source): all that arming needs, on the canceller's thread,
-    before the target may raise."""
-    entry = _code_info_cache.get(id(code))
-    if entry is not None and entry[2] is code:
-        return entry[0]
-    filename = code.co_filename
-    if filename.startswith(_PKG_DIR):
-        return _OWN
-    if code.co_name in _UNSAFE_FUNCTIONS or filename in _SWALLOWING_FILES:
-        return _UNSAFE_FUNCTION
-    if any(part in filename for part in _UNSAFE_MODULE_PARTS):
-        return _BOOTSTRAP
-    return _PLAIN
 
 
 #: How far ``_verdict`` walks a stack.  Only a runaway recursion of the
@@ -351,7 +342,7 @@ def _cell_frames(frame) -> list:
     last = None
     while f is not None and not _is_root(f.f_code):
         last = f
-        if _code_kind(f.f_code) != _OWN:
+        if _code_info(f.f_code)[0] != _OWN:
             frames.append(f)
         f = f.f_back
     if f is None or last is None or not _is_cell_code(last.f_code):
@@ -383,7 +374,7 @@ def _innermost_cell_frames(frame) -> list:
                 return []
             return frames
         last = f
-        if _code_kind(f.f_code) != _OWN:
+        if _code_info(f.f_code)[0] != _OWN:
             frames.append(f)
         f = f.f_back
     return frames
