@@ -14,14 +14,17 @@ column alike.  Figures (p50 / p99 ms):
 - ``x = 1`` from request to response, all its events received;
 - cancel request -> execute response of ``while True: pass`` (Jupyter:
   ``interrupt_kernel()`` -> ``execute_reply``), of a loop 900 frames deep,
-  and of ``time.sleep(100)`` in a process session;
+  of an ``await asyncio.sleep(100)`` cell, and of ``time.sleep(100)`` in a
+  process session;
 - ``timeout=`` and ``%%timeout`` expiry -> response, counted from the
   deadline: request sent + timeout (an upper bound, it includes the start
   of the cell) and ``started`` event received + timeout (a lower bound);
 - events per second of a cell that prints many lines (the asyncio client);
   with ``--base-src DIR`` (an older checkout, e.g. ``git archive``), that
   server is measured in the same run, interleaved (round trips, cancels of a
-  loop, events/s), for a before/after; with ``--codecs`` so is this server
+  loop and of an ``await``, events/s), for a before/after; with
+  ``--switch-intervals 0.00025,...`` so is this server with each GIL switch
+  interval; with ``--codecs`` so is this server
   with the stdlib JSON codec (``PYREPL3_JSON=stdlib``), with asyncio's
   own loop (``PYREPL3_LOOP=asyncio``) instead of uvloop, and with the
   interpreter's 5 ms GIL switch interval (``PYREPL3_SWITCH_INTERVAL=0.005``).
@@ -55,6 +58,7 @@ DEEP = ("def down(n):\n"
         "    return down(n - 1)\n"
         "down(900)")
 SLEEP = "import time\ntime.sleep(100)"
+AWAIT = "import asyncio\nawait asyncio.sleep(100)"
 TIMEOUT = 0.05
 
 
@@ -242,6 +246,9 @@ def main() -> None:
     parser.add_argument("--codecs", action="store_true",
                         help="also this server with the stdlib JSON codec, asyncio's loop, "
                              "the 5 ms switch interval")
+    parser.add_argument("--switch-intervals", default="",
+                        help="comma-separated GIL switch intervals (s): this server "
+                             "measured with each too")
     parser.add_argument("--no-jupyter", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -261,6 +268,9 @@ def main() -> None:
         others["stdlib json"] = {"PYREPL3_JSON": "stdlib"}
         others["asyncio loop"] = {"PYREPL3_LOOP": "asyncio"}
         others["5 ms switch interval"] = {"PYREPL3_SWITCH_INTERVAL": "0.005"}
+    for interval in filter(None, args.switch_intervals.split(",")):
+        others[f"{float(interval) * 1e3:g} ms switch interval"] = \
+            {"PYREPL3_SWITCH_INTERVAL": interval}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sock")
         procs, raws, paths = [], {}, {"this server": path}
@@ -288,6 +298,8 @@ def main() -> None:
                     "cancel loop 900 deep: in-process": lambda: inproc.cancel(DEEP),
                     "cancel loop 900 deep: process": lambda: proc.cancel(DEEP),
                     "cancel time.sleep(100): process": lambda: proc.cancel(SLEEP),
+                    "cancel await: in-process": lambda: inproc.cancel(AWAIT),
+                    "cancel await: process": lambda: proc.cancel(AWAIT),
                     "timeout=: in-process": lambda: inproc.timeout(False),
                     "timeout=: process": lambda: proc.timeout(False),
                     "%%timeout: in-process": lambda: inproc.timeout(True),
@@ -304,6 +316,8 @@ def main() -> None:
                         lambda o=o_in: o.cancel(LOOP)  # type: ignore[misc]
                     cases[f"[{name}] cancel loop: process"] = \
                         lambda o=o_proc: o.cancel(LOOP)  # type: ignore[misc]
+                    cases[f"[{name}] cancel await: in-process"] = \
+                        lambda o=o_in: o.cancel(AWAIT)  # type: ignore[misc]
                 for fn in trips.values():  # warm
                     for _ in range(30):
                         fn()
