@@ -448,7 +448,6 @@ def _nothing() -> None:
     """No read flow control to apply."""
 
 
-
 def _answer_eof(waiting: list) -> None:
     """EOF to input() calls nobody can answer any more (a helper thread: a
     process session's reply crosses its channel)."""
