@@ -146,8 +146,7 @@ class Connection:
         # one is being skipped, what arrived while replies were backed up
         self._partial = bytearray()
         self._discarding = False
-        self._holding = False
-        self._held = b""
+        self._held: bytes | None = None  # None: not holding back
         self._eof = False
         #: set when no request can come any more (EOF, lost, closed)
         self._input_ended = asyncio.Event()
@@ -308,7 +307,7 @@ class Connection:
         a request is acted on in the loop wake-up that read it (a hop
         through a reader task costs one more GIL hand-off while a cell
         computes: the wait a cancel would add to its answer)."""
-        if self._holding:
+        if self._held is not None:
             self._held += data
             return
         limit = self.server.limits.max_message_bytes
@@ -342,7 +341,6 @@ class Connection:
                 # backpressure for the server's own replies: a client that
                 # does not read gets no new request handled, and nothing more
                 # read, until its backlog drains
-                self._holding = True
                 self._held = data[start:]
                 self.pause_reading()
                 return
@@ -350,18 +348,18 @@ class Connection:
     def feed_eof(self) -> None:
         """The client sent its last byte (acted on once what is held is)."""
         self._eof = True
-        if not self._holding:
+        if self._held is None:
             self._input_ended.set()
 
     def _release_held(self) -> None:
         """The backlog drained: handle what arrived meanwhile, read on."""
-        if not self._holding or self.closed:
+        held = self._held
+        if held is None or self.closed:
             return
-        self._holding = False
-        held, self._held = self._held, b""
+        self._held = None
         if held:
             self.feed(held)
-        if not self._holding:
+        if self._held is None:
             if self._eof:
                 self._input_ended.set()
             else:
@@ -583,7 +581,7 @@ class Server:
                         conn.feed_eof()
                         return
                     conn.feed(chunk)
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except ConnectionError:
                 conn._lost()
 
         serving = self.accept(conn)
@@ -1079,7 +1077,7 @@ class Server:
         self._loop_thread = threading.get_ident()
         # a cancel request arms its cell on this thread: its grace-period
         # re-arm is this loop's timer, not a wake-up of the timer thread
-        timers._TIMER.use_loop(asyncio.get_running_loop())
+        timers.use_loop(asyncio.get_running_loop())
 
     async def serve_stdio(self) -> None:
         """Serve one client on this process's stdin/stdout.
@@ -1225,8 +1223,7 @@ class _RequestsProtocol(asyncio.Protocol):
         return True  # a pipe's write side (if any) stays ours to close
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.conn._eof:
-            self.conn.feed_eof()
+        self.conn.feed_eof()
 
 
 class _ClientProtocol(asyncio.streams.FlowControlMixin, _RequestsProtocol):

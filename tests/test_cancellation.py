@@ -982,7 +982,7 @@ def test_deadlines_set_on_a_registered_loops_thread_run_on_that_loop():
 
     async def main():
         done = asyncio.Event()
-        timers._TIMER.use_loop(asyncio.get_running_loop())
+        timers.use_loop(asyncio.get_running_loop())
 
         def fire():
             ran["on"] = threading.current_thread().name

@@ -24,7 +24,7 @@ from .monitoring import _MONITORING
 from .main_thread import _SIGNAL
 from .async_exc import _AsyncCellCancelled, _post_async_exc
 from . import timers
-from .api import CancelReport
+from .api import CancelReport, current_scope
 
 # -- the component ------------------------------------------------------------
 
@@ -146,8 +146,7 @@ class CancellationManager(Component):
             try:
                 error = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
                 if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
-                    stack = _thread_scopes.get(_get_ident())
-                    scope = stack[-1] if stack else None
+                    scope = current_scope()
                     if scope is not None and scope.manager is self and scope.cancel_called:
                         shown = self._stand_in(scope, error)
                         exc_tuple = (type(shown), shown, shown.__traceback__)

@@ -80,3 +80,9 @@ def _guarded(callback: Callable[[], None]) -> None:
 
 
 _TIMER = _Timer()
+
+
+def use_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Deadlines set on the calling thread while it runs ``loop`` (the protocol
+    server's) become ``loop``'s own timers (see :class:`_Timer`)."""
+    _TIMER.use_loop(loop)
