@@ -350,11 +350,11 @@ _TYPES = {
 def check(value: Any, spec: dict, where: str) -> None:
     """Raise ``RPCError(INVALID_PARAMS)`` naming the first mismatch."""
     kind = spec.get("type")
-    if kind is not None:
-        kinds = kind if isinstance(kind, list) else [kind]
-        if not any(_TYPES[k](value) for k in kinds):
-            raise RPCError(INVALID_PARAMS, f"{where} must be {' or '.join(kinds)}, "
-                                           f"got {type(value).__name__}")
+    if kind is not None and not (_TYPES[kind](value) if isinstance(kind, str)
+                                 else any(_TYPES[k](value) for k in kind)):
+        kinds = [kind] if isinstance(kind, str) else kind
+        raise RPCError(INVALID_PARAMS, f"{where} must be {' or '.join(kinds)}, "
+                                       f"got {type(value).__name__}")
     if "enum" in spec and value not in spec["enum"]:
         raise RPCError(INVALID_PARAMS, f"{where} must be one of {spec['enum']}, got {value!r}")
     if isinstance(value, str):

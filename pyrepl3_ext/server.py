@@ -8,7 +8,8 @@ threads, never on the loop).  Invariants:
   hostile message costs the sender an error, never the server;
 * per execution: its ``execution.event`` notifications in ``seq`` order,
   then the ``execute`` response (both are sent from the cell's thread, in
-  order, through the loop's FIFO);
+  order, through the connection's outbox; see :class:`Connection` for how
+  they reach the transport: a quiet window and the write-through);
 * bounded memory per connection: a message longer than
   ``max_message_bytes`` is refused and skipped (answered with its id when
   the line's start gives it); when a client reads slower than its cells
@@ -36,15 +37,23 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import sys
 import threading
+import time
+import weakref
 from typing import Any, Callable, Sequence
 
 from . import protocol as P
 from .errors import ConcurrencyUnsupported, SessionBusy, SessionClosed, SessionLost
 
 MiB = 1024 * 1024
+
+#: seconds an execution's events may wait in the outbox for its response
+#: (the quiet window, :meth:`Connection.open_quiet_window`); its end is a loop
+#: timer, and the loops' timers tick in milliseconds, so 1-2 ms in practice
+QUIET_WINDOW = 0.001
 
 
 class Limits:
@@ -107,7 +116,25 @@ def shrink_event(event: dict, limit: int) -> dict:
 
 
 class Connection:
-    """One client: framing in, ordered writes out, its executions."""
+    """One client: framing in, ordered writes out, its executions.
+
+    Cells' threads queue what they send in the outbox; it reaches the
+    transport in one of three ways, each under ``_lock`` so no two of them
+    interleave their bytes:
+
+    * the loop writes it (``_flush``, one wake-up of the loop per batch);
+    * an answer (a response, ``input_requested``) is written by the thread
+      that has it, together with everything queued before it, when the
+      transport has nothing buffered (the write-through): waking the loop
+      and handing it the GIL costs more than the write itself, and a
+      computing cell would make the loop wait for the GIL first;
+    * during a quiet window, opened on the loop when an execution starts or
+      is cancelled, events wait for their response instead of waking the
+      loop; the window's end (a loop timer) writes what is still waiting.
+      A short cell's events and response thus leave in one write, and the
+      loop is not woken to contend for the GIL with the cell that emits
+      them.  An event waits at most the window (``QUIET_WINDOW``).
+    """
 
     def __init__(self, server: "Server", writer: asyncio.StreamWriter, *, require_auth: bool,
                  name: str, finish_on_eof: bool = False):
@@ -142,6 +169,11 @@ class Connection:
         # messages from other threads, written by one loop callback per batch
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
+        #: time.monotonic() before which queued events do not wake the loop
+        self._quiet_until = 0.0
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        #: writes from other threads when the transport holds nothing (None: not offered)
+        self._through = _WriteThrough.of(writer)
         # input framing (``feed``): the partial line, whether an oversize
         # one is being skipped, what arrived while replies were backed up
         self._partial = bytearray()
@@ -155,13 +187,23 @@ class Connection:
         self.resume_reading: Callable[[], None] = _nothing
 
     # -- output ---------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        """Write on the loop (FIFO with every other write of this connection)."""
-        if self.closed:
-            return
-        try:
-            self.writer.write(data)
-        except (ConnectionError, RuntimeError):
+    def write(self, data: bytes | None) -> None:
+        """Write on the loop (FIFO with every other write of this connection);
+        None writes what the outbox holds."""
+        with self._lock:
+            if data is None:
+                self._flush_scheduled = False
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+            if self.closed or not data:
+                return
+            try:
+                self.writer.write(data)
+            except (ConnectionError, RuntimeError):
+                failed = True
+            else:
+                failed = False
+        if failed:
             self._lost()
             return
         transport = self.writer.transport
@@ -189,8 +231,14 @@ class Connection:
         """Send from the loop's thread."""
         self.write(P.encode(message))
 
-    def send_threadsafe(self, message: dict | bytes, *, wait_writable: bool = True) -> None:
-        """Send from any thread (a cell's); waits while the client is behind."""
+    def send_threadsafe(self, message: dict | bytes, *, wait_writable: bool = True,
+                        answer: bool = True) -> None:
+        """Send from any thread (a cell's); waits while the client is behind.
+
+        ``answer=False`` marks an event that something will follow (its
+        execution's response): it may wait for it in a quiet window.  An
+        answer is written at once, by this thread when it can (the class
+        docstring)."""
         data = message if isinstance(message, bytes) else P.encode(message)
         if wait_writable:
             # backpressure: a cell that prints faster than its client reads waits
@@ -200,6 +248,11 @@ class Connection:
                     return
         with self._lock:
             self._outbox.append(data)
+            if answer:
+                if self._write_through():
+                    return
+            elif time.monotonic() < self._quiet_until:
+                return  # the response, or the window's end, writes it
             schedule = not self._flush_scheduled
             self._flush_scheduled = True
         if schedule:  # one wake-up of the loop per batch, not per event
@@ -208,16 +261,61 @@ class Connection:
             except RuntimeError:  # loop closed: the server is gone
                 pass
 
+    def _write_through(self) -> bool:
+        """Write the outbox from this thread if the transport holds nothing
+        (so nothing the loop wrote can be behind it); caller holds the lock.
+        False: the loop must write (what is left of) it."""
+        through = self._through
+        if through is None:
+            return False
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        try:
+            sent = through.write(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # the loop's write meets the same error and ends the connection
+        if sent == len(data):
+            return True
+        self._outbox.append(data[sent:])
+        return False
+
     def _flush(self) -> None:
+        self.write(None)
+
+    def open_quiet_window(self) -> None:
+        """(On the loop.)  An execution starts or is being cancelled: for
+        ``QUIET_WINDOW`` its events wait for its response, which then
+        carries them in the same write.  Executions already running keep
+        the window they have: reopening it would keep delaying theirs."""
+        now = time.monotonic()
         with self._lock:
-            data = b"".join(self._outbox)
-            self._outbox.clear()
-            self._flush_scheduled = False
-        self.write(data)
+            if now < self._quiet_until and self.executions:
+                return
+            self._quiet_until = now + QUIET_WINDOW
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+        self._quiet_timer = self.loop.call_later(QUIET_WINDOW, self._end_quiet_window)
+
+    def _end_quiet_window(self) -> None:
+        self._quiet_timer = None
+        with self._lock:
+            self._quiet_until = 0.0
+            waiting = bool(self._outbox) and not self._flush_scheduled
+        if waiting:
+            self.write(None)
 
     def _lost(self) -> None:
         if not self.closed:
             self.closed = True
+            self._close_through()
+            if self._quiet_timer is not None:
+                self._quiet_timer.cancel()
+                self._quiet_timer = None
             self.writable.set()
             self._drained.set()
             self._input_ended.set()
@@ -266,6 +364,7 @@ class Connection:
         """Close the socket (the read loop then ends with EOF).  What the
         client has not read by now is dropped: a graceful close would wait
         for a client that does not read, and so would the server's exit."""
+        self._close_through()  # the socket ends when the transport's descriptor does
         try:
             transport = getattr(self.writer, "transport", None)  # not the stdio fallback's
             if transport is not None and transport.get_write_buffer_size():
@@ -274,6 +373,12 @@ class Connection:
                 self.writer.close()
         except Exception:  # noqa: BLE001 - already closed
             pass
+
+    def _close_through(self) -> None:
+        with self._lock:
+            through, self._through = self._through, None
+        if through is not None:
+            through.close()
 
     def auth_expired(self) -> None:
         """The auth deadline passed (a loop timer): a peer that has not
@@ -858,7 +963,13 @@ class Server:
             if len(data) > limit:
                 message["params"]["event"] = shrink_event(event, limit)
                 data = P.encode(message)
-            conn.send_threadsafe(data, wait_writable=not in_loop)
+            # the cell waits for an answer to input_requested; a notification's
+            # finished has no response to carry it
+            answer = kind == "input_requested" or (kind == "finished"
+                                                   and request.is_notification)
+            conn.send_threadsafe(data, wait_writable=not in_loop, answer=answer)
+
+        conn.open_quiet_window()
 
         try:
             handle = session.execute(
@@ -905,6 +1016,7 @@ class Server:
 
     def _cancel(self, conn: Connection, request: P.Request) -> dict:
         session = _session(conn, request.params)
+        conn.open_quiet_window()  # the cell's error and finished go with its response
         report = session.cancel_report(request.params["execution_id"],
                                        request.params.get("reason", "cancelled by the client"))
         if not report["cancelled"]:
@@ -1249,6 +1361,39 @@ class _ClientProtocol(asyncio.streams.FlowControlMixin, _RequestsProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)  # wakes a drain that waits
         self.conn._lost()  # a socket's end is the client's: both ways
+
+
+class _WriteThrough:
+    """A descriptor of its own for a connection's socket or pipe, for the
+    write-through (:class:`Connection`): the transport's descriptor may be
+    closed on the loop at any moment, and a write to a closed number could
+    land in whatever file reused it.  Closed when the connection ends (or,
+    for a connection dropped without ending, when it is collected)."""
+
+    def __init__(self, write: Callable[[bytes], int], close: Callable[[], None]):
+        self.write = write
+        self.close = weakref.finalize(self, close)  # runs once, whichever comes first
+
+    @classmethod
+    def of(cls, writer: Any) -> "_WriteThrough | None":
+        # not the stdio fallback's writer, nor a test's stand-in
+        extra = getattr(getattr(writer, "transport", None), "get_extra_info", None)
+        if extra is None:
+            return None
+        source = extra("socket") or extra("pipe")
+        if source is None:
+            return None
+        fd = os.dup(source.fileno())
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            own = socket.socket(fileno=fd)
+            # never blocks (the writer holds the connection's lock), never
+            # raises SIGPIPE in a host that did not ignore it
+            flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+            return cls(lambda data: own.send(data, flags), own.close)
+        if os.get_blocking(fd):  # a write could block: the loop writes instead
+            os.close(fd)
+            return None
+        return cls(lambda data: os.write(fd, data), lambda: os.close(fd))
 
 
 class _FdReader:

@@ -411,6 +411,157 @@ def test_a_cancel_the_cell_swallows_is_delivered_again_after_the_grace():
     run(main())
 
 
+# -- how replies reach the socket: the write-through and the quiet window ----------
+
+class _BlockingPeer:
+    """A client of an in-process server on a unix socket, read on its own
+    thread, so the test can hold the server's loop while it reads."""
+
+    def __init__(self, path: str):
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.sock.settimeout(WAIT)
+        self.buf = b""
+
+    def send(self, id_, method: str, **params) -> None:
+        message = {"jsonrpc": "2.0", "method": method, "params": params}
+        if id_ is not None:
+            message["id"] = id_
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def next(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def until(self, done) -> list[dict]:
+        seen = []
+        while not seen or not done(seen[-1]):
+            seen.append(self.next())
+        return seen
+
+
+def _served(tmp_path, scenario) -> None:
+    """Run ``scenario(peer, hold_loop, session)`` on a thread against an
+    in-process server whose loop is this test's; ``hold_loop(event)``
+    blocks the loop until ``event`` is set (or WAIT passes) and says
+    whether it was."""
+    import threading
+
+    from pyrepl3_ext.engine import Engine
+    from pyrepl3_ext.server import Server
+
+    engine = Engine()
+    server = Server(engine)
+    session = engine.create_session("s")
+    path = str(tmp_path / "s.sock")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        listening = asyncio.Event()
+        serving = loop.create_task(server.serve_unix(path, ready=lambda _p: listening.set()))
+        await listening.wait()
+
+        def hold_loop(event: threading.Event) -> bool:
+            held = threading.Event()
+            result = []
+
+            def hold():
+                held.set()
+                result.append(event.wait(WAIT))
+            loop.call_soon_threadsafe(hold)
+            held.wait(WAIT)
+            return result
+
+        peer = _BlockingPeer(path)
+        try:
+            return await loop.run_in_executor(None, scenario, peer, hold_loop, session)
+        finally:
+            peer.sock.close()
+            serving.cancel()
+
+    try:
+        return run(main())
+    finally:
+        engine.close(timeout=WAIT)
+
+
+def test_a_response_is_written_while_the_servers_loop_is_busy(tmp_path):
+    """The thread that has an answer writes it, with the events queued
+    before it, when the transport holds nothing: the client gets it even
+    while the server's loop cannot run (a waking loop would first wait
+    for the GIL).  Here the loop is held until the client has the answer."""
+    import threading
+
+    def scenario(peer, hold_loop, session):
+        gate = threading.Event()
+        session.shell.user_ns["gate"] = gate
+        peer.send(1, "execute", session="s", code="gate.wait(60)\n'done'")
+        messages = peer.until(lambda m: m.get("params", {}).get("event", {}).get("type")
+                              == "started")
+        answered = threading.Event()
+        holding = hold_loop(answered)
+        gate.set()  # the cell ends while the loop is held
+        messages += peer.until(lambda m: m.get("id") == 1)
+        answered.set()
+        return holding, messages
+
+    holding, messages = _served(tmp_path, scenario)
+    assert holding == [True], "the response only came once the loop ran again"
+    kinds = [m["params"]["event"]["type"] for m in messages if "params" in m]
+    assert kinds == ["started", "result", "finished"]
+    assert messages[-1]["result"]["status"] == "ok"
+
+
+def test_events_reach_the_client_while_their_cell_runs(tmp_path):
+    """The quiet window is bounded: a cell that runs on (here: until the
+    client has seen its ``started`` and what it printed) has its events
+    sent without waiting for its response."""
+    import threading
+
+    def scenario(peer, hold_loop, session):
+        gate = threading.Event()
+        session.shell.user_ns["gate"] = gate
+        peer.send(1, "execute", session="s",
+                  code="print('working')\nassert gate.wait(60)\n'done'")
+        messages = peer.until(lambda m: m.get("params", {}).get("event", {}).get("type")
+                              == "output")
+        gate.set()
+        return messages + peer.until(lambda m: m.get("id") == 1)
+
+    messages = _served(tmp_path, scenario)
+    assert messages[-1]["result"]["status"] == "ok", messages[-1]
+    kinds = [m["params"]["event"]["type"] for m in messages if "params" in m]
+    assert kinds == ["started", "output", "result", "finished"]
+
+
+def test_a_notifications_last_event_does_not_wait_for_a_response(tmp_path):
+    """An execute sent as a notification has no response to carry its
+    events: its ``finished`` is written at once, like an answer."""
+    import threading
+
+    def scenario(peer, hold_loop, session):
+        gate = threading.Event()
+        session.shell.user_ns["gate"] = gate
+        peer.send(None, "execute", session="s", code="_ = gate.wait(60)", execution_id="n1")
+        messages = peer.until(lambda m: m["params"]["event"]["type"] == "started")
+        finished = threading.Event()
+        holding = hold_loop(finished)
+        gate.set()
+        messages += peer.until(lambda m: m["params"]["event"]["type"] == "finished")
+        finished.set()
+        return holding, messages
+
+    holding, messages = _served(tmp_path, scenario)
+    assert holding == [True], "finished only came once the loop ran again"
+    assert [m["params"]["event"]["type"] for m in messages] == ["started", "finished"]
+
+
 # -- codec, event loop, GIL hand-off ---------------------------------------------
 
 @pytest.mark.parametrize("message", [
