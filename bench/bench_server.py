@@ -264,6 +264,19 @@ def main() -> None:
     others: dict[str, dict] = {}
     if args.base_src:
         others["base tree"] = {"PYTHONPATH": os.path.abspath(args.base_src)}
+    # `python -m` puts the working directory first on sys.path: an older tree
+    # is only what runs if the server starts in it (in this checkout, its own
+    # pyrepl3_ext would shadow the PYTHONPATH one)
+    cwds = {"base tree": os.path.abspath(args.base_src)} if args.base_src else {}
+    if args.base_src:  # and say so if it still would not
+        import subprocess
+
+        found = subprocess.run(
+            [sys.executable, "-c", "import pyrepl3_ext; print(pyrepl3_ext.__file__)"],
+            env=dict(os.environ, **others["base tree"]), cwd=cwds["base tree"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        if not found.startswith(cwds["base tree"] + os.sep):
+            parser.error(f"--base-src: the server would import {found}, not the base tree")
     if args.codecs:
         others["stdlib json"] = {"PYREPL3_JSON": "stdlib"}
         others["asyncio loop"] = {"PYREPL3_LOOP": "asyncio"}
@@ -277,7 +290,8 @@ def main() -> None:
         try:
             for i, (name, env) in enumerate(others.items()):
                 paths[name] = os.path.join(tmp, f"other{i}.sock")
-                procs.append(ServerProcess("--unix", paths[name], env=dict(os.environ, **env)))
+                procs.append(ServerProcess("--unix", paths[name], env=dict(os.environ, **env),
+                                           cwd=cwds.get(name)))
                 raws[name] = Raw(paths[name])
             procs.append(ServerProcess("--unix", path))
             raw = Raw(path)

@@ -39,7 +39,7 @@ class ServerProcess:
     """
 
     def __init__(self, *args: str, python: str | None = None, env: dict | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, cwd: str | None = None):
         import collections
         import subprocess
         import threading
@@ -48,7 +48,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [python or sys.executable, "-m", "pyrepl3_ext.cli", "serve", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env=env)
+            text=True, env=env, cwd=cwd)
         listening = threading.Event()
         self.address = ""
 
