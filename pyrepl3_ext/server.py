@@ -122,7 +122,9 @@ class Connection:
     transport in one of three ways, each under ``_lock`` so no two of them
     interleave their bytes:
 
-    * the loop writes it (``_flush``, one wake-up of the loop per batch);
+    * the loop writes it (``_flush``, one wake-up of the loop per batch),
+      and before each message of its own (a cancel's answer, an answer at
+      shutdown), so nothing overtakes what was queued before it;
     * an answer (a response, ``input_requested``) is written by the thread
       that has it, together with everything queued before it, when the
       transport has nothing buffered (the write-through): waking the loop
@@ -188,11 +190,13 @@ class Connection:
 
     # -- output ---------------------------------------------------------------
     def write(self, data: bytes | None) -> None:
-        """Write on the loop (FIFO with every other write of this connection);
-        None writes what the outbox holds."""
+        """Write on the loop, after what the outbox holds (FIFO with every
+        other write of this connection); None writes just the outbox."""
         with self._lock:
             if data is None:
                 self._flush_scheduled = False
+            if self._outbox:  # queued earlier (an event waiting in a quiet window)
+                self._outbox.append(data or b"")
                 data = b"".join(self._outbox)
                 self._outbox.clear()
             if self.closed or not data:
@@ -969,7 +973,6 @@ class Server:
                                                    and request.is_notification)
             conn.send_threadsafe(data, wait_writable=not in_loop, answer=answer)
 
-        conn.open_quiet_window()
 
         try:
             handle = session.execute(
@@ -987,6 +990,9 @@ class Server:
             raise P.RPCError(P.SESSION_LOST, str(exc), {"kind": exc.kind}) from None
         except (ValueError, TypeError) as exc:
             raise P.RPCError(P.INVALID_PARAMS, str(exc)) from None
+        # opened once the cell is submitted: its thread, waking meanwhile,
+        # needs the GIL this thread holds before it can emit anything
+        conn.open_quiet_window()
         execution_id = handle.execution_id
         with conn._lock:  # the request id: for an answer at shutdown
             conn.executions[execution_id] = (session, handle, request.id)
