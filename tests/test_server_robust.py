@@ -519,3 +519,24 @@ def test_unknown_policy_is_invalid_params_listing_the_presets(engine):
     from pyrepl3_ext.security.policy import PRESETS
 
     assert tuple(PRESETS) == P.POLICIES  # the schema's list follows the presets
+
+
+# -- order across threads: the outbox before the loop's own messages ---------------
+
+def test_the_loops_own_message_goes_after_what_cells_queued(engine):
+    """An event waiting in the connection's outbox (a quiet window: it waits
+    for its response) is written before any later message of the loop's own,
+    such as a cancel's answer or an answer at shutdown: a client never sees
+    an execution answered and then more of its events."""
+    server = Server(engine)
+
+    async def main():
+        transport = Transport()
+        conn = Connection(server, transport, require_auth=False, name="test")
+        conn.open_quiet_window()
+        conn.send_threadsafe(b'{"queued": 1}\n', answer=False)
+        conn.send({"then": 2})
+        await asyncio.sleep(0.01)  # past the window: its end writes nothing twice
+        return transport.messages()
+
+    assert asyncio.run(main()) == [{"queued": 1}, {"then": 2}]
