@@ -139,7 +139,7 @@ class Connection:
     """
 
     def __init__(self, server: "Server", writer: asyncio.StreamWriter, *, require_auth: bool,
-                 name: str, finish_on_eof: bool = False):
+                 name: str, finish_on_eof: bool = False, write_through: bool = False):
         self.server = server
         self.writer = writer
         self.name = name
@@ -174,8 +174,10 @@ class Connection:
         #: time.monotonic() before which queued events do not wake the loop
         self._quiet_until = 0.0
         self._quiet_timer: asyncio.TimerHandle | None = None
-        #: writes from other threads when the transport holds nothing (None: not offered)
-        self._through = _WriteThrough.of(writer)
+        #: writes from other threads when the transport holds nothing (None: not
+        #: offered); only on the server's own plain sockets and pipes: a writer
+        #: handed in by an embedder (``Server.handle``) may wrap its descriptor
+        self._through = _WriteThrough.of(writer) if write_through else None
         # input framing (``feed``): the partial line, whether an oversize
         # one is being skipped, what arrived while replies were backed up
         self._partial = bytearray()
@@ -196,7 +198,8 @@ class Connection:
             if data is None:
                 self._flush_scheduled = False
             if self._outbox:  # queued earlier (an event waiting in a quiet window)
-                self._outbox.append(data or b"")
+                if data:
+                    self._outbox.append(data)
                 data = b"".join(self._outbox)
                 self._outbox.clear()
             if self.closed or not data:
@@ -279,10 +282,8 @@ class Connection:
         self._outbox.clear()
         try:
             sent = through.write(data)
-        except BlockingIOError:
+        except OSError:  # full (BlockingIOError), or gone: the loop's write finds out
             sent = 0
-        except OSError:
-            sent = 0  # the loop's write meets the same error and ends the connection
         if sent == len(data):
             return True
         self._outbox.append(data[sent:])
@@ -973,7 +974,6 @@ class Server:
                                                    and request.is_notification)
             conn.send_threadsafe(data, wait_writable=not in_loop, answer=answer)
 
-
         try:
             handle = session.execute(
                 params["code"], execution_id=params.get("execution_id"),
@@ -1223,7 +1223,8 @@ class Server:
             writer = asyncio.StreamWriter(transport, flow, None, loop)
         except ValueError:
             writer = _FdWriter(proto_out)
-        conn = Connection(self, writer, require_auth=False, name="stdio", finish_on_eof=True)
+        conn = Connection(self, writer, require_auth=False, name="stdio", finish_on_eof=True,
+                          write_through=True)
         conn.peer_gone = _hung_up(proto_out)
         serving = self.accept(conn)
         assert serving is not None  # no authentication: never refused
@@ -1360,7 +1361,8 @@ class _ClientProtocol(asyncio.streams.FlowControlMixin, _RequestsProtocol):
         if name == "tcp":
             name = f"tcp:{transport.get_extra_info('peername')}"
         writer = asyncio.StreamWriter(transport, self, None, asyncio.get_running_loop())
-        self.conn = Connection(self.server, writer, require_auth=self.require_auth, name=name)
+        self.conn = Connection(self.server, writer, require_auth=self.require_auth, name=name,
+                               write_through=True)
         super().connection_made(transport)
         self.server.accept(self.conn)
 
@@ -1382,9 +1384,10 @@ class _WriteThrough:
 
     @classmethod
     def of(cls, writer: Any) -> "_WriteThrough | None":
-        # not the stdio fallback's writer, nor a test's stand-in
+        # not the stdio fallback's writer; never under TLS (the bytes would go
+        # out unencrypted)
         extra = getattr(getattr(writer, "transport", None), "get_extra_info", None)
-        if extra is None:
+        if extra is None or extra("sslcontext") is not None:
             return None
         source = extra("socket") or extra("pipe")
         if source is None:
