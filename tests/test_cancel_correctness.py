@@ -182,14 +182,17 @@ def test_runaway_recursion_with_a_raised_limit_is_cancelled(ip, where):
     assert pyrepl3_ext.run_cell(ip, "1 + 1").result == 2
 
 
+# `started` is set inside the try: the test cancels as soon as it is set,
+# and on 3.10/3.11 a worker's cancel (an asynchronous exception) can land in
+# `Event.set` itself, before a `try` that came after it
 DEEP_SPIN = """
 import gc, sys
 sys.setrecursionlimit(100_000)
 seen = []
 def down(n):
     if n == 0:
-        started.set()
         try:
+            started.set()
             while True:
                 x = 1
         finally:
