@@ -88,26 +88,19 @@ def serve_with_timestamps(out: str, argv: list[str]) -> int:
     return cli.main(argv)
 
 
-class Peer:
-    """A blocking client stamping what it sends and receives."""
-
-    def __init__(self, path: str):
-        from bench.bench_server import Raw
-
-        self.raw = Raw(path)
-
-    def until(self, ids: set, got: list) -> list:
-        """Read until a response to each of ``ids``, stamping each message."""
-        waiting = set(ids)
-        while waiting:
-            m = self.raw.message()
-            now = time.perf_counter()
-            if "id" in m:
-                waiting.discard(m["id"])
-                got.append((f"client: receives the response to {m['id']!r}", now))
-            else:
-                got.append((f"client: receives the {m['params']['event']['type']} event", now))
-        return got
+def received_until(raw: object, answers: dict) -> list:
+    """Read until a response to each id in ``answers`` (id -> what it answers),
+    stamping each message as it arrives."""
+    got, waiting = [], set(answers)
+    while waiting:
+        m = raw.message()  # type: ignore[attr-defined]
+        now = time.perf_counter()
+        if "id" in m:
+            waiting.discard(m["id"])
+            got.append((f"client: receives the response to {answers[m['id']]}", now))
+        else:
+            got.append((f"client: receives the {m['params']['event']['type']} event", now))
+    return got
 
 
 def main() -> None:
@@ -117,7 +110,7 @@ def main() -> None:
     parser.add_argument("--trips", type=int, default=300)
     parser.add_argument("--cancels", type=int, default=40)
     args = parser.parse_args()
-    from bench.bench_server import LOOP
+    from bench.bench_server import LOOP, Raw
 
     with tempfile.TemporaryDirectory() as tmp:
         path, out = os.path.join(tmp, "s.sock"), os.path.join(tmp, "stamps.json")
@@ -130,28 +123,26 @@ def main() -> None:
                 break
         else:
             sys.exit(f"the server did not start (exit {child.wait()})")
-        peer = Peer(path)
-        sid = peer.raw.call("session.create", isolation="in-process")["session"]
+        raw = Raw(path)
+        sid = raw.call("session.create", isolation="in-process")["session"]
         samples: dict[str, list] = {"round trip": [], "cancel": []}
         for i in range(args.trips + 30):
             t0 = time.perf_counter()
-            rid = peer.raw.send("execute", session=sid, code="x = 1")
-            got = [(tag.replace(repr(rid), "execute"), t) for tag, t in peer.until({rid}, [])]
+            rid = raw.send("execute", session=sid, code="x = 1")
+            got = received_until(raw, {rid: "execute"})
             if i >= 30:  # the first ones warm up
                 samples["round trip"].append((t0, got))
         for i in range(args.cancels + 3):
             eid = f"c{i}"
-            rid = peer.raw.send("execute", session=sid, code=LOOP, execution_id=eid)
-            peer.raw.until_response(-1, event="started")
+            rid = raw.send("execute", session=sid, code=LOOP, execution_id=eid)
+            raw.until_response(-1, event="started")
             time.sleep(0.02)
             t0 = time.perf_counter()
-            cid = peer.raw.send("cancel", session=sid, execution_id=eid)
-            got = peer.until({rid, cid}, [])
-            got = [(tag.replace(repr(rid), "execute").replace(repr(cid), "cancel"), t)
-                   for tag, t in got]
+            cid = raw.send("cancel", session=sid, execution_id=eid)
+            got = received_until(raw, {rid: "execute", cid: "cancel"})
             if i >= 3:
                 samples["cancel"].append((t0, got))
-        peer.raw.close()
+        raw.close()
         child.terminate()
         child.wait(60)
         with open(out) as f:
