@@ -495,7 +495,7 @@ def test_a_memory_bomb_fails_alone_and_neighbours_allocate(engine):
             s.close()
 
 
-def test_limits_are_checked_and_rlimits_apply(engine):
+def test_limits_are_checked_and_rlimits_apply(engine, tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         engine.create_session(isolation="process", limits={"ram": "1G"})
     s = engine.create_session(isolation="process",
@@ -503,7 +503,8 @@ def test_limits_are_checked_and_rlimits_apply(engine):
     try:
         result = s.execute("import resource\nresource.getrlimit(resource.RLIMIT_NOFILE)")
         assert result.data == {"text/plain": "(64, 64)"}
-        result = s.execute("import os\nwith open('big', 'wb') as f:\n"
+        # written outside the checkout: the session's working directory is the tests'
+        result = s.execute(f"with open({str(tmp_path / 'big')!r}, 'wb') as f:\n"
                            "    f.write(b'z' * (2 * 2**20))")
         assert isinstance(result.error_in_exec, CellError)
         assert "File too large" in str(result.error_in_exec)
