@@ -232,6 +232,51 @@ def test_invalid_params_say_what_is_wrong(params, message):
     assert info.value.code == P.INVALID_PARAMS and info.value.message == message
 
 
+def _loads_outcome(read, line):
+    try:
+        value = read(line)
+    except (ValueError, RecursionError) as exc:  # what parse() turns into PARSE_ERROR
+        return "error", type(exc).__name__, str(exc)
+    # repr tells 1 from 1.0, -0.0 from 0.0 and keeps NaN equal to itself
+    return "value", repr(value)
+
+
+# what orjson refuses or reads otherwise than the stdlib, and plain requests
+_DECODE_CASES = [
+    b'{"jsonrpc":"2.0","id":7,"method":"cancel","params":{"session":"s","execution_id":"e"}}',
+    b'{"id":123456789012345678901234567890}', b'{"id":-9223372036854775809}',
+    b'{"id":18446744073709551616}', b'{"a":12345678901234567890.5}',
+    b'{"a":NaN,"b":-Infinity}', b'{"a":"\\udc80"}', b'\xef\xbb\xbf{"a":1}', b'{"a":1e400}',
+    b'{"a":-0.0,"b":1.5e-320,"c":0.1}', b'{"a":"\xff"}', b'{"a":1}\x00', b'{"a":1,"a":2}',
+    b"[" * 3000 + b"]" * 3000, b' {"a": [1, 2.0, true, null]} \r', b"", b"{", b'"\\ud83d\\ude00"',
+    '{"a":"\u00e9"}',
+]
+
+
+@pytest.mark.parametrize("line", _DECODE_CASES)
+def test_requests_are_read_exactly_as_the_stdlib_reads_them(line):
+    """The fast decoder (orjson, when installed) never changes what a request
+    says or which error its line gets: a 30-digit id stays an exact integer."""
+    assert _loads_outcome(P.decode, line) == _loads_outcome(json.loads, line)
+
+
+def test_the_stdlibs_reading_holds_for_any_json_line():
+    from hypothesis import given, settings, strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(min_value=-(10 ** 40), max_value=10 ** 40)
+               | st.floats(allow_nan=True, allow_infinity=True) | st.text())
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12)
+
+    @settings(max_examples=300, deadline=None)
+    @given(values, st.booleans())
+    def check(value, ascii_only):
+        line = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+        assert _loads_outcome(P.decode, line) == _loads_outcome(json.loads, line)
+
+    check()
+
+
 def test_namespace_and_snapshots_over_the_protocol():
     async def main():
         async with await spawn() as client:
