@@ -592,6 +592,122 @@ def test_timeouts_from_argument_magic_and_config(quiet, events):
     assert pyrepl3_ext.run_cell(quiet, "1 + 1", timeout=30).result == 2
 
 
+needs_monitoring = pytest.mark.skipif(sys.version_info < (3, 12),
+                                      reason="the deadline's watch uses sys.monitoring (3.12+)")
+
+
+@pytest.fixture
+def watch(monkeypatch):
+    """A watch armed 0.3 s ahead of deadlines of any length (it is 2 ms, for
+    timeouts of 20 ms and more), and a record of what it and the deadline's
+    timer found: ``armed`` (each watch's outcome), ``fired`` (for each
+    ``_deadline`` call, whether the cell had already stopped itself)."""
+    from pyrepl3_ext.cancellation import manager as mgr
+
+    monkeypatch.setattr(mgr, "WATCH_LEAD", 0.3)
+    monkeypatch.setattr(mgr, "WATCH_MIN_TIMEOUT", 0.0)
+    record = {"armed": [], "fired": [], "arm_event": threading.Event()}
+    arm_watch, deadline = mgr.CancellationManager._arm_watch, mgr.CancellationManager._deadline
+
+    def recording_arm_watch(self, scope, reason):
+        armed = arm_watch(self, scope, reason)
+        record["armed"].append(armed)
+        record["arm_event"].set()
+        return armed
+
+    def recording_deadline(self, scope, timeout):
+        record["fired"].append(scope.watch_fired or scope.finished)
+        return deadline(self, scope, timeout)
+
+    monkeypatch.setattr(mgr.CancellationManager, "_arm_watch", recording_arm_watch)
+    monkeypatch.setattr(mgr.CancellationManager, "_deadline", recording_deadline)
+    return record
+
+
+def _global_events_of_ours() -> int:
+    tool = cancellation._MONITORING.tool
+    return 0 if tool is None else sys.monitoring.get_events(tool)
+
+
+def _run_in(where, call):
+    if where == "main":
+        return call()
+    out = []
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert out, "the cell did not end"
+    return out[0]
+
+
+@needs_monitoring
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_a_deadline_is_met_by_the_cells_own_event(quiet, watch, where):
+    """Armed ahead of the deadline, the cell raises at it by itself: on a
+    worker thread the deadline's timer (1 ms later) then finds it stopped."""
+    code = "while True: pass"
+    result = _run_in(where, lambda: pyrepl3_ext.run_cell(quiet, code, execution_id=f"w-{where}",
+                                                         timeout=0.5))
+    err = result.error_in_exec
+    assert isinstance(err, CellTimeout) and "timeout of 0.5 s" in str(err), repr(err)
+    assert err.execution_id == f"w-{where}" and watch["armed"] == [True]
+    if where == "worker":
+        wait_until(lambda: watch["fired"], WAIT)
+        assert watch["fired"] == [True], "the timer, not the cell's own event, stopped it"
+    assert _global_events_of_ours() == 0 and cancellation._cancelled_threads == {}
+
+
+@needs_monitoring
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_a_cell_that_ends_inside_its_watch_succeeds_and_leaves_nothing_armed(quiet, watch,
+                                                                             where, monkeypatch):
+    """The watch never raises before the deadline: a cell that runs armed
+    for its last 0.5 s and ends 1 s before the deadline is not stopped."""
+    from pyrepl3_ext.cancellation import manager as mgr
+
+    monkeypatch.setattr(mgr, "WATCH_LEAD", 1.5)
+    code = "import time\nend = time.monotonic() + 1\nwhile time.monotonic() < end: pass\n'done'"
+    result = _run_in(where, lambda: pyrepl3_ext.run_cell(quiet, code, timeout=2))
+    assert result.error_in_exec is None and result.result == "done"
+    assert watch["armed"] == [True]  # it ran its last 0.5 s watched
+    assert _global_events_of_ours() == 0
+    assert cancellation._cancelled_threads == {} and cancellation._MONITORING.armed == {}
+    wait_until(lambda: watch["fired"], WAIT)  # the deadline's timer finds it over
+    assert watch["fired"] == [True] and cancellation._cancelled_threads == {}
+
+
+@needs_monitoring
+def test_a_cancel_during_the_watch_is_the_hosts(quiet, watch):
+    def cancel_once_watched():
+        assert watch["arm_event"].wait(WAIT)
+        pyrepl3_ext.cancel(quiet, "w-host", "stopped by the host")
+
+    canceller = threading.Thread(target=cancel_once_watched, daemon=True)
+    canceller.start()
+    result = _run_in("worker", lambda: pyrepl3_ext.run_cell(
+        quiet, "while True: pass", execution_id="w-host", timeout=5))
+    canceller.join(WAIT)
+    err = result.error_in_exec
+    assert type(err) is CellCancelled and err.kind == "cancelled", repr(err)
+    assert str(err) == "stopped by the host"
+
+
+@needs_monitoring
+def test_a_timeout_the_cell_swallows_at_its_watch_is_raised_again(quiet, watch):
+    """The watch's raise is level-triggered like any cancel's: the timer that
+    finds the cell stopped by it schedules the grace-period re-arm."""
+    swallowed: list[int] = []
+    quiet.user_ns["swallowed"] = swallowed
+    code = ("from pyrepl3_ext import CellTimeout\n"
+            "while len(swallowed) < 2:\n"
+            "    try:\n        while True: pass\n"
+            "    except CellTimeout:\n        swallowed.append(1)\n"
+            "while True: pass")
+    result = _run_in("worker", lambda: pyrepl3_ext.run_cell(quiet, code, timeout=0.5))
+    assert isinstance(result.error_in_exec, CellTimeout), repr(result.error_in_exec)
+    assert swallowed == [1, 1] and watch["fired"][0] is True
+
+
 def test_cancel_unknown_or_finished_execution_misses(quiet):
     assert pyrepl3_ext.cancel(quiet, "no-such-id") is False
     pyrepl3_ext.run_cell(quiet, "1", execution_id="done-already")

@@ -117,7 +117,7 @@ def check_cancelled() -> None:
     """Raise ``CellCancelled`` now if the calling thread's cell was cancelled."""
     __tracebackhide__ = True  # IPython hides this frame in tracebacks
     scope = _cancelled_threads.get(_get_ident())
-    if scope is not None and not scope.finished:
+    if scope is not None and not scope.finished and scope.due():
         _disarm_for_delivery(scope)
         raise scope.raising()
 

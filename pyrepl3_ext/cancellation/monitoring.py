@@ -2,7 +2,8 @@
 
 LINE/JUMP events on the code objects running the cell's code,
 PY_START/PY_RESUME for what that code calls (O(1) for anything else), and a
-LINE watch on ``run_code``.  Invariants: a JUMP event never raises (CPython
+LINE watch on ``run_code``; armed when a cancel arrives, or just before a
+deadline (``scope.due()`` holds the raise until it has passed).  Invariants: a JUMP event never raises (CPython
 would attribute the raise outside a ``try``/``with`` that starts at the
 jump's target), a one-line loop gets INSTRUCTION events and raises at its
 jump; every event of ours is off while the cell's code is not running and
@@ -191,6 +192,8 @@ def _mon_deliver(frame, scope: CancelScope) -> None:
     """Raise in the target thread at a safe point; outside the cell's code,
     switch the local events off (IPython's code must not pay per line)."""
     __tracebackhide__ = True
+    if not scope.due():  # watched, before its deadline: the events stay on
+        return
     verdict = _verdict(frame, scope)
     if verdict == RAISE:
         with _lock:

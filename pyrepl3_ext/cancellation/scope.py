@@ -14,6 +14,7 @@ import _weakrefset
 import os
 import sys
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, TYPE_CHECKING
@@ -49,6 +50,7 @@ _SWALLOWING_FILES = frozenset({weakref.__file__, _weakrefset.__file__})
 # asynchronous exception may be pending for it.
 _lock = threading.Lock()
 _get_ident = threading.get_ident
+_monotonic = time.monotonic
 _MAIN_THREAD_ID = threading.main_thread().ident
 #: thread id -> stack of running scopes (innermost last)
 _thread_scopes: dict[int, list["CancelScope"]] = {}
@@ -144,6 +146,10 @@ class CancelScope:
     #: class attribute: the one place every mechanism reads it from)
     hard_deadline = HARD_DEADLINE
     gc_paused = False                # holds one of _pause_gc's pauses
+    #: armed ahead of its deadline (manager._watch): the reason it is
+    #: cancelled with once the deadline has passed, None when not watched
+    watch_reason: str | None = None
+    watch_fired = False              # the cell's own event cancelled it at the deadline
     stand_in: "CellCancelled | None" = None  # reported for a CancelledError/KeyboardInterrupt
 
     def __init__(self, execution: Any, thread_id: int, manager: "CancellationManager",
@@ -164,6 +170,30 @@ class CancelScope:
         if self.deep:
             _pause_gc(self)
         return self.exception()
+
+    def due(self) -> bool:
+        """Whether the thread is to raise now: cancelled, or watched (armed
+        ahead of its deadline) and past the deadline, in which case the
+        scope becomes cancelled here, in the cell's own thread, with no
+        other thread woken (``manager._watch``).  Before the deadline a
+        watched scope raises nowhere."""
+        if self.cancel_called:
+            return True
+        if self.watch_reason is None or _monotonic() < self.deadline:
+            return False
+        with _lock:
+            if not self.cancel_called and not self.finished:
+                self.watch_fired = True
+                # as the deadline's cancel() would: this scope and the cells
+                # it started since (innermost last on this thread's stack)
+                stack = _thread_scopes.get(self.thread_id, [])
+                for scope in stack[stack.index(self):] if self in stack else (self,):
+                    if not scope.cancel_called:
+                        scope.reason = self.watch_reason
+                        scope.kind = "timeout"
+                        scope.requested_at = self.deadline
+                        scope.cancel_called = True
+        return self.cancel_called
 
     def exception(self) -> CellCancelled:
         if self.kind == "timeout":
