@@ -3,11 +3,12 @@
 LINE/JUMP events on the code objects running the cell's code,
 PY_START/PY_RESUME for what that code calls (O(1) for anything else), and a
 LINE watch on ``run_code``; armed when a cancel arrives, or just before a
-deadline (``scope.due()`` holds the raise until it has passed).  Invariants: a JUMP event never raises (CPython
-would attribute the raise outside a ``try``/``with`` that starts at the
-jump's target), a one-line loop gets INSTRUCTION events and raises at its
-jump; every event of ours is off while the cell's code is not running and
-before the exception unwinds; callbacks raise only in the target thread.
+deadline (``scope.due()`` holds the raise until it has passed).
+Invariants: a JUMP event never raises (CPython would attribute the raise
+outside a ``try``/``with`` that starts at the jump's target), a one-line
+loop gets INSTRUCTION events and raises at its jump; every event of ours is
+off while the cell's code is not running and before the exception unwinds;
+callbacks raise only in the target thread.
 """
 
 from __future__ import annotations
