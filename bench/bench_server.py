@@ -333,6 +333,10 @@ def main() -> None:
                         lambda o=o_proc: o.cancel(LOOP)  # type: ignore[misc]
                     cases[f"[{name}] cancel await: in-process"] = \
                         lambda o=o_in: o.cancel(AWAIT)  # type: ignore[misc]
+                    cases[f"[{name}] timeout=: in-process"] = \
+                        lambda o=o_in: o.timeout(False)  # type: ignore[misc]
+                    cases[f"[{name}] timeout=: process"] = \
+                        lambda o=o_proc: o.timeout(False)  # type: ignore[misc]
                 for fn in trips.values():  # warm
                     for _ in range(30):
                         fn()
@@ -392,6 +396,12 @@ def main() -> None:
     print(f"round trip over in-process Session.execute at p50: in-process session "
           f"{u / loc:.2f}x ({u - loc:+.3f} ms), process session {p / loc:.2f}x "
           f"({p - loc:+.3f} ms); target <= 0.5 ms and <= 2x")
+    c = out["cancel loop: in-process"]
+    t = out["timeout=: in-process (from deadline)"]["p50_ms"]
+    mt = out["%%timeout: in-process (from deadline)"]["p50_ms"]
+    print(f"cancel -> response of a busy loop, in-process session: p50 {c['p50_ms']:.2f} / "
+          f"p99 {c['p99_ms']:.2f} ms (target <= 2 / <= 10); deadline -> response: "
+          f"timeout= {t:.2f}, %%timeout {mt:.2f} ms p50 (target <= 2)")
     if "trip: Jupyter kernel" in out:
         j = out["trip: Jupyter kernel"]["p50_ms"]
         jc = out["Jupyter interrupt loop"]["p50_ms"]
