@@ -21,7 +21,9 @@ request and its delivery kept apart as trio keeps ``CancelScope`` and
 Invariants (each has a test):
 
 1. Nothing is installed while nobody cancels: no tracer, no monitoring
-   events, no thread.  A signal handler (main thread) and, on 3.12+, a
+   events, no thread; on 3.12+ a cell with a timeout is armed for the last
+   2 ms before its deadline, raising only once it has passed
+   (``manager.WATCH_LEAD``).  A signal handler (main thread) and, on 3.12+, a
    ``sys.monitoring`` tool with zero events are registered at load; both
    cost nothing measurable (``bench/bench_cancel.py``).
 2. A cancel aimed at execution N never lands in N+1: every mechanism looks
