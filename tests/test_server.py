@@ -253,6 +253,11 @@ _DECODE_CASES = [
 ]
 
 
+needs_fast_decoder = pytest.mark.skipif(P.decode is json.loads,
+                                        reason="no orjson (the fast extra): decode is the stdlib")
+
+
+@needs_fast_decoder
 @pytest.mark.parametrize("line", _DECODE_CASES)
 def test_requests_are_read_exactly_as_the_stdlib_reads_them(line):
     """The fast decoder (orjson, when installed) never changes what a request
@@ -260,6 +265,7 @@ def test_requests_are_read_exactly_as_the_stdlib_reads_them(line):
     assert _loads_outcome(P.decode, line) == _loads_outcome(json.loads, line)
 
 
+@needs_fast_decoder
 def test_the_stdlibs_reading_holds_for_any_json_line():
     from hypothesis import given, settings, strategies as st
 
