@@ -165,12 +165,16 @@ def _close_history(history: Any) -> None:
 HAS_TEED_OUTPUT_HISTORY = IPYTHON_VERSION >= (9, 1)
 
 
-def bound_output_history(shell: Any, max_chars: int) -> int:
-    """Cut IPython's own copy of the latest cells' stream output to ``max_chars``.
+def bound_output_history(shell: Any, max_chars: int, execution_count: int | None = None) -> int:
+    """Cut IPython's own copy of a cell's stream output to ``max_chars``.
 
     On 9.1+ a flood (``while True: print(...)``) would otherwise keep every
     write in memory however much pyrepl3 drops.  Keeps the head (what the
     events delivered).  Returns the characters removed; a no-op before 9.1.
+    The cell is the one that ran as ``execution_count``; without it, the two
+    latest entries.  Not "the latest" when the count is known: the history
+    can hold later counts than the running cell's (a shell whose count was
+    set back keeps its old entries), and the flood then stayed whole.
     """
     if not HAS_TEED_OUTPUT_HISTORY:
         return 0
@@ -179,7 +183,8 @@ def bound_output_history(shell: Any, max_chars: int) -> int:
         return 0
     removed = 0
     latest = max(outputs)
-    for count in (latest - 1, latest):
+    counts = (execution_count,) if execution_count is not None else (latest - 1, latest)
+    for count in counts:
         for entry in outputs.get(count, ()):
             if getattr(entry, "output_type", "") not in ("out_stream", "err_stream"):
                 continue

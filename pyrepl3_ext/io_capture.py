@@ -387,7 +387,8 @@ class _Capture:
         self.overflow_chunks += 1
         if self.overflow_chunks % 64 == 1:
             # IPython 9's own copy of the cell's output must not grow either
-            self.component.bound_ipython_history(max(self.limit, 1))
+            self.component.bound_ipython_history(max(self.limit, 1),
+                                                 self.execution.execution_count)
         if self.tail_mode and self.tail_size > 0:
             self.tail.append((channel, text))
             self.tail_chars += len(text)
@@ -438,7 +439,8 @@ class _Capture:
             if self.partial:
                 self.flush()
             if self.over:
-                self.component.bound_ipython_history(max(self.limit, 1))
+                self.component.bound_ipython_history(max(self.limit, 1),
+                                                     self.execution.execution_count)
                 for channel in _CHANNELS:
                     if self.dropped[channel]:
                         self._emit(channel, "", dropped=self.dropped[channel])
@@ -554,12 +556,12 @@ class OutputCapture(Component):
             if _tls.cap is cap:
                 _tls.cap = cap.prev
 
-    def bound_ipython_history(self, max_chars: int) -> None:
+    def bound_ipython_history(self, max_chars: int, execution_count: int | None) -> None:
         shell = self.state._shell_ref()
         if shell is None:
             return
         try:
-            _compat.bound_output_history(shell, max_chars)
+            _compat.bound_output_history(shell, max_chars, execution_count)
         except Exception as exc:  # noqa: BLE001 - IPython internals may change
             self.state.report_internal_error("io_capture.bound_ipython_history", exc)
 

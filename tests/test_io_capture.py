@@ -333,6 +333,32 @@ def test_flood_is_bounded_and_dropping_is_reported(quiet, events, config, policy
         assert 0 < kept <= 5_000_000
 
 
+
+@pytest.mark.skipif(not _compat.HAS_TEED_OUTPUT_HISTORY,
+                    reason="IPython 9.1+ keeps its own copy of a cell's output")
+def test_a_flood_is_bounded_in_ipythons_history_when_it_holds_later_counts(quiet, events,
+                                                                          config):
+    """The running cell's own copy is the one bounded: the history can hold
+    later counts than the running cell's (a shell whose count was set back
+    keeps its old entries; CI, a test order that did so), and cutting "the
+    latest" entries then left the flood whole."""
+    config.output_tee = False
+    config.output_limit = 1_000_000
+    config.output_overflow = "drop"
+    ip = quiet
+    run(ip, "pass")
+    later = ip.execution_count + 50
+    ip.history_manager.outputs[later] = []
+    try:
+        result = run(ip, "for _ in range(3):\n    print('x' * 10**6)", execution_id="flood-later")
+        assert result.success
+        entries = ip.history_manager.outputs.get(result.execution_count, [])
+        kept = sum(len(chunk) for entry in entries if entry.output_type == "out_stream"
+                   for chunk in entry.bundle["stream"])
+        assert 0 < kept <= 1_000_000
+    finally:
+        ip.history_manager.outputs.pop(later, None)
+
 # -- the routing stream -------------------------------------------------------------
 
 def test_terminal_still_sees_the_output_and_unload_restores(shell):
