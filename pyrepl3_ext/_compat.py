@@ -182,8 +182,11 @@ def bound_output_history(shell: Any, max_chars: int, execution_count: int | None
     if not outputs:
         return 0
     removed = 0
-    latest = max(outputs)
-    counts = (execution_count,) if execution_count is not None else (latest - 1, latest)
+    if execution_count is not None:
+        counts: tuple = (execution_count,)
+    else:
+        latest = max(outputs)
+        counts = (latest - 1, latest)
     for count in counts:
         for entry in outputs.get(count, ()):
             if getattr(entry, "output_type", "") not in ("out_stream", "err_stream"):

@@ -296,6 +296,14 @@ def test_output_printed_after_a_cancel_is_not_lost(quiet, events):
         ip.user_ns.pop("_started", None)
 
 
+def _history_stdout_chars(ip, count, since):
+    """Characters of stdout IPython 9 kept under ``count`` in its history,
+    in the entries from index ``since`` on (what one cell added)."""
+    entries = ip.history_manager.outputs.get(count, [])[since:]
+    return sum(len(chunk) for entry in entries if entry.output_type == "out_stream"
+               for chunk in entry.bundle["stream"])
+
+
 @pytest.mark.parametrize("policy", ["tail", "drop"])
 def test_flood_is_bounded_and_dropping_is_reported(quiet, events, config, policy):
     """12 MB printed a megabyte at a time against a 5 MB limit: memory stays
@@ -331,9 +339,7 @@ def test_flood_is_bounded_and_dropping_is_reported(quiet, events, config, policy
         assert delivered == 5_000_000 and outs[-1] is report[0]
     if _compat.HAS_TEED_OUTPUT_HISTORY:
         # IPython 9's own copy of the cell's output is bounded too
-        entries = ip.history_manager.outputs.get(result.execution_count, [])[before:]
-        kept = sum(len(chunk) for entry in entries if entry.output_type == "out_stream"
-                   for chunk in entry.bundle["stream"])
+        kept = _history_stdout_chars(ip, result.execution_count, before)
         assert 0 < kept <= 5_000_000
 
 
@@ -357,9 +363,7 @@ def test_a_flood_is_bounded_in_ipythons_history_when_it_holds_later_counts(quiet
     try:
         result = run(ip, "for _ in range(3):\n    print('x' * 10**6)", execution_id="flood-later")
         assert result.success
-        entries = ip.history_manager.outputs.get(result.execution_count, [])[before:]
-        kept = sum(len(chunk) for entry in entries if entry.output_type == "out_stream"
-                   for chunk in entry.bundle["stream"])
+        kept = _history_stdout_chars(ip, result.execution_count, before)
         assert 0 < kept <= 1_000_000
     finally:
         ip.history_manager.outputs.pop(later, None)

@@ -38,6 +38,14 @@ WATCH_MIN_TIMEOUT = 10 * WATCH_LEAD
 #: looks at it (a C call or a ``finally`` still holding it, a swallowed raise)
 WATCH_FALLBACK = 0.001
 
+def _monitor(scope: CancelScope, frame: Any) -> None:
+    """Arm ``sys.monitoring`` delivery on ``scope``'s thread, whose innermost
+    frame is ``frame`` (caller holds ``_lock``)."""
+    scope.mechanism = "armed"
+    scope.monitored = True
+    _MONITORING.arm(scope, frame)
+
+
 # -- the component ------------------------------------------------------------
 
 class CancellationManager(Component):
@@ -288,9 +296,7 @@ class CancellationManager(Component):
                     return False
                 scope.requested_at = scope.deadline  # the hard deadline's start
                 _cancelled_threads[tid] = scope
-                scope.mechanism = "armed"
-                scope.monitored = True
-                _MONITORING.arm(scope, frame)
+                _monitor(scope, frame)
                 del frame
         return True
 
@@ -412,29 +418,10 @@ class CancellationManager(Component):
                 return False
             if scope.cancel_called:
                 return True  # already on its way; re-arming is the timer's job
-            targets = [scope]
             # nested scopes started by this cell are cancelled with it
-            for inner in _thread_scopes.get(scope.thread_id, []):
-                if inner is not scope and self._is_inside(inner, scope):
-                    targets.append(inner)
-            for target in targets:
-                if not target.cancel_called:
-                    target.cancel_called = True
-                    target.reason = reason
-                    target.kind = kind
-                    target.requested_at = time.monotonic()
-            innermost = targets[-1]
+            innermost = scope.mark_cancelled(reason, kind, time.monotonic())
         innermost.manager._arm(innermost)
         return True
-
-    @staticmethod
-    def _is_inside(inner: CancelScope, outer: CancelScope) -> bool:
-        p = inner.parent
-        while p is not None:
-            if p is outer:
-                return True
-            p = p.parent
-        return False
 
     def _deadline(self, scope: CancelScope, timeout: float) -> None:
         if scope.finished:
@@ -442,8 +429,7 @@ class CancellationManager(Component):
         if scope.watch_fired:
             # the watch cancelled it at the deadline, in the cell's thread:
             # what cancel() would add is the level-triggered re-arm
-            timers._TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
-                                  lambda: self._rearm_if_running(scope))
+            self._rearm_later(scope)
             return
         self.cancel(scope.execution_id, f"cell exceeded its timeout of {timeout:g} s",
                     kind="timeout")
@@ -488,18 +474,14 @@ class CancellationManager(Component):
                 with _lock, _foreign_stack(tid) as frame:
                     if scope.finished:
                         return
-                    scope.mechanism = "armed"
-                    scope.monitored = True
-                    _MONITORING.arm(scope, frame)
+                    _monitor(scope, frame)
             self._signal_main(scope, config.cancel_escalate_after)
         elif _HAS_MONITORING and self._monitoring:
             with _lock, _foreign_stack(tid) as frame:
                 if scope.finished:
                     return
                 if frame is not None:
-                    scope.mechanism = "armed"
-                    scope.monitored = True
-                    _MONITORING.arm(scope, frame)
+                    _monitor(scope, frame)
         else:
             with _lock, _foreign_stack(tid) as frame:
                 if scope.finished:
@@ -524,8 +506,7 @@ class CancellationManager(Component):
                 scope.loop.call_soon_threadsafe(self._cancel_task, scope)
             except RuntimeError:
                 pass  # loop closed: the cell is over
-        timers._TIMER.call_at(time.monotonic() + max(config.cancel_grace, 0.05),
-                       lambda: self._rearm_if_running(scope))
+        self._rearm_later(scope)
 
     def _signal_main(self, scope: CancelScope, escalate_after: float) -> None:
         """Signal the main thread now, and again every ``escalate_after``
@@ -549,6 +530,12 @@ class CancellationManager(Component):
 
         timers._TIMER.call_at(time.monotonic() + interval, escalate)
 
+    def _rearm_later(self, scope: CancelScope) -> None:
+        """Look at ``scope`` again ``cancel_grace`` seconds from now (the
+        level-triggered re-arm below)."""
+        timers._TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
+                              lambda: self._rearm_if_running(scope))
+
     def _rearm_if_running(self, scope: CancelScope) -> None:
         """Level-triggered cancellation: still running a grace period after
         the exception was raised means the cell swallowed it; cancel again.
@@ -564,8 +551,7 @@ class CancellationManager(Component):
                 and not _cell_suspended_in(scope.task):
             # The exception left the cell's code; IPython is still wrapping up
             # (formatting a deep traceback can take a while): nothing to re-arm.
-            timers._TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
-                           lambda: self._rearm_if_running(scope))
+            self._rearm_later(scope)
         elif scope.mechanism == "raised" or uses_async_exc or (
                 scope.monitored and not scope.armed_global
                 and _cell_code_on_stack(scope.thread_id)):
@@ -580,8 +566,7 @@ class CancellationManager(Component):
                 scope.async_exc_pending = False
             self._arm(scope, rearm=True)
         else:  # not raised yet: no safe point reached, or blocked in C code
-            timers._TIMER.call_at(time.monotonic() + max(self.state.config.cancel_grace, 0.05),
-                           lambda: self._rearm_if_running(scope))
+            self._rearm_later(scope)
 
     @staticmethod
     def _cancel_task(scope: CancelScope) -> None:

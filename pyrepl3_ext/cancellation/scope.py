@@ -184,16 +184,33 @@ class CancelScope:
         with _lock:
             if not self.cancel_called and not self.finished:
                 self.watch_fired = True
-                # as the deadline's cancel() would: this scope and the cells
-                # it started since (innermost last on this thread's stack)
-                stack = _thread_scopes.get(self.thread_id, [])
-                for scope in stack[stack.index(self):] if self in stack else (self,):
-                    if not scope.cancel_called:
-                        scope.reason = self.watch_reason
-                        scope.kind = "timeout"
-                        scope.requested_at = self.deadline
-                        scope.cancel_called = True
+                self.mark_cancelled(self.watch_reason, "timeout", self.deadline)
         return self.cancel_called
+
+    def mark_cancelled(self, reason: str, kind: str, at: float) -> "CancelScope":
+        """Mark this scope and the cells it started (nested scopes on its
+        thread) cancelled, as of ``at``; returns the innermost, the one to arm
+        (caller holds ``_lock``)."""
+        targets = [self]
+        for inner in _thread_scopes.get(self.thread_id, []):
+            if inner is not self and inner.inside(self):
+                targets.append(inner)
+        for target in targets:
+            if not target.cancel_called:
+                target.cancel_called = True
+                target.reason = reason
+                target.kind = kind
+                target.requested_at = at
+        return targets[-1]
+
+    def inside(self, outer: "CancelScope") -> bool:
+        """Whether this scope is nested (at any depth) in ``outer``."""
+        p = self.parent
+        while p is not None:
+            if p is outer:
+                return True
+            p = p.parent
+        return False
 
     def exception(self) -> CellCancelled:
         if self.kind == "timeout":
